@@ -1,0 +1,212 @@
+"""Stage 2a: train a DCGAN on preprocessed CT slices.
+
+    python Training/TrainGAN.py --data data/demo/slices_64 --output runs/demo/dcgan --preset demo
+    torchrun --nproc_per_node=4 Training/TrainGAN.py --preset paper --data data/lidc_128 --output runs/lidc/dcgan
+
+Rerunning the same command continues from runs/.../checkpoint.pt. Outputs: generator.pt (load it with
+latentct.generators.load_generator), checkpoint.pt, metrics.jsonl, samples_*.png, losses.png, config.json.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from latentct.generators import save_generator
+from latentct.images import save_grid
+from latentct.metrics import compare_sets
+from latentct.settings import check, run_cli, setting
+from latentct.training import (Bookkeeper, RunDir, TrainData, autocast, gather_floats, plot_losses,
+                               resolve_switch, setup_runtime, unwrap, weights_checksum, wrap_ddp)
+from models.dcgan import Discriminator, Generator, weights_init
+
+
+@dataclass
+class Settings:
+    """Train a DCGAN (the study's generator and discriminator) on CT slices."""
+
+    data: str = setting("data/demo/slices_64", "preprocessed dataset folder (preprocess.py output)")
+    output: str = setting("runs/demo/dcgan", "run folder for checkpoints, metrics and generator.pt")
+    window: str = setting("default", "HU window to [-1, 1]: default [-1000, 2000], lung, or LOW,HIGH")
+    latent_dim: int = setting(32, "size of z")
+    ngf: int = setting(32, "generator width (the study: 128)")
+    ndf: int = setting(32, "discriminator width (the study: 128)")
+    batch_size: int = setting(64, "images per step and process")
+    steps: int = setting(1500, "optimiser steps (overridden by --epochs when set)")
+    epochs: float | None = setting(None, "passes over the training split; sets --steps")
+    lr_g: float = setting(2e-4, "generator learning rate")
+    lr_d: float = setting(2e-4, "discriminator learning rate")
+    betas: tuple[float, float] = setting((0.5, 0.999), "Adam betas")
+    loss: str = setting("bce", "adversarial loss", choices=("bce", "hinge"))
+    instance_noise: bool = setting(True, "Gaussian noise on D's input with the study's decaying schedule")
+    label_smoothing: bool = setting(True, "real labels drawn from [0.9, 1.0] (bce loss)")
+    spectral_norm: bool = setting(False, "spectral normalisation in D (replaces its BatchNorm)")
+    minibatch_std: bool = setting(False, "minibatch standard deviation channel in D")
+    r1_gamma: float = setting(0.0, "R1 gradient penalty weight on real images (0 = off)")
+    augment: bool = setting(True, "the study's augmentation: rotation within 1 degree, zoom 1 to 1.1")
+    seed: int = setting(0, "seed for weights, z and batches")
+    device: str = setting("auto", "auto, cpu or cuda")
+    workers: int = setting(2, "DataLoader workers on CPU")
+    bf16: str = setting("auto", "bf16 autocast: auto (on for GPU), on, off", choices=("auto", "on", "off"))
+    channels_last: str = setting("auto", "channels_last memory format", choices=("auto", "on", "off"))
+    compile: str = setting("auto", "torch.compile the models", choices=("auto", "on", "off"))
+    log_every: int = setting(25, "steps between metrics.jsonl lines")
+    eval_every: int = setting(500, "steps between quality evaluations")
+    eval_samples: int = setting(256, "generated and held-out slices per evaluation")
+    sample_every: int = setting(250, "steps between sample grids")
+    checkpoint_every: int = setting(250, "steps between checkpoints")
+    resume: bool = setting(True, "continue from the run folder's checkpoint when there is one")
+
+    def __post_init__(self):
+        for name in ("latent_dim", "ngf", "ndf", "batch_size", "steps", "log_every", "eval_every",
+                     "sample_every", "checkpoint_every", "eval_samples"):
+            check(getattr(self, name) >= 1, name, f"must be at least 1, got {getattr(self, name)}")
+        check(self.epochs is None or self.epochs > 0, "epochs", "must be positive")
+        check(self.lr_g > 0 and self.lr_d > 0, "lr_g", "learning rates must be positive")
+
+
+PRESETS = {
+    # The study: 128 px, widths 128, batch 128, Adam 2e-4 (0.5, 0.999), BCE with smoothed real labels and
+    # decaying instance noise, 50 epochs.
+    "paper": dict(ngf=128, ndf=128, batch_size=128, epochs=50.0, lr_g=2e-4, lr_d=2e-4, betas=(0.5, 0.999),
+                  loss="bce", instance_noise=True, label_smoothing=True, spectral_norm=False,
+                  minibatch_std=False, r1_gamma=0.0, eval_every=2000, sample_every=1000, checkpoint_every=1000),
+    # What learns the phantom's variety on 2 CPU cores without collapsing: spectral norm and minibatch std in D,
+    # hinge loss, TTUR-style learning rates.
+    "demo": dict(ngf=32, ndf=32, batch_size=64, steps=1500, lr_g=2e-4, lr_d=2e-4, betas=(0.0, 0.9), loss="hinge",
+                 instance_noise=False, label_smoothing=False, spectral_norm=True, minibatch_std=True, r1_gamma=0.0),
+}
+
+
+def instance_noise_std(epoch: float) -> float:
+    """The study's schedule: std 1/10, then 1/20, 1/30, ... every 5 epochs, 1/100 at 25, /4 per epoch after."""
+    e = int(epoch)
+    if e < 25:
+        return 1.0 / (10 + 10 * (e // 5))
+    if e <= 30:
+        return 1.0 / (100 * 4 ** (e - 25))
+    return 0.0
+
+
+def d_loss(logits: torch.Tensor, real: bool, cfg: Settings) -> torch.Tensor:
+    if cfg.loss == "hinge":
+        return F.relu(1 - logits).mean() if real else F.relu(1 + logits).mean()
+    if real and cfg.label_smoothing:
+        target = torch.empty_like(logits).uniform_(0.9, 1.0)
+    else:
+        target = torch.full_like(logits, 1.0 if real else 0.0)
+    return F.binary_cross_entropy_with_logits(logits.float(), target.float())
+
+
+def g_loss(logits: torch.Tensor, cfg: Settings) -> torch.Tensor:
+    if cfg.loss == "hinge":
+        return -logits.float().mean()
+    return F.binary_cross_entropy_with_logits(logits.float(), torch.ones_like(logits, dtype=torch.float32))
+
+
+def main(cfg: Settings) -> dict:
+    rt = setup_runtime(cfg.device)
+    torch.manual_seed(cfg.seed)
+    data = TrainData(cfg.data, cfg.window, rt, workers=cfg.workers)
+    steps_per_epoch = max(len(data) // (cfg.batch_size * rt.world_size), 1)
+    if cfg.epochs is not None:
+        cfg.steps = math.ceil(cfg.epochs * steps_per_epoch)
+    run = RunDir(cfg.output, cfg, rt)
+    use_bf16, use_cl = resolve_switch(cfg.bf16, rt), resolve_switch(cfg.channels_last, rt)
+    fmt = torch.channels_last if use_cl else torch.contiguous_format
+
+    # Models: the generator interface's args go into generator.pt.
+    g_args = dict(latent_dim=cfg.latent_dim, image_size=data.image_size, ngf=cfg.ngf)
+    d_args = dict(image_size=data.image_size, ndf=cfg.ndf, spectral=cfg.spectral_norm, minibatch_std=cfg.minibatch_std)
+    G = Generator(**g_args).apply(weights_init).to(rt.device, memory_format=fmt)
+    D = Discriminator(**d_args).apply(weights_init).to(rt.device, memory_format=fmt)
+    opt_g = torch.optim.Adam(G.parameters(), lr=cfg.lr_g, betas=cfg.betas)
+    opt_d = torch.optim.Adam(D.parameters(), lr=cfg.lr_d, betas=cfg.betas)
+
+    held_out = data.held_out(cfg.data, cfg.eval_samples).to(rt.device)
+    eval_z = torch.randn(len(held_out), cfg.latent_dim, generator=torch.Generator().manual_seed(cfg.seed + 1))
+    fixed_z = eval_z[:64].to(rt.device)
+
+    def generate(z: torch.Tensor) -> torch.Tensor:
+        G.eval()
+        with torch.no_grad(), autocast(rt, use_bf16):
+            out = torch.cat([G(part.to(rt.device)).float() for part in z.split(256)])
+        G.train()
+        return out
+
+    def evaluate(step: int) -> dict:
+        return compare_sets(generate(eval_z).cpu(), held_out.cpu(), data.window) if rt.is_main else {}
+
+    def samples(step: int) -> None:
+        if rt.is_main:
+            grid = generate(fixed_z)
+            save_grid(grid, run.path / f"samples_{step:06d}.png")
+            save_grid(grid, run.path / "samples_latest.png")
+            plot_losses(run.read_metrics(), ["loss_d", "loss_g"], run.path / "losses.png")
+
+    book = Bookkeeper(run, cfg, rt, {"G": G, "D": D}, {"G": opt_g, "D": opt_d}, evaluate, samples,
+                      architecture={"G": g_args, "D": d_args})
+    start = book.resume()
+    if start == 0 and rt.is_main and held_out.shape[0] >= 4:
+        half = held_out.shape[0] // 2
+        floor = compare_sets(held_out[:half].cpu(), held_out[half:2 * half].cpu(), data.window)
+        run.log({"step": 0, "real_vs_real": floor})
+    Gd, Dd = wrap_ddp(G, rt), wrap_ddp(D, rt)
+    if resolve_switch(cfg.compile, rt):
+        Gd, Dd = torch.compile(Gd), torch.compile(Dd)
+
+    # The loop: one D step on real and generated images, then one G step.
+    for step, real in data.batches(cfg.batch_size, start, cfg.steps, cfg.seed, cfg.augment):
+        real = real.contiguous(memory_format=fmt)
+        noise = instance_noise_std(step / steps_per_epoch) if cfg.instance_noise else 0.0
+
+        def noisy(x):
+            return (x + noise * torch.randn_like(x)).clamp(-1, 1) if noise > 0 else x
+
+        z = torch.randn(real.shape[0], cfg.latent_dim, device=rt.device)
+        with autocast(rt, use_bf16):
+            fake = Gd(z)
+        opt_d.zero_grad(set_to_none=True)
+        real_in = noisy(real).requires_grad_(cfg.r1_gamma > 0)
+        with autocast(rt, use_bf16):
+            out_real = Dd(real_in)
+        loss_real = d_loss(out_real, True, cfg)
+        if cfg.r1_gamma > 0:
+            grad, = torch.autograd.grad(out_real.float().sum(), real_in, create_graph=True)
+            loss_real = loss_real + 0.5 * cfg.r1_gamma * grad.pow(2).flatten(1).sum(1).mean()
+        loss_real.backward()
+        with autocast(rt, use_bf16):
+            out_fake = Dd(noisy(fake.detach()))
+        loss_fake = d_loss(out_fake, False, cfg)
+        loss_fake.backward()
+        opt_d.step()
+
+        opt_g.zero_grad(set_to_none=True)
+        with autocast(rt, use_bf16):
+            out_gen = Dd(noisy(fake))
+        loss_g = g_loss(out_gen, cfg)
+        loss_g.backward()
+        opt_g.step()
+
+        losses = {"loss_d": loss_real + loss_fake, "loss_g": loss_g,
+                  "d_real": torch.sigmoid(out_real.float()).mean(), "d_fake": torch.sigmoid(out_fake.float()).mean()}
+        if book.after_step(step + 1, losses, real.shape[0]):
+            break
+    book.close()
+    if book.stop.received is not None:
+        raise SystemExit(128 + book.stop.received)
+
+    # Save: the generator file every later stage starts from.
+    checksums = gather_floats(weights_checksum(G), rt)
+    if rt.is_main:
+        if rt.distributed:
+            run.log({"step": cfg.steps, "ddp_weight_checksums": checksums})
+        save_generator(run.path / "generator.pt", "dcgan", unwrap(G), g_args, data.window, cfg.data)
+        print(f"DCGAN: generator written to {run.path / 'generator.pt'}; last evaluation {book.last_eval}")
+    return book.last_eval
+
+
+if __name__ == "__main__":
+    run_cli(main, Settings, presets=PRESETS)

@@ -1,0 +1,118 @@
+"""ResNet VAE after LukeDitria/CNN-VAE (2020 design) as used by Schön et al. 2022, with a vector latent."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# The study calls F.rrelu outside training mode, which is a fixed leaky slope of (1/8 + 1/3) / 2.
+RRELU_SLOPE = (1.0 / 8 + 1.0 / 3) / 2
+
+
+def _act(x: torch.Tensor) -> torch.Tensor:
+    return F.leaky_relu(x, RRELU_SLOPE)
+
+
+def _log2(image_size: int) -> int:
+    n = int(round(math.log2(image_size)))
+    if image_size != 2 ** n or n < 3:
+        raise ValueError(f"--image-size: the VAE needs a power of two >= 8, got {image_size}")
+    return n
+
+
+class ResDown(nn.Module):
+    """Residual block that halves the resolution with average pooling."""
+
+    def __init__(self, channel_in: int, channel_out: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(channel_in, channel_out // 2, 3, 1, 1)
+        self.bn1 = nn.BatchNorm2d(channel_out // 2)
+        self.conv2 = nn.Conv2d(channel_out // 2, channel_out, 3, 1, 1)
+        self.bn2 = nn.BatchNorm2d(channel_out)
+        self.skip = nn.Conv2d(channel_in, channel_out, 3, 1, 1)
+
+    def forward(self, x):
+        skip = self.skip(F.avg_pool2d(x, 2))
+        x = F.avg_pool2d(_act(self.bn1(self.conv1(x))), 2)
+        return _act(self.bn2(self.conv2(x)) + skip)
+
+
+class ResUp(nn.Module):
+    """Residual block that doubles the resolution with nearest-neighbour upsampling."""
+
+    def __init__(self, channel_in: int, channel_out: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(channel_in, channel_out // 2, 3, 1, 1)
+        self.bn1 = nn.BatchNorm2d(channel_out // 2)
+        self.conv2 = nn.Conv2d(channel_out // 2, channel_out, 3, 1, 1)
+        self.bn2 = nn.BatchNorm2d(channel_out)
+        self.skip = nn.Conv2d(channel_in, channel_out, 3, 1, 1)
+
+    def forward(self, x):
+        skip = self.skip(F.interpolate(x, scale_factor=2, mode="nearest"))
+        x = F.interpolate(_act(self.bn1(self.conv1(x))), scale_factor=2, mode="nearest")
+        return _act(self.bn2(self.conv2(x)) + skip)
+
+
+def decoder_widths(image_size: int, ch: int) -> list[int]:
+    """Output widths of the up blocks; at 128 px: 16, 8, 8, 4, 2, 1, 1/2 times ch, as the study."""
+    n = _log2(image_size)
+    mults = [16, 16, 16, 8, 8, 4, 2, 1, 0.5]
+    return [max(int(m * ch), 2) for m in mults[-n:]]
+
+
+def encoder_widths(image_size: int, ch: int) -> list[int]:
+    """Output widths of the down blocks to 4x4; at 128 px: 1, 2, 4, 8, 8 times ch, as the study."""
+    n = _log2(image_size)
+    mults = [1, 2, 4, 8, 8, 8, 8]
+    return [m * ch for m in mults[: n - 2]]
+
+
+class Encoder(nn.Module):
+    """image -> (mu, logvar), each (B, latent_dim)."""
+
+    def __init__(self, latent_dim: int = 32, image_size: int = 64, ch: int = 64, channels: int = 1):
+        super().__init__()
+        widths = encoder_widths(image_size, ch)
+        ins = [channels] + widths[:-1]
+        self.blocks = nn.Sequential(*[ResDown(i, o) for i, o in zip(ins, widths)])
+        self.conv_mu = nn.Conv2d(widths[-1], latent_dim, 4, 4)
+        self.conv_logvar = nn.Conv2d(widths[-1], latent_dim, 4, 4)
+
+    def forward(self, x):
+        h = self.blocks(x)
+        return self.conv_mu(h).flatten(1), self.conv_logvar(h).flatten(1)
+
+
+class Decoder(nn.Module):
+    """z (B, latent_dim) -> image (B, channels, S, S) in [-1, 1]: the VAE's generator."""
+
+    def __init__(self, latent_dim: int = 32, image_size: int = 64, ch: int = 64, channels: int = 1):
+        super().__init__()
+        self.latent_dim, self.image_size = latent_dim, image_size
+        widths = decoder_widths(image_size, ch)
+        ins = [latent_dim] + widths[:-1]
+        self.blocks = nn.Sequential(*[ResUp(i, o) for i, o in zip(ins, widths)])
+        self.out = nn.Conv2d(widths[-1], channels, 3, 1, 1)
+
+    def forward(self, z):
+        return torch.tanh(self.out(self.blocks(z.reshape(z.shape[0], self.latent_dim, 1, 1))))
+
+
+class VAE(nn.Module):
+    def __init__(self, latent_dim: int = 32, image_size: int = 64, ch: int = 64, channels: int = 1):
+        super().__init__()
+        self.encoder = Encoder(latent_dim, image_size, ch, channels)
+        self.decoder = Decoder(latent_dim, image_size, ch, channels)
+
+    def forward(self, x):
+        mu, logvar = self.encoder(x)
+        z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
+        return self.decoder(z), mu, logvar
+
+
+def kl_divergence(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """KL(q(z|x) || N(0, I)) averaged over batch and latent dimensions (the study's normalisation)."""
+    return 0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar).mean()
