@@ -139,11 +139,22 @@ class TrainData:
         self.resident = runtime.cuda if resident is None else resident
         self.on_device = self.dataset.tensor(runtime.device) if self.resident else None
         self.image_size = int(self.dataset.manifest["array"]["item_shape"][-1])
+        self.wait = 0.0  # seconds the loop spent waiting for batches (host side), read by the Bookkeeper
 
     def __len__(self):
         return len(self.dataset)
 
     def batches(self, batch: int, start: int, stop: int, seed: int, augment: bool):
+        source = self._batches(batch, start, stop, seed, augment)
+        while True:
+            began = time.perf_counter()
+            item = next(source, None)
+            self.wait += time.perf_counter() - began
+            if item is None:
+                return
+            yield item
+
+    def _batches(self, batch: int, start: int, stop: int, seed: int, augment: bool):
         rt = self.runtime
         if self.resident:
             for step in range(start, stop):
@@ -258,10 +269,13 @@ class Throughput:
     def add(self, n: int):
         self.images += n
 
-    def read(self, steps: int) -> dict:
+    def read(self, steps: int, data=None) -> dict:
         now = time.perf_counter()
         elapsed = max(now - self.last, 1e-9)
         out = {"step_time": elapsed / max(steps, 1), "images_per_s": self.images / elapsed}
+        if data is not None:
+            out["data_wait_share"] = min(data.wait / elapsed, 1.0)
+            data.wait = 0.0
         self.last, self.images = now, 0
         return out
 
@@ -277,8 +291,8 @@ class Bookkeeper:
     """
 
     def __init__(self, run: RunDir, cfg, runtime: Runtime, models: dict, optimizers: dict,
-                 evaluate=None, samples=None, architecture: dict | None = None):
-        self.run, self.cfg, self.rt = run, cfg, runtime
+                 evaluate=None, samples=None, architecture: dict | None = None, data: TrainData | None = None):
+        self.run, self.cfg, self.rt, self.data = run, cfg, runtime, data
         self.models, self.optimizers = models, optimizers
         self.evaluate, self.samples = evaluate, samples
         self.architecture = architecture or {}
@@ -349,7 +363,7 @@ class Bookkeeper:
             return
         values = {k: float(v) / self.count for k, v in self.running.items()}  # the one host sync
         check_finite(values, step, self.run.checkpoint)
-        record = {"step": step, **values, **self.speed.read(self.count)}
+        record = {"step": step, **values, **self.speed.read(self.count, self.data)}
         self.run.log(record)
         self.running, self.count = {}, 0
         self.last_log = record
