@@ -59,6 +59,7 @@ class Settings:
     sample_every: int = setting(250, "steps between sample grids")
     checkpoint_every: int = setting(250, "steps between checkpoints")
     resume: bool = setting(True, "continue from the run folder's checkpoint when there is one")
+    tensorboard: bool = setting(False, "also log to TensorBoard (needs the tensorboard package)")
 
     def __post_init__(self):
         for name in ("latent_dim", "ngf", "ndf", "batch_size", "steps", "log_every", "eval_every",
@@ -150,6 +151,7 @@ def main(cfg: Settings) -> dict:
     book = Bookkeeper(run, cfg, rt, {"G": G, "D": D}, {"G": opt_g, "D": opt_d}, evaluate, samples,
                       architecture={"G": g_args, "D": d_args}, data=data)
     start = book.resume()
+    book.progress(start)
     if start == 0 and rt.is_main and held_out.shape[0] >= 4:
         half = held_out.shape[0] // 2
         floor = compare_sets(held_out[:half].cpu(), held_out[half:2 * half].cpu(), data.window)

@@ -53,6 +53,7 @@ class Settings:
     sample_every: int = setting(250, "steps between sample grids")
     checkpoint_every: int = setting(250, "steps between checkpoints")
     resume: bool = setting(True, "continue from the run folder's checkpoint when there is one")
+    tensorboard: bool = setting(False, "also log to TensorBoard (needs the tensorboard package)")
 
     def __post_init__(self):
         for name in ("latent_dim", "width", "batch_size", "steps", "log_every", "eval_every",
@@ -128,6 +129,7 @@ def main(cfg: Settings) -> dict:
 
     book = Bookkeeper(run, cfg, rt, {"VAE": model}, {"VAE": opt}, evaluate, samples, architecture={"VAE": args}, data=data)
     start = book.resume()
+    book.progress(start)
     trained = wrap_ddp(model, rt)
     if resolve_switch(cfg.compile, rt):
         trained = torch.compile(trained)

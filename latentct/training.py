@@ -187,9 +187,12 @@ class RunDir:
         self.runtime = runtime
         self.metrics = self.path / "metrics.jsonl"
         self.checkpoint = self.path / "checkpoint.pt"
+        self.board = None
         if runtime.is_main:
             self.path.mkdir(parents=True, exist_ok=True)
             save_settings(cfg, self.path / "config.json")
+            if getattr(cfg, "tensorboard", False):
+                self.board = _tensorboard(self.path / "tensorboard")
 
     def truncate_metrics(self, step: int) -> None:
         """On resume: drop lines logged after the checkpoint's step; those steps run again."""
@@ -203,11 +206,38 @@ class RunDir:
         if self.runtime.is_main:
             with open(self.metrics, "a") as handle:
                 handle.write(json.dumps(record) + "\n")
+            if self.board is not None:
+                for key, value in _flatten(record).items():
+                    self.board.add_scalar(key, value, record["step"])
+
 
     def read_metrics(self) -> list[dict]:
         if not self.metrics.is_file():
             return []
         return [json.loads(line) for line in self.metrics.read_text().splitlines() if line.strip()]
+
+
+def _tensorboard(folder: Path):
+    """A SummaryWriter when the tensorboard package is installed (optional); None otherwise, with a note."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        print("--tensorboard: the tensorboard package is not installed (pip install tensorboard); "
+              "metrics.jsonl is written as always")
+        return None
+    return SummaryWriter(str(folder))
+
+
+def _flatten(record: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in record.items():
+        if key == "step":
+            continue
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}/"))
+        elif isinstance(value, (int, float)):
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 def plot_losses(records: list[dict], keys: list[str], path: Path) -> None:
@@ -301,6 +331,7 @@ class Bookkeeper:
         self.speed = Throughput()
         self.stop = StopSignal().__enter__()
         self.last_eval: dict = {}
+        self.bar = None
 
     def resume(self) -> int:
         """Step to start from: 0, or the checkpoint's step with every state restored exactly."""
@@ -321,6 +352,14 @@ class Bookkeeper:
         if self.rt.is_main:
             print(f"resuming {self.run.path} from step {state['step']}")
         return int(state["step"])
+
+    def progress(self, start: int):
+        """The tqdm bar of the loop (rank 0 only), showing the running losses at each log step."""
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=self.cfg.steps, initial=start, desc=self.run.path.name, unit="step",
+                        disable=not self.rt.is_main, dynamic_ncols=True)
+        return self.bar
 
     def save(self, step: int) -> None:
         from latentct.checkpoint import rng_state, save_checkpoint
@@ -365,8 +404,13 @@ class Bookkeeper:
         check_finite(values, step, self.run.checkpoint)
         record = {"step": step, **values, **self.speed.read(self.count, self.data)}
         self.run.log(record)
+        if self.bar is not None:
+            self.bar.update(step - self.bar.n)
+            self.bar.set_postfix({k: f"{v:.3g}" for k, v in values.items()}, refresh=False)
         self.running, self.count = {}, 0
         self.last_log = record
 
     def close(self) -> None:
         self.stop.__exit__()
+        if self.bar is not None:
+            self.bar.close()
