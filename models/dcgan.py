@@ -44,6 +44,10 @@ class Generator(nn.Module):
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self.main(z.reshape(z.shape[0], self.latent_dim, 1, 1))
 
+    def first_layer(self, z: torch.Tensor) -> torch.Tensor:
+        """The first linear map of z (before any nonlinearity), flattened; SeFa factorises it."""
+        return self.main[0](z.reshape(z.shape[0], self.latent_dim, 1, 1)).flatten(1)
+
 
 class MinibatchStd(nn.Module):
     """Appends the batch's mean feature standard deviation as a channel (Karras et al.), against collapse."""

@@ -100,6 +100,14 @@ class Decoder(nn.Module):
     def forward(self, z):
         return torch.tanh(self.out(self.blocks(z.reshape(z.shape[0], self.latent_dim, 1, 1))))
 
+    def first_layer(self, z):
+        """The first block's two linear maps of z (main conv and skip conv), flattened; SeFa factorises them."""
+        x = z.reshape(z.shape[0], self.latent_dim, 1, 1)
+        block = self.blocks[0]
+        main = block.conv1(x)
+        skip = block.skip(F.interpolate(x, scale_factor=2, mode="nearest"))
+        return torch.cat([main.flatten(1), skip.flatten(1)], dim=1)
+
 
 class VAE(nn.Module):
     def __init__(self, latent_dim: int = 32, image_size: int = 64, ch: int = 64, channels: int = 1):

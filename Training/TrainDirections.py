@@ -1,0 +1,178 @@
+"""Stage 3: discover latent directions of any generator (Voynov & Babenko 2020), or compute a baseline.
+
+    python Training/TrainDirections.py --generator runs/demo/dcgan/generator.pt --output runs/demo/dcgan_dirs
+    python Training/TrainDirections.py --preset unit-lenet --generator ... --output ...      # the study's grid
+    python Training/TrainDirections.py --method sefa --generator ... --output runs/demo/dcgan_sefa
+
+A matrix of K directions (the deformator) is trained jointly with a reconstructor that sees
+(G(z), G(z + eps * A e_k)) and predicts k and eps; G stays frozen. With --method sefa | pca | random |
+coordinate the directions are computed and frozen, and a fresh reconstructor is trained on them for the same
+number of steps, so every method's reconstructor classification accuracy (RCA) is measured alike.
+Outputs: directions.pt (the artifact every later stage reads), checkpoint.pt, metrics.jsonl, directions_*.png.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from latentct.baselines import baseline_matrix
+from latentct.directions import make_shifts, reconstructor_accuracy, save_directions, step_losses
+from latentct.generators import load_generator
+from latentct.images import save_grid
+from latentct.settings import check, run_cli, setting, settings_dict
+from latentct.training import (Bookkeeper, RunDir, autocast, plot_losses, resolve_switch, setup_runtime, unwrap,
+                               wrap_ddp)
+from models.deformator import KINDS, Deformator, FixedDirections
+from models.reconstructor import make_reconstructor
+
+METHODS = ("learned", "sefa", "pca", "random", "coordinate")
+
+
+@dataclass
+class Settings:
+    """Find interpretable latent directions of a generator without labels."""
+
+    generator: str = setting("runs/demo/dcgan/generator.pt", "generator file (generator.pt of a training run)")
+    output: str = setting("runs/demo/dcgan_directions", "run folder for directions.pt, checkpoints and charts")
+    method: str = setting("learned", "learned (deformator + reconstructor) or a baseline", choices=METHODS)
+    directions_count: int = setting(32, "K, the number of directions")
+    deformator: str = setting("proj", "deformator type", choices=KINDS)
+    deformator_bias: bool = setting(False, "a bias in linear/proj deformators (the original's; +eps, -eps not opposite)")
+    random_init: bool = setting(False, "random initialisation of the deformator (a real boolean, unlike the original)")
+    reconstructor: str = setting("lenet", "reconstructor network", choices=("lenet", "resnet"))
+    reconstructor_width: int | None = setting(None, "reconstructor width (LeNet 2, ResNet 64 when unset)")
+    shift_distribution: str = setting("uniform", "distribution of eps", choices=("uniform", "normal"))
+    shift_scale: float = setting(6.0, "eps is drawn in [-shift_scale, shift_scale]")
+    min_shift: float = setting(0.5, "smallest |eps|")
+    label_weight: float = setting(1.0, "weight of the direction classification loss")
+    shift_weight: float = setting(0.25, "weight of the shift regression loss")
+    lr_deformator: float = setting(1e-4, "deformator learning rate")
+    lr_reconstructor: float = setting(1e-4, "reconstructor learning rate")
+    batch_size: int = setting(128, "pairs per step and process")
+    steps: int = setting(3000, "optimiser steps")
+    seed: int = setting(0, "seed")
+    step_form: str = setting("split", "split (G(z) without graph), concat (one G call) or naive (original)",
+                             choices=("split", "concat", "naive"))
+    device: str = setting("auto", "auto, cpu or cuda")
+    bf16: str = setting("auto", "bf16 autocast: auto (on for GPU), on, off", choices=("auto", "on", "off"))
+    channels_last: str = setting("auto", "channels_last (measured slower for this step on CPU)",
+                                 choices=("auto", "on", "off"))
+    compile: str = setting("auto", "torch.compile the generator and reconstructor", choices=("auto", "on", "off"))
+    rca_batches: int = setting(100, "fresh batches for the reconstructor classification accuracy")
+    log_every: int = setting(25, "steps between metrics.jsonl lines")
+    eval_every: int = setting(500, "steps between RCA measurements")
+    sample_every: int = setting(500, "steps between direction charts")
+    checkpoint_every: int = setting(250, "steps between checkpoints")
+    resume: bool = setting(True, "continue from the run folder's checkpoint when there is one")
+    tensorboard: bool = setting(False, "also log to TensorBoard (needs the tensorboard package)")
+
+    def __post_init__(self):
+        for name in ("directions_count", "batch_size", "steps", "rca_batches", "log_every", "eval_every",
+                     "sample_every", "checkpoint_every"):
+            check(getattr(self, name) >= 1, name, f"must be at least 1, got {getattr(self, name)}")
+        check(self.shift_scale > 0 and 0 <= self.min_shift <= self.shift_scale, "min_shift",
+              "must be between 0 and --shift-scale")
+
+
+PRESETS = {  # the study's grid: {unit (proj, K=32), ortho (K=32), 100 (proj, K=100)} x {LeNet, ResNet}
+    "unit-lenet": dict(deformator="proj", directions_count=32, reconstructor="lenet", batch_size=128, steps=3000),
+    "unit-resnet": dict(deformator="proj", directions_count=32, reconstructor="resnet", batch_size=128, steps=3000),
+    "ortho-lenet": dict(deformator="ortho", directions_count=32, reconstructor="lenet", batch_size=128, steps=3000),
+    "ortho-resnet": dict(deformator="ortho", directions_count=32, reconstructor="resnet", batch_size=128, steps=3000),
+    "100-lenet": dict(deformator="proj", directions_count=100, reconstructor="lenet", batch_size=128, steps=3000),
+    "100-resnet": dict(deformator="proj", directions_count=100, reconstructor="resnet", batch_size=128, steps=3000),
+    # CPU-sized: fewer directions and steps, faster learning rates, a wider LeNet.
+    "demo": dict(deformator="proj", directions_count=16, reconstructor="lenet", reconstructor_width=4, batch_size=64,
+                 steps=600, lr_deformator=1e-3, lr_reconstructor=1e-3, eval_every=300, rca_batches=20),
+}
+
+
+def main(cfg: Settings) -> dict:
+    rt = setup_runtime(cfg.device)
+    torch.manual_seed(cfg.seed)
+    run = RunDir(cfg.output, cfg, rt)
+    use_bf16, use_cl = resolve_switch(cfg.bf16, rt), resolve_switch(cfg.channels_last, rt)
+    fmt = torch.channels_last if use_cl else torch.contiguous_format
+
+    # Models: G frozen (no weight gradients ever), the deformator (or fixed baseline directions), the reconstructor.
+    G = load_generator(cfg.generator, rt.device).to(memory_format=fmt)
+    if cfg.method == "learned":
+        d_args = dict(directions_count=cfg.directions_count, latent_dim=G.latent_dim, bias=cfg.deformator_bias,
+                      random_init=cfg.random_init, seed=cfg.seed)
+        deformator = Deformator(cfg.deformator, **d_args).to(rt.device)
+    else:
+        d_args = None
+        deformator = FixedDirections(baseline_matrix(cfg.method, G.cpu(), cfg.directions_count, cfg.seed)).to(rt.device)
+        G.to(rt.device)
+    K = deformator.directions_count
+    reconstructor = make_reconstructor(cfg.reconstructor, K, cfg.reconstructor_width).to(rt.device, memory_format=fmt)
+    opt_r = torch.optim.Adam(reconstructor.parameters(), lr=cfg.lr_reconstructor)
+    optimizers = {"reconstructor": opt_r}
+    if deformator.trainable:
+        optimizers["deformator"] = torch.optim.Adam(deformator.parameters(), lr=cfg.lr_deformator)
+    shift_args = dict(shift_scale=cfg.shift_scale, min_shift=cfg.min_shift, distribution=cfg.shift_distribution)
+    chart_z = torch.randn(1, G.latent_dim, generator=torch.Generator().manual_seed(cfg.seed + 1)).to(rt.device)
+
+    def evaluate(step: int) -> dict:
+        if not rt.is_main:
+            return {}
+        with autocast(rt, use_bf16):
+            rca = reconstructor_accuracy(G, deformator, reconstructor, cfg.rca_batches, cfg.batch_size,
+                                         shift_args, rt.device)
+        return {"rca": rca}
+
+    def samples(step: int) -> None:
+        if not rt.is_main:
+            return
+        shown = min(K, 8)
+        eps = torch.linspace(-cfg.shift_scale, cfg.shift_scale, 7, device=rt.device)
+        basis = torch.zeros(shown * 7, K, device=rt.device)
+        basis[torch.arange(shown * 7), torch.arange(shown).repeat_interleave(7)] = eps.repeat(shown)
+        with torch.no_grad():
+            images = G(chart_z.expand(shown * 7, -1) + deformator.eval()(basis)).float()
+        deformator.train()
+        save_grid(images, run.path / f"directions_{step:06d}.png", nrow=7)
+        plot_losses(run.read_metrics(), ["loss", "label_loss", "shift_loss", "accuracy"], run.path / "losses.png")
+
+    models = {"reconstructor": reconstructor} | ({"deformator": deformator} if deformator.trainable else {})
+    book = Bookkeeper(run, cfg, rt, models, optimizers, evaluate, samples,
+                      architecture={"method": cfg.method, "deformator": d_args, "K": K, "R": cfg.reconstructor})
+    start = book.resume()
+    book.progress(start)
+    R, Gc = wrap_ddp(reconstructor, rt), G
+    if resolve_switch(cfg.compile, rt):
+        R, Gc = torch.compile(R), torch.compile(G)
+    D = wrap_ddp(deformator, rt) if deformator.trainable else deformator
+
+    # The loop: sample (z, k, eps), reconstruct k and eps from the image pair, update both networks.
+    for step in range(start, cfg.steps):
+        z = torch.randn(cfg.batch_size, G.latent_dim, device=rt.device)
+        idx, eps, basis = make_shifts(cfg.batch_size, K, device=rt.device, **shift_args)
+        for opt in optimizers.values():
+            opt.zero_grad(set_to_none=True)
+        with autocast(rt, use_bf16):
+            loss, label_loss, shift_loss, logits = step_losses(Gc, D, R, z, idx, eps, basis, cfg.label_weight,
+                                                               cfg.shift_weight, cfg.step_form)
+        loss.backward()
+        for opt in optimizers.values():
+            opt.step()
+        accuracy = (logits.argmax(1) == idx).float().mean()
+        if book.after_step(step + 1, {"loss": loss, "label_loss": label_loss, "shift_loss": shift_loss,
+                                      "accuracy": accuracy}, cfg.batch_size):
+            break
+    book.close()
+    if book.stop.received is not None:
+        raise SystemExit(128 + book.stop.received)
+
+    if rt.is_main:
+        rca = book.last_eval.get("rca")
+        save_directions(run.path / "directions.pt", cfg.method, unwrap(deformator), cfg.generator,
+                        settings_dict(cfg), rca, d_args)
+        torch.save({k: v.cpu() for k, v in unwrap(reconstructor).state_dict().items()}, run.path / "reconstructor.pt")
+        print(f"directions ({cfg.method}, K={K}): RCA {rca} -> {run.path / 'directions.pt'}")
+    return book.last_eval
+
+
+if __name__ == "__main__":
+    run_cli(main, Settings, presets=PRESETS)

@@ -1,0 +1,73 @@
+"""Closed-form and trivial direction baselines, on the same (K, d) footing as the learned directions.
+
+- SeFa (Shen & Zhou 2021): eigenvectors of A^T A, A the Jacobian of the generator's first linear map of z,
+  taken through autograd (``G.first_layer``; any module works as long as it has one).
+- PCA of early activations regressed back to z (the GANSpace recipe, Härkönen et al. 2020): PCA of z
+  itself is meaningless for a Gaussian z.
+- Random orthonormal directions and coordinate axes.
+"""
+from __future__ import annotations
+
+import torch
+
+from latentct.settings import UserError
+
+
+def _first_layer(G):
+    if not hasattr(G, "first_layer"):
+        raise UserError(f"{type(G).__name__} has no first_layer(z) method; SeFa and PCA need one")
+    return G.first_layer
+
+
+def first_layer_jacobian(G) -> torch.Tensor:
+    """(m, d): the exact Jacobian of the first layer at z = 0 (the map is affine, so it is the same anywhere)."""
+    layer = _first_layer(G)
+    z0 = torch.zeros(1, G.latent_dim)
+    with torch.enable_grad():
+        jac = torch.autograd.functional.jacobian(lambda z: layer(z[None])[0], z0[0])
+    return jac.detach()
+
+
+def sefa(G, count: int) -> torch.Tensor:
+    """(K, d) unit directions: top eigenvectors of A^T A."""
+    A = first_layer_jacobian(G)
+    values, vectors = torch.linalg.eigh(A.t() @ A)
+    order = torch.argsort(values, descending=True)[: min(count, G.latent_dim)]
+    return vectors[:, order].t().contiguous()
+
+
+@torch.no_grad()
+def pca(G, count: int, samples: int = 2048, seed: int = 0) -> torch.Tensor:
+    """(K, d) unit directions: principal components of first-layer activations, transferred to z by regression."""
+    _first_layer(G)
+    gen = torch.Generator().manual_seed(seed)
+    z = torch.randn(samples, G.latent_dim, generator=gen)
+    act = torch.cat([G.first_layer(part) for part in z.split(256)])
+    act = act - act.mean(0)
+    count = min(count, G.latent_dim, samples)
+    _, _, v = torch.linalg.svd(act, full_matrices=False)
+    coords = act @ v[:count].t()                           # (N, K) coordinates along the components
+    coef = torch.linalg.lstsq(coords, z).solution          # z ~ coords @ coef: row k is component k's z direction
+    return torch.nn.functional.normalize(coef, dim=1)
+
+
+def random_orthonormal(latent_dim: int, count: int, seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(latent_dim, latent_dim, generator=gen))
+    return q.t()[: min(count, latent_dim)].contiguous()
+
+
+def coordinate_axes(latent_dim: int, count: int) -> torch.Tensor:
+    return torch.eye(latent_dim)[: min(count, latent_dim)]
+
+
+def baseline_matrix(method: str, G, count: int, seed: int = 0) -> torch.Tensor:
+    if method == "sefa":
+        return sefa(G, count)
+    if method == "pca":
+        return pca(G, count, seed=seed)
+    if method == "random":
+        return random_orthonormal(G.latent_dim, count, seed)
+    if method == "coordinate":
+        return coordinate_axes(G.latent_dim, count)
+    raise UserError(f"--method: {method!r} is not learned, sefa, pca, random or coordinate")

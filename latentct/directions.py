@@ -1,0 +1,145 @@
+"""Latent directions: the shift sampler, the training step's losses, RCA, and the directions artifact.
+
+Every discovery method (the learned deformator, SeFa, PCA, random, coordinate axes) writes the same
+``directions.pt``, so the renderer and the metrics treat them alike:
+    {"format", "method", "directions_count", "latent_dim", "matrix" (K, d) unit shifts,
+     "deformator": {"kind", "args", "state_dict"} or None, "generator": {"path", "sha256"},
+     "settings", "rca"}
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from latentct.generators import file_hash, load_generator
+from latentct.io import atomic_torch_save
+from latentct.settings import UserError
+from models.deformator import Deformator, FixedDirections
+
+
+def make_shifts(batch: int, directions_count: int, shift_scale: float, min_shift: float, distribution: str,
+                device, generator: torch.Generator | None = None):
+    """Random direction indices, signed shift sizes with |eps| >= min_shift, and the (B, K) basis shifts."""
+    idx = torch.randint(0, directions_count, (batch,), generator=generator).to(device)
+    raw = torch.randn(batch, generator=generator) if distribution == "normal" else \
+        2.0 * torch.rand(batch, generator=generator) - 1.0
+    eps = shift_scale * raw
+    eps = torch.where((eps >= 0) & (eps < min_shift), torch.full_like(eps, min_shift), eps)
+    eps = torch.where((eps < 0) & (eps > -min_shift), torch.full_like(eps, -min_shift), eps).to(device)
+    basis = torch.zeros(batch, directions_count, device=device)
+    basis[torch.arange(batch, device=device), idx] = eps
+    return idx, eps, basis
+
+
+def step_losses(G: nn.Module, deformator: nn.Module, reconstructor: nn.Module, z, idx, eps, basis,
+                label_weight: float, shift_weight: float, form: str = "split"):
+    """Losses of one direction-training step.
+
+    split: G(z) under no_grad, only the shifted branch carries a graph (G frozen): the fast form on CPU.
+    concat: one G call on [z; z + shift] (the graph covers both halves).
+    naive: the original code's form, two calls with graphs and G's weight gradients computed.
+    All three give the same losses and deformator gradients (G in eval mode).
+    """
+    shift = deformator(basis)
+    if form == "split":
+        with torch.no_grad():
+            base = G(z)
+        shifted = G(z + shift)
+    elif form == "concat":
+        both = G(torch.cat([z, z + shift]))
+        base, shifted = both[: z.shape[0]].detach(), both[z.shape[0]:]
+    elif form == "naive":
+        base, shifted = G(z), G(z + shift)
+    else:
+        raise ValueError(f"--step-form: {form!r} is not split, concat or naive")
+    logits, eps_pred = reconstructor(base, shifted)
+    label_loss = label_weight * F.cross_entropy(logits.float(), idx)
+    shift_loss = shift_weight * (eps_pred.float() - eps).abs().mean()
+    return label_loss + shift_loss, label_loss, shift_loss, logits
+
+
+@torch.no_grad()
+def reconstructor_accuracy(G, deformator, reconstructor, batches: int, batch: int, shift_args: dict,
+                           device, seed: int = 12345) -> float:
+    """RCA: share of fresh (z, k, eps) whose direction k the reconstructor names, over ``batches`` batches."""
+    was = deformator.training, reconstructor.training
+    deformator.eval()
+    reconstructor.eval()
+    gen = torch.Generator().manual_seed(seed)
+    correct = 0
+    for _ in range(batches):
+        z = torch.randn(batch, G.latent_dim, generator=gen).to(device)
+        idx, eps, basis = make_shifts(batch, deformator.directions_count, generator=gen, device=device, **shift_args)
+        logits, _ = reconstructor(G(z), G(z + deformator(basis)))
+        correct += int((logits.argmax(1) == idx).sum())
+    deformator.train(was[0])
+    reconstructor.train(was[1])
+    return correct / (batches * batch)
+
+
+# ------------------------------------------------------------------------------------------ artifact
+
+def save_directions(path: str | Path, method: str, deformator: nn.Module, generator_path: str | Path,
+                    settings: dict, rca: float | None, deformator_args: dict | None = None) -> None:
+    state = {
+        "format": 1, "method": method, "directions_count": deformator.directions_count,
+        "latent_dim": deformator.latent_dim, "matrix": deformator.unit_directions().cpu(),
+        "deformator": None if isinstance(deformator, FixedDirections) else {
+            "kind": deformator.kind, "args": dict(deformator_args or {}),
+            "state_dict": {k: v.detach().cpu() for k, v in deformator.state_dict().items()}},
+        "generator": {"path": str(Path(generator_path).resolve()), "sha256": file_hash(generator_path)},
+        "settings": settings, "rca": rca,
+    }
+    atomic_torch_save(state, path)
+
+
+class Directions:
+    """A loaded directions artifact: ``shift(k, eps)`` gives latent shifts, exact for every deformator kind."""
+
+    def __init__(self, state: dict, path: Path):
+        self.path, self.state = path, state
+        self.method = state["method"]
+        self.matrix: torch.Tensor = state["matrix"]
+        self.count, self.latent_dim = self.matrix.shape
+        self.rca = state.get("rca")
+        if state["deformator"] is None:
+            self.module = FixedDirections(self.matrix)
+        else:
+            d = state["deformator"]
+            self.module = Deformator(d["kind"], **d["args"])
+            self.module.load_state_dict(d["state_dict"])
+        self.module.eval().requires_grad_(False)
+
+    def shifts(self, k: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """(N,) direction indices and (N,) sizes -> (N, d) latent shifts."""
+        basis = torch.zeros(len(k), self.count)
+        basis[torch.arange(len(k)), k] = eps.float()
+        with torch.no_grad():
+            return self.module(basis)
+
+    def generator_path(self) -> Path:
+        return Path(self.state["generator"]["path"])
+
+
+def load_directions(path: str | Path, generator: str | Path | None = None) -> tuple[Directions, nn.Module]:
+    """The artifact and its generator; a missing or different generator file is a clear error."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: directions file not found")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise UserError(f"{path}: not a readable directions file ({type(err).__name__})") from None
+    if not isinstance(state, dict) or "matrix" not in state or "generator" not in state:
+        raise UserError(f"{path}: not a LatentCT directions file")
+    directions = Directions(state, path)
+    gen_path = Path(generator) if generator else directions.generator_path()
+    if not gen_path.is_file():
+        raise UserError(f"{path}: its generator {gen_path} is missing; pass the generator file explicitly")
+    if file_hash(gen_path) != state["generator"]["sha256"]:
+        raise UserError(f"{path}: directions were found for generator {state['generator']['path']} "
+                        f"(sha256 {state['generator']['sha256'][:12]}), not for {gen_path}")
+    return directions, load_generator(gen_path)
