@@ -23,3 +23,17 @@ def dataset(phantom_tree, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("data") / "ds32"
     return preprocess.main(preprocess.Settings(input=str(phantom_tree), output=str(out), size=32,
                                                test_fraction=0.4, workers=1))
+
+
+@pytest.fixture(scope="session")
+def gan_run(dataset, tmp_path_factory) -> Path:
+    """A tiny DCGAN trained with the demo preset at 32 px: enough structure for direction tests."""
+    from latentct.settings import parse_settings
+    from Training import TrainGAN
+
+    out = tmp_path_factory.mktemp("gan") / "demo"
+    cfg = parse_settings(TrainGAN.Settings, [
+        "--preset", "demo", "--data", str(dataset), "--output", str(out), "--steps", "150", "--batch-size", "32",
+        "--eval-every", "150", "--eval-samples", "32", "--workers", "0", "--device", "cpu"], presets=TrainGAN.PRESETS)
+    TrainGAN.main(cfg)
+    return out
