@@ -20,7 +20,9 @@ KINDS = {"dcgan": dcgan.Generator, "vae": vae.Decoder}
 
 def save_generator(path: str | Path, kind: str, model: nn.Module, args: dict, window, dataset: str,
                    encoder: nn.Module | None = None, encoder_args: dict | None = None) -> None:
-    state = {"kind": kind, "args": dict(args), "state_dict": _plain_state(model), "window": list(window),
+    from latentct.data import parse_window
+
+    state = {"kind": kind, "args": dict(args), "state_dict": _plain_state(model), "window": list(parse_window(window)),
              "dataset": str(dataset), "format": 1}
     if encoder is not None:
         state["encoder_state_dict"] = _plain_state(encoder)

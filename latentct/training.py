@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from latentct.data import CTSlices, hu_to_unit, random_affine
+from latentct.data import CTSlices, hu_to_unit, parse_window, random_affine
 from latentct.settings import UserError, save_settings
 
 
@@ -135,7 +135,7 @@ class TrainData:
         self.dataset = CTSlices(folder, "train", window=window)
         if len(self.dataset) == 0:
             raise UserError(f"--data: {folder} has no training slices")
-        self.window, self.runtime, self.workers = window, runtime, workers
+        self.window, self.runtime, self.workers = parse_window(window), runtime, workers
         self.resident = runtime.cuda if resident is None else resident
         self.on_device = self.dataset.tensor(runtime.device) if self.resident else None
         self.image_size = int(self.dataset.manifest["array"]["item_shape"][-1])

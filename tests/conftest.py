@@ -37,3 +37,21 @@ def gan_run(dataset, tmp_path_factory) -> Path:
         "--eval-every", "150", "--eval-samples", "32", "--workers", "0", "--device", "cpu"], presets=TrainGAN.PRESETS)
     TrainGAN.main(cfg)
     return out
+
+
+@pytest.fixture(scope="session")
+def directions_runs(gan_run, tmp_path_factory) -> dict:
+    """A short learned run and a SeFa run (K = 8) on the tiny GAN."""
+    from latentct.settings import parse_settings
+    from Training import TrainDirections
+
+    root = tmp_path_factory.mktemp("directions")
+    runs = {}
+    for method in ("learned", "sefa"):
+        cfg = parse_settings(TrainDirections.Settings, [
+            "--generator", str(gan_run / "generator.pt"), "--output", str(root / method), "--method", method,
+            "--directions-count", "8", "--steps", "20", "--batch-size", "16", "--eval-every", "20",
+            "--rca-batches", "2", "--sample-every", "1000", "--device", "cpu"])
+        TrainDirections.main(cfg)
+        runs[method] = root / method / "directions.pt"
+    return runs

@@ -1,0 +1,39 @@
+"""Embedding a real slice in a generator's latent space: the VAE's encoder, or optimising z for the DCGAN."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def embed(G, x: torch.Tensor, encoder=None, steps: int = 300, restarts: int = 4, lr: float = 0.05,
+          seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Latents (B, d) whose images reproduce ``x`` (B, 1, H, W) in [-1, 1], and the per-slice MSE.
+
+    With an encoder its mean is the start (and the answer when ``steps`` is 0); otherwise the best of
+    ``restarts`` random starts is refined by Adam on the pixel MSE (G frozen).
+    """
+    b = x.shape[0]
+    gen = torch.Generator().manual_seed(seed)
+    if encoder is not None:
+        with torch.no_grad():
+            starts = encoder(x)[0][None]
+    else:
+        starts = torch.randn(restarts, b, G.latent_dim, generator=gen)
+    best_z, best_err = None, None
+    for start in starts:
+        z = start.clone().requires_grad_(steps > 0)
+        if steps > 0:
+            opt = torch.optim.Adam([z], lr=lr)
+            for _ in range(steps):
+                loss = F.mse_loss(G(z), x, reduction="none").flatten(1).mean(1).sum()
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+        with torch.no_grad():
+            err = F.mse_loss(G(z), x, reduction="none").flatten(1).mean(1)
+        if best_err is None:
+            best_z, best_err = z.detach().clone(), err
+        else:
+            better = err < best_err
+            best_z[better], best_err[better] = z.detach()[better], err[better]
+    return best_z, best_err

@@ -1,0 +1,99 @@
+"""index.html: every GIF with its label and numbers (sortable), the effect heat map, the baselines table,
+samples and real-slice edits. Static files only; it opens from disk."""
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+
+from latentct.io import atomic_write_text
+
+STYLE = """
+body{font-family:system-ui,sans-serif;margin:24px;background:#111;color:#ddd}
+h1,h2{font-weight:600} a{color:#8cf} table{border-collapse:collapse;margin:8px 0 24px}
+th,td{border-bottom:1px solid #333;padding:4px 8px;text-align:left;font-size:13px;vertical-align:middle}
+th.sortable{cursor:pointer;color:#8cf} img.gif{width:128px;image-rendering:pixelated}
+img.wide{max-width:100%;image-rendering:pixelated} .note{color:#999;font-size:13px} .ok{color:#7d7} .no{color:#d77}
+"""
+
+SCRIPT = """
+function sortBy(col){const t=document.getElementById('directions');const rows=[...t.tBodies[0].rows];
+const dir=t.dataset.sortCol==col&&t.dataset.sortDir=='desc'?'asc':'desc';t.dataset.sortCol=col;t.dataset.sortDir=dir;
+rows.sort((a,b)=>{const x=parseFloat(a.dataset[col]),y=parseFloat(b.dataset[col]);return dir=='desc'?y-x:x-y});
+rows.forEach(r=>t.tBodies[0].appendChild(r));}
+window.addEventListener('load',()=>{const imgs=[...document.images];
+document.body.dataset.imagesOk=imgs.filter(i=>i.complete&&i.naturalWidth>0).length;
+document.body.dataset.imagesBroken=imgs.filter(i=>!(i.complete&&i.naturalWidth>0)).length;});
+"""
+
+
+def _esc(text) -> str:
+    return html.escape(str(text))
+
+
+def _fmt(value, digits=2) -> str:
+    return f"{value:.{digits}f}" if isinstance(value, (int, float)) and value is not None else "–"
+
+
+def write_gallery(folder: Path, report: dict) -> Path:
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>LatentCT: {_esc(report['name'])}</title>",
+             f"<style>{STYLE}</style><script>{SCRIPT}</script></head><body>",
+             f"<h1>What the latent directions do: {_esc(report['name'])}</h1>",
+             f"<p class='note'>Generator <code>{_esc(report['generator'])}</code> ({_esc(report['generator_kind'])}); "
+             f"directions <code>{_esc(report['directions_file'])}</code> ({_esc(report['method'])}, "
+             f"K = {report['directions_count']}, RCA {_fmt(report.get('rca'))}). Shifts in [-{report['shift_range']}, "
+             f"{report['shift_range']}]; the strip under each GIF shows the shift and lights up at 0.</p>"]
+    parts.append("<h2>Directions</h2><p class='note'>Click a blue header to sort. <i>effect</i>: change over the "
+                 "whole shift range in units of the natural spread between samples, times R2.</p>")
+    gt = report.get("ground_truth")
+    matched = {v["direction"]: f for f, v in (gt or {}).get("main", {}).get("factors", {}).items()}
+    parts.append("<table id='directions'><thead><tr><th class='sortable' onclick=\"sortBy('k')\">k</th><th>sweep</th>"
+                 "<th>what it does</th><th class='sortable' onclick=\"sortBy('score')\">effect</th>"
+                 "<th class='sortable' onclick=\"sortBy('r2')\">R2</th>"
+                 "<th class='sortable' onclick=\"sortBy('dis')\">disentanglement</th>"
+                 "<th class='sortable' onclick=\"sortBy('change')\">image change</th><th>matched factor</th></tr></thead><tbody>")
+    for row in report["directions"]:
+        k = row["direction"]
+        r2 = row["r2"][row["dominant"]]
+        parts.append(
+            f"<tr class='direction' data-k='{k}' data-score='{row['score']:.6f}' data-r2='{r2:.6f}' "
+            f"data-dis='{row['disentanglement']:.6f}' data-change='{row['image_change']:.6f}'><td>{k}</td>"
+            f"<td><img class='gif' src='{_esc(row['gif'])}' alt='direction {k}'></td><td>{_esc(row['label'])}</td>"
+            f"<td>{row['score']:.2f}</td><td>{r2:.2f}</td><td>{row['disentanglement']:.2f}</td>"
+            f"<td>{row['image_change']:.3f}</td><td>{_esc(matched.get(k, ''))}</td></tr>")
+    parts.append("</tbody></table>")
+    if gt:
+        parts.append("<h2>Ground truth on the phantom</h2>")
+        parts.append("<p class='note'>Factor regressor, held-out R2: " + ", ".join(
+            f"{_esc(f)} {v:.2f}" for f, v in gt["regressor_r2"].items()) + ". A factor counts as recovered when its "
+            f"matched direction reaches R2 &ge; {gt['r2_min']} with leakage &le; {gt['leakage_max']}.</p>")
+        parts.append(f"<img class='wide' src='{_esc(gt['heatmap'])}' alt='direction by factor R2'>")
+        factors = list(gt["regressor_r2"])
+        parts.append("<table id='methods'><thead><tr><th>method</th><th>RCA</th><th>factors recovered</th>"
+                     "<th>mean matched R2</th>" + "".join(f"<th>{_esc(f)}</th>" for f in factors) + "</tr></thead><tbody>")
+        for method, table in gt["methods"].items():
+            cells = "".join(
+                f"<td class='{'ok' if table['factors'][f]['recovered'] else 'no'}'>{table['factors'][f]['r2']:.2f} "
+                f"(k={table['factors'][f]['direction']}, leak {table['factors'][f]['leakage']:.2f})</td>"
+                if f in table["factors"] else "<td>–</td>" for f in factors)
+            parts.append(f"<tr><td>{_esc(method)}</td><td>{_fmt(table.get('rca'))}</td>"
+                         f"<td>{table['recovered']} / {len(factors)}</td><td>{table['mean_matched_r2']:.2f}</td>{cells}</tr>")
+        parts.append("</tbody></table>")
+    parts.append("<h2>Groups of ten directions</h2><p class='note'>Rows: directions; columns: different samples.</p>")
+    for group in report["groups"]:
+        parts.append(f"<p>{_esc(group['title'])}</p><img class='wide' src='{_esc(group['gif'])}' alt='{_esc(group['title'])}'>"
+                     f" <img class='wide' src='{_esc(group['chart'])}' alt='chart {_esc(group['title'])}'>")
+    if report.get("real"):
+        parts.append("<h2>Real slices moved along directions</h2>")
+        for item in report["real"]:
+            parts.append(f"<p>{_esc(item['title'])}: reconstruction MSE {item['mse']:.4f} (mean |error| "
+                         f"{item['mae_hu']:.0f} HU). Left: the slice and its reconstruction; right: the sweep along "
+                         f"directions {', '.join(map(str, item['directions']))}.</p>"
+                         f"<img class='wide' src='{_esc(item['pair'])}' alt='real slice'> "
+                         f"<img class='wide' src='{_esc(item['gif'])}' alt='real slice sweep'>")
+    parts.append(f"<h2>Generator samples</h2><img class='wide' src='{_esc(report['samples'])}' alt='samples'>")
+    parts.append(f"<script type='application/json' id='report'>{_esc(json.dumps(report['summary']))}</script>")
+    parts.append("</body></html>")
+    path = folder / "index.html"
+    atomic_write_text(path, "\n".join(parts))
+    return path

@@ -1,0 +1,79 @@
+"""Animations and charts of directions: every frame of every direction comes from batched generator calls."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import imageio.v3 as iio
+import numpy as np
+import torch
+
+from latentct.images import make_grid, save_png, to_uint8
+from latentct.io import atomic_path
+
+
+def sweep_shifts(shift_range: float, frames: int) -> torch.Tensor:
+    """A back-and-forth sweep: -R .. +R .. -R over ``frames`` frames (33 = 17 out, 16 back), 0 in the middle."""
+    half = frames // 2 + 1
+    out = torch.linspace(-shift_range, shift_range, half)
+    return torch.cat([out, out.flip(0)[1:frames - half + 1]])
+
+
+def shift_strip(width: int, eps: float, shift_range: float, height: int = 3) -> np.ndarray:
+    """A strip under each frame: a dot where the shift is, the whole strip lit at the centre frame (eps = 0)."""
+    strip = np.zeros((height, width), dtype=np.uint8)
+    if abs(eps) < 1e-6:
+        strip[:] = 255
+        return strip
+    pos = int(round((eps + shift_range) / (2 * shift_range) * (width - 1)))
+    strip[:, max(pos - 1, 0):pos + 2] = 200
+    strip[:, width // 2] = 90
+    return strip
+
+
+def write_gif(frames: list[np.ndarray], path: str | Path, frame_ms: int = 50) -> None:
+    """The one GIF writer: uint8 frames, looping forever, written atomically."""
+    with atomic_path(path) as tmp:
+        iio.imwrite(tmp, np.stack(frames), extension=".gif", duration=frame_ms, loop=0)
+
+
+def direction_gif(images: torch.Tensor, eps: torch.Tensor, shift_range: float, path, frame_ms: int = 50) -> None:
+    """images (F, 1, H, W) for the shifts ``eps`` of one sweep; one GIF at the model's resolution."""
+    frames = [np.vstack([to_uint8(img), shift_strip(img.shape[-1], float(e), shift_range)])
+              for img, e in zip(images, eps)]
+    write_gif(frames, path, frame_ms)
+
+
+def grid_gif(images: torch.Tensor, eps: torch.Tensor, shift_range: float, path, frame_ms: int = 50) -> None:
+    """images (K, F, Z, 1, H, W): rows = directions, columns = z samples, one frame per shift."""
+    K, F, Z = images.shape[:3]
+    frames = []
+    for f in range(F):
+        grid = to_uint8(make_grid(images[:, f].reshape(K * Z, *images.shape[3:]), nrow=Z, pad_value=-1.0))
+        frames.append(np.vstack([grid, shift_strip(grid.shape[1], float(eps[f]), shift_range, height=4)]))
+    write_gif(frames, path, frame_ms)
+
+
+def chart(images: torch.Tensor, path) -> None:
+    """images (K, E, 1, H, W): a static PNG, rows = directions, columns = shifts."""
+    K, E = images.shape[:2]
+    save_png(make_grid(images.reshape(K * E, *images.shape[2:]), nrow=E), path)
+
+
+def heatmap(matrix: np.ndarray, rows: list[str], cols: list[str], title: str, path, highlight=None) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(1.1 + 0.75 * len(cols), 0.8 + 0.22 * len(rows)))
+    im = ax.imshow(matrix, cmap="viridis", vmin=0, vmax=max(1.0, float(np.nanmax(matrix)) if matrix.size else 1))
+    ax.set_xticks(range(len(cols)), cols, rotation=35, ha="right", fontsize=8)
+    ax.set_yticks(range(len(rows)), rows, fontsize=7)
+    for r, c in (highlight or []):
+        ax.add_patch(plt.Rectangle((c - 0.5, r - 0.5), 1, 1, fill=False, ec="red", lw=1.5))
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(im, ax=ax, fraction=0.04)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=90)
+    plt.close(fig)

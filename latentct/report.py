@@ -1,0 +1,103 @@
+"""What each direction does: sweeps along directions, linear fits of measurements against the shift, labels,
+disentanglement, and the ground-truth effect matrix on the phantom."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from latentct import anatomy
+from latentct.data import unit_to_hu
+
+
+@torch.no_grad()
+def sweep(G, directions, ks: list[int], eps: torch.Tensor, z: torch.Tensor, chunk: int = 512) -> torch.Tensor:
+    """Images (len(ks), len(eps), len(z), 1, H, W) of G(z + eps * direction k), in batched generator calls."""
+    K, E, Z = len(ks), len(eps), len(z)
+    k_flat = torch.tensor(ks).repeat_interleave(E * Z)
+    e_flat = eps.repeat_interleave(Z).repeat(K)
+    z_flat = z.repeat(K * E, 1)
+    latents = z_flat + directions.shifts(k_flat, e_flat).to(z.dtype)
+    device = next(G.parameters(), torch.zeros(0)).device
+    out = torch.cat([G(part.to(device)).float().cpu() for part in latents.split(chunk)])
+    return out.reshape(K, E, Z, *out.shape[1:])
+
+
+def fit_lines(values: torch.Tensor, eps: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """values (K, E, Z): per direction, the least-squares slope against eps and the R2, fitted per z sample
+    (NaN-aware) and averaged over z."""
+    K, E, Z = values.shape
+    x = eps.double().view(1, E, 1).expand(K, E, Z)
+    y = values.double()
+    ok = torch.isfinite(y)
+    n = ok.sum(1).clamp_min(1)
+    xm = torch.where(ok, x, 0).sum(1) / n
+    ym = torch.where(ok, y, 0).sum(1) / n
+    dx = torch.where(ok, x - xm[:, None], 0)
+    dy = torch.where(ok, y - ym[:, None], 0)
+    sxx, sxy, syy = (dx * dx).sum(1), (dx * dy).sum(1), (dy * dy).sum(1)
+    slope = sxy / sxx.clamp_min(1e-12)
+    r2 = torch.where(syy > 1e-12, (sxy * sxy) / (sxx.clamp_min(1e-12) * syy.clamp_min(1e-12)), torch.zeros_like(syy))
+    valid = ok.sum(1) >= 3
+    slope, r2 = torch.where(valid, slope, torch.nan), torch.where(valid, r2, torch.nan)
+    return np.nanmean(slope.numpy(), axis=1), np.nanmean(r2.numpy(), axis=1)
+
+
+def disentanglement(importance: np.ndarray) -> float:
+    """1 - normalised entropy of the importance over measurements (DCI's disentanglement for one code)."""
+    p = np.nan_to_num(np.abs(importance))
+    if p.sum() <= 0:
+        return 0.0
+    p = p / p.sum()
+    h = -(p[p > 0] * np.log(p[p > 0])).sum()
+    return float(1 - h / math.log(len(p)))
+
+
+def describe(images: torch.Tensor, eps: torch.Tensor, window, spacing: float, ks: list[int]) -> list[dict]:
+    """Per direction: slope per unit shift and R2 of every measurement, the dominant one and a label."""
+    K, E, Z = images.shape[:3]
+    hu = unit_to_hu(images.reshape(K * E * Z, *images.shape[3:]), window)
+    values = {name: v.reshape(K, E, Z) for name, v in anatomy.measure(hu, spacing).items()}
+    centre = int(torch.argmin(eps.abs()))
+    span = float(eps.max() - eps.min())
+    out = [{"direction": k, "slope": {}, "r2": {}, "effect": {}} for k in ks]
+    for name, v in values.items():
+        slope, r2 = fit_lines(v, eps)
+        spread = float(np.nanstd(v[:, centre].numpy()))  # natural variation across samples
+        for i in range(K):
+            out[i]["slope"][name] = _num(slope[i])
+            out[i]["r2"][name] = _num(r2[i])
+            out[i]["effect"][name] = _num(abs(slope[i]) * span / spread) if spread > 1e-9 else 0.0
+    change = (images[:, [0, -1]] - images[:, centre:centre + 1]).abs().mean(dim=(1, 2, 3, 4, 5))
+    for i, row in enumerate(out):
+        score = {m: row["effect"][m] * row["r2"][m] * anatomy.PRIORITY[m] for m in values}
+        dominant = max(score, key=lambda m: score[m])
+        label, unit = anatomy.MEASURES[dominant]
+        row["dominant"] = dominant
+        row["score"] = score[dominant]
+        row["label"] = f"{label} {row['slope'][dominant]:+.3g} {unit} per unit (R2 {row['r2'][dominant]:.2f})"
+        row["disentanglement"] = disentanglement(np.array(list(score.values())))
+        row["image_change"] = float(change[i])
+    return out
+
+
+def _num(value) -> float:
+    value = float(value)
+    return value if math.isfinite(value) else 0.0
+
+
+def factor_effects(images: torch.Tensor, eps: torch.Tensor, regressor) -> tuple[np.ndarray, np.ndarray]:
+    """(K, F) R2 and effect (|slope| x shift span, in factor standard deviations) through the regressor."""
+    from latentct.factors import predict_std_units
+
+    K, E, Z = images.shape[:3]
+    pred = predict_std_units(regressor, images.reshape(K * E * Z, *images.shape[3:])).reshape(K, E, Z, -1)
+    span = float(eps.max() - eps.min())
+    r2 = np.zeros((K, pred.shape[-1]))
+    effect = np.zeros_like(r2)
+    for f in range(pred.shape[-1]):
+        slope, fit = fit_lines(pred[..., f], eps)
+        r2[:, f] = np.nan_to_num(fit)
+        effect[:, f] = np.nan_to_num(np.abs(slope) * span)
+    return r2, effect

@@ -1,0 +1,153 @@
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import imageio.v3 as iio
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+import EvalDirections
+from latentct.directions import Directions
+from latentct.embed import embed
+from latentct.factors import match_factors
+from latentct.generators import load_generator
+from latentct.matching import linear_sum_assignment
+from latentct.phantom import FACTORS
+from latentct.render import direction_gif, grid_gif, sweep_shifts
+from latentct.report import describe, sweep
+from latentct.settings import UserError, parse_settings
+
+SMALL = ["--frames", "9", "--report-samples", "4", "--report-shifts", "5", "--regressor-steps", "30",
+         "--regressor-slices", "64", "--real-slices", "1", "--real-directions", "3", "--embed-steps", "5",
+         "--grid-samples", "2", "--group", "5"]
+
+
+class EllipseToy(nn.Module):
+    """A toy generator: z0 moves the body down, z1 rolls it, z2 grows the lungs (smooth edges)."""
+
+    latent_dim = 4
+
+    def forward(self, z):
+        yy, xx = torch.meshgrid(torch.arange(64.0), torch.arange(64.0), indexing="ij")
+        cy = 32 + 1.5 * z[:, 0].view(-1, 1, 1)
+        t = torch.deg2rad(5.0 * z[:, 1]).view(-1, 1, 1)
+        u = (xx - 32) * torch.cos(t) + (yy - cy) * torch.sin(t)
+        v = -(xx - 32) * torch.sin(t) + (yy - cy) * torch.cos(t)
+        body = torch.sigmoid(4 * (1 - (u / 22) ** 2 - (v / 13) ** 2))
+        r = (5 + 0.6 * z[:, 2]).clamp_min(0.5).view(-1, 1, 1)
+        lungs = sum(torch.sigmoid(3 * (r - ((u + s * 9) ** 2 + v ** 2).sqrt())) for s in (-1, 1))
+        tissue = -0.307  # 40 HU in the default window
+        img = -1 + body * (1 + tissue) - body * lungs * (1 + tissue)
+        return img[:, None]
+
+
+def toy_directions(count=3):
+    matrix = torch.eye(4)[:count]
+    return Directions({"method": "coordinate", "matrix": matrix, "deformator": None, "generator": {"path": "toy"},
+                       "rca": None}, Path("toy"))
+
+
+def test_planted_directions_are_labelled_correctly():
+    G, d = EllipseToy(), toy_directions()
+    eps = torch.linspace(-3, 3, 7)
+    z = torch.randn(6, 4, generator=torch.Generator().manual_seed(0))
+    rows = describe(sweep(G, d, [0, 1, 2], eps, z), eps, (-1000, 2000), 2.0, [0, 1, 2])
+    assert [r["dominant"] for r in rows] == ["centroid_y", "orientation", "lung_area"]
+    assert rows[0]["label"].startswith("vertical position +3") and "(R2 1.00)" in rows[0]["label"]  # 1.5 px x 2 mm
+    assert rows[1]["slope"]["orientation"] == pytest.approx(5.0, abs=0.5) and rows[2]["slope"]["lung_area"] > 0
+    assert all(0 <= r["disentanglement"] <= 1 and r["image_change"] > 0 for r in rows)
+
+
+def test_gifs_have_the_frames_and_sizes_asked_for(tmp_path):
+    eps = sweep_shifts(6.0, 33)
+    assert len(eps) == 33 and float(eps[0]) == -6 and float(eps[16]) == 6 and (eps == 0).sum() == 2
+    direction_gif(torch.rand(33, 1, 32, 32) * 2 - 1, eps, 6.0, tmp_path / "d.gif", frame_ms=50)
+    frames = iio.imread(tmp_path / "d.gif", index=None)
+    assert frames.shape[:3] == (33, 35, 32) and iio.immeta(tmp_path / "d.gif")["duration"] == 50
+    centre = [i for i, e in enumerate(eps) if e == 0][0]
+    assert frames[centre, -1].min() == 255 and frames[0, -1].min() == 0  # the centre frame's strip is lit
+    grid_gif(torch.rand(3, 33, 2, 1, 32, 32) * 2 - 1, eps, 6.0, tmp_path / "g.gif")
+    assert iio.imread(tmp_path / "g.gif", index=None).shape[0] == 33
+
+
+def test_hungarian_matching_on_a_constructed_effect_matrix():
+    rng = np.random.default_rng(0)
+    r2 = rng.uniform(0.0, 0.3, (8, 6))
+    effect = rng.uniform(0.0, 0.1, (8, 6))
+    planted = [5, 0, 7, 2, 3, 6]  # factor f lives in direction planted[f]
+    for f, k in enumerate(planted):
+        r2[k, f], effect[k, f] = 0.9, 2.0
+    effect[6, :] += 1.0  # direction 6 (breast_size) moves everything: leaky
+    table = match_factors(r2, effect, r2_min=0.5, leakage_max=0.5)
+    assert [table["factors"][f]["direction"] for f in FACTORS] == planted
+    assert table["recovered"] == 5 and not table["factors"]["breast_size"]["recovered"]
+    assert table["factors"]["breast_size"]["leakage"] > 0.5
+    rows, cols = linear_sum_assignment(np.array([[4, 1, 3], [2, 0, 5], [3, 2, 2]]))
+    assert rows.tolist() == [0, 1, 2] and cols.tolist() == [1, 0, 2]
+
+
+def test_embedding_reconstructs_generated_slices(gan_run):
+    G = load_generator(gan_run / "generator.pt")
+    target = G(torch.randn(2, G.latent_dim, generator=torch.Generator().manual_seed(5))).detach()
+    _, before = embed(G, target, steps=0, restarts=1)
+    z, after = embed(G, target, steps=60, restarts=2)
+    assert z.shape == (2, G.latent_dim) and bool((after < before).all()) and float(after.max()) < 0.05
+
+
+def test_missing_or_mismatched_generator_is_a_clear_error(directions_runs, gan_run, tmp_path):
+    cfg = parse_settings(EvalDirections.Settings, ["--directions", str(directions_runs["learned"]),
+                                                   "--output", str(tmp_path / "a"), "--generator",
+                                                   str(tmp_path / "gone.pt"), *SMALL])
+    with pytest.raises(UserError, match="is missing"):
+        EvalDirections.main(cfg)
+    other = tmp_path / "other.pt"
+    state = torch.load(gan_run / "generator.pt", weights_only=True)
+    state["state_dict"] = {k: v + 1 if v.is_floating_point() else v for k, v in state["state_dict"].items()}
+    torch.save(state, other)
+    cfg.generator = str(other)
+    with pytest.raises(UserError, match="directions were found for generator"):
+        EvalDirections.main(cfg)
+
+
+def _chromium():
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        if shutil.which(name):
+            return shutil.which(name)
+    if os.environ.get("CI"):
+        pytest.fail("chromium is not installed; .ci/run installs Debian's chromium")
+    pytest.skip("chromium is not installed here (CI installs it)")
+
+
+def test_evaluation_end_to_end_and_the_gallery_in_a_real_browser(directions_runs, tmp_path):
+    out = tmp_path / "Animations" / "tiny"
+    cfg = parse_settings(EvalDirections.Settings, ["--directions", str(directions_runs["learned"]),
+                                                   "--compare", str(directions_runs["sefa"]),
+                                                   "--output", str(out), *SMALL])
+    report = EvalDirections.main(cfg)
+    assert len(report["directions"]) == 8 and all(r["label"] for r in report["directions"])
+    assert sorted(p.name for p in out.glob("direction_*.gif")) == [f"direction_{k:03d}.gif" for k in range(8)]
+    assert (out / "directions0-4.gif").is_file() and (out / "directions5-7.gif").is_file()
+    assert (out / "chart0-4.png").is_file() and (out / "effect_matrix.png").is_file()
+    gt = report["ground_truth"]
+    assert set(gt["methods"]) == {"learned", "sefa"} and set(gt["regressor_r2"]) == set(FACTORS)
+    assert 0 <= gt["main"]["recovered"] <= 6 and len(gt["main"]["r2_matrix"]) == 8
+    assert report["real"] and report["real"][0]["mse"] >= 0 and report["real"][0]["embedding"] == "optimised z"
+
+    browser = _chromium()
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run",
+             "--disable-component-update", "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}",
+             "--virtual-time-budget=5000"]
+    url = (out / "index.html").resolve().as_uri()
+    dom = subprocess.run([browser, *flags, "--dump-dom", url], capture_output=True, text=True, timeout=120).stdout
+    images = len(re.findall(r"<img ", dom))
+    assert re.search(r'data-images-broken="0"', dom), dom[:500]
+    assert re.search(rf'data-images-ok="{images}"', dom) and images >= 8 + 2 + 2 + 2
+    assert len(re.findall(r"<tr class=\"direction\"", dom)) == 8
+    shot = tmp_path / "gallery.png"
+    subprocess.run([browser, *flags, "--window-size=1200,1600", f"--screenshot={shot}", url],
+                   capture_output=True, timeout=120)
+    assert shot.is_file() and shot.stat().st_size > 10_000
