@@ -27,7 +27,7 @@ from latentct.generators import generator_info, load_encoder
 from latentct.images import make_grid, save_grid, save_png
 from latentct.io import atomic_write_json
 from latentct.phantom import FACTORS
-from latentct.render import chart, direction_gif, grid_gif, heatmap, sweep_shifts
+from latentct.render import chart, direction_gif, grid_gif, heatmap, sweep_plan
 from latentct.report import describe, factor_effects, sweep
 from latentct.settings import UserError, check, run_cli, save_settings, setting
 
@@ -96,9 +96,8 @@ def main(cfg: Settings) -> dict:
     report_z = torch.randn(cfg.report_samples, G.latent_dim, generator=gen)
 
     # Animations: every frame of every direction in batched generator calls.
-    eps = sweep_shifts(cfg.shift_range, cfg.frames)
-    unique = torch.linspace(-cfg.shift_range, cfg.shift_range, cfg.frames // 2 + 1)
-    frame_index = torch.cat([torch.arange(len(unique)), torch.arange(len(unique) - 2, -1, -1)])[: len(eps)]
+    unique, frame_index = sweep_plan(cfg.shift_range, cfg.frames)
+    eps = unique[frame_index]
     images = sweep(G, directions, ks, unique, grid_z)
     rows = describe(sweep(G, directions, ks, torch.linspace(-cfg.shift_range, cfg.shift_range, cfg.report_shifts),
                           report_z), torch.linspace(-cfg.shift_range, cfg.shift_range, cfg.report_shifts),
@@ -177,9 +176,8 @@ def real_slices(cfg: Settings, G, directions, rows, window, dataset, info, out: 
     encoder = load_encoder(directions.generator_path() if cfg.generator is None else cfg.generator, cfg.device)
     z, mse = embed(G, x, encoder=encoder, steps=0 if encoder is not None else cfg.embed_steps, seed=cfg.seed)
     top = [r["direction"] for r in sorted(rows, key=lambda r: -r["score"])[: cfg.real_directions]]
-    unique = torch.linspace(-cfg.shift_range, cfg.shift_range, cfg.frames // 2 + 1)
-    eps = sweep_shifts(cfg.shift_range, cfg.frames)
-    frame_index = torch.cat([torch.arange(len(unique)), torch.arange(len(unique) - 2, -1, -1)])[: len(eps)]
+    unique, frame_index = sweep_plan(cfg.shift_range, cfg.frames)
+    eps = unique[frame_index]
     index = read_index(dataset, "test") if len(CTSlices(dataset, "test")) else read_index(dataset, "train")
     items = []
     with torch.no_grad():

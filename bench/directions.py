@@ -9,6 +9,7 @@ alternative one call on the concatenated batch ("concat"). Each also with channe
 """
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 
@@ -99,4 +100,4 @@ def main(cfg: Settings) -> dict:
 
 
 if __name__ == "__main__":
-    main(parse_settings(Settings))
+    print("RESULT " + json.dumps(main(parse_settings(Settings)), default=float))

@@ -5,6 +5,7 @@ against the original code's way (one generator call per frame, one matplotlib fi
 """
 from __future__ import annotations
 
+import json
 import copy
 import io
 import tempfile
@@ -17,7 +18,7 @@ import numpy as np
 import torch
 
 from latentct.directions import Directions
-from latentct.render import direction_gif, grid_gif, sweep_shifts
+from latentct.render import direction_gif, grid_gif, sweep_plan, sweep_shifts
 from latentct.report import describe, sweep
 from latentct.settings import parse_settings, setting
 from models.dcgan import Generator, weights_init
@@ -57,9 +58,8 @@ def naive(G, matrix: torch.Tensor, z: torch.Tensor, eps: torch.Tensor, folder: P
 
 def ours(G, directions: Directions, z: torch.Tensor, cfg: Settings, folder: Path) -> None:
     ks = list(range(directions.count))
-    eps = sweep_shifts(6.0, cfg.frames)
-    unique = torch.linspace(-6, 6, cfg.frames // 2 + 1)
-    order = torch.cat([torch.arange(len(unique)), torch.arange(len(unique) - 2, -1, -1)])[: len(eps)]
+    unique, order = sweep_plan(6.0, cfg.frames)
+    eps = unique[order]
     images = sweep(G, directions, ks, unique, z)
     for k in ks:
         direction_gif(images[k, order, 0], eps, 6.0, folder / f"direction_{k}.gif")
@@ -71,9 +71,8 @@ def ours(G, directions: Directions, z: torch.Tensor, cfg: Settings, folder: Path
 
 def ours_gifs_only(G, directions: Directions, z: torch.Tensor, cfg: Settings, folder: Path) -> None:
     """The same work as the naive reference: one GIF per direction for one sample."""
-    eps = sweep_shifts(6.0, cfg.frames)
-    unique = torch.linspace(-6, 6, cfg.frames // 2 + 1)
-    order = torch.cat([torch.arange(len(unique)), torch.arange(len(unique) - 2, -1, -1)])[: len(eps)]
+    unique, order = sweep_plan(6.0, cfg.frames)
+    eps = unique[order]
     images = sweep(G, directions, list(range(directions.count)), unique, z[:1])
     for k in range(directions.count):
         direction_gif(images[k, order, 0], eps, 6.0, folder / f"only_{k}.gif")
@@ -108,4 +107,4 @@ def main(cfg: Settings) -> dict:
 
 
 if __name__ == "__main__":
-    main(parse_settings(Settings))
+    print("RESULT " + json.dumps(main(parse_settings(Settings)), default=float))

@@ -9,6 +9,7 @@ Target: >= 3x the naive reference with 2 workers, and within 1.5x of the floor.
 """
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 import time
@@ -113,4 +114,4 @@ def main(cfg: Settings) -> dict:
 
 
 if __name__ == "__main__":
-    main(parse_settings(Settings))
+    print("RESULT " + json.dumps(main(parse_settings(Settings)), default=float))

@@ -159,4 +159,4 @@ def gpu_switches(tmp: Path, cfg: Settings) -> dict:
 
 
 if __name__ == "__main__":
-    main(parse_settings(Settings))
+    print("RESULT " + json.dumps(main(parse_settings(Settings)), default=float))

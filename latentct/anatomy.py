@@ -28,6 +28,16 @@ MEASURES = {
     "mean_hu": ("mean HU in body", "HU"),
 }
 
+
+
+def min_spread(name: str, spacing: float) -> float:
+    """The smallest natural spread a measurement is normalised by: one pixel, one degree, twenty pixels of
+    area, 5 HU. Without it a measurement that hardly varies between samples (every body is centred, so
+    its left-right position) would turn sub-pixel changes into large effects."""
+    unit = MEASURES[name][1]
+    return {"mm": spacing, "deg": 1.0, "cm2": 20 * spacing * spacing / 100.0, "HU": 5.0}[unit]
+
+
 # Weight when choosing a direction's dominant measurement: mean HU moves with any change in composition
 # (more lung, more fat, more bone), so it names a direction only when nothing specific explains it better.
 PRIORITY = {name: (0.6 if name == "mean_hu" else 1.0) for name in MEASURES}

@@ -11,11 +11,18 @@ from latentct.images import make_grid, save_png, to_uint8
 from latentct.io import atomic_path
 
 
+def sweep_plan(shift_range: float, frames: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The distinct shifts of a back-and-forth sweep (-R .. +R) and, per frame, which of them it shows
+    (33 frames = 17 out, 16 back): each distinct image is generated once."""
+    unique = torch.linspace(-shift_range, shift_range, frames // 2 + 1)
+    order = torch.cat([torch.arange(len(unique)), torch.arange(len(unique) - 2, -1, -1)])[:frames]
+    return unique, order
+
+
 def sweep_shifts(shift_range: float, frames: int) -> torch.Tensor:
-    """A back-and-forth sweep: -R .. +R .. -R over ``frames`` frames (33 = 17 out, 16 back), 0 in the middle."""
-    half = frames // 2 + 1
-    out = torch.linspace(-shift_range, shift_range, half)
-    return torch.cat([out, out.flip(0)[1:frames - half + 1]])
+    """The shift of every frame of a back-and-forth sweep: -R .. +R .. -R, 0 in the middle of each pass."""
+    unique, order = sweep_plan(shift_range, frames)
+    return unique[order]
 
 
 def shift_strip(width: int, eps: float, shift_range: float, height: int = 3) -> np.ndarray:

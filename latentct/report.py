@@ -3,6 +3,7 @@ disentanglement, and the ground-truth effect matrix on the phantom."""
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import torch
@@ -41,7 +42,9 @@ def fit_lines(values: torch.Tensor, eps: torch.Tensor) -> tuple[np.ndarray, np.n
     r2 = torch.where(syy > 1e-12, (sxy * sxy) / (sxx.clamp_min(1e-12) * syy.clamp_min(1e-12)), torch.zeros_like(syy))
     valid = ok.sum(1) >= 3
     slope, r2 = torch.where(valid, slope, torch.nan), torch.where(valid, r2, torch.nan)
-    return np.nanmean(slope.numpy(), axis=1), np.nanmean(r2.numpy(), axis=1)
+    with warnings.catch_warnings():  # a measurement undefined for every sample (no lungs at all) stays NaN
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanmean(slope.numpy(), axis=1), np.nanmean(r2.numpy(), axis=1)
 
 
 def disentanglement(importance: np.ndarray) -> float:
@@ -64,11 +67,14 @@ def describe(images: torch.Tensor, eps: torch.Tensor, window, spacing: float, ks
     out = [{"direction": k, "slope": {}, "r2": {}, "effect": {}} for k in ks]
     for name, v in values.items():
         slope, r2 = fit_lines(v, eps)
-        spread = float(np.nanstd(v[:, centre].numpy()))  # natural variation across samples
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            spread = float(np.nanstd(v[:, centre].numpy()))  # natural variation across samples
+        spread = max(_num(spread), anatomy.min_spread(name, spacing))
         for i in range(K):
             out[i]["slope"][name] = _num(slope[i])
             out[i]["r2"][name] = _num(r2[i])
-            out[i]["effect"][name] = _num(abs(slope[i]) * span / spread) if spread > 1e-9 else 0.0
+            out[i]["effect"][name] = _num(abs(slope[i]) * span / spread)
     change = (images[:, [0, -1]] - images[:, centre:centre + 1]).abs().mean(dim=(1, 2, 3, 4, 5))
     for i, row in enumerate(out):
         score = {m: row["effect"][m] * row["r2"][m] * anatomy.PRIORITY[m] for m in values}
