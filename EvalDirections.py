@@ -11,7 +11,6 @@ real_<i>.gif (test slices embedded and moved along the strongest directions), sa
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 

@@ -24,7 +24,7 @@ import torch
 
 from latentct.dicom import SliceHeader, Skip, group_series, list_files, read_header, read_series
 from latentct.parallel import pool_map, worker_pool
-from latentct.io import NpyAppender, atomic_write_json, atomic_write_text, replace_dir
+from latentct.io import NpyAppender, atomic_write_json, atomic_write_text, replace_dir, staging_dir
 from latentct.settings import UserError, check, run_cli, save_settings, setting, settings_dict
 
 INDEX_COLUMNS = ["patient_id", "study_uid", "series_uid", "sop_uid", "z_mm", "slice_index", "z_rel",
@@ -117,7 +117,6 @@ def main(cfg: Settings) -> Path:
     if final.exists() and not cfg.overwrite:
         raise UserError(f"--output: {final} exists; pass --overwrite to replace it")
     started = time.time()
-    staging = final.with_name(f".{final.name}.staging-{os.getpid()}")
     with worker_pool(cfg.workers) as pool:
         files, series, skipped = discover(root, pool)
         label_columns, labels = _load_labels(cfg, root)
@@ -126,8 +125,7 @@ def main(cfg: Settings) -> Path:
             if s.key[0] not in split:
                 skipped += [Skip(h.path, f"patient {s.key[0]} is in neither patient list") for h in s.slices]
         series = [s for s in series if s.key[0] in split]
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
+        staging = staging_dir(final)
         try:
             result = convert(series, split, root, staging, cfg.size, labels, pool)
             for name in ("train", "test"):

@@ -51,6 +51,21 @@ def atomic_torch_save(obj, path: str | Path) -> None:
         torch.save(obj, tmp)
 
 
+def staging_dir(final: Path) -> Path:
+    """A fresh staging folder beside ``final``; staging folders left by killed runs (dead PIDs) are removed."""
+    for old in final.parent.glob(f".{final.name}.staging-*"):
+        try:
+            os.kill(int(old.name.rsplit("-", 1)[1]), 0)
+        except (ValueError, ProcessLookupError):
+            shutil.rmtree(old, ignore_errors=True)
+        except PermissionError:
+            pass  # another user's live process
+    staging = final.with_name(f".{final.name}.staging-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    return staging
+
+
 def replace_dir(staging: Path, final: Path) -> None:
     """Move a finished staging folder into place; an old ``final`` is removed only after the move."""
     old = None

@@ -24,19 +24,17 @@ import dataclasses
 import datetime
 import io
 import math
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pydicom
 import torch
 import torch.nn.functional as F
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from latentct.io import atomic_write_text, replace_dir
+from latentct.io import atomic_write_text, replace_dir, staging_dir
 from latentct.parallel import pool_map, worker_pool
 from latentct.settings import UserError, check, run_cli, save_settings, setting
 
@@ -504,9 +502,7 @@ def write_phantom(settings: Settings) -> Path:
     final = Path(settings.output)
     if final.exists() and not settings.overwrite:
         raise UserError(f"{final}: output folder exists; pass --overwrite to replace it")
-    staging = final.with_name(f".{final.name}.staging-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
+    staging = staging_dir(final)
     jobs = [(settings, idx, staging) for idx in range(settings.patients)]
     rows: list[dict] = []
     try:

@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 
 from latentct.baselines import coordinate_axes, pca, random_orthonormal, sefa
-from latentct.directions import load_directions, make_shifts, save_directions, step_losses
+from latentct.directions import load_directions, make_shifts, step_losses
 from latentct.generators import load_generator
 from latentct.settings import UserError, parse_settings
 from models.deformator import Deformator

@@ -1,7 +1,5 @@
 import csv
-import math
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import pydicom

@@ -258,3 +258,11 @@ def test_pydicom_dicomdir_series_with_localizers_and_decoys(tmp_path):
     assert any(s["reason"] == "no image (Rows/Columns missing)" for s in why)
     ct2 = [s for s in m["series"] if s["patient_id"] == "77654033"][0]
     assert ct2["slices"] == 4 and len(ct2["gaps"]) == 1  # -99.5 mm then 103-105.5 mm
+
+
+def test_staging_left_by_a_killed_run_is_cleaned(phantom_tree, tmp_path):
+    stale = tmp_path / ".out.staging-999999999"  # no such process
+    stale.mkdir()
+    (stale / "train.npy").write_bytes(b"half")
+    run(phantom_tree, tmp_path / "out")
+    assert not stale.exists() and (tmp_path / "out" / "manifest.json").is_file()
