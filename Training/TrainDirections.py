@@ -20,7 +20,7 @@ from latentct.baselines import baseline_matrix
 from latentct.directions import make_shifts, reconstructor_accuracy, save_directions, step_losses
 from latentct.generators import load_generator
 from latentct.images import save_grid
-from latentct.settings import check, run_cli, setting, settings_dict
+from latentct.settings import check, run_cli, setting, settings_dict, user_errors
 from latentct.training import (Bookkeeper, RunDir, autocast, plot_losses, resolve_switch, setup_runtime, unwrap,
                                wrap_ddp)
 from models.deformator import KINDS, Deformator, FixedDirections
@@ -100,7 +100,8 @@ def main(cfg: Settings) -> dict:
     if cfg.method == "learned":
         d_args = dict(directions_count=cfg.directions_count, latent_dim=G.latent_dim, bias=cfg.deformator_bias,
                       random_init=cfg.random_init, seed=cfg.seed)
-        deformator = Deformator(cfg.deformator, **d_args).to(rt.device)
+        with user_errors():
+            deformator = Deformator(cfg.deformator, **d_args).to(rt.device)
     else:
         d_args = None
         deformator = FixedDirections(baseline_matrix(cfg.method, G.cpu(), cfg.directions_count, cfg.seed)).to(rt.device)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from latentct.generators import save_generator
 from latentct.images import save_grid
 from latentct.metrics import compare_sets
-from latentct.settings import check, run_cli, setting
+from latentct.settings import check, run_cli, setting, user_errors
 from latentct.training import (Bookkeeper, RunDir, TrainData, autocast, gather_floats, plot_losses,
                                resolve_switch, setup_runtime, unwrap, weights_checksum, wrap_ddp)
 from models.dcgan import Discriminator, Generator, weights_init
@@ -122,8 +122,9 @@ def main(cfg: Settings) -> dict:
     # Models: the generator interface's args go into generator.pt.
     g_args = dict(latent_dim=cfg.latent_dim, image_size=data.image_size, ngf=cfg.ngf)
     d_args = dict(image_size=data.image_size, ndf=cfg.ndf, spectral=cfg.spectral_norm, minibatch_std=cfg.minibatch_std)
-    G = Generator(**g_args).apply(weights_init).to(rt.device, memory_format=fmt)
-    D = Discriminator(**d_args).apply(weights_init).to(rt.device, memory_format=fmt)
+    with user_errors(f"--data {cfg.data}: "):
+        G = Generator(**g_args).apply(weights_init).to(rt.device, memory_format=fmt)
+        D = Discriminator(**d_args).apply(weights_init).to(rt.device, memory_format=fmt)
     opt_g = torch.optim.Adam(G.parameters(), lr=cfg.lr_g, betas=cfg.betas)
     opt_d = torch.optim.Adam(D.parameters(), lr=cfg.lr_d, betas=cfg.betas)
 

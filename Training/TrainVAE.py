@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from latentct.generators import save_generator
 from latentct.images import save_grid
 from latentct.metrics import compare_sets
-from latentct.settings import check, run_cli, setting
+from latentct.settings import check, run_cli, setting, user_errors
 from latentct.training import (Bookkeeper, RunDir, TrainData, autocast, gather_floats, plot_losses,
                                resolve_switch, setup_runtime, unwrap, weights_checksum, wrap_ddp)
 from models.vae import VAE, kl_divergence
@@ -95,7 +95,8 @@ def main(cfg: Settings) -> dict:
     fmt = torch.channels_last if use_cl else torch.contiguous_format
 
     args = dict(latent_dim=cfg.latent_dim, image_size=data.image_size, ch=cfg.width)
-    model = VAE(**args).to(rt.device, memory_format=fmt)
+    with user_errors(f"--data {cfg.data}: "):
+        model = VAE(**args).to(rt.device, memory_format=fmt)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=cfg.betas)
 
     held_out = data.held_out(cfg.data, cfg.eval_samples).to(rt.device)

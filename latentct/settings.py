@@ -15,6 +15,7 @@ Any unknown flag or bad value ends the program with one line naming the flag.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import sys
@@ -80,7 +81,7 @@ def _converter(hint: Any, optional: bool):
 class _OneLineParser(argparse.ArgumentParser):
     def error(self, message: str):  # argparse prints the whole usage block; we want one line
         message = message.replace("unrecognized arguments:", "unknown flag(s):")
-        raise SettingsError(f"{self.prog}: {message}")
+        raise SettingsError(f"{self.prog}: error: {message}")
 
 
 def _build_parser(cls, prog: str, presets: dict | None) -> argparse.ArgumentParser:
@@ -132,7 +133,7 @@ def parse_settings(cls, argv: list[str] | None = None, presets: dict | None = No
         cfg = make_settings(cls, values, preset=preset)
     except SettingsError as err:
         if from_cli:
-            raise SystemExit(str(err) if str(err).startswith(prog) else f"{prog}: {err}")
+            raise SystemExit(str(err) if str(err).startswith(prog) else f"{prog}: error: {err}")
         raise
     return cfg
 
@@ -176,6 +177,15 @@ def save_settings(cfg, path: str | Path) -> None:
 
 def load_settings(cls, path: str | Path):
     return make_settings(cls, json.loads(Path(path).read_text()))
+
+
+@contextlib.contextmanager
+def user_errors(context: str = ""):
+    """Turn a ValueError raised by a pure module (a model that rejects its arguments) into a UserError."""
+    try:
+        yield
+    except ValueError as err:
+        raise UserError(f"{context}{err}") from None
 
 
 def run_cli(main, cls, presets: dict | None = None, prog: str | None = None):

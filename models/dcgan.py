@@ -12,7 +12,7 @@ def _levels(image_size: int) -> int:
     """Upsampling steps from 4x4 to the image size."""
     levels = int(round(math.log2(image_size))) - 2
     if image_size != 2 ** (levels + 2) or levels < 1:
-        raise ValueError(f"--image-size: DCGAN needs a power of two >= 8, got {image_size}")
+        raise ValueError(f"the DCGAN needs an image size that is a power of two >= 8, got {image_size}")
     return levels
 
 

@@ -18,7 +18,7 @@ def _act(x: torch.Tensor) -> torch.Tensor:
 def _log2(image_size: int) -> int:
     n = int(round(math.log2(image_size)))
     if image_size != 2 ** n or n < 3:
-        raise ValueError(f"--image-size: the VAE needs a power of two >= 8, got {image_size}")
+        raise ValueError(f"the VAE needs an image size that is a power of two >= 8, got {image_size}")
     return n
 
 
