@@ -38,6 +38,17 @@ def save_checkpoint(state: dict, path: str | Path) -> None:
     atomic_torch_save(state, path)
 
 
+def load_file(path: str | Path, what: str):
+    """Any of the project's torch files (weights_only=True), with a one-line error naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: {what} not found")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise UserError(f"{path}: not a readable {what} ({type(err).__name__})") from None
+
+
 def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     """Load a checkpoint with ``weights_only=True``; a damaged file is a one-line error naming the fallback."""
     path = Path(path)

@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from latentct.checkpoint import load_file
 from latentct.generators import file_hash, load_generator
 from latentct.io import atomic_torch_save
 from latentct.settings import UserError
@@ -127,12 +128,7 @@ class Directions:
 def load_directions(path: str | Path, generator: str | Path | None = None) -> tuple[Directions, nn.Module]:
     """The artifact and its generator; a missing or different generator file is a clear error."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: directions file not found")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise UserError(f"{path}: not a readable directions file ({type(err).__name__})") from None
+    state = load_file(path, "directions file")
     if not isinstance(state, dict) or "matrix" not in state or "generator" not in state:
         raise UserError(f"{path}: not a LatentCT directions file")
     directions = Directions(state, path)

@@ -10,6 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from latentct.checkpoint import load_file
 from latentct.data import CTSlices, read_index
 from latentct.io import atomic_torch_save
 from latentct.matching import linear_sum_assignment
@@ -119,7 +120,7 @@ def save_regressor(state: dict, path: str | Path) -> None:
 
 
 def load_regressor(path: str | Path) -> tuple[FactorRegressor, dict]:
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = load_file(path, "factor regressor file")
     model = FactorRegressor(len(state["factors"]))
     model.load_state_dict(state["state_dict"])
     return model.eval(), state

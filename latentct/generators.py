@@ -8,7 +8,6 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-import torch
 import torch.nn as nn
 
 from latentct.io import atomic_torch_save
@@ -37,13 +36,9 @@ def _plain_state(model: nn.Module) -> dict:
 
 
 def _read(path: str | Path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: generator file not found")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise UserError(f"{path}: not a readable generator file ({type(err).__name__})") from None
+    from latentct.checkpoint import load_file
+
+    state = load_file(path, "generator file")
     if not isinstance(state, dict) or state.get("kind") not in KINDS:
         raise UserError(f"{path}: not a LatentCT generator file (kind {state.get('kind') if isinstance(state, dict) else '?'})")
     return state
