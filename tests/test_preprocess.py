@@ -266,3 +266,15 @@ def test_staging_left_by_a_killed_run_is_cleaned(phantom_tree, tmp_path):
     (stale / "train.npy").write_bytes(b"half")
     run(phantom_tree, tmp_path / "out")
     assert not stale.exists() and (tmp_path / "out" / "manifest.json").is_file()
+
+
+def test_unsigned_padding_value_in_a_signed_image_becomes_air(phantom_tree):
+    from latentct.dicom import read_hu
+
+    idx = next(i for i in range(PHANTOM["patients"]) if phantom.patient_for(PHANTOM["seed"], i).padding == "unsigned")
+    path = next((phantom_tree / f"LIDC-IDRI-{idx + 1:04d}").rglob("1-001.dcm"))
+    ds = pydicom.dcmread(path)
+    assert ds["PixelPaddingValue"].VR == "US" and ds.PixelPaddingValue == (-976) & 0xFFFF and ds.PixelRepresentation == 1
+    assert ds.pixel_array[0, 0] == -976  # the signed padding value -2000 + 1024, outside the scan circle
+    hu, _ = read_hu(str(path))
+    assert hu[0, 0] == -1024 and hu[ds.Rows // 2, 2] > -1024  # padding is air; the scan circle is kept
