@@ -20,7 +20,8 @@ import torch
 from latentct.data import CTSlices, read_index, unit_to_hu
 from latentct.directions import load_directions
 from latentct.embed import embed
-from latentct.factors import has_factors, load_regressor, match_factors, save_regressor, train_regressor
+from latentct.factors import (dataset_fingerprint, has_factors, load_regressor, match_factors, save_regressor,
+                              train_regressor)
 from latentct.gallery import write_gallery
 from latentct.generators import generator_info, load_encoder
 from latentct.images import make_grid, save_grid, save_png
@@ -135,12 +136,11 @@ def ground_truth(cfg: Settings, directions, G, window, dataset, z, out: Path) ->
     if not dataset or not Path(dataset, "manifest.json").is_file() or not has_factors(dataset):
         return None
     path = Path(cfg.regressor) if cfg.regressor else out / "factor_regressor.pt"
-    if not path.is_file():
+    current = path.is_file() and _regressor_fits(load_regressor(path)[1], dataset, window)
+    if not current:
         save_regressor(train_regressor(dataset, window, steps=cfg.regressor_steps, seed=cfg.seed,
                                        synthetic=cfg.regressor_slices), path)
     regressor, state = load_regressor(path)
-    if tuple(state["window"]) != tuple(window):
-        raise UserError(f"--regressor: {path} was trained with window {state['window']}, the generator uses {list(window)}")
     eps = torch.linspace(-cfg.shift_range, cfg.shift_range, cfg.report_shifts)
     methods, main_table = {}, None
     for i, file in enumerate([cfg.directions, *cfg.compare]):
@@ -159,6 +159,14 @@ def ground_truth(cfg: Settings, directions, G, window, dataset, z, out: Path) ->
             main_table["r2_matrix"] = r2.round(4).tolist()
     return {"regressor_r2": state["test_r2"], "r2_min": cfg.r2_min, "leakage_max": cfg.leakage_max,
             "heatmap": "effect_matrix.png", "main": main_table, "methods": methods}
+
+
+def _regressor_fits(state: dict, dataset, window) -> bool:
+    """A saved regressor is reused only for the same data (manifest hash) and the same HU window."""
+    same = state.get("dataset_sha256") == dataset_fingerprint(dataset) and tuple(state["window"]) == tuple(window)
+    if not same:
+        print("factor regressor: trained for other data or another window; training a new one")
+    return same
 
 
 def real_slices(cfg: Settings, G, directions, rows, window, dataset, info, out: Path) -> list[dict]:

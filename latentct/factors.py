@@ -112,7 +112,14 @@ def train_regressor(dataset: str | Path, window, steps: int = 600, batch: int = 
     r2 = r_squared(pred, ty)
     return {"state_dict": {k: v.cpu() for k, v in model.state_dict().items()}, "factors": list(FACTORS),
             "mean": mean, "std": std, "test_r2": {f: float(v) for f, v in zip(FACTORS, r2)},
-            "window": list(window), "dataset": str(dataset)}
+            "window": list(window), "dataset": str(dataset), "dataset_sha256": dataset_fingerprint(dataset)}
+
+
+def dataset_fingerprint(dataset: str | Path) -> str:
+    """The manifest's hash: a regressor trained on other data (preprocessing rerun) is not reused."""
+    from latentct.generators import file_hash
+
+    return file_hash(Path(dataset) / "manifest.json")
 
 
 def save_regressor(state: dict, path: str | Path) -> None:

@@ -151,3 +151,15 @@ def test_evaluation_end_to_end_and_the_gallery_in_a_real_browser(directions_runs
     subprocess.run([browser, *flags, "--window-size=1200,1600", f"--screenshot={shot}", url],
                    capture_output=True, timeout=120)
     assert shot.is_file() and shot.stat().st_size > 10_000
+
+
+def test_factor_regressor_is_reused_only_for_the_same_data(dataset, tmp_path):
+    from latentct.factors import load_regressor, save_regressor, train_regressor
+
+    path = tmp_path / "regressor.pt"
+    save_regressor(train_regressor(dataset, (-1000.0, 2000.0), steps=2, synthetic=4), path)
+    state = load_regressor(path)[1]
+    assert EvalDirections._regressor_fits(state, dataset, (-1000.0, 2000.0))
+    assert not EvalDirections._regressor_fits(state, dataset, (-1000.0, 400.0))
+    state["dataset_sha256"] = "0" * 64
+    assert not EvalDirections._regressor_fits(state, dataset, (-1000.0, 2000.0))
