@@ -83,7 +83,8 @@ def main(cfg: Settings) -> dict:
     save_settings(cfg, out / "config.json")
     directions, G = load_directions(cfg.directions, cfg.generator)
     G = G.to(cfg.device, memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
-    info = generator_info(directions.generator_path() if cfg.generator is None else cfg.generator)
+    generator_file = Path(cfg.generator) if cfg.generator else directions.generator_path()
+    info = generator_info(generator_file)
     window = tuple(info["window"])
     dataset = cfg.dataset or info["dataset"]
     spacing = dataset_spacing(dataset)
@@ -99,9 +100,9 @@ def main(cfg: Settings) -> dict:
     unique, frame_index = sweep_plan(cfg.shift_range, cfg.frames)
     eps = unique[frame_index]
     images = sweep(G, directions, ks, unique, grid_z)
-    rows = describe(sweep(G, directions, ks, torch.linspace(-cfg.shift_range, cfg.shift_range, cfg.report_shifts),
-                          report_z), torch.linspace(-cfg.shift_range, cfg.shift_range, cfg.report_shifts),
-                    window, spacing, ks)
+    report_eps = torch.linspace(-cfg.shift_range, cfg.shift_range, cfg.report_shifts)
+    report_images = sweep(G, directions, ks, report_eps, report_z)
+    rows = describe(report_images, report_eps, window, spacing, ks)
     for i, (k, row) in enumerate(zip(ks, rows)):
         row["gif"] = f"direction_{k:03d}.gif"
         direction_gif(images[i, frame_index, 0], eps, cfg.shift_range, out / row["gif"], cfg.frame_ms)
@@ -116,12 +117,14 @@ def main(cfg: Settings) -> dict:
     with torch.no_grad():
         save_grid(G(torch.randn(32, G.latent_dim, generator=gen).to(cfg.device)).float(), out / "samples.png")
 
-    report = {"name": out.name, "generator": str(directions.generator_path()), "generator_kind": info["kind"],
+    report = {"name": out.name, "generator": str(generator_file), "generator_kind": info["kind"],
               "directions_file": str(cfg.directions), "method": directions.method, "directions_count": directions.count,
               "rca": directions.rca, "shift_range": cfg.shift_range, "spacing_mm": spacing, "directions": rows,
               "groups": groups, "samples": "samples.png"}
-    report["ground_truth"] = ground_truth(cfg, directions, G, window, dataset, report_z, out)
-    report["real"] = real_slices(cfg, G, directions, rows, window, dataset, info, out)
+    all_shown = ks == list(range(directions.count))
+    report["ground_truth"] = ground_truth(cfg, directions, G, generator_file, window, dataset, report_z, report_eps,
+                                          report_images if all_shown else None, out)
+    report["real"] = real_slices(cfg, G, directions, rows, window, dataset, generator_file, out)
     report["summary"] = {"labels": {r["direction"]: r["label"] for r in rows},
                          "recovered": (report["ground_truth"] or {}).get("main", {}).get("recovered")}
     atomic_write_json(out / "report.json", report)
@@ -131,7 +134,8 @@ def main(cfg: Settings) -> dict:
     return report
 
 
-def ground_truth(cfg: Settings, directions, G, window, dataset, z, out: Path) -> dict | None:
+def ground_truth(cfg: Settings, directions, G, generator_file: Path, window, dataset, z, eps, main_images,
+                 out: Path) -> dict | None:
     """On the phantom: the direction x factor table of this method and of every --compare file."""
     if not dataset or not Path(dataset, "manifest.json").is_file() or not has_factors(dataset):
         return None
@@ -141,12 +145,12 @@ def ground_truth(cfg: Settings, directions, G, window, dataset, z, out: Path) ->
         save_regressor(train_regressor(dataset, window, steps=cfg.regressor_steps, seed=cfg.seed,
                                        synthetic=cfg.regressor_slices), path)
     regressor, state = load_regressor(path)
-    eps = torch.linspace(-cfg.shift_range, cfg.shift_range, cfg.report_shifts)
     methods, main_table = {}, None
     for i, file in enumerate([cfg.directions, *cfg.compare]):
-        dirs, _ = (directions, G) if i == 0 else load_directions(file, cfg.generator or directions.generator_path())
+        dirs = directions if i == 0 else load_directions(file, generator_file)[0]
         ks = list(range(dirs.count))
-        r2, effect = factor_effects(sweep(G, dirs, ks, eps, z), eps, regressor)
+        images = main_images if i == 0 and main_images is not None else sweep(G, dirs, ks, eps, z)
+        r2, effect = factor_effects(images, eps, regressor)
         table = match_factors(r2, effect, cfg.r2_min, cfg.leakage_max)
         table["rca"] = dirs.rca
         name = dirs.method if dirs.method not in methods else f"{dirs.method} ({Path(file).parent.name})"
@@ -169,7 +173,7 @@ def _regressor_fits(state: dict, dataset, window) -> bool:
     return same
 
 
-def real_slices(cfg: Settings, G, directions, rows, window, dataset, info, out: Path) -> list[dict]:
+def real_slices(cfg: Settings, G, directions, rows, window, dataset, generator_file: Path, out: Path) -> list[dict]:
     """Test slices embedded in the latent space and moved along the strongest directions."""
     if cfg.real_slices <= 0 or not dataset or not Path(dataset, "manifest.json").is_file():
         return []
@@ -180,7 +184,7 @@ def real_slices(cfg: Settings, G, directions, rows, window, dataset, info, out: 
     x = torch.stack([test[i] for i in picks]).to(cfg.device)
     if x.shape[-1] != G(torch.zeros(1, G.latent_dim, device=cfg.device)).shape[-1]:
         raise UserError(f"--dataset: {dataset} holds {x.shape[-1]} px slices, the generator makes a different size")
-    encoder = load_encoder(directions.generator_path() if cfg.generator is None else cfg.generator, cfg.device)
+    encoder = load_encoder(generator_file, cfg.device)
     z, mse = embed(G, x, encoder=encoder, steps=0 if encoder is not None else cfg.embed_steps, seed=cfg.seed)
     top = [r["direction"] for r in sorted(rows, key=lambda r: -r["score"])[: cfg.real_directions]]
     unique, frame_index = sweep_plan(cfg.shift_range, cfg.frames)
@@ -190,9 +194,8 @@ def real_slices(cfg: Settings, G, directions, rows, window, dataset, info, out: 
     with torch.no_grad():
         recon = G(z).float()
     for i, pick in enumerate(picks):
-        images = sweep(G, directions, top, unique, z[i:i + 1])[:, frame_index]      # (D, F, 1, 1, H, W)
-        grid_gif(images.permute(0, 2, 1, 3, 4, 5).reshape(len(top), 1, len(eps), *images.shape[-3:]).permute(0, 2, 1, 3, 4, 5),
-                 eps, cfg.shift_range, out / f"real_{i}.gif", cfg.frame_ms)
+        images = sweep(G, directions, top, unique, z[i:i + 1])[:, frame_index]  # (directions, frames, 1, 1, H, W)
+        grid_gif(images, eps, cfg.shift_range, out / f"real_{i}.gif", cfg.frame_ms)
         save_png(make_grid(torch.stack([x[i].cpu(), recon[i].cpu()]), nrow=2), out / f"real_{i}_pair.png")
         mae = float((unit_to_hu(recon[i].cpu(), window) - unit_to_hu(x[i].cpu(), window)).abs().mean())
         row = index[pick] if pick < len(index) else {}
