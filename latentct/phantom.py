@@ -223,12 +223,10 @@ def render_slice(p: Patient, z: float, size: int, rng: np.random.Generator, fov_
     img = np.full((size, size), AIR_HU, dtype=np.float32)
 
     # Table: a curved carbon-fibre shell with foam core under the patient; it does not roll with them.
-    table_top = p.y_offset + g.half_thickness + 4.0
-    sag = 0.00025 * x**2
-    shell = (y >= table_top - sag + 0) & (y < table_top - sag + 12)
-    img[shell] = -750.0
-    img[(y >= table_top - sag) & (y < table_top - sag + 2)] = 250.0
-    img[(y >= table_top - sag + 10) & (y < table_top - sag + 12)] = 250.0
+    top = p.y_offset + g.half_thickness + 4.0 - 0.00025 * x**2  # curved upwards at the sides
+    img[(y >= top) & (y < top + 12)] = -750.0
+    img[(y >= top) & (y < top + 2)] = 250.0
+    img[(y >= top + 10) & (y < top + 12)] = 250.0
 
     # Body: a superellipse (flatter back), breasts in front, subcutaneous fat, then soft tissue inside.
     back = np.where(v > 0, 3.0, 2.2)
@@ -240,7 +238,7 @@ def render_slice(p: Patient, z: float, size: int, rng: np.random.Generator, fov_
         depth, radius = 60.0 * g.breast, 35.0 + 30.0 * g.breast
         for side in (-1, 1):
             cu, cv = side * 0.42 * g.half_width, -g.half_thickness + 8.0
-            breasts |= _ellipse(u, v, cu, cv - 0.0, radius, depth + 8.0) & (v < cv + 10)
+            breasts |= _ellipse(u, v, cu, cv, radius, depth + 8.0) & (v < cv + 10)
             glands |= _ellipse(u, v, cu, cv - 0.35 * depth, 0.55 * radius, 0.45 * depth + 3.0)
     img[body | breasts] = FAT_HU
     img[glands & breasts] = 25.0
