@@ -21,8 +21,8 @@ from latentct.directions import make_shifts, reconstructor_accuracy, save_direct
 from latentct.generators import load_generator
 from latentct.images import save_grid
 from latentct.settings import check, run_cli, setting, settings_dict, user_errors
-from latentct.training import (Bookkeeper, RunDir, autocast, plot_losses, resolve_switch, setup_runtime, unwrap,
-                               wrap_ddp)
+from latentct.training import (Bookkeeper, RunDir, autocast, memory_format, plot_losses, resolve_switch,
+                               setup_runtime, unwrap, wrap_ddp)
 from models.deformator import KINDS, Deformator, FixedDirections
 from models.reconstructor import make_reconstructor
 
@@ -92,8 +92,7 @@ def main(cfg: Settings) -> dict:
     rt = setup_runtime(cfg.device)
     torch.manual_seed(cfg.seed)
     run = RunDir(cfg.output, cfg, rt)
-    use_bf16, use_cl = resolve_switch(cfg.bf16, rt), resolve_switch(cfg.channels_last, rt)
-    fmt = torch.channels_last if use_cl else torch.contiguous_format
+    use_bf16, fmt = resolve_switch(cfg.bf16, rt), memory_format(cfg.channels_last, rt)
 
     # Models: G frozen (no weight gradients ever), the deformator (or fixed baseline directions), the reconstructor.
     G = load_generator(cfg.generator, rt.device).to(memory_format=fmt)
@@ -163,8 +162,6 @@ def main(cfg: Settings) -> dict:
                                       "accuracy": accuracy}, cfg.batch_size):
             break
     book.close()
-    if book.stop.received is not None:
-        raise SystemExit(128 + book.stop.received)
 
     if rt.is_main:
         rca = book.last_eval.get("rca")

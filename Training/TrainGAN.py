@@ -18,8 +18,8 @@ from latentct.generators import save_generator
 from latentct.images import save_grid
 from latentct.metrics import compare_sets
 from latentct.settings import check, run_cli, setting, user_errors
-from latentct.training import (Bookkeeper, RunDir, TrainData, autocast, gather_floats, plot_losses,
-                               resolve_switch, setup_runtime, unwrap, weights_checksum, wrap_ddp)
+from latentct.training import (Bookkeeper, RunDir, TrainData, autocast, memory_format, plot_losses,
+                               resolve_switch, setup_runtime, steps_per_epoch, unwrap, wrap_ddp)
 from models.dcgan import Discriminator, Generator, weights_init
 
 
@@ -112,12 +112,11 @@ def main(cfg: Settings) -> dict:
     rt = setup_runtime(cfg.device)
     torch.manual_seed(cfg.seed)
     data = TrainData(cfg.data, cfg.window, rt, workers=cfg.workers)
-    steps_per_epoch = max(len(data) // (cfg.batch_size * rt.world_size), 1)
+    epoch_steps = steps_per_epoch(len(data), cfg.batch_size, rt.world_size)
     if cfg.epochs is not None:
-        cfg.steps = math.ceil(cfg.epochs * steps_per_epoch)
+        cfg.steps = math.ceil(cfg.epochs * epoch_steps)
     run = RunDir(cfg.output, cfg, rt)
-    use_bf16, use_cl = resolve_switch(cfg.bf16, rt), resolve_switch(cfg.channels_last, rt)
-    fmt = torch.channels_last if use_cl else torch.contiguous_format
+    use_bf16, fmt = resolve_switch(cfg.bf16, rt), memory_format(cfg.channels_last, rt)
 
     # Models: the generator interface's args go into generator.pt.
     g_args = dict(latent_dim=cfg.latent_dim, image_size=data.image_size, ngf=cfg.ngf)
@@ -164,7 +163,7 @@ def main(cfg: Settings) -> dict:
     # The loop: one D step on real and generated images, then one G step.
     for step, real in data.batches(cfg.batch_size, start, cfg.steps, cfg.seed, cfg.augment):
         real = real.contiguous(memory_format=fmt)
-        noise = instance_noise_std(step / steps_per_epoch) if cfg.instance_noise else 0.0
+        noise = instance_noise_std(step / epoch_steps) if cfg.instance_noise else 0.0
 
         def noisy(x):
             return (x + noise * torch.randn_like(x)).clamp(-1, 1) if noise > 0 else x
@@ -198,15 +197,10 @@ def main(cfg: Settings) -> dict:
                   "d_real": torch.sigmoid(out_real.float()).mean(), "d_fake": torch.sigmoid(out_fake.float()).mean()}
         if book.after_step(step + 1, losses, real.shape[0]):
             break
-    book.close()
-    if book.stop.received is not None:
-        raise SystemExit(128 + book.stop.received)
+    book.close(G)
 
     # Save: the generator file every later stage starts from.
-    checksums = gather_floats(weights_checksum(G), rt)
     if rt.is_main:
-        if rt.distributed:
-            run.log({"step": cfg.steps, "ddp_weight_checksums": checksums})
         save_generator(run.path / "generator.pt", "dcgan", unwrap(G), g_args, data.window, cfg.data)
         print(f"DCGAN: generator written to {run.path / 'generator.pt'}; last evaluation {book.last_eval}")
     return book.last_eval

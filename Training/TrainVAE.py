@@ -17,8 +17,8 @@ from latentct.generators import save_generator
 from latentct.images import save_grid
 from latentct.metrics import compare_sets
 from latentct.settings import check, run_cli, setting, user_errors
-from latentct.training import (Bookkeeper, RunDir, TrainData, autocast, gather_floats, plot_losses,
-                               resolve_switch, setup_runtime, unwrap, weights_checksum, wrap_ddp)
+from latentct.training import (Bookkeeper, RunDir, TrainData, autocast, memory_format, plot_losses,
+                               resolve_switch, setup_runtime, steps_per_epoch, unwrap, wrap_ddp)
 from models.vae import VAE, kl_divergence
 
 
@@ -87,12 +87,11 @@ def main(cfg: Settings) -> dict:
     rt = setup_runtime(cfg.device)
     torch.manual_seed(cfg.seed)
     data = TrainData(cfg.data, cfg.window, rt, workers=cfg.workers)
-    steps_per_epoch = max(len(data) // (cfg.batch_size * rt.world_size), 1)
+    epoch_steps = steps_per_epoch(len(data), cfg.batch_size, rt.world_size)
     if cfg.epochs is not None:
-        cfg.steps = math.ceil(cfg.epochs * steps_per_epoch)
+        cfg.steps = math.ceil(cfg.epochs * epoch_steps)
     run = RunDir(cfg.output, cfg, rt)
-    use_bf16, use_cl = resolve_switch(cfg.bf16, rt), resolve_switch(cfg.channels_last, rt)
-    fmt = torch.channels_last if use_cl else torch.contiguous_format
+    use_bf16, fmt = resolve_switch(cfg.bf16, rt), memory_format(cfg.channels_last, rt)
 
     args = dict(latent_dim=cfg.latent_dim, image_size=data.image_size, ch=cfg.width)
     with user_errors(f"--data {cfg.data}: "):
@@ -142,20 +141,15 @@ def main(cfg: Settings) -> dict:
             recon, mu, logvar = trained(real)
         rec = reconstruction_loss(recon, real, cfg.loss)
         kl = kl_divergence(mu.float(), logvar.float())
-        loss = rec + kl_beta(cfg, step / steps_per_epoch) * kl
+        loss = rec + kl_beta(cfg, step / epoch_steps) * kl
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         if book.after_step(step + 1, {"loss": loss, "reconstruction": rec, "kl": kl}, real.shape[0]):
             break
-    book.close()
-    if book.stop.received is not None:
-        raise SystemExit(128 + book.stop.received)
+    book.close(model)
 
-    checksums = gather_floats(weights_checksum(model), rt)
     if rt.is_main:
-        if rt.distributed:
-            run.log({"step": cfg.steps, "ddp_weight_checksums": checksums})
         vae = unwrap(model)
         save_generator(run.path / "generator.pt", "vae", vae.decoder, args, data.window, cfg.data,
                        encoder=vae.encoder, encoder_args=args)

@@ -74,6 +74,15 @@ def resolve_switch(value: str, runtime: Runtime) -> bool:
     return runtime.cuda if value == "auto" else value == "on"
 
 
+def memory_format(value: str, runtime: Runtime) -> torch.memory_format:
+    return torch.channels_last if resolve_switch(value, runtime) else torch.contiguous_format
+
+
+def steps_per_epoch(n: int, batch: int, world: int = 1) -> int:
+    """Steps that see each of n rows once, with ``batch`` rows per step on each of ``world`` processes."""
+    return max(n // (batch * world), 1)
+
+
 def wrap_ddp(model: torch.nn.Module, runtime: Runtime) -> torch.nn.Module:
     if not runtime.distributed:
         return model
@@ -104,8 +113,7 @@ def gather_floats(value: float, runtime: Runtime) -> list[float]:
 def step_indices(n: int, batch: int, step: int, seed: int, rank: int = 0, world: int = 1) -> torch.Tensor:
     """Rows of this rank's batch at ``step``: a fresh seeded permutation every epoch, no row twice per epoch."""
     per_step = batch * world
-    steps_per_epoch = max(n // per_step, 1)
-    epoch, pos = divmod(step, steps_per_epoch)
+    epoch, pos = divmod(step, steps_per_epoch(n, batch, world))
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
     if n < per_step:
         perm = perm.repeat(-(-per_step // n))
@@ -410,7 +418,14 @@ class Bookkeeper:
         self.running, self.count = {}, 0
         self.last_log = record
 
-    def close(self) -> None:
+    def close(self, model: torch.nn.Module | None = None) -> None:
+        """End the loop: restore signal handlers; exit 128 + signal when a signal stopped the run (its
+        checkpoint is saved, no final outputs are written); under DDP log every rank's weight checksum."""
         self.stop.__exit__()
         if self.bar is not None:
             self.bar.close()
+        if self.stop.received is not None:
+            raise SystemExit(128 + self.stop.received)
+        if model is not None and self.rt.distributed:
+            checksums = gather_floats(weights_checksum(model), self.rt)
+            self.run.log({"step": self.cfg.steps, "ddp_weight_checksums": checksums})
