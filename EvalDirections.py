@@ -189,7 +189,7 @@ def real_slices(cfg: Settings, G, directions, rows, window, dataset, generator_f
     top = [r["direction"] for r in sorted(rows, key=lambda r: -r["score"])[: cfg.real_directions]]
     unique, frame_index = sweep_plan(cfg.shift_range, cfg.frames)
     eps = unique[frame_index]
-    index = read_index(dataset, "test") if len(CTSlices(dataset, "test")) else read_index(dataset, "train")
+    index = read_index(dataset, test.split)
     items = []
     with torch.no_grad():
         recon = G(z).float()

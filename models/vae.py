@@ -22,8 +22,8 @@ def _log2(image_size: int) -> int:
     return n
 
 
-class ResDown(nn.Module):
-    """Residual block that halves the resolution with average pooling."""
+class _Residual(nn.Module):
+    """Residual block that changes the resolution with ``resample`` on both paths (the study's design)."""
 
     def __init__(self, channel_in: int, channel_out: int):
         super().__init__()
@@ -33,27 +33,30 @@ class ResDown(nn.Module):
         self.bn2 = nn.BatchNorm2d(channel_out)
         self.skip = nn.Conv2d(channel_in, channel_out, 3, 1, 1)
 
+    @staticmethod
+    def resample(x):
+        raise NotImplementedError
+
     def forward(self, x):
-        skip = self.skip(F.avg_pool2d(x, 2))
-        x = F.avg_pool2d(_act(self.bn1(self.conv1(x))), 2)
+        skip = self.skip(self.resample(x))
+        x = self.resample(_act(self.bn1(self.conv1(x))))
         return _act(self.bn2(self.conv2(x)) + skip)
 
 
-class ResUp(nn.Module):
-    """Residual block that doubles the resolution with nearest-neighbour upsampling."""
+class ResDown(_Residual):
+    """Halves the resolution with average pooling."""
 
-    def __init__(self, channel_in: int, channel_out: int):
-        super().__init__()
-        self.conv1 = nn.Conv2d(channel_in, channel_out // 2, 3, 1, 1)
-        self.bn1 = nn.BatchNorm2d(channel_out // 2)
-        self.conv2 = nn.Conv2d(channel_out // 2, channel_out, 3, 1, 1)
-        self.bn2 = nn.BatchNorm2d(channel_out)
-        self.skip = nn.Conv2d(channel_in, channel_out, 3, 1, 1)
+    @staticmethod
+    def resample(x):
+        return F.avg_pool2d(x, 2)
 
-    def forward(self, x):
-        skip = self.skip(F.interpolate(x, scale_factor=2, mode="nearest"))
-        x = F.interpolate(_act(self.bn1(self.conv1(x))), scale_factor=2, mode="nearest")
-        return _act(self.bn2(self.conv2(x)) + skip)
+
+class ResUp(_Residual):
+    """Doubles the resolution with nearest-neighbour upsampling."""
+
+    @staticmethod
+    def resample(x):
+        return F.interpolate(x, scale_factor=2, mode="nearest")
 
 
 def decoder_widths(image_size: int, ch: int) -> list[int]:
