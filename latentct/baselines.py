@@ -8,6 +8,8 @@
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from latentct.settings import UserError
@@ -28,27 +30,48 @@ def first_layer_jacobian(G) -> torch.Tensor:
     return jac.detach()
 
 
+@contextlib.contextmanager
+def single_threaded():
+    """One thread for the block: multithreaded LAPACK (SVD, least squares) is not bit-stable between runs, and
+    a different last bit can flip an eigenvector's sign. The tables of two runs must be identical."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def fix_signs(rows: torch.Tensor) -> torch.Tensor:
+    """Each row with its largest-magnitude entry positive: an eigenvector's sign is arbitrary, this one is not."""
+    pick = rows.abs().argmax(dim=1)
+    return rows * torch.sign(rows[torch.arange(len(rows)), pick])[:, None]
+
+
 def sefa(G, count: int) -> torch.Tensor:
     """(K, d) unit directions: top eigenvectors of A^T A."""
-    A = first_layer_jacobian(G)
-    values, vectors = torch.linalg.eigh(A.t() @ A)
+    A = first_layer_jacobian(G).double()
+    with single_threaded():
+        values, vectors = torch.linalg.eigh(A.t() @ A)
     order = torch.argsort(values, descending=True)[: min(count, G.latent_dim)]
-    return vectors[:, order].t().contiguous()
+    return fix_signs(vectors[:, order].t()).float().contiguous()
 
 
 @torch.no_grad()
 def pca(G, count: int, samples: int = 2048, seed: int = 0) -> torch.Tensor:
-    """(K, d) unit directions: principal components of first-layer activations, transferred to z by regression."""
+    """(K, d) unit directions: principal components of first-layer activations, transferred to z by regression.
+    Computed in float64 on one thread with fixed signs, so two runs give the same directions."""
     _first_layer(G)
     gen = torch.Generator().manual_seed(seed)
     z = torch.randn(samples, G.latent_dim, generator=gen)
-    act = torch.cat([G.first_layer(part) for part in z.split(256)])
-    act = act - act.mean(0)
-    count = min(count, G.latent_dim, samples)
-    _, _, v = torch.linalg.svd(act, full_matrices=False)
-    coords = act @ v[:count].t()                           # (N, K) coordinates along the components
-    coef = torch.linalg.lstsq(coords, z).solution          # z ~ coords @ coef: row k is component k's z direction
-    return torch.nn.functional.normalize(coef, dim=1)
+    with single_threaded():
+        act = torch.cat([G.first_layer(part) for part in z.split(256)]).double()
+        act = act - act.mean(0)
+        count = min(count, G.latent_dim, samples)
+        _, _, v = torch.linalg.svd(act, full_matrices=False)
+        coords = act @ v[:count].t()                           # (N, K) coordinates along the components
+        coef = torch.linalg.lstsq(coords, z.double()).solution  # z ~ coords @ coef: row k is component k's z direction
+    return fix_signs(torch.nn.functional.normalize(coef, dim=1)).float()
 
 
 def random_orthonormal(latent_dim: int, count: int, seed: int = 0) -> torch.Tensor:
