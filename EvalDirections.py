@@ -17,14 +17,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from latentct.data import CTSlices, read_index, unit_to_hu
+from latentct.data import CTSlices, parse_window, read_index, unit_to_hu
 from latentct.directions import load_directions
 from latentct.embed import embed
 from latentct.factors import (dataset_fingerprint, has_factors, load_regressor, match_factors, save_regressor,
                               train_regressor)
 from latentct.gallery import write_gallery
 from latentct.generators import generator_info, load_encoder
-from latentct.images import make_grid, save_grid, save_png
+from latentct.images import display, make_grid, save_grid, save_png
 from latentct.io import atomic_write_json
 from latentct.phantom import FACTORS
 from latentct.render import chart, direction_gif, grid_gif, heatmap, sweep_plan
@@ -42,7 +42,10 @@ class Settings:
     generator: str | None = setting(None, "generator file, when not where directions.pt says")
     dataset: str | None = setting(None, "preprocessed dataset (default: the generator's training data)")
     which: list[int] = setting([], "directions to show (default: all)")
-    shift_range: float = setting(6.0, "sweep from -shift_range to +shift_range")
+    shift_scale: float | None = setting(None, "sweep from -shift_scale to +shift_scale (default: the scale the "
+                                        "directions were trained or scored with, from directions.pt)")
+    display_window: str = setting("pulmonary", "HU window of the GIFs and charts: pulmonary [-1350, 150], "
+                                  "mediastinal [-160, 240], default, lung or LOW,HIGH (measurements use HU)")
     frames: int = setting(33, "frames of a back-and-forth sweep")
     frame_ms: int = setting(50, "milliseconds per GIF frame")
     grid_samples: int = setting(5, "samples (columns) in the grid GIFs")
@@ -63,18 +66,22 @@ class Settings:
 
     def __post_init__(self):
         check(self.frames >= 3, "frames", "needs at least 3 frames")
-        check(self.shift_range > 0, "shift_range", "must be positive")
+        check(self.shift_scale is None or self.shift_scale > 0, "shift_scale", "must be positive")
+        parse_window(self.display_window, "--display-window")
         check(self.report_shifts >= 3, "report_shifts", "needs at least 3 shifts for a line fit")
         check(self.report_samples >= 2, "report_samples", "needs at least 2 samples")
 
 
-def dataset_spacing(dataset: str | None) -> float:
-    """mm per pixel of the generator's training slices (1.0, i.e. pixels, when unknown)."""
+def dataset_spacing(dataset: str | None) -> tuple[float, str | None]:
+    """mm per pixel of the generator's training slices, or (1.0, why) when unknown: lengths are then in pixels
+    and areas in pixel units / 100, and the report says so."""
+    if not dataset:
+        return 1.0, "no dataset known for this generator: lengths are in pixels, not mm (pass --dataset)"
     try:
         rows = read_index(dataset, "train")
-        return float(np.median([float(r["pixel_spacing_mm"]) for r in rows]))
-    except (OSError, KeyError, ValueError, TypeError):
-        return 1.0
+        return float(np.median([float(r["pixel_spacing_mm"]) for r in rows])), None
+    except (OSError, KeyError, ValueError, TypeError) as err:
+        return 1.0, (f"no pixel spacing in {dataset} ({type(err).__name__}): lengths are in pixels, not mm")
 
 
 def main(cfg: Settings) -> dict:
@@ -87,7 +94,10 @@ def main(cfg: Settings) -> dict:
     info = generator_info(generator_file)
     window = tuple(info["window"])
     dataset = cfg.dataset or info["dataset"]
-    spacing = dataset_spacing(dataset)
+    spacing, spacing_note = dataset_spacing(dataset)
+    if spacing_note:
+        print(f"note: {spacing_note}")
+    scale = cfg.shift_scale or directions.shift_scale
     ks = list(cfg.which) or list(range(directions.count))
     bad = [k for k in ks if not 0 <= k < directions.count]
     if bad:
@@ -97,34 +107,36 @@ def main(cfg: Settings) -> dict:
     report_z = torch.randn(cfg.report_samples, G.latent_dim, generator=gen)
 
     # Animations: every frame of every direction in batched generator calls.
-    unique, frame_index = sweep_plan(cfg.shift_range, cfg.frames)
+    unique, frame_index = sweep_plan(scale, cfg.frames)
     eps = unique[frame_index]
-    images = sweep(G, directions, ks, unique, grid_z)
-    report_eps = torch.linspace(-cfg.shift_range, cfg.shift_range, cfg.report_shifts)
+    images = display(sweep(G, directions, ks, unique, grid_z), window, cfg.display_window)
+    report_eps = torch.linspace(-scale, scale, cfg.report_shifts)
     report_images = sweep(G, directions, ks, report_eps, report_z)
     rows = describe(report_images, report_eps, window, spacing, ks)
     for i, (k, row) in enumerate(zip(ks, rows)):
         row["gif"] = f"direction_{k:03d}.gif"
-        direction_gif(images[i, frame_index, 0], eps, cfg.shift_range, out / row["gif"], cfg.frame_ms)
+        direction_gif(images[i, frame_index, 0], eps, scale, out / row["gif"], cfg.frame_ms)
     groups = []
     every = max(len(unique) // 8, 1)
     for start in range(0, len(ks), cfg.group):
         part = slice(start, start + cfg.group)
         name = f"{ks[part][0]}-{ks[part][-1]}"
-        grid_gif(images[part][:, frame_index], eps, cfg.shift_range, out / f"directions{name}.gif", cfg.frame_ms)
+        grid_gif(images[part][:, frame_index], eps, scale, out / f"directions{name}.gif", cfg.frame_ms)
         chart(images[part][:, ::every, 0], out / f"chart{name}.png")
         groups.append({"title": f"directions {name}", "gif": f"directions{name}.gif", "chart": f"chart{name}.png"})
     with torch.no_grad():
-        save_grid(G(torch.randn(32, G.latent_dim, generator=gen).to(cfg.device)).float(), out / "samples.png")
+        samples = G(torch.randn(32, G.latent_dim, generator=gen).to(cfg.device)).float()
+    save_grid(display(samples, window, cfg.display_window), out / "samples.png")
 
     report = {"name": out.name, "generator": str(generator_file), "generator_kind": info["kind"],
               "directions_file": str(cfg.directions), "method": directions.method, "directions_count": directions.count,
-              "rca": directions.rca, "shift_range": cfg.shift_range, "spacing_mm": spacing, "directions": rows,
+              "rca": directions.rca, "shift_scale": scale, "display_window": list(parse_window(cfg.display_window)),
+              "spacing_mm": spacing, "spacing_note": spacing_note, "directions": rows,
               "groups": groups, "samples": "samples.png"}
     all_shown = ks == list(range(directions.count))
     report["ground_truth"] = ground_truth(cfg, directions, G, generator_file, window, dataset, report_z, report_eps,
                                           report_images if all_shown else None, out)
-    report["real"] = real_slices(cfg, G, directions, rows, window, dataset, generator_file, out)
+    report["real"] = real_slices(cfg, G, directions, rows, window, dataset, generator_file, scale, out)
     report["summary"] = {"labels": {r["direction"]: r["label"] for r in rows},
                          "recovered": (report["ground_truth"] or {}).get("main", {}).get("recovered")}
     atomic_write_json(out / "report.json", report)
@@ -173,7 +185,8 @@ def _regressor_fits(state: dict, dataset, window) -> bool:
     return same
 
 
-def real_slices(cfg: Settings, G, directions, rows, window, dataset, generator_file: Path, out: Path) -> list[dict]:
+def real_slices(cfg: Settings, G, directions, rows, window, dataset, generator_file: Path, scale: float,
+                out: Path) -> list[dict]:
     """Test slices embedded in the latent space and moved along the strongest directions."""
     if cfg.real_slices <= 0 or not dataset or not Path(dataset, "manifest.json").is_file():
         return []
@@ -187,7 +200,7 @@ def real_slices(cfg: Settings, G, directions, rows, window, dataset, generator_f
     encoder = load_encoder(generator_file, cfg.device)
     z, mse = embed(G, x, encoder=encoder, steps=0 if encoder is not None else cfg.embed_steps, seed=cfg.seed)
     top = [r["direction"] for r in sorted(rows, key=lambda r: -r["score"])[: cfg.real_directions]]
-    unique, frame_index = sweep_plan(cfg.shift_range, cfg.frames)
+    unique, frame_index = sweep_plan(scale, cfg.frames)
     eps = unique[frame_index]
     index = read_index(dataset, test.split)
     items = []
@@ -195,8 +208,9 @@ def real_slices(cfg: Settings, G, directions, rows, window, dataset, generator_f
         recon = G(z).float()
     for i, pick in enumerate(picks):
         images = sweep(G, directions, top, unique, z[i:i + 1])[:, frame_index]  # (directions, frames, 1, 1, H, W)
-        grid_gif(images, eps, cfg.shift_range, out / f"real_{i}.gif", cfg.frame_ms)
-        save_png(make_grid(torch.stack([x[i].cpu(), recon[i].cpu()]), nrow=2), out / f"real_{i}_pair.png")
+        grid_gif(display(images, window, cfg.display_window), eps, scale, out / f"real_{i}.gif", cfg.frame_ms)
+        pair = display(torch.stack([x[i].cpu(), recon[i].cpu()]), window, cfg.display_window)
+        save_png(make_grid(pair, nrow=2), out / f"real_{i}_pair.png")
         mae = float((unit_to_hu(recon[i].cpu(), window) - unit_to_hu(x[i].cpu(), window)).abs().mean())
         row = index[pick] if pick < len(index) else {}
         items.append({"title": f"{row.get('patient_id', 'slice')} slice {row.get('slice_index', pick)}",

@@ -106,9 +106,9 @@ def _comparable(values: dict) -> dict:
 
 
 def _with(module, base: dict, preset: str | None = None):
-    values = dict(module.PRESETS[preset]) if preset else {}
-    values.update({k: v for k, v in base.items() if v is not None})
-    return make_settings(module.Settings, values, preset=preset)
+    """A stage's settings: its preset, under the values the pipeline hands over (which win, as flags do)."""
+    return make_settings(module.Settings, {k: v for k, v in base.items() if v is not None}, preset=preset,
+                         presets=module.PRESETS)
 
 
 def plan(cfg: Settings) -> list[Job]:

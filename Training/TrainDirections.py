@@ -19,10 +19,13 @@ import torch
 from latentct.baselines import baseline_matrix
 from latentct.directions import make_shifts, reconstructor_accuracy, save_directions, step_losses
 from latentct.generators import load_generator
-from latentct.images import save_grid
+from latentct.images import display, save_grid
+from latentct.io import atomic_torch_save
+from latentct.rundir import RunDir
+from latentct.runtime import autocast, evaluating, memory_format, resolve_switch, setup_runtime, unwrap, wrap_ddp
 from latentct.settings import check, run_cli, setting, settings_dict, user_errors
-from latentct.training import (Bookkeeper, RunDir, autocast, memory_format, plot_losses, resolve_switch,
-                               setup_runtime, unwrap, wrap_ddp)
+from latentct.signals import StopSignal
+from latentct.training import LossMeter, TrainerSettings, log_losses, progress_bar, resume, save_state
 from models.deformator import KINDS, Deformator, FixedDirections
 from models.reconstructor import make_reconstructor
 
@@ -30,7 +33,7 @@ METHODS = ("learned", "sefa", "pca", "random", "coordinate")
 
 
 @dataclass
-class Settings:
+class Settings(TrainerSettings):
     """Find interpretable latent directions of a generator without labels."""
 
     generator: str = setting("runs/demo/dcgan/generator.pt", "generator file (generator.pt of a training run)")
@@ -43,33 +46,23 @@ class Settings:
     reconstructor: str = setting("lenet", "reconstructor network", choices=("lenet", "resnet"))
     reconstructor_width: int | None = setting(None, "reconstructor width (LeNet 2, ResNet 64 when unset)")
     shift_distribution: str = setting("uniform", "distribution of eps", choices=("uniform", "normal"))
-    shift_scale: float = setting(6.0, "eps is drawn in [-shift_scale, shift_scale]")
+    shift_scale: float = setting(6.0, "eps is drawn in [-shift_scale, shift_scale]; evaluation sweeps the same range")
     min_shift: float = setting(0.5, "smallest |eps|")
     label_weight: float = setting(1.0, "weight of the direction classification loss")
     shift_weight: float = setting(0.25, "weight of the shift regression loss")
     lr_deformator: float = setting(1e-4, "deformator learning rate")
     lr_reconstructor: float = setting(1e-4, "reconstructor learning rate")
-    batch_size: int = setting(128, "pairs per step and process")
-    steps: int = setting(3000, "optimiser steps")
-    seed: int = setting(0, "seed")
     step_form: str = setting("split", "split (G(z) without graph), concat (one G call) or naive (original)",
                              choices=("split", "concat", "naive"))
-    device: str = setting("auto", "auto, cpu or cuda")
-    bf16: str = setting("auto", "bf16 autocast: auto (on for GPU), on, off", choices=("auto", "on", "off"))
-    channels_last: str = setting("on", "channels_last memory format (measured faster on CPU: bench/directions.py)",
-                                 choices=("auto", "on", "off"))
-    compile: str = setting("auto", "torch.compile the generator and reconstructor", choices=("auto", "on", "off"))
     rca_batches: int = setting(100, "fresh batches for the reconstructor classification accuracy")
-    log_every: int = setting(25, "steps between metrics.jsonl lines")
+    batch_size: int = setting(128, "image pairs per step and process")
+    steps: int = setting(3000, "optimiser steps")
     eval_every: int = setting(500, "steps between RCA measurements")
     sample_every: int = setting(500, "steps between direction charts")
-    checkpoint_every: int = setting(250, "steps between checkpoints")
-    resume: bool = setting(True, "continue from the run folder's checkpoint when there is one")
-    tensorboard: bool = setting(False, "also log to TensorBoard (needs the tensorboard package)")
 
     def __post_init__(self):
-        for name in ("directions_count", "batch_size", "steps", "rca_batches", "log_every", "eval_every",
-                     "sample_every", "checkpoint_every"):
+        super().__post_init__()
+        for name in ("directions_count", "rca_batches"):
             check(getattr(self, name) >= 1, name, f"must be at least 1, got {getattr(self, name)}")
         check(self.shift_scale > 0 and 0 <= self.min_shift <= self.shift_scale, "min_shift",
               "must be between 0 and --shift-scale")
@@ -88,7 +81,18 @@ PRESETS = {  # the study's grid: {unit (proj, K=32), ortho (K=32), 100 (proj, K=
 }
 
 
+def direction_chart(G, deformator, z: torch.Tensor, shown: int, shift_scale: float) -> torch.Tensor:
+    """Images (shown * 7, 1, H, W): the first ``shown`` directions, each at 7 shifts from -scale to +scale."""
+    K = deformator.directions_count
+    eps = torch.linspace(-shift_scale, shift_scale, 7, device=z.device)
+    basis = torch.zeros(shown * 7, K, device=z.device)
+    basis[torch.arange(shown * 7), torch.arange(shown).repeat_interleave(7)] = eps.repeat(shown)
+    with evaluating(deformator):
+        return G(z.expand(shown * 7, -1) + deformator(basis)).float()
+
+
 def main(cfg: Settings) -> dict:
+    # Setup: device, run folder.
     rt = setup_runtime(cfg.device)
     torch.manual_seed(cfg.seed)
     run = RunDir(cfg.output, cfg, rt)
@@ -107,69 +111,69 @@ def main(cfg: Settings) -> dict:
         G.to(rt.device)
     K = deformator.directions_count
     reconstructor = make_reconstructor(cfg.reconstructor, K, cfg.reconstructor_width).to(rt.device, memory_format=fmt)
-    opt_r = torch.optim.Adam(reconstructor.parameters(), lr=cfg.lr_reconstructor)
-    optimizers = {"reconstructor": opt_r}
+    optimizers = {"reconstructor": torch.optim.Adam(reconstructor.parameters(), lr=cfg.lr_reconstructor)}
+    models = {"reconstructor": reconstructor}
     if deformator.trainable:
         optimizers["deformator"] = torch.optim.Adam(deformator.parameters(), lr=cfg.lr_deformator)
+        models["deformator"] = deformator
+    architecture = {"method": cfg.method, "deformator": d_args, "K": K, "R": cfg.reconstructor}
     shift_args = dict(shift_scale=cfg.shift_scale, min_shift=cfg.min_shift, distribution=cfg.shift_distribution)
     chart_z = torch.randn(1, G.latent_dim, generator=torch.Generator().manual_seed(cfg.seed + 1)).to(rt.device)
 
-    def evaluate(step: int) -> dict:
-        if not rt.is_main:
-            return {}
-        with autocast(rt, use_bf16):
-            rca = reconstructor_accuracy(G, deformator, reconstructor, cfg.rca_batches, cfg.batch_size,
-                                         shift_args, rt.device)
-        return {"rca": rca}
-
-    def samples(step: int) -> None:
-        if not rt.is_main:
-            return
-        shown = min(K, 8)
-        eps = torch.linspace(-cfg.shift_scale, cfg.shift_scale, 7, device=rt.device)
-        basis = torch.zeros(shown * 7, K, device=rt.device)
-        basis[torch.arange(shown * 7), torch.arange(shown).repeat_interleave(7)] = eps.repeat(shown)
-        with torch.no_grad():
-            images = G(chart_z.expand(shown * 7, -1) + deformator.eval()(basis)).float()
-        deformator.train()
-        save_grid(images, run.path / f"directions_{step:06d}.png", nrow=7)
-        plot_losses(run.read_metrics(), ["loss", "label_loss", "shift_loss", "accuracy"], run.path / "losses.png")
-
-    models = {"reconstructor": reconstructor} | ({"deformator": deformator} if deformator.trainable else {})
-    book = Bookkeeper(run, cfg, rt, models, optimizers, evaluate, samples,
-                      architecture={"method": cfg.method, "deformator": d_args, "K": K, "R": cfg.reconstructor})
-    start = book.resume()
-    book.progress(start)
+    start = resume(run, cfg, rt, models, optimizers, architecture)
     R, Gc = wrap_ddp(reconstructor, rt), G
     if resolve_switch(cfg.compile, rt):
         R, Gc = torch.compile(R), torch.compile(G)
-    D = wrap_ddp(deformator, rt) if deformator.trainable else deformator
+    deformator_d = wrap_ddp(deformator, rt) if deformator.trainable else deformator
 
-    # The loop: sample (z, k, eps), reconstruct k and eps from the image pair, update both networks.
-    for step in range(start, cfg.steps):
-        z = torch.randn(cfg.batch_size, G.latent_dim, device=rt.device)
-        idx, eps, basis = make_shifts(cfg.batch_size, K, device=rt.device, **shift_args)
-        for opt in optimizers.values():
-            opt.zero_grad(set_to_none=True)
-        with autocast(rt, use_bf16):
-            loss, label_loss, shift_loss, logits = step_losses(Gc, D, R, z, idx, eps, basis, cfg.label_weight,
-                                                               cfg.shift_weight, cfg.step_form)
-        loss.backward()
-        for opt in optimizers.values():
-            opt.step()
-        accuracy = (logits.argmax(1) == idx).float().mean()
-        if book.after_step(step + 1, {"loss": loss, "label_loss": label_loss, "shift_loss": shift_loss,
-                                      "accuracy": accuracy}, cfg.batch_size):
-            break
-    book.close()
+    # The loop: sample (z, k, eps), reconstruct k and eps from the image pair, update both networks; the
+    # schedule at its end.
+    meter, bar, last_eval, done = LossMeter(), progress_bar(run, cfg.steps, start), {}, start
+    with StopSignal() as stop:
+        for step in range(start, cfg.steps):
+            z = torch.randn(cfg.batch_size, G.latent_dim, device=rt.device)
+            idx, eps, basis = make_shifts(cfg.batch_size, K, device=rt.device, **shift_args)
+            for opt in optimizers.values():
+                opt.zero_grad(set_to_none=True)
+            with autocast(rt, use_bf16):
+                loss, label_loss, shift_loss, logits = step_losses(Gc, deformator_d, R, z, idx, eps, basis,
+                                                                   cfg.label_weight, cfg.shift_weight, cfg.step_form)
+            loss.backward()
+            for opt in optimizers.values():
+                opt.step()
+            meter.add({"loss": loss, "label_loss": label_loss, "shift_loss": shift_loss,
+                       "accuracy": (logits.argmax(1) == idx).float().mean()}, cfg.batch_size * rt.world_size)
 
+            done = step + 1  # steps completed
+            final, stopping = done == cfg.steps, stop.received is not None
+            checkpoint_now = done % cfg.checkpoint_every == 0 or final or stopping
+            if done % cfg.log_every == 0 or checkpoint_now:  # a checkpoint closes the running means: resumed runs log alike
+                log_losses(run, meter, done, bar)
+            if rt.is_main and (done % cfg.eval_every == 0 or final):
+                with autocast(rt, use_bf16):
+                    last_eval = {"rca": reconstructor_accuracy(G, deformator, reconstructor, cfg.rca_batches,
+                                                               cfg.batch_size, shift_args, rt.device)}
+                run.log({"step": done, "eval": last_eval})
+            if rt.is_main and (done % cfg.sample_every == 0 or final):
+                images = direction_chart(G, deformator, chart_z, min(K, 8), cfg.shift_scale)
+                save_grid(display(images, G.window, cfg.display_window), run.path / f"directions_{done:06d}.png", nrow=7)
+                run.plot_losses(["loss", "label_loss", "shift_loss", "accuracy"])
+            if checkpoint_now:
+                save_state(run, done, models, optimizers, architecture)
+            if stopping:
+                break
+    bar.close()
+    stop.exit_if_stopped(done, rt.is_main)
+
+    # Save: the directions artifact every later stage reads, and the reconstructor.
     if rt.is_main:
-        rca = book.last_eval.get("rca")
+        rca = last_eval.get("rca")
         save_directions(run.path / "directions.pt", cfg.method, unwrap(deformator), cfg.generator,
                         settings_dict(cfg), rca, d_args)
-        torch.save({k: v.cpu() for k, v in unwrap(reconstructor).state_dict().items()}, run.path / "reconstructor.pt")
+        atomic_torch_save({k: v.cpu() for k, v in unwrap(reconstructor).state_dict().items()},
+                          run.path / "reconstructor.pt")
         print(f"directions ({cfg.method}, K={K}): RCA {rca} -> {run.path / 'directions.pt'}")
-    return book.last_eval
+    return last_eval
 
 
 if __name__ == "__main__":

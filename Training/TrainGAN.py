@@ -14,28 +14,27 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from latentct.batches import TrainData, steps_per_epoch
 from latentct.generators import save_generator
-from latentct.images import save_grid
+from latentct.images import display, save_grid
 from latentct.metrics import compare_sets
+from latentct.rundir import RunDir
+from latentct.runtime import autocast, evaluating, memory_format, resolve_switch, setup_runtime, unwrap, wrap_ddp
 from latentct.settings import check, run_cli, setting, user_errors
-from latentct.training import (Bookkeeper, RunDir, TrainData, autocast, memory_format, plot_losses,
-                               resolve_switch, setup_runtime, steps_per_epoch, unwrap, wrap_ddp)
+from latentct.signals import StopSignal
+from latentct.training import (ImageTrainerSettings, LossMeter, log_ddp_checksums, log_losses, progress_bar, resume,
+                               save_state)
 from models.dcgan import Discriminator, Generator, weights_init
 
 
 @dataclass
-class Settings:
+class Settings(ImageTrainerSettings):
     """Train a DCGAN (the study's generator and discriminator) on CT slices."""
 
-    data: str = setting("data/demo/slices_64", "preprocessed dataset folder (preprocess.py output)")
     output: str = setting("runs/demo/dcgan", "run folder for checkpoints, metrics and generator.pt")
-    window: str = setting("default", "HU window to [-1, 1]: default [-1000, 2000], lung, or LOW,HIGH")
     latent_dim: int = setting(32, "size of z")
     ngf: int = setting(32, "generator width (the study: 128)")
     ndf: int = setting(32, "discriminator width (the study: 128)")
-    batch_size: int = setting(64, "images per step and process")
-    steps: int = setting(1500, "optimiser steps (overridden by --epochs when set)")
-    epochs: float | None = setting(None, "passes over the training split; sets --steps")
     lr_g: float = setting(2e-4, "generator learning rate")
     lr_d: float = setting(2e-4, "discriminator learning rate")
     betas: tuple[float, float] = setting((0.5, 0.999), "Adam betas")
@@ -45,27 +44,11 @@ class Settings:
     spectral_norm: bool = setting(False, "spectral normalisation in D (replaces its BatchNorm)")
     minibatch_std: bool = setting(False, "minibatch standard deviation channel in D")
     r1_gamma: float = setting(0.0, "R1 gradient penalty weight on real images (0 = off)")
-    augment: bool = setting(True, "the study's augmentation: rotation within 1 degree, zoom 1 to 1.1")
-    seed: int = setting(0, "seed for weights, z and batches")
-    device: str = setting("auto", "auto, cpu or cuda")
-    workers: int = setting(2, "DataLoader workers on CPU")
-    bf16: str = setting("auto", "bf16 autocast: auto (on for GPU), on, off", choices=("auto", "on", "off"))
-    channels_last: str = setting("on", "channels_last memory format (measured faster on CPU too: bench/train.py)",
-                                 choices=("auto", "on", "off"))
-    compile: str = setting("auto", "torch.compile the models", choices=("auto", "on", "off"))
-    log_every: int = setting(25, "steps between metrics.jsonl lines")
-    eval_every: int = setting(500, "steps between quality evaluations")
-    eval_samples: int = setting(256, "generated and held-out slices per evaluation")
-    sample_every: int = setting(250, "steps between sample grids")
-    checkpoint_every: int = setting(250, "steps between checkpoints")
-    resume: bool = setting(True, "continue from the run folder's checkpoint when there is one")
-    tensorboard: bool = setting(False, "also log to TensorBoard (needs the tensorboard package)")
 
     def __post_init__(self):
-        for name in ("latent_dim", "ngf", "ndf", "batch_size", "steps", "log_every", "eval_every",
-                     "sample_every", "checkpoint_every", "eval_samples"):
+        super().__post_init__()
+        for name in ("latent_dim", "ngf", "ndf"):
             check(getattr(self, name) >= 1, name, f"must be at least 1, got {getattr(self, name)}")
-        check(self.epochs is None or self.epochs > 0, "epochs", "must be positive")
         check(self.lr_g > 0 and self.lr_d > 0, "lr_g", "learning rates must be positive")
 
 
@@ -108,7 +91,19 @@ def g_loss(logits: torch.Tensor, cfg: Settings) -> torch.Tensor:
     return F.binary_cross_entropy_with_logits(logits.float(), torch.ones_like(logits, dtype=torch.float32))
 
 
+def add_noise(x: torch.Tensor, std: float) -> torch.Tensor:
+    """Instance noise on D's input, clipped to the image range (std 0: x unchanged)."""
+    return (x + std * torch.randn_like(x)).clamp(-1, 1) if std > 0 else x
+
+
+def generate(G, z: torch.Tensor, rt, use_bf16: bool) -> torch.Tensor:
+    """G(z) in eval mode, in chunks, as float32."""
+    with evaluating(G), autocast(rt, use_bf16):
+        return torch.cat([G(part.to(rt.device)).float() for part in z.split(256)])
+
+
 def main(cfg: Settings) -> dict:
+    # Setup: device, data, run folder.
     rt = setup_runtime(cfg.device)
     torch.manual_seed(cfg.seed)
     data = TrainData(cfg.data, cfg.window, rt, workers=cfg.workers)
@@ -118,7 +113,7 @@ def main(cfg: Settings) -> dict:
     run = RunDir(cfg.output, cfg, rt)
     use_bf16, fmt = resolve_switch(cfg.bf16, rt), memory_format(cfg.channels_last, rt)
 
-    # Models: the generator interface's args go into generator.pt.
+    # Models: the generator's args go into generator.pt.
     g_args = dict(latent_dim=cfg.latent_dim, image_size=data.image_size, ngf=cfg.ngf)
     d_args = dict(image_size=data.image_size, ndf=cfg.ndf, spectral=cfg.spectral_norm, minibatch_std=cfg.minibatch_std)
     with user_errors(f"--data {cfg.data}: "):
@@ -126,84 +121,81 @@ def main(cfg: Settings) -> dict:
         D = Discriminator(**d_args).apply(weights_init).to(rt.device, memory_format=fmt)
     opt_g = torch.optim.Adam(G.parameters(), lr=cfg.lr_g, betas=cfg.betas)
     opt_d = torch.optim.Adam(D.parameters(), lr=cfg.lr_d, betas=cfg.betas)
+    models, optimizers = {"G": G, "D": D}, {"G": opt_g, "D": opt_d}
+    architecture = {"G": g_args, "D": d_args}
 
+    # Evaluation inputs: held-out slices and a fixed z; a real-vs-real split gives the metrics' floor.
     held_out = data.held_out(cfg.data, cfg.eval_samples).to(rt.device)
     eval_z = torch.randn(len(held_out), cfg.latent_dim, generator=torch.Generator().manual_seed(cfg.seed + 1))
-    fixed_z = eval_z[:64].to(rt.device)
-
-    def generate(z: torch.Tensor) -> torch.Tensor:
-        G.eval()
-        with torch.no_grad(), autocast(rt, use_bf16):
-            out = torch.cat([G(part.to(rt.device)).float() for part in z.split(256)])
-        G.train()
-        return out
-
-    def evaluate(step: int) -> dict:
-        return compare_sets(generate(eval_z).cpu(), held_out.cpu(), data.window) if rt.is_main else {}
-
-    def samples(step: int) -> None:
-        if rt.is_main:
-            grid = generate(fixed_z)
-            save_grid(grid, run.path / f"samples_{step:06d}.png")
-            save_grid(grid, run.path / "samples_latest.png")
-            plot_losses(run.read_metrics(), ["loss_d", "loss_g"], run.path / "losses.png")
-
-    book = Bookkeeper(run, cfg, rt, {"G": G, "D": D}, {"G": opt_g, "D": opt_d}, evaluate, samples,
-                      architecture={"G": g_args, "D": d_args}, data=data)
-    start = book.resume()
-    book.progress(start)
+    fixed_z = eval_z[:64]
+    start = resume(run, cfg, rt, models, optimizers, architecture)
     if start == 0 and rt.is_main and held_out.shape[0] >= 4:
         half = held_out.shape[0] // 2
-        floor = compare_sets(held_out[:half].cpu(), held_out[half:2 * half].cpu(), data.window)
-        run.log({"step": 0, "real_vs_real": floor})
+        run.log({"step": 0, "real_vs_real": compare_sets(held_out[:half].cpu(), held_out[half:2 * half].cpu(),
+                                                         data.window)})
     Gd, Dd = wrap_ddp(G, rt), wrap_ddp(D, rt)
     if resolve_switch(cfg.compile, rt):
         Gd, Dd = torch.compile(Gd), torch.compile(Dd)
 
-    # The loop: one D step on real and generated images, then one G step.
-    for step, real in data.batches(cfg.batch_size, start, cfg.steps, cfg.seed, cfg.augment):
-        real = real.contiguous(memory_format=fmt)
-        noise = instance_noise_std(step / epoch_steps) if cfg.instance_noise else 0.0
+    # The loop: one D step on real and generated images, then one G step; the schedule at its end.
+    meter, bar, last_eval, done = LossMeter(), progress_bar(run, cfg.steps, start), {}, start
+    with StopSignal() as stop:
+        for step, real in data.batches(cfg.batch_size, start, cfg.steps, cfg.seed, cfg.augment):
+            real = real.contiguous(memory_format=fmt)
+            noise = instance_noise_std(step / epoch_steps) if cfg.instance_noise else 0.0
+            z = torch.randn(real.shape[0], cfg.latent_dim, device=rt.device)
+            with autocast(rt, use_bf16):
+                fake = Gd(z)
+            opt_d.zero_grad(set_to_none=True)
+            real_in = add_noise(real, noise).requires_grad_(cfg.r1_gamma > 0)
+            with autocast(rt, use_bf16):
+                out_real = Dd(real_in)
+            loss_real = d_loss(out_real, True, cfg)
+            if cfg.r1_gamma > 0:
+                grad, = torch.autograd.grad(out_real.float().sum(), real_in, create_graph=True)
+                loss_real = loss_real + 0.5 * cfg.r1_gamma * grad.pow(2).flatten(1).sum(1).mean()
+            loss_real.backward()
+            with autocast(rt, use_bf16):
+                out_fake = Dd(add_noise(fake.detach(), noise))
+            loss_fake = d_loss(out_fake, False, cfg)
+            loss_fake.backward()
+            opt_d.step()
 
-        def noisy(x):
-            return (x + noise * torch.randn_like(x)).clamp(-1, 1) if noise > 0 else x
+            opt_g.zero_grad(set_to_none=True)
+            with autocast(rt, use_bf16):
+                out_gen = Dd(add_noise(fake, noise))
+            loss_g = g_loss(out_gen, cfg)
+            loss_g.backward()
+            opt_g.step()
+            meter.add({"loss_d": loss_real + loss_fake, "loss_g": loss_g, "d_real": torch.sigmoid(out_real.float()).mean(),
+                       "d_fake": torch.sigmoid(out_fake.float()).mean()}, real.shape[0] * rt.world_size)
 
-        z = torch.randn(real.shape[0], cfg.latent_dim, device=rt.device)
-        with autocast(rt, use_bf16):
-            fake = Gd(z)
-        opt_d.zero_grad(set_to_none=True)
-        real_in = noisy(real).requires_grad_(cfg.r1_gamma > 0)
-        with autocast(rt, use_bf16):
-            out_real = Dd(real_in)
-        loss_real = d_loss(out_real, True, cfg)
-        if cfg.r1_gamma > 0:
-            grad, = torch.autograd.grad(out_real.float().sum(), real_in, create_graph=True)
-            loss_real = loss_real + 0.5 * cfg.r1_gamma * grad.pow(2).flatten(1).sum(1).mean()
-        loss_real.backward()
-        with autocast(rt, use_bf16):
-            out_fake = Dd(noisy(fake.detach()))
-        loss_fake = d_loss(out_fake, False, cfg)
-        loss_fake.backward()
-        opt_d.step()
-
-        opt_g.zero_grad(set_to_none=True)
-        with autocast(rt, use_bf16):
-            out_gen = Dd(noisy(fake))
-        loss_g = g_loss(out_gen, cfg)
-        loss_g.backward()
-        opt_g.step()
-
-        losses = {"loss_d": loss_real + loss_fake, "loss_g": loss_g,
-                  "d_real": torch.sigmoid(out_real.float()).mean(), "d_fake": torch.sigmoid(out_fake.float()).mean()}
-        if book.after_step(step + 1, losses, real.shape[0]):
-            break
-    book.close(G)
+            done = step + 1  # steps completed
+            final, stopping = done == cfg.steps, stop.received is not None
+            checkpoint_now = done % cfg.checkpoint_every == 0 or final or stopping
+            if done % cfg.log_every == 0 or checkpoint_now:  # a checkpoint closes the running means: resumed runs log alike
+                log_losses(run, meter, done, bar, data)
+            if rt.is_main and (done % cfg.eval_every == 0 or final):
+                last_eval = compare_sets(generate(G, eval_z, rt, use_bf16).cpu(), held_out.cpu(), data.window)
+                run.log({"step": done, "eval": last_eval})
+            if rt.is_main and (done % cfg.sample_every == 0 or final):
+                grid = display(generate(G, fixed_z, rt, use_bf16), data.window, cfg.display_window)
+                save_grid(grid, run.path / f"samples_{done:06d}.png")
+                save_grid(grid, run.path / "samples_latest.png")
+                run.plot_losses(["loss_d", "loss_g"])
+            if checkpoint_now:
+                save_state(run, done, models, optimizers, architecture)
+            if stopping:
+                break
+    bar.close()
+    stop.exit_if_stopped(done, rt.is_main)
+    log_ddp_checksums(run, G, done)
 
     # Save: the generator file every later stage starts from.
     if rt.is_main:
         save_generator(run.path / "generator.pt", "dcgan", unwrap(G), g_args, data.window, cfg.data)
-        print(f"DCGAN: generator written to {run.path / 'generator.pt'}; last evaluation {book.last_eval}")
-    return book.last_eval
+        print(f"DCGAN: generator written to {run.path / 'generator.pt'}; last evaluation {last_eval}")
+    return last_eval
 
 
 if __name__ == "__main__":

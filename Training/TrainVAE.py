@@ -13,51 +13,35 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from latentct.batches import TrainData, steps_per_epoch
 from latentct.generators import save_generator
-from latentct.images import save_grid
+from latentct.images import display, save_grid
 from latentct.metrics import compare_sets
+from latentct.rundir import RunDir
+from latentct.runtime import autocast, evaluating, memory_format, resolve_switch, setup_runtime, unwrap, wrap_ddp
 from latentct.settings import check, run_cli, setting, user_errors
-from latentct.training import (Bookkeeper, RunDir, TrainData, autocast, memory_format, plot_losses,
-                               resolve_switch, setup_runtime, steps_per_epoch, unwrap, wrap_ddp)
+from latentct.signals import StopSignal
+from latentct.training import (ImageTrainerSettings, LossMeter, log_ddp_checksums, log_losses, progress_bar, resume,
+                               save_state)
 from models.vae import VAE, kl_divergence
 
 
 @dataclass
-class Settings:
+class Settings(ImageTrainerSettings):
     """Train the ResNet VAE with a vector latent on CT slices."""
 
-    data: str = setting("data/demo/slices_64", "preprocessed dataset folder (preprocess.py output)")
     output: str = setting("runs/demo/vae", "run folder for checkpoints, metrics and generator.pt")
-    window: str = setting("default", "HU window to [-1, 1]: default [-1000, 2000], lung, or LOW,HIGH")
     latent_dim: int = setting(32, "size of z (a vector, not a spatial latent)")
     width: int = setting(16, "base channel width (the study: 64)")
-    batch_size: int = setting(64, "images per step and process")
-    steps: int = setting(1500, "optimiser steps (overridden by --epochs when set)")
-    epochs: float | None = setting(None, "passes over the training split; sets --steps")
     lr: float = setting(1e-4, "Adam learning rate")
     betas: tuple[float, float] = setting((0.9, 0.999), "Adam betas")
     loss: str = setting("mse", "reconstruction loss: the study's logmse, or mse", choices=("logmse", "mse"))
     kl_weight: float = setting(0.01, "weight of the KL term (beta)")
     kl_schedule: bool = setting(False, "the study's schedule: beta/32 doubled every 5 epochs")
-    augment: bool = setting(True, "the study's augmentation: rotation within 1 degree, zoom 1 to 1.1")
-    seed: int = setting(0, "seed for weights, sampling and batches")
-    device: str = setting("auto", "auto, cpu or cuda")
-    workers: int = setting(2, "DataLoader workers on CPU")
-    bf16: str = setting("auto", "bf16 autocast: auto (on for GPU), on, off", choices=("auto", "on", "off"))
-    channels_last: str = setting("on", "channels_last memory format (measured faster on CPU too: bench/train.py)",
-                                 choices=("auto", "on", "off"))
-    compile: str = setting("auto", "torch.compile the model", choices=("auto", "on", "off"))
-    log_every: int = setting(25, "steps between metrics.jsonl lines")
-    eval_every: int = setting(500, "steps between quality evaluations")
-    eval_samples: int = setting(256, "generated and held-out slices per evaluation")
-    sample_every: int = setting(250, "steps between sample grids")
-    checkpoint_every: int = setting(250, "steps between checkpoints")
-    resume: bool = setting(True, "continue from the run folder's checkpoint when there is one")
-    tensorboard: bool = setting(False, "also log to TensorBoard (needs the tensorboard package)")
 
     def __post_init__(self):
-        for name in ("latent_dim", "width", "batch_size", "steps", "log_every", "eval_every",
-                     "sample_every", "checkpoint_every", "eval_samples"):
+        super().__post_init__()
+        for name in ("latent_dim", "width"):
             check(getattr(self, name) >= 1, name, f"must be at least 1, got {getattr(self, name)}")
         check(self.lr > 0, "lr", "must be positive")
         check(self.kl_weight >= 0, "kl_weight", "must not be negative")
@@ -83,7 +67,20 @@ def reconstruction_loss(recon: torch.Tensor, target: torch.Tensor, kind: str) ->
     return torch.log(mse) if kind == "logmse" else mse
 
 
+def decode(model: VAE, z: torch.Tensor, rt, use_bf16: bool) -> torch.Tensor:
+    """Decoder images of z in eval mode, in chunks, as float32."""
+    with evaluating(model), autocast(rt, use_bf16):
+        return torch.cat([model.decoder(part.to(rt.device)).float() for part in z.split(256)])
+
+
+def reconstruct(model: VAE, x: torch.Tensor, rt, use_bf16: bool) -> torch.Tensor:
+    """Decoder images of the encoder's means of x, in eval mode, as float32."""
+    with evaluating(model), autocast(rt, use_bf16):
+        return model.decoder(model.encoder(x)[0]).float()
+
+
 def main(cfg: Settings) -> dict:
+    # Setup: device, data, run folder.
     rt = setup_runtime(cfg.device)
     torch.manual_seed(cfg.seed)
     data = TrainData(cfg.data, cfg.window, rt, workers=cfg.workers)
@@ -93,68 +90,69 @@ def main(cfg: Settings) -> dict:
     run = RunDir(cfg.output, cfg, rt)
     use_bf16, fmt = resolve_switch(cfg.bf16, rt), memory_format(cfg.channels_last, rt)
 
+    # Model: encoder and decoder; their args go into generator.pt.
     args = dict(latent_dim=cfg.latent_dim, image_size=data.image_size, ch=cfg.width)
     with user_errors(f"--data {cfg.data}: "):
         model = VAE(**args).to(rt.device, memory_format=fmt)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=cfg.betas)
+    models, optimizers, architecture = {"VAE": model}, {"VAE": opt}, {"VAE": args}
 
+    # Evaluation inputs: held-out slices and a fixed z.
     held_out = data.held_out(cfg.data, cfg.eval_samples).to(rt.device)
     eval_z = torch.randn(len(held_out), cfg.latent_dim, generator=torch.Generator().manual_seed(cfg.seed + 1))
-    fixed_z = eval_z[:64].to(rt.device)
-
-    def run_eval_mode(fn):
-        model.eval()
-        with torch.no_grad(), autocast(rt, use_bf16):
-            out = fn()
-        model.train()
-        return out
-
-    def evaluate(step: int) -> dict:
-        if not rt.is_main:
-            return {}
-        fake = run_eval_mode(lambda: torch.cat([model.decoder(z.to(rt.device)).float() for z in eval_z.split(256)]))
-        figures = compare_sets(fake.cpu(), held_out.cpu(), data.window)
-        recon = run_eval_mode(lambda: model.decoder(model.encoder(held_out)[0]).float())
-        figures["test_reconstruction_mse"] = float(F.mse_loss(recon, held_out))
-        return figures
-
-    def samples(step: int) -> None:
-        if rt.is_main:
-            grid = run_eval_mode(lambda: model.decoder(fixed_z).float())
-            save_grid(grid, run.path / f"samples_{step:06d}.png")
-            save_grid(grid, run.path / "samples_latest.png")
-            recon = run_eval_mode(lambda: model.decoder(model.encoder(held_out[:32])[0]).float())
-            save_grid(torch.cat([held_out[:32], recon]), run.path / "reconstructions_latest.png")
-            plot_losses(run.read_metrics(), ["loss", "reconstruction", "kl"], run.path / "losses.png")
-
-    book = Bookkeeper(run, cfg, rt, {"VAE": model}, {"VAE": opt}, evaluate, samples, architecture={"VAE": args}, data=data)
-    start = book.resume()
-    book.progress(start)
+    fixed_z = eval_z[:64]
+    start = resume(run, cfg, rt, models, optimizers, architecture)
     trained = wrap_ddp(model, rt)
     if resolve_switch(cfg.compile, rt):
         trained = torch.compile(trained)
 
-    # The loop: reconstruct, add the weighted KL, step.
-    for step, real in data.batches(cfg.batch_size, start, cfg.steps, cfg.seed, cfg.augment):
-        real = real.contiguous(memory_format=fmt)
-        with autocast(rt, use_bf16):
-            recon, mu, logvar = trained(real)
-        rec = reconstruction_loss(recon, real, cfg.loss)
-        kl = kl_divergence(mu.float(), logvar.float())
-        loss = rec + kl_beta(cfg, step / epoch_steps) * kl
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if book.after_step(step + 1, {"loss": loss, "reconstruction": rec, "kl": kl}, real.shape[0]):
-            break
-    book.close(model)
+    # The loop: reconstruct, add the weighted KL, step; the schedule at its end.
+    meter, bar, last_eval, done = LossMeter(), progress_bar(run, cfg.steps, start), {}, start
+    with StopSignal() as stop:
+        for step, real in data.batches(cfg.batch_size, start, cfg.steps, cfg.seed, cfg.augment):
+            real = real.contiguous(memory_format=fmt)
+            with autocast(rt, use_bf16):
+                recon, mu, logvar = trained(real)
+            rec = reconstruction_loss(recon, real, cfg.loss)
+            kl = kl_divergence(mu.float(), logvar.float())
+            loss = rec + kl_beta(cfg, step / epoch_steps) * kl
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            meter.add({"loss": loss, "reconstruction": rec, "kl": kl}, real.shape[0] * rt.world_size)
 
+            done = step + 1  # steps completed
+            final, stopping = done == cfg.steps, stop.received is not None
+            checkpoint_now = done % cfg.checkpoint_every == 0 or final or stopping
+            if done % cfg.log_every == 0 or checkpoint_now:  # a checkpoint closes the running means: resumed runs log alike
+                log_losses(run, meter, done, bar, data)
+            if rt.is_main and (done % cfg.eval_every == 0 or final):
+                last_eval = compare_sets(decode(model, eval_z, rt, use_bf16).cpu(), held_out.cpu(), data.window)
+                last_eval["test_reconstruction_mse"] = float(F.mse_loss(reconstruct(model, held_out, rt, use_bf16),
+                                                                        held_out))
+                run.log({"step": done, "eval": last_eval})
+            if rt.is_main and (done % cfg.sample_every == 0 or final):
+                grid = display(decode(model, fixed_z, rt, use_bf16), data.window, cfg.display_window)
+                save_grid(grid, run.path / f"samples_{done:06d}.png")
+                save_grid(grid, run.path / "samples_latest.png")
+                pairs = torch.cat([held_out[:32], reconstruct(model, held_out[:32], rt, use_bf16)])
+                save_grid(display(pairs, data.window, cfg.display_window), run.path / "reconstructions_latest.png")
+                run.plot_losses(["loss", "reconstruction", "kl"])
+            if checkpoint_now:
+                save_state(run, done, models, optimizers, architecture)
+            if stopping:
+                break
+    bar.close()
+    stop.exit_if_stopped(done, rt.is_main)
+    log_ddp_checksums(run, model, done)
+
+    # Save: the decoder is the generator; the encoder is stored beside it.
     if rt.is_main:
         vae = unwrap(model)
         save_generator(run.path / "generator.pt", "vae", vae.decoder, args, data.window, cfg.data,
                        encoder=vae.encoder, encoder_args=args)
-        print(f"VAE: generator written to {run.path / 'generator.pt'}; last evaluation {book.last_eval}")
-    return book.last_eval
+        print(f"VAE: generator written to {run.path / 'generator.pt'}; last evaluation {last_eval}")
+    return last_eval
 
 
 if __name__ == "__main__":

@@ -13,22 +13,25 @@ import torch.nn.functional as F
 
 from latentct.settings import UserError
 
-WINDOWS = {"default": (-1000.0, 2000.0), "lung": (-1000.0, 400.0)}  # default: the original study's window
+# default: the original study's training window; lung: a narrower training window. The last two are the
+# radiologists' reading windows (width/level 1500/-600 and 400/40), used to draw pictures.
+WINDOWS = {"default": (-1000.0, 2000.0), "lung": (-1000.0, 400.0),
+           "pulmonary": (-1350.0, 150.0), "mediastinal": (-160.0, 240.0)}
 
 
-def parse_window(window: str | Sequence[float]) -> tuple[float, float]:
-    """A named window ('default', 'lung') or 'LOW,HIGH' in HU."""
+def parse_window(window: str | Sequence[float], name: str = "--window") -> tuple[float, float]:
+    """A named window (see WINDOWS) or 'LOW,HIGH' in HU; ``name`` is the flag an error names."""
     if isinstance(window, str):
         if window in WINDOWS:
             return WINDOWS[window]
         try:
             low, high = (float(v) for v in window.split(","))
         except ValueError:
-            raise UserError(f"--window: {window!r} is neither {', '.join(WINDOWS)} nor LOW,HIGH in HU") from None
+            raise UserError(f"{name}: {window!r} is neither {', '.join(WINDOWS)} nor LOW,HIGH in HU") from None
     else:
         low, high = (float(v) for v in window)
     if not high > low:
-        raise UserError(f"--window: upper bound {high} must exceed lower bound {low}")
+        raise UserError(f"{name}: upper bound {high} must exceed lower bound {low}")
     return low, high
 
 

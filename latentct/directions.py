@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from latentct.checkpoint import load_file
 from latentct.generators import file_hash, load_generator
 from latentct.io import atomic_torch_save
+from latentct.runtime import evaluating
 from latentct.settings import UserError
 from models.deformator import Deformator, FixedDirections
 
@@ -62,32 +63,35 @@ def step_losses(G: nn.Module, deformator: nn.Module, reconstructor: nn.Module, z
     return label_loss + shift_loss, label_loss, shift_loss, logits
 
 
-@torch.no_grad()
 def reconstructor_accuracy(G, deformator, reconstructor, batches: int, batch: int, shift_args: dict,
                            device, seed: int = 12345) -> float:
     """RCA: share of fresh (z, k, eps) whose direction k the reconstructor names, over ``batches`` batches."""
-    was = deformator.training, reconstructor.training
-    deformator.eval()
-    reconstructor.eval()
     gen = torch.Generator().manual_seed(seed)
     correct = 0
-    for _ in range(batches):
-        z = torch.randn(batch, G.latent_dim, generator=gen).to(device)
-        idx, eps, basis = make_shifts(batch, deformator.directions_count, generator=gen, device=device, **shift_args)
-        logits, _ = reconstructor(G(z), G(z + deformator(basis)))
-        correct += int((logits.argmax(1) == idx).sum())
-    deformator.train(was[0])
-    reconstructor.train(was[1])
+    with evaluating(deformator, reconstructor):
+        for _ in range(batches):
+            z = torch.randn(batch, G.latent_dim, generator=gen).to(device)
+            idx, eps, basis = make_shifts(batch, deformator.directions_count, generator=gen, device=device,
+                                          **shift_args)
+            logits, _ = reconstructor(G(z), G(z + deformator(basis)))
+            correct += int((logits.argmax(1) == idx).sum())
     return correct / (batches * batch)
 
 
 # ------------------------------------------------------------------------------------------ artifact
 
+def unit_directions(deformator: nn.Module) -> torch.Tensor:
+    """(K, d): the latent shift of a unit step along each direction (exact for the linear kinds)."""
+    device = next(iter(deformator.state_dict().values())).device
+    with evaluating(deformator):
+        return deformator(torch.eye(deformator.directions_count, device=device))
+
+
 def save_directions(path: str | Path, method: str, deformator: nn.Module, generator_path: str | Path,
                     settings: dict, rca: float | None, deformator_args: dict | None = None) -> None:
     state = {
         "format": 1, "method": method, "directions_count": deformator.directions_count,
-        "latent_dim": deformator.latent_dim, "matrix": deformator.unit_directions().cpu(),
+        "latent_dim": deformator.latent_dim, "matrix": unit_directions(deformator).cpu(),
         "deformator": None if isinstance(deformator, FixedDirections) else {
             "kind": deformator.kind, "args": dict(deformator_args or {}),
             "state_dict": {k: v.detach().cpu() for k, v in deformator.state_dict().items()}},
@@ -106,6 +110,8 @@ class Directions:
         self.matrix: torch.Tensor = state["matrix"]
         self.count, self.latent_dim = self.matrix.shape
         self.rca = state.get("rca")
+        # The scale the directions were trained (or scored) with: evaluation sweeps the same range.
+        self.shift_scale = float((state.get("settings") or {}).get("shift_scale") or 6.0)
         if state["deformator"] is None:
             self.module = FixedDirections(self.matrix)
         else:

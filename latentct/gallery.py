@@ -41,8 +41,11 @@ def write_gallery(folder: Path, report: dict) -> Path:
              f"<h1>What the latent directions do: {_esc(report['name'])}</h1>",
              f"<p class='note'>Generator <code>{_esc(report['generator'])}</code> ({_esc(report['generator_kind'])}); "
              f"directions <code>{_esc(report['directions_file'])}</code> ({_esc(report['method'])}, "
-             f"K = {report['directions_count']}, RCA {_fmt(report.get('rca'))}). Shifts in [-{report['shift_range']}, "
-             f"{report['shift_range']}]; the strip under each GIF shows the shift and lights up at 0.</p>"]
+             f"K = {report['directions_count']}, RCA {_fmt(report.get('rca'))}). Shifts in [-{report['shift_scale']}, "
+             f"{report['shift_scale']}] (the directions' own scale); the strip under each GIF shows the shift and "
+             f"lights up at 0. Pictures in the HU window {report['display_window']}.</p>"]
+    if report.get("spacing_note"):
+        parts.append(f"<p class='note no'>Units: {_esc(report['spacing_note'])}.</p>")
     parts.append("<h2>Directions</h2><p class='note'>Click a blue header to sort. <i>effect</i>: change over the "
                  "whole shift range in units of the natural spread between samples, times R2.</p>")
     gt = report.get("ground_truth")

@@ -24,6 +24,16 @@ def make_grid(images: torch.Tensor, nrow: int = 8, padding: int = 2, pad_value: 
     return grid
 
 
+def display(images: torch.Tensor, window, display_window) -> torch.Tensor:
+    """Images in [-1, 1] of the model's HU ``window``, redrawn in [-1, 1] of ``display_window``: pictures are
+    drawn for anatomy (lungs, fat, the body outline), independent of the window the model was trained in."""
+    from latentct.data import hu_to_unit, parse_window, unit_to_hu
+
+    if parse_window(window) == parse_window(display_window):
+        return images
+    return hu_to_unit(unit_to_hu(images, window), display_window)
+
+
 def to_uint8(image: torch.Tensor) -> np.ndarray:
     """(C, H, W) or (H, W) in [-1, 1] -> uint8 (H, W) or (H, W, C)."""
     arr = ((image.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()

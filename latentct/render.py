@@ -11,27 +11,27 @@ from latentct.images import make_grid, save_png, to_uint8
 from latentct.io import atomic_path
 
 
-def sweep_plan(shift_range: float, frames: int) -> tuple[torch.Tensor, torch.Tensor]:
+def sweep_plan(shift_scale: float, frames: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The distinct shifts of a back-and-forth sweep (-R .. +R) and, per frame, which of them it shows
     (33 frames = 17 out, 16 back): each distinct image is generated once."""
-    unique = torch.linspace(-shift_range, shift_range, frames // 2 + 1)
+    unique = torch.linspace(-shift_scale, shift_scale, frames // 2 + 1)
     order = torch.cat([torch.arange(len(unique)), torch.arange(len(unique) - 2, -1, -1)])[:frames]
     return unique, order
 
 
-def sweep_shifts(shift_range: float, frames: int) -> torch.Tensor:
+def sweep_shifts(shift_scale: float, frames: int) -> torch.Tensor:
     """The shift of every frame of a back-and-forth sweep: -R .. +R .. -R, 0 in the middle of each pass."""
-    unique, order = sweep_plan(shift_range, frames)
+    unique, order = sweep_plan(shift_scale, frames)
     return unique[order]
 
 
-def shift_strip(width: int, eps: float, shift_range: float, height: int = 3) -> np.ndarray:
+def shift_strip(width: int, eps: float, shift_scale: float, height: int = 3) -> np.ndarray:
     """A strip under each frame: a dot where the shift is, the whole strip lit at the centre frame (eps = 0)."""
     strip = np.zeros((height, width), dtype=np.uint8)
     if abs(eps) < 1e-6:
         strip[:] = 255
         return strip
-    pos = int(round((eps + shift_range) / (2 * shift_range) * (width - 1)))
+    pos = int(round((eps + shift_scale) / (2 * shift_scale) * (width - 1)))
     strip[:, max(pos - 1, 0):pos + 2] = 200
     strip[:, width // 2] = 90
     return strip
@@ -43,20 +43,20 @@ def write_gif(frames: list[np.ndarray], path: str | Path, frame_ms: int = 50) ->
         iio.imwrite(tmp, np.stack(frames), extension=".gif", duration=frame_ms, loop=0)
 
 
-def direction_gif(images: torch.Tensor, eps: torch.Tensor, shift_range: float, path, frame_ms: int = 50) -> None:
+def direction_gif(images: torch.Tensor, eps: torch.Tensor, shift_scale: float, path, frame_ms: int = 50) -> None:
     """images (F, 1, H, W) for the shifts ``eps`` of one sweep; one GIF at the model's resolution."""
-    frames = [np.vstack([to_uint8(img), shift_strip(img.shape[-1], float(e), shift_range)])
+    frames = [np.vstack([to_uint8(img), shift_strip(img.shape[-1], float(e), shift_scale)])
               for img, e in zip(images, eps)]
     write_gif(frames, path, frame_ms)
 
 
-def grid_gif(images: torch.Tensor, eps: torch.Tensor, shift_range: float, path, frame_ms: int = 50) -> None:
+def grid_gif(images: torch.Tensor, eps: torch.Tensor, shift_scale: float, path, frame_ms: int = 50) -> None:
     """images (K, F, Z, 1, H, W): rows = directions, columns = z samples, one frame per shift."""
     K, F, Z = images.shape[:3]
     frames = []
     for f in range(F):
         grid = to_uint8(make_grid(images[:, f].reshape(K * Z, *images.shape[3:]), nrow=Z, pad_value=-1.0))
-        frames.append(np.vstack([grid, shift_strip(grid.shape[1], float(eps[f]), shift_range, height=4)]))
+        frames.append(np.vstack([grid, shift_strip(grid.shape[1], float(eps[f]), shift_scale, height=4)]))
     write_gif(frames, path, frame_ms)
 
 

@@ -9,8 +9,10 @@ A script declares
 and calls ``cfg = parse_settings(Settings)``. ``--size 64`` and editing the default do the same thing.
 Flags accept dashes or underscores (``--test-fraction`` = ``--test_fraction``); booleans take
 ``--flag``, ``--no-flag`` or ``--flag false``; a field may be ``None`` with ``--flag none``.
-Presets (named override dicts) are chosen with ``--preset NAME``; explicit flags win over the preset.
-Any unknown flag or bad value ends the program with one line naming the flag.
+Presets (named override dicts) are chosen with ``--preset NAME``. A value the user gave explicitly (a flag, or a
+value a caller such as pipeline.py passes) beats anything a preset sets, including what the preset derives:
+a field declared with ``replaces=("epochs",)`` (TrainGAN's ``steps``) clears a preset's ``epochs`` when it is
+given and ``epochs`` is not. Any unknown flag or bad value ends the program with one line naming the flag.
 """
 from __future__ import annotations
 
@@ -35,12 +37,24 @@ class SettingsError(UserError, ValueError):
     """A bad setting; the message names the flag."""
 
 
-def setting(default: Any, help: str, choices: tuple | None = None) -> Any:
-    """A dataclass field with the help line shown by ``--help`` (and optional allowed values)."""
+def setting(default: Any, help: str, choices: tuple | None = None, replaces: tuple = ()) -> Any:
+    """A dataclass field with the help line shown by ``--help``, optional allowed values, and the fields that
+    an explicit value of this one resets to their defaults when a preset set them (``replaces``)."""
+    metadata = {"help": help, "choices": choices, "replaces": tuple(replaces)}
     if isinstance(default, (list, dict)):
-        return dataclasses.field(default_factory=lambda: type(default)(default),
-                                 metadata={"help": help, "choices": choices})
-    return dataclasses.field(default=default, metadata={"help": help, "choices": choices})
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def own_fields_first(cls) -> list:
+    """The fields of a Settings class, those it declares itself before those it inherits (--help order)."""
+    own = set(cls.__dict__.get("__annotations__", {}))
+    fields = dataclasses.fields(cls)
+    return [f for f in fields if f.name in own] + [f for f in fields if f.name not in own]
+
+
+def _default(f):
+    return f.default if f.default is not dataclasses.MISSING else f.default_factory()
 
 
 def flag(name: str) -> str:
@@ -91,12 +105,12 @@ def _build_parser(cls, prog: str, presets: dict | None) -> argparse.ArgumentPars
         parser.add_argument("--preset", choices=sorted(presets), default=None,
                             help="a named set of defaults; explicit flags override it")
     hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
+    for f in own_fields_first(cls):
         hint, optional = _unwrap_optional(hints[f.name])
         names = sorted({flag(f.name), "--" + f.name})
         help_text = f.metadata.get("help", "")
         choices = f.metadata.get("choices")
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        default = _default(f)
         kw: dict[str, Any] = dict(dest=f.name, default=argparse.SUPPRESS, help=f"{help_text} (default: {default!r})")
         if hint is bool:
             parser.add_argument(*names, nargs="?", const=True, type=_converter(bool, optional), **kw)
@@ -128,9 +142,7 @@ def parse_settings(cls, argv: list[str] | None = None, presets: dict | None = No
         parser = _build_parser(cls, prog, presets)
         namespace = vars(parser.parse_args(argv))
         preset = namespace.pop("preset", None)
-        values = dict(presets[preset]) if preset else {}
-        values.update(namespace)
-        cfg = make_settings(cls, values, preset=preset)
+        cfg = make_settings(cls, namespace, preset=preset, presets=presets)
     except SettingsError as err:
         if from_cli:
             raise SystemExit(str(err) if str(err).startswith(prog) else f"{prog}: error: {err}")
@@ -138,19 +150,43 @@ def parse_settings(cls, argv: list[str] | None = None, presets: dict | None = No
     return cfg
 
 
-def make_settings(cls, values: dict, preset: str | None = None):
-    """``cls(**values)`` with tuples restored and validation errors turned into SettingsError."""
+def with_preset(cls, explicit: dict, preset: str | None, presets: dict | None) -> dict:
+    """The values to build ``cls`` from: the preset's, then the explicit ones over them. An explicit field
+    that ``replaces`` others resets them to their defaults where only the preset set them."""
+    if not preset:
+        return dict(explicit)
+    if preset not in (presets or {}):
+        raise SettingsError(f"--preset: {preset!r} is not one of {', '.join(sorted(presets or {}))}")
+    values = dict(presets[preset])
+    _check_names(cls, values, preset)
+    values.update(explicit)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for name in explicit:
+        for other in fields[name].metadata.get("replaces", ()) if name in fields else ():
+            if other in fields and other not in explicit and other in presets[preset]:
+                values[other] = _default(fields[other])
+    return values
+
+
+def _check_names(cls, values: dict, preset: str | None = None) -> None:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - names)
     if unknown:
         raise SettingsError(f"unknown setting(s) {', '.join(flag(u) for u in unknown)}"
                             + (f" in preset {preset!r}" if preset else ""))
+
+
+def make_settings(cls, values: dict, preset: str | None = None, presets: dict | None = None):
+    """``cls(**values)`` over the named preset (explicit values win), with tuples restored and validation
+    errors turned into SettingsError."""
+    _check_names(cls, values)
+    values = with_preset(cls, values, preset, presets)
     hints = typing.get_type_hints(cls)
     fixed = {k: (tuple(v) if typing.get_origin(_unwrap_optional(hints[k])[0]) is tuple and v is not None else v)
              for k, v in values.items()}
     try:
         cfg = cls(**fixed)
-    except (TypeError, ValueError) as err:
+    except (TypeError, ValueError, UserError) as err:
         raise SettingsError(str(err)) from None
     for f in dataclasses.fields(cls):
         choices = f.metadata.get("choices")

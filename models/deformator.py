@@ -1,9 +1,9 @@
 """Deformators: map a shift e_k * eps in direction space (K) to a latent shift (d), as Voynov & Babenko 2020.
 
-id: coordinate axes (frozen, K = d); random: random orthonormal (frozen); linear: a learned matrix;
-proj: a learned matrix whose output is rescaled to norm |eps|; ortho: an orthonormal matrix
-exp(S - S^T) (torch.linalg.matrix_exp, any device; K = d); fc: a residual MLP.
-A bias is off by default: with one, +eps and -eps are not opposite shifts.
+linear: a learned matrix; proj: a learned matrix whose output is rescaled to norm |eps|; ortho: an orthonormal
+matrix exp(S - S^T) (torch.linalg.matrix_exp, any device; K = d); fc: a residual MLP. A bias is off by default:
+with one, +eps and -eps are not opposite shifts. Frozen directions (the original's "id" and "random" kinds, and
+every closed-form baseline) are one thing here: ``FixedDirections`` around a (K, d) matrix.
 """
 from __future__ import annotations
 
@@ -11,8 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-KINDS = ("id", "random", "linear", "proj", "ortho", "fc")
-FROZEN = ("id", "random")
+KINDS = ("linear", "proj", "ortho", "fc")
 
 
 class Deformator(nn.Module):
@@ -21,15 +20,11 @@ class Deformator(nn.Module):
         super().__init__()
         if kind not in KINDS:
             raise ValueError(f"--deformator: {kind!r} is not one of {', '.join(KINDS)}")
-        if kind in ("id", "ortho") and directions_count != latent_dim:
+        if kind == "ortho" and directions_count != latent_dim:
             raise ValueError(f"--deformator {kind} needs --directions-count equal to the latent size {latent_dim}")
         self.kind, self.directions_count, self.latent_dim = kind, directions_count, latent_dim
         gen = torch.Generator().manual_seed(seed)
-        if kind == "random":
-            q, _ = torch.linalg.qr(torch.randn(max(latent_dim, directions_count), max(latent_dim, directions_count),
-                                               generator=gen))
-            self.register_buffer("matrix", q[:latent_dim, :directions_count].contiguous())
-        elif kind in ("linear", "proj"):
+        if kind in ("linear", "proj"):
             self.linear = nn.Linear(directions_count, latent_dim, bias=bias)
             with torch.no_grad():
                 if random_init:
@@ -51,22 +46,14 @@ class Deformator(nn.Module):
             self.fc3 = nn.Linear(inner_dim, inner_dim)
             self.bn3 = nn.BatchNorm1d(inner_dim)
             self.fc4 = nn.Linear(inner_dim, latent_dim)
-        if kind in FROZEN:
-            self.requires_grad_(False)
 
-    @property
-    def trainable(self) -> bool:
-        return any(p.requires_grad for p in self.parameters())
+    trainable = True
 
     def orthogonal_matrix(self) -> torch.Tensor:
         return torch.linalg.matrix_exp(self.log_mat_half - self.log_mat_half.t())
 
     def forward(self, basis: torch.Tensor) -> torch.Tensor:
         """(B, K) shifts in direction space -> (B, d) latent shifts."""
-        if self.kind == "id":
-            return basis
-        if self.kind == "random":
-            return basis @ self.matrix.t()
         if self.kind == "linear":
             return self.linear(basis)
         if self.kind == "proj":
@@ -83,17 +70,6 @@ class Deformator(nn.Module):
         out = self.fc4(x)
         return out + basis if self.directions_count == self.latent_dim else out
 
-    @torch.no_grad()
-    def unit_directions(self) -> torch.Tensor:
-        """(K, d): the latent shift of a unit step along each direction (exact for the linear kinds)."""
-        was = self.training
-        self.eval()
-        tensors = list(self.parameters()) + list(self.buffers())
-        eye = torch.eye(self.directions_count, device=tensors[0].device if tensors else "cpu")
-        out = self(eye)
-        self.train(was)
-        return out
-
 
 class FixedDirections(nn.Module):
     """A frozen (K, d) direction matrix as a deformator: the baselines' and a frozen run's directions."""
@@ -108,7 +84,3 @@ class FixedDirections(nn.Module):
 
     def forward(self, basis: torch.Tensor) -> torch.Tensor:
         return basis @ self.matrix
-
-    @torch.no_grad()
-    def unit_directions(self) -> torch.Tensor:
-        return self.matrix.clone()

@@ -6,10 +6,10 @@ import torch
 import torch.nn as nn
 
 from latentct.baselines import coordinate_axes, pca, random_orthonormal, sefa
-from latentct.directions import load_directions, make_shifts, step_losses
+from latentct.directions import load_directions, make_shifts, step_losses, unit_directions
 from latentct.generators import load_generator
 from latentct.settings import UserError, parse_settings
-from models.deformator import Deformator
+from models.deformator import Deformator, FixedDirections
 from models.reconstructor import LeNet, ResNet18
 from Training import TrainDirections
 
@@ -32,7 +32,7 @@ def metrics(folder):
 def test_deformator_properties():
     basis = torch.zeros(4, 6)
     basis[torch.arange(4), torch.tensor([0, 1, 2, 5])] = torch.tensor([2.0, -3.0, 0.5, 6.0])
-    assert torch.equal(Deformator("id", 6, 6)(basis), basis)
+    assert torch.equal(FixedDirections(torch.eye(6))(basis), basis)  # frozen axes: the original's "id" kind
     proj = Deformator("proj", 6, 6, random_init=True)
     assert torch.allclose(proj(basis).norm(dim=1), basis.norm(dim=1), atol=1e-5)
     ortho = Deformator("ortho", 6, 6, random_init=True)
@@ -46,8 +46,8 @@ def test_deformator_properties():
     m = ortho.orthogonal_matrix().detach()
     assert not torch.allclose(m, before, atol=1e-3)
     assert torch.allclose(m @ m.t(), torch.eye(6), atol=1e-5)
-    rand = Deformator("random", 4, 6)
-    assert torch.allclose(rand.matrix.t() @ rand.matrix, torch.eye(4), atol=1e-5) and not rand.trainable
+    assert not FixedDirections(random_orthonormal(6, 4)).trainable and Deformator("proj", 4, 6).trainable
+    assert torch.allclose(unit_directions(proj), proj(torch.eye(6)).detach())
     # the random-init flag is a real boolean: off means the identity start
     assert torch.equal(Deformator("linear", 6, 6, random_init=False).linear.weight.detach(), torch.eye(6))
     assert not torch.equal(Deformator("linear", 6, 6, random_init=True).linear.weight.detach(), torch.eye(6))
@@ -133,7 +133,7 @@ def test_resume_continues_exactly(gan_run, tmp_path):
     ["--deformator", "ortho", "--directions-count", "32"],
     ["--deformator", "fc"],
     ["--deformator", "linear", "--deformator-bias"],
-    ["--deformator", "id", "--directions-count", "32"],
+    ["--method", "random", "--directions-count", "32"],
     ["--reconstructor", "resnet", "--reconstructor-width", "8"],
     ["--method", "sefa"], ["--method", "pca"], ["--method", "coordinate"],
 ])

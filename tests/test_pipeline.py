@@ -45,3 +45,12 @@ def test_whole_pipeline_at_the_smallest_sizes_then_cached_then_from_a_stage(tmp_
     partial = pipeline.main(cfg)
     ran = [r["stage"] for r in partial["stages"] if not r["cached"]]
     assert ran == ["evaluate", "evaluate"]
+
+
+def test_pipeline_flags_beat_the_stage_presets(tmp_path):
+    cfg = parse_settings(pipeline.Settings, ["--preset", "paper", "--gan-steps", "2", "--root", str(tmp_path)],
+                         presets=pipeline.PRESETS)
+    jobs = {job.name: job for job in pipeline.plan(cfg)}
+    gan, vae = jobs["dcgan"].cfg, jobs["vae"].cfg
+    assert (gan.steps, gan.epochs, gan.ngf) == (2, None, 128)  # typed steps beat the paper preset's 50 epochs
+    assert vae.epochs == 50.0 and vae.width == 64  # untouched: the preset decides

@@ -71,3 +71,29 @@ def test_resolved_settings_round_trip_through_json(tmp_path):
     saved = json.loads((tmp_path / "config.json").read_text())
     assert saved["size"] == 64 and saved["betas"] == [0.1, 0.2]
     assert load_settings(Demo, tmp_path / "config.json") == cfg
+
+
+@dataclass
+class Trainer:
+    steps: int = setting(100, "optimiser steps", replaces=("epochs",))
+    epochs: float | None = setting(None, "passes; sets steps")
+    lr: float = setting(1e-3, "learning rate")
+
+
+def test_an_explicit_flag_beats_what_a_preset_derives():
+    presets = {"long": {"epochs": 50.0, "lr": 1e-4}}
+    cfg = parse_settings(Trainer, ["--preset", "long"], presets=presets)
+    assert (cfg.steps, cfg.epochs, cfg.lr) == (100, 50.0, 1e-4)  # the preset's epochs will set the steps
+    cfg = parse_settings(Trainer, ["--preset", "long", "--steps", "2"], presets=presets)
+    assert (cfg.steps, cfg.epochs, cfg.lr) == (2, None, 1e-4)  # typed --steps wins over the preset's epochs
+    cfg = parse_settings(Trainer, ["--preset", "long", "--steps", "2", "--epochs", "3"], presets=presets)
+    assert (cfg.steps, cfg.epochs) == (2, 3.0)  # both typed: epochs decides, as documented
+
+
+def test_inherited_settings_are_listed_after_the_scripts_own(capsys):
+    from Training import TrainGAN
+
+    with pytest.raises(SystemExit):
+        parse_settings(TrainGAN.Settings, ["--help"], presets=TrainGAN.PRESETS)
+    text = capsys.readouterr().out
+    assert text.index("--ngf") < text.index("--checkpoint-every") and "--display-window" in text

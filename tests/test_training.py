@@ -12,7 +12,8 @@ import torch
 from latentct.checkpoint import load_checkpoint, save_checkpoint
 from latentct.generators import generator_info, load_encoder, load_generator
 from latentct.settings import UserError, parse_settings
-from latentct.training import TrainingDiverged, step_indices
+from latentct.batches import step_indices
+from latentct.training import TrainingDiverged
 from Training import TrainGAN, TrainVAE
 
 ROOT = Path(__file__).resolve().parents[1]
