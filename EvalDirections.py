@@ -11,6 +11,7 @@ real_<i>.gif (test slices embedded and moved along the strongest directions), sa
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,6 +61,8 @@ class Settings:
     real_slices: int = setting(2, "test slices to embed and move along directions")
     real_directions: int = setting(6, "strongest directions shown for each real slice")
     embed_steps: int = setting(200, "optimisation steps per embedding (DCGAN; the VAE uses its encoder)")
+    ground_truth: str = setting("auto", "the phantom's ground-truth table: auto (where the data has the factors), "
+                                "off, or only (add it to the report an earlier run wrote)", choices=("auto", "off", "only"))
     seed: int = setting(0, "seed for the samples")
     device: str = setting("cpu", "cpu or cuda")
     channels_last: bool = setting(True, "run the generator channels_last (1.5x faster on CPU: bench/eval.py)")
@@ -85,18 +88,15 @@ def dataset_spacing(dataset: str | None) -> tuple[float, str | None]:
 
 
 def main(cfg: Settings) -> dict:
+    # Setup: the directions, their generator, its window, units and the samples every part draws from.
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
-    save_settings(cfg, out / "config.json")
     directions, G = load_directions(cfg.directions, cfg.generator)
     G = G.to(cfg.device, memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
     generator_file = Path(cfg.generator) if cfg.generator else directions.generator_path()
     info = generator_info(generator_file)
     window = tuple(info["window"])
     dataset = cfg.dataset or info["dataset"]
-    spacing, spacing_note = dataset_spacing(dataset)
-    if spacing_note:
-        print(f"note: {spacing_note}")
     scale = cfg.shift_scale or directions.shift_scale
     ks = list(cfg.which) or list(range(directions.count))
     bad = [k for k in ks if not 0 <= k < directions.count]
@@ -105,12 +105,56 @@ def main(cfg: Settings) -> dict:
     gen = torch.Generator().manual_seed(cfg.seed)
     grid_z = torch.randn(cfg.grid_samples, G.latent_dim, generator=gen)
     report_z = torch.randn(cfg.report_samples, G.latent_dim, generator=gen)
+    report_eps = torch.linspace(-scale, scale, cfg.report_shifts)
+
+    # What each direction does (GIFs, measurements, real slices), or the report an earlier run wrote.
+    if cfg.ground_truth == "only":
+        save_settings(cfg, out / "ground_truth" / "config.json")
+        report, report_images = _read_report(out, cfg.directions), None
+    else:
+        save_settings(cfg, out / "config.json")
+        report, report_images = animate(cfg, directions, G, generator_file, info, window, dataset, scale, ks,
+                                         gen, grid_z, report_z, report_eps, out)
+
+    # Ground truth on the phantom: this method beside every --compare file.
+    if cfg.ground_truth != "off":
+        all_shown = ks == list(range(directions.count))
+        report["ground_truth"] = ground_truth(cfg, directions, G, generator_file, window, dataset, report_z,
+                                              report_eps, report_images if all_shown else None, out / "ground_truth")
+        atomic_write_json(out / "ground_truth" / "ground_truth.json",
+                          report["ground_truth"] or {"available": False, "reason": "no phantom factors in the data"})
+    report["summary"] = {"labels": {r["direction"]: r["label"] for r in report["directions"]},
+                         "recovered": (report.get("ground_truth") or {}).get("main", {}).get("recovered")}
+    atomic_write_json(out / "report.json", report)
+    page = write_gallery(out, report)
+    rows = report["directions"]
+    strong = sum(1 for r in rows if r["r2"][r["dominant"]] >= 0.8 and r["score"] > 0.5)
+    print(f"evaluated {len(rows)} directions ({strong} with a measurement R2 >= 0.8); gallery: {page}")
+    return report
+
+
+def _read_report(out: Path, directions_file: str) -> dict:
+    path = out / "report.json"
+    if not path.is_file():
+        raise UserError(f"--ground-truth only: {path} is missing; run EvalDirections.py without it first")
+    report = json.loads(path.read_text())
+    if report.get("directions_file") != str(directions_file):
+        raise UserError(f"--ground-truth only: {path} describes {report.get('directions_file')}, not {directions_file}")
+    return report
+
+
+def animate(cfg: Settings, directions, G, generator_file: Path, info: dict, window, dataset, scale: float,
+            ks: list[int], gen, grid_z, report_z, report_eps, out: Path) -> tuple[dict, torch.Tensor]:
+    """GIFs, charts, samples, the per-direction measurements and the real-slice edits; returns the report and
+    the measurement sweep's images (the ground truth reads the same images)."""
+    spacing, spacing_note = dataset_spacing(dataset)
+    if spacing_note:
+        print(f"note: {spacing_note}")
 
     # Animations: every frame of every direction in batched generator calls.
     unique, frame_index = sweep_plan(scale, cfg.frames)
     eps = unique[frame_index]
     images = display(sweep(G, directions, ks, unique, grid_z), window, cfg.display_window)
-    report_eps = torch.linspace(-scale, scale, cfg.report_shifts)
     report_images = sweep(G, directions, ks, report_eps, report_z)
     rows = describe(report_images, report_eps, window, spacing, ks)
     for i, (k, row) in enumerate(zip(ks, rows)):
@@ -132,23 +176,14 @@ def main(cfg: Settings) -> dict:
               "directions_file": str(cfg.directions), "method": directions.method, "directions_count": directions.count,
               "rca": directions.rca, "shift_scale": scale, "display_window": list(parse_window(cfg.display_window)),
               "spacing_mm": spacing, "spacing_note": spacing_note, "directions": rows,
-              "groups": groups, "samples": "samples.png"}
-    all_shown = ks == list(range(directions.count))
-    report["ground_truth"] = ground_truth(cfg, directions, G, generator_file, window, dataset, report_z, report_eps,
-                                          report_images if all_shown else None, out)
+              "groups": groups, "samples": "samples.png", "ground_truth": None}
     report["real"] = real_slices(cfg, G, directions, rows, window, dataset, generator_file, scale, out)
-    report["summary"] = {"labels": {r["direction"]: r["label"] for r in rows},
-                         "recovered": (report["ground_truth"] or {}).get("main", {}).get("recovered")}
-    atomic_write_json(out / "report.json", report)
-    page = write_gallery(out, report)
-    strong = sum(1 for r in rows if r["r2"][r["dominant"]] >= 0.8 and r["score"] > 0.5)
-    print(f"evaluated {len(ks)} directions ({strong} with a measurement R2 >= 0.8); gallery: {page}")
-    return report
+    return report, report_images
 
 
 def ground_truth(cfg: Settings, directions, G, generator_file: Path, window, dataset, z, eps, main_images,
                  out: Path) -> dict | None:
-    """On the phantom: the direction x factor table of this method and of every --compare file."""
+    """On the phantom: the direction x factor table of this method and of every --compare file (files in ``out``)."""
     if not dataset or not Path(dataset, "manifest.json").is_file() or not has_factors(dataset):
         return None
     path = Path(cfg.regressor) if cfg.regressor else out / "factor_regressor.pt"
@@ -174,7 +209,7 @@ def ground_truth(cfg: Settings, directions, G, generator_file: Path, window, dat
                     out / "effect_matrix.png", highlight)
             main_table["r2_matrix"] = r2.round(4).tolist()
     return {"regressor_r2": state["test_r2"], "r2_min": cfg.r2_min, "leakage_max": cfg.leakage_max,
-            "heatmap": "effect_matrix.png", "main": main_table, "methods": methods}
+            "heatmap": f"{out.name}/effect_matrix.png", "main": main_table, "methods": methods}
 
 
 def _regressor_fits(state: dict, dataset, window) -> bool:

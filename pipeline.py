@@ -11,24 +11,30 @@ every gallery and Animations/<run>/summary.json holds the summary table.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import importlib
 import json
+import os
 import shutil
 import time
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass
+from multiprocessing import get_context
 from pathlib import Path
 
+import torch
 from tqdm import tqdm
 
 import EvalDirections
 import preprocess
-from latentct import phantom
+from latentct import oracle, phantom
 from latentct.gallery import write_index
 from latentct.io import atomic_write_json
-from latentct.settings import check, make_settings, run_cli, setting, settings_dict
+from latentct.settings import UserError, check, make_settings, run_cli, setting, settings_dict
 from Training import TrainDirections, TrainGAN, TrainVAE
 
-STAGES = ("phantom", "preprocess", "train_gan", "train_vae", "directions", "evaluate")
+STAGES = ("phantom", "preprocess", "train_gan", "train_vae", "oracle", "directions", "evaluate", "ground_truth")
 BASELINES = ("sefa", "pca", "random", "coordinate")
 GENERATORS = ("dcgan", "vae")
 
@@ -45,23 +51,25 @@ class Settings:
     phantom_size: int = setting(128, "phantom matrix size in pixels")
     image_size: int = setting(64, "side of the preprocessed slices (the generators' resolution)")
     gan_preset: str = setting("demo", "TrainGAN preset", choices=tuple(TrainGAN.PRESETS))
-    gan_steps: int | None = setting(1000, "DCGAN steps (None: the preset's)")
+    gan_steps: int | None = setting(800, "DCGAN steps (None: the preset's)")
     vae_preset: str = setting("demo", "TrainVAE preset", choices=tuple(TrainVAE.PRESETS))
     vae_steps: int | None = setting(800, "VAE steps (None: the preset's)")
     direction_presets: list[str] = setting(["demo"], "TrainDirections presets, one learned run each")
     direction_steps: int | None = setting(300, "steps of every direction run, baselines included (None: preset's)")
     direction_batch: int | None = setting(48, "batch of every direction run (None: the preset's)")
-    baselines: list[str] = setting(list(BASELINES), "baseline methods scored beside the learned directions")
+    baselines: list[str] = setting(["sefa", "random"], "baseline methods scored beside the learned directions")
     eval_samples: int = setting(16, "samples per direction for the measurements")
-    regressor_steps: int = setting(600, "factor regressor steps (phantom only)")
+    regressor_steps: int = setting(600, "factor oracle steps (phantom only)")
     seed: int = setting(0, "seed for every stage")
-    workers: int = setting(2, "processes for the DICOM stages and data loading")
+    workers: int = setting(2, "processes for the DICOM stages")
+    parallel: int = setting(2, "jobs run at once after the first gallery, each with cores/parallel threads")
     device: str = setting("auto", "auto, cpu or cuda")
     from_stage: str | None = setting(None, "rerun from this stage on, even where outputs exist",
                                      choices=(None, *STAGES))
 
     def __post_init__(self):
         check(self.lidc is None or Path(self.lidc).exists(), "lidc", f"{self.lidc} does not exist")
+        check(self.parallel >= 1, "parallel", "must be at least 1")
         for name in self.direction_presets:
             check(name in TrainDirections.PRESETS, "direction_presets",
                   f"{name!r} is not one of {', '.join(TrainDirections.PRESETS)}")
@@ -73,11 +81,14 @@ PRESETS = {
     "demo": {},
     # The smallest sizes: the end-to-end test.
     "tiny": dict(phantom_patients=6, phantom_slices=12, phantom_size=64, image_size=32, gan_steps=6, vae_steps=6,
-                 direction_steps=4, direction_batch=8, eval_samples=3, regressor_steps=10),
+                 direction_steps=4, direction_batch=8, eval_samples=3, regressor_steps=10, baselines=list(BASELINES)),
+    # Every baseline beside the learned directions, at demo sizes.
+    "benchmark": dict(baselines=list(BASELINES)),
     # The study on real data: 128 px, its widths and batch, 50 epochs, its direction grid for both generators.
     "paper": dict(image_size=128, gan_preset="paper", gan_steps=None, vae_preset="paper", vae_steps=None,
                   direction_presets=["unit-lenet", "unit-resnet", "ortho-lenet", "ortho-resnet", "100-lenet",
-                                     "100-resnet"], direction_steps=None, direction_batch=None, eval_samples=32),
+                                     "100-resnet"], direction_steps=None, direction_batch=None, eval_samples=32,
+                  baselines=list(BASELINES)),
 }
 
 
@@ -85,7 +96,8 @@ PRESETS = {
 
 @dataclass
 class Job:
-    """One run of one script: its module, settings and the file that says it finished."""
+    """One run of one script: its module, settings, the file that says it finished and the config file that
+    says with which settings."""
 
     stage: str
     name: str
@@ -94,6 +106,7 @@ class Job:
     output: Path
     done_file: str
     inputs: tuple = ()  # names of the jobs whose outputs this one reads
+    first: bool = False  # on the way to the first gallery: runs alone, with every core, before the rest
 
     def done(self) -> bool:
         return (self.output / self.done_file).is_file() and _same_settings(self)
@@ -112,6 +125,8 @@ def _with(module, base: dict, preset: str | None = None):
 
 
 def plan(cfg: Settings) -> list[Job]:
+    """Every job in priority order: first what the first gallery needs (the DCGAN, its first learned
+    directions, their GIFs and report), then the rest. Ground truth comes last, once every method is there."""
     root = Path(cfg.root)
     data, runs, anim = root / "data" / cfg.run, root / "runs" / cfg.run, root / "Animations" / cfg.run
     dicom = Path(cfg.lidc) if cfg.lidc else data / "phantom"
@@ -120,37 +135,57 @@ def plan(cfg: Settings) -> list[Job]:
     if not cfg.lidc:
         jobs.append(Job("phantom", "phantom", phantom, phantom.Settings(
             output=str(dicom), patients=cfg.phantom_patients, slices=cfg.phantom_slices, size=cfg.phantom_size,
-            seed=cfg.seed, workers=cfg.workers, overwrite=True), dicom, "phantom_factors.csv"))
+            seed=cfg.seed, workers=cfg.workers, overwrite=True), dicom, "phantom_factors.csv", first=True))
     jobs.append(Job("preprocess", "preprocess", preprocess, preprocess.Settings(
         input=str(dicom), output=str(slices), size=cfg.image_size, seed=cfg.seed, workers=cfg.workers,
-        overwrite=True), slices, "manifest.json", ("phantom",)))
-    common = dict(data=str(slices), seed=cfg.seed, device=cfg.device, workers=cfg.workers)
-    jobs.append(Job("train_gan", "dcgan", TrainGAN, _with(TrainGAN, dict(common, output=str(runs / "dcgan"),
-                                                                          steps=cfg.gan_steps), cfg.gan_preset),
-                    runs / "dcgan", "generator.pt", ("preprocess",)))
-    jobs.append(Job("train_vae", "vae", TrainVAE, _with(TrainVAE, dict(common, output=str(runs / "vae"),
-                                                                        steps=cfg.vae_steps), cfg.vae_preset),
-                    runs / "vae", "generator.pt", ("preprocess",)))
-    evaluations = []
+        overwrite=True), slices, "manifest.json", ("phantom",), first=True))
+    common = dict(data=str(slices), seed=cfg.seed, device=cfg.device)
+    trainers = {"dcgan": ("train_gan", TrainGAN, cfg.gan_steps, cfg.gan_preset),
+                "vae": ("train_vae", TrainVAE, cfg.vae_steps, cfg.vae_preset)}
+    first_preset = cfg.direction_presets[0]
+    galleries, ground_truths = [], []
     for gen in GENERATORS:
+        stage, module, steps, preset = trainers[gen]
+        jobs.append(Job(stage, gen, module, _with(module, dict(common, output=str(runs / gen), steps=steps), preset),
+                        runs / gen, "generator.pt", ("preprocess",), first=gen == "dcgan"))
         shared = dict(generator=str(runs / gen / "generator.pt"), seed=cfg.seed, device=cfg.device,
                       steps=cfg.direction_steps, batch_size=cfg.direction_batch)
-        first = cfg.direction_presets[0]
-        variants = [(p, p, "learned") for p in cfg.direction_presets] + [(m, first, m) for m in cfg.baselines]
+        variants = [(p, p, "learned") for p in cfg.direction_presets] + [(m, first_preset, m) for m in cfg.baselines]
         for tag, preset, method in variants:
             out = runs / f"{gen}_{tag}"
             jobs.append(Job("directions", out.name, TrainDirections,
                             _with(TrainDirections, dict(shared, output=str(out), method=method), preset),
-                            out, "directions.pt", (gen,)))
+                            out, "directions.pt", (gen,), first=gen == "dcgan" and tag == first_preset))
         baselines = tuple(f"{gen}_{m}" for m in cfg.baselines)
         for preset in cfg.direction_presets:
             gallery = anim / (gen if len(cfg.direction_presets) == 1 else f"{gen}_{preset}")
-            evaluations.append(Job("evaluate", gallery.name, EvalDirections, EvalDirections.Settings(
-                directions=str(runs / f"{gen}_{preset}" / "directions.pt"), output=str(gallery),
-                compare=[str(runs / b / "directions.pt") for b in baselines], report_samples=cfg.eval_samples,
-                regressor=str(anim / "factor_regressor.pt"), regressor_steps=cfg.regressor_steps, seed=cfg.seed),
-                gallery, "index.html", (f"{gen}_{preset}", *baselines)))
-    return jobs + evaluations
+            common_eval = dict(directions=str(runs / f"{gen}_{preset}" / "directions.pt"), output=str(gallery),
+                               report_samples=cfg.eval_samples, seed=cfg.seed)
+            galleries.append(Job("evaluate", f"eval_{gallery.name}", EvalDirections, EvalDirections.Settings(
+                **common_eval, ground_truth="off"), gallery, "index.html", (f"{gen}_{preset}",),
+                first=gen == "dcgan" and preset == first_preset))
+            if not cfg.lidc:
+                ground_truths.append(Job("ground_truth", f"truth_{gallery.name}", EvalDirections,
+                                         EvalDirections.Settings(**common_eval, ground_truth="only",
+                                                                 compare=[str(runs / b / "directions.pt") for b in baselines],
+                                                                 regressor=str(runs / "oracle" / "factor_regressor.pt")),
+                                         gallery / "ground_truth", "ground_truth.json",
+                                         (f"eval_{gallery.name}", "oracle", *baselines)))
+    if not cfg.lidc:
+        jobs.append(Job("oracle", "oracle", oracle, oracle.Settings(
+            dataset=str(slices), output=str(runs / "oracle"), steps=cfg.regressor_steps, seed=cfg.seed),
+            runs / "oracle", "factor_regressor.pt", ("preprocess",)))
+    ordered = jobs + galleries + ground_truths
+    rest = sorted((j for j in ordered if not j.first), key=_priority)
+    return [j for j in ordered if j.first] + rest
+
+
+def _priority(job: Job) -> int:
+    """Order of the jobs after the first gallery: the long generator training first (the rest waits on it),
+    then learned directions and their galleries, the oracle, the baselines, and the ground truth last."""
+    if job.stage == "directions":
+        return 1 if job.cfg.method == "learned" else 4
+    return {"train_gan": 0, "train_vae": 0, "evaluate": 2, "oracle": 3, "ground_truth": 5}.get(job.stage, 0)
 
 
 # ------------------------------------------------------------------------------------------ running
@@ -163,15 +198,17 @@ def key_metric(job: Job) -> str:
                      if '"eval"' in line]
             return f"SWD {evals[-1]['swd']:.1f}, diversity {evals[-1]['diversity_ratio']:.2f}" if evals else ""
         if job.stage == "directions":
-            import torch
-
             return f"RCA {torch.load(job.output / 'directions.pt', weights_only=True)['rca']:.3f}"
         if job.stage == "evaluate":
             report = json.loads((job.output / "report.json").read_text())
             strong = sum(1 for r in report["directions"] if r["r2"][r["dominant"]] >= 0.8)
-            gt = report.get("ground_truth")
-            recovered = f"{gt['main']['recovered']}/6 factors recovered, " if gt else ""
-            return f"{recovered}{strong} directions labelled with R2 >= 0.8"
+            return f"{strong} directions labelled with R2 >= 0.8"
+        if job.stage == "ground_truth":
+            gt = json.loads((job.output / "ground_truth.json").read_text())
+            return f"{gt['main']['recovered']}/6 factors recovered" if gt.get("main") else gt.get("reason", "")
+        if job.stage == "oracle":
+            r2 = torch.load(job.output / "factor_regressor.pt", weights_only=True)["test_r2"]
+            return "held-out R2 " + ", ".join(f"{v:.2f}" for v in r2.values())
         if job.stage == "preprocess":
             counts = json.loads((job.output / "manifest.json").read_text())["counts"]["slices"]
             return f"{counts['train']} train / {counts['test']} test slices"
@@ -180,36 +217,135 @@ def key_metric(job: Job) -> str:
     return ""
 
 
-def main(cfg: Settings) -> dict:
-    jobs = plan(cfg)
-    first_forced = STAGES.index(cfg.from_stage) if cfg.from_stage else len(STAGES)
-    ran: set[str] = set()
-    rows = []
-    bar = tqdm(jobs, desc="pipeline", unit="stage")
-    for job in bar:
-        bar.set_postfix_str(f"{job.stage}: {job.name}")
-        forced = STAGES.index(job.stage) >= first_forced or any(name in ran for name in job.inputs)
-        started = time.time()
+class Runner:
+    """Runs the plan: the first gallery's jobs one after another in this process with every core, then the rest
+    ``parallel`` at a time in worker processes (each with cores / parallel threads, so a job always runs with
+    the same thread count and two runs give the same tables), each as soon as the jobs it reads from are done.
+    After every job, summary.json and the index page are rewritten: the index fills in as stages finish."""
+
+    def __init__(self, cfg: Settings, jobs: list[Job]):
+        self.cfg, self.jobs = cfg, jobs
+        self.anim = Path(cfg.root) / "Animations" / cfg.run
+        self.logs = Path(cfg.root) / "runs" / cfg.run / "logs"
+        self.first_forced = STAGES.index(cfg.from_stage) if cfg.from_stage else len(STAGES)
+        self.names = {job.name for job in jobs}
+        self.ran: set[str] = set()
+        self.rows: dict[str, dict] = {}
+        self.started = time.time()
+        self.first_gallery: float | None = None
+        self.bar = tqdm(total=len(jobs), desc="pipeline", unit="stage")
+
+    def ready(self, job: Job) -> bool:
+        return all(name in self.rows for name in job.inputs if name in self.names)
+
+    def prepare(self, job: Job) -> bool:
+        """True when the job must run (after clearing stale output); False when its outputs are current."""
+        forced = STAGES.index(job.stage) >= self.first_forced or any(name in self.ran for name in job.inputs)
         if not forced and job.done():
-            rows.append({"stage": job.stage, "name": job.name, "seconds": 0.0, "cached": True,
-                         "output": str(job.output), "metric": key_metric(job)})
-            continue
+            self.finish(job, 0.0, cached=True)
+            return False
         if job.output.exists() and (forced or not _same_settings(job)):
             shutil.rmtree(job.output)  # its inputs or settings changed: start afresh; otherwise it resumes
-        job.module.main(dataclasses.replace(job.cfg))
-        ran.add(job.name)
-        rows.append({"stage": job.stage, "name": job.name, "seconds": round(time.time() - started, 1),
-                     "cached": False, "output": str(job.output), "metric": key_metric(job)})
-    bar.close()
-    anim = Path(cfg.root) / "Animations" / cfg.run
-    summary = {"run": cfg.run, "settings": settings_dict(cfg), "stages": rows,
-               "total_seconds": round(sum(r["seconds"] for r in rows), 1)}
-    atomic_write_json(anim / "summary.json", summary)
-    page = write_index(anim, summary)
-    print(f"\n{'stage':11s} {'run':18s} {'time':>8s}  key figure")
-    for r in rows:
-        print(f"{r['stage']:11s} {r['name']:18s} {'cached' if r['cached'] else str(r['seconds']) + 's':>8s}  {r['metric']}")
-    print(f"\ngallery: {page}")
+        return True
+
+    def finish(self, job: Job, seconds: float, cached: bool = False) -> None:
+        if not cached:
+            self.ran.add(job.name)
+        at = round(time.time() - self.started, 1)
+        if job.stage == "evaluate" and self.first_gallery is None:
+            self.first_gallery = at
+        self.rows[job.name] = {"stage": job.stage, "name": job.name, "seconds": round(seconds, 1), "cached": cached,
+                               "finished_at": at, "output": str(job.output), "metric": key_metric(job)}
+        self.bar.set_postfix_str(f"{job.stage}: {job.name} done")
+        self.bar.update()
+        self.write_summary()
+
+    def write_summary(self) -> dict:
+        rows = [self.rows[j.name] for j in self.jobs if j.name in self.rows]
+        summary = {"run": self.cfg.run, "settings": settings_dict(self.cfg), "stages": rows,
+                   "pending": [j.name for j in self.jobs if j.name not in self.rows],
+                   "total_seconds": round(sum(r["seconds"] for r in rows), 1),
+                   "wall_seconds": round(time.time() - self.started, 1), "first_gallery_seconds": self.first_gallery}
+        atomic_write_json(self.anim / "summary.json", summary)
+        write_index(self.anim, summary)
+        return summary
+
+    def run_here(self, job: Job) -> None:
+        if self.prepare(job):
+            began = time.time()
+            self.bar.set_postfix_str(f"{job.stage}: {job.name}")
+            job.module.main(dataclasses.replace(job.cfg))
+            self.finish(job, time.time() - began)
+
+    def run_all(self) -> dict:
+        first = [j for j in self.jobs if j.first]
+        rest = [j for j in self.jobs if not j.first]
+        for job in first:
+            self.run_here(job)
+        if self.cfg.parallel <= 1:
+            for job in rest:
+                self.run_here(job)
+        else:
+            self.run_pool(rest)
+        self.bar.close()
+        return self.write_summary()
+
+    def run_pool(self, pending: list[Job]) -> None:
+        threads = max(1, torch.get_num_threads() // self.cfg.parallel)
+        self.logs.mkdir(parents=True, exist_ok=True)
+        running: dict = {}
+        with ProcessPoolExecutor(self.cfg.parallel, mp_context=get_context("spawn"), initializer=_worker_init,
+                                 initargs=(threads,)) as pool:
+            try:
+                while pending or running:
+                    for job in [j for j in pending if self.ready(j)]:
+                        if len(running) >= self.cfg.parallel:
+                            break
+                        pending.remove(job)
+                        if self.prepare(job):
+                            log = self.logs / f"{job.name}.log"
+                            future = pool.submit(_run_job, job.module.__name__, dataclasses.replace(job.cfg), str(log))
+                            running[future] = (job, time.time(), log)
+                    if not running:
+                        if pending and not any(self.ready(j) for j in pending):
+                            raise UserError(f"pipeline: jobs {[j.name for j in pending]} wait for inputs never run")
+                        continue
+                    done, _ = wait(running, return_when=FIRST_COMPLETED)
+                    for future in done:
+                        job, began, log = running.pop(future)
+                        try:
+                            future.result()
+                        except (UserError, FileNotFoundError, FileExistsError) as err:
+                            raise UserError(f"{job.name}: {err} (log: {log})") from None
+                        except Exception as err:
+                            raise RuntimeError(f"{job.name} failed ({type(err).__name__}: {err}); log: {log}") from err
+                        self.finish(job, time.time() - began)
+            except BaseException:
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise
+
+
+def _worker_init(threads: int) -> None:
+    torch.set_num_threads(threads)
+    os.environ["TQDM_DISABLE"] = "1"  # the pipeline's bar shows progress; each job's output goes to its log
+
+
+def _run_job(module_name: str, cfg, log: str) -> None:
+    """One job in a worker process, its output in ``log``."""
+    module = importlib.import_module(module_name)
+    with open(log, "w") as handle, contextlib.redirect_stdout(handle), contextlib.redirect_stderr(handle):
+        module.main(cfg)
+
+
+def main(cfg: Settings) -> dict:
+    summary = Runner(cfg, plan(cfg)).run_all()
+    print(f"\n{'stage':12s} {'run':18s} {'time':>8s} {'done at':>8s}  key figure")
+    for r in summary["stages"]:
+        took = "cached" if r["cached"] else f"{r['seconds']:.1f}s"
+        print(f"{r['stage']:12s} {r['name']:18s} {took:>8s} {r['finished_at']:7.0f}s  {r['metric']}")
+    first = summary["first_gallery_seconds"]
+    print(f"\nwall time {summary['wall_seconds']:.0f} s" + (f", first gallery after {first:.0f} s" if first else ""))
+    print(f"gallery: {Path(cfg.root) / 'Animations' / cfg.run / 'index.html'}")
     return summary
 
 

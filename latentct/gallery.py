@@ -103,21 +103,28 @@ def write_gallery(folder: Path, report: dict) -> Path:
 
 
 def write_index(folder: Path, summary: dict) -> Path:
-    """Animations/<run>/index.html: the pipeline's summary table and a link to every gallery."""
+    """Animations/<run>/index.html: a link to every finished gallery and the stages so far; rewritten after each
+    stage, so the first gallery is linked while the rest still runs."""
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>LatentCT run {_esc(summary['run'])}</title>",
              f"<style>{STYLE}</style><script>{SCRIPT}</script></head><body>",
              f"<h1>LatentCT run: {_esc(summary['run'])}</h1><h2>Galleries</h2><ul>"]
     for row in summary["stages"]:
         if row["stage"] == "evaluate":
             rel = Path(row["output"]).name + "/index.html"
-            parts.append(f"<li><a href='{_esc(rel)}'>{_esc(row['name'])}</a>: {_esc(row['metric'])}</li>")
-    parts.append("</ul><h2>Stages</h2><table><thead><tr><th>stage</th><th>run</th><th>seconds</th><th>key figure</th>"
-                 "</tr></thead><tbody>")
+            parts.append(f"<li><a href='{_esc(rel)}'>{_esc(Path(row['output']).name)}</a>: {_esc(row['metric'])}</li>")
+    parts.append("</ul>")
+    if summary.get("pending"):
+        parts.append(f"<p class='note'>Still running or waiting: {_esc(', '.join(summary['pending']))}. "
+                     "Reload to see them.</p>")
+    parts.append("<h2>Stages</h2><table><thead><tr><th>stage</th><th>run</th><th>seconds</th><th>done at (s)</th>"
+                 "<th>key figure</th></tr></thead><tbody>")
     for row in summary["stages"]:
         seconds = "cached" if row["cached"] else f"{row['seconds']:.0f}"
         parts.append(f"<tr><td>{_esc(row['stage'])}</td><td>{_esc(row['name'])}</td><td>{seconds}</td>"
-                     f"<td>{_esc(row['metric'])}</td></tr>")
-    parts.append(f"</tbody></table><p class='note'>Total {summary['total_seconds']:.0f} s.</p></body></html>")
+                     f"<td>{row.get('finished_at', 0):.0f}</td><td>{_esc(row['metric'])}</td></tr>")
+    parts.append(f"</tbody></table><p class='note'>Wall time so far {summary.get('wall_seconds', 0):.0f} s "
+                 f"(the stages' own times add up to {summary['total_seconds']:.0f} s; some run side by side).</p>"
+                 "</body></html>")
     path = folder / "index.html"
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, "\n".join(parts))

@@ -1,3 +1,4 @@
+import json
 import os
 import re
 import shutil
@@ -131,7 +132,7 @@ def test_evaluation_end_to_end_and_the_gallery_in_a_real_browser(directions_runs
     assert len(report["directions"]) == 8 and all(r["label"] for r in report["directions"])
     assert sorted(p.name for p in out.glob("direction_*.gif")) == [f"direction_{k:03d}.gif" for k in range(8)]
     assert (out / "directions0-4.gif").is_file() and (out / "directions5-7.gif").is_file()
-    assert (out / "chart0-4.png").is_file() and (out / "effect_matrix.png").is_file()
+    assert (out / "chart0-4.png").is_file() and (out / "ground_truth" / "effect_matrix.png").is_file()
     gt = report["ground_truth"]
     assert set(gt["methods"]) == {"learned", "sefa"} and set(gt["regressor_r2"]) == set(FACTORS)
     assert 0 <= gt["main"]["recovered"] <= 6 and len(gt["main"]["r2_matrix"]) == 8
@@ -163,3 +164,34 @@ def test_factor_regressor_is_reused_only_for_the_same_data(dataset, tmp_path):
     assert not EvalDirections._regressor_fits(state, dataset, (-1000.0, 400.0))
     state["dataset_sha256"] = "0" * 64
     assert not EvalDirections._regressor_fits(state, dataset, (-1000.0, 2000.0))
+
+
+def test_pictures_are_drawn_in_the_display_window():
+    from latentct.data import hu_to_unit
+    from latentct.images import display
+
+    hu = torch.tensor([-1000.0, -850.0, -100.0, 40.0, 400.0]).view(1, 1, 1, 5)
+    shown = display(hu_to_unit(hu, "default"), "default", "pulmonary")  # model window in, reading window out
+    expected = ((hu.clamp(-1350, 150) + 1350) / 1500 * 2 - 1)
+    assert torch.allclose(shown, expected, atol=1e-5)
+    assert torch.allclose(display(shown, "pulmonary", "pulmonary"), shown)
+    with pytest.raises(UserError, match="--display-window"):
+        parse_settings(EvalDirections.Settings, ["--display-window", "bright"])
+
+
+def test_evaluation_sweeps_the_directions_own_shift_scale(directions_runs, tmp_path):
+    state = torch.load(directions_runs["sefa"], weights_only=True)
+    state["settings"]["shift_scale"] = 3.0
+    scaled = tmp_path / "scaled" / "directions.pt"
+    scaled.parent.mkdir()
+    torch.save(state, scaled)
+    out = tmp_path / "gallery"
+    args = ["--directions", str(scaled), "--output", str(out), "--ground-truth", "off", "--real-slices", "0", *SMALL]
+    report = EvalDirections.main(parse_settings(EvalDirections.Settings, args))
+    assert report["shift_scale"] == 3.0 and report["ground_truth"] is None
+    assert json.loads((out / "report.json").read_text())["shift_scale"] == 3.0
+    report = EvalDirections.main(parse_settings(EvalDirections.Settings, [*args, "--shift-scale", "5"]))
+    assert report["shift_scale"] == 5.0  # an explicit flag wins
+    with pytest.raises(UserError, match="run EvalDirections.py without it first"):
+        EvalDirections.main(parse_settings(EvalDirections.Settings, ["--directions", str(scaled), "--output",
+                                                                     str(tmp_path / "none"), "--ground-truth", "only"]))

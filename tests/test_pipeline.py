@@ -14,8 +14,12 @@ def test_whole_pipeline_at_the_smallest_sizes_then_cached_then_from_a_stage(tmp_
                                              "--device", "cpu", "--workers", "1"], presets=pipeline.PRESETS)
     summary = pipeline.main(cfg)
     stages = [r["stage"] for r in summary["stages"]]
-    assert stages[:4] == ["phantom", "preprocess", "train_gan", "train_vae"]
+    # the first gallery's jobs come first, alone; the rest ran two at a time in worker processes
+    assert stages[:5] == ["phantom", "preprocess", "train_gan", "directions", "evaluate"]
+    assert [r["name"] for r in summary["stages"]][3:5] == ["dcgan_demo", "eval_dcgan"]
+    assert summary["first_gallery_seconds"] == summary["stages"][4]["finished_at"] <= summary["wall_seconds"]
     assert stages.count("directions") == 10 and stages.count("evaluate") == 2
+    assert stages.count("ground_truth") == 2 and stages.count("oracle") == 1 and not summary["pending"]
     data, runs, anim = tmp_path / "data" / "t", tmp_path / "runs" / "t", tmp_path / "Animations" / "t"
 
     # every artifact exists and loads
@@ -30,6 +34,8 @@ def test_whole_pipeline_at_the_smallest_sizes_then_cached_then_from_a_stage(tmp_
         report = json.loads((anim / gen / "report.json").read_text())
         assert len(report["directions"]) == 16 and (anim / gen / "index.html").is_file()
         assert set(report["ground_truth"]["methods"]) == {"learned", "sefa", "pca", "random", "coordinate"}
+        assert (anim / gen / report["ground_truth"]["heatmap"]).is_file()
+        assert "Ground truth on the phantom" in (anim / gen / "index.html").read_text()
         assert len(list((anim / gen).glob("direction_*.gif"))) == 16
     assert load_encoder(runs / "vae" / "generator.pt") is not None
     assert json.loads((anim / "vae" / "report.json").read_text())["real"][0]["embedding"] == "encoder"
@@ -43,8 +49,10 @@ def test_whole_pipeline_at_the_smallest_sizes_then_cached_then_from_a_stage(tmp_
     # --from-stage reruns that stage and everything after it, nothing before
     cfg.from_stage = "evaluate"
     partial = pipeline.main(cfg)
-    ran = [r["stage"] for r in partial["stages"] if not r["cached"]]
-    assert ran == ["evaluate", "evaluate"]
+    ran = sorted(r["stage"] for r in partial["stages"] if not r["cached"])
+    assert ran == ["evaluate", "evaluate", "ground_truth", "ground_truth"]
+    report = json.loads((anim / "dcgan" / "report.json").read_text())
+    assert report["ground_truth"]["main"] is not None  # the rerun gallery got its ground truth back
 
 
 def test_pipeline_flags_beat_the_stage_presets(tmp_path):
