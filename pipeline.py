@@ -62,7 +62,7 @@ class Settings:
     regressor_steps: int = setting(600, "factor oracle steps (phantom only)")
     seed: int = setting(0, "seed for every stage")
     workers: int = setting(2, "processes for the DICOM stages")
-    parallel: int = setting(2, "jobs run at once after the first gallery, each with cores/parallel threads")
+    parallel: int = setting(2, "jobs run at once after the main lane, each with cores/parallel threads")
     device: str = setting("auto", "auto, cpu or cuda")
     from_stage: str | None = setting(None, "rerun from this stage on, even where outputs exist",
                                      choices=(None, *STAGES))
@@ -106,7 +106,8 @@ class Job:
     output: Path
     done_file: str
     inputs: tuple = ()  # names of the jobs whose outputs this one reads
-    first: bool = False  # on the way to the first gallery: runs alone, with every core, before the rest
+    lane: str = "pool"  # "main": alone in this process with every core, before the rest; "pool": the rest
+    rank: tuple = ()  # position in the main lane
 
     def done(self) -> bool:
         return (self.output / self.done_file).is_file() and _same_settings(self)
@@ -125,8 +126,11 @@ def _with(module, base: dict, preset: str | None = None):
 
 
 def plan(cfg: Settings) -> list[Job]:
-    """Every job in priority order: first what the first gallery needs (the DCGAN, its first learned
-    directions, their GIFs and report), then the rest. Ground truth comes last, once every method is there."""
+    """Every job in the order it runs. The main lane runs alone with every core: first what the first gallery
+    needs (the DCGAN, its learned directions, their GIFs and report), then the other trainings (the VAE and its
+    learned directions), whose results must not depend on how many jobs share the machine. The pool runs the
+    rest side by side: galleries, closed-form baselines, the oracle, and the ground truth once every method
+    is there."""
     root = Path(cfg.root)
     data, runs, anim = root / "data" / cfg.run, root / "runs" / cfg.run, root / "Animations" / cfg.run
     dicom = Path(cfg.lidc) if cfg.lidc else data / "phantom"
@@ -135,19 +139,19 @@ def plan(cfg: Settings) -> list[Job]:
     if not cfg.lidc:
         jobs.append(Job("phantom", "phantom", phantom, phantom.Settings(
             output=str(dicom), patients=cfg.phantom_patients, slices=cfg.phantom_slices, size=cfg.phantom_size,
-            seed=cfg.seed, workers=cfg.workers, overwrite=True), dicom, "phantom_factors.csv", first=True))
+            seed=cfg.seed, workers=cfg.workers, overwrite=True), dicom, "phantom_factors.csv", lane="main", rank=(-1, 0)))
     jobs.append(Job("preprocess", "preprocess", preprocess, preprocess.Settings(
         input=str(dicom), output=str(slices), size=cfg.image_size, seed=cfg.seed, workers=cfg.workers,
-        overwrite=True), slices, "manifest.json", ("phantom",), first=True))
+        overwrite=True), slices, "manifest.json", ("phantom",), lane="main", rank=(-1, 1)))
     common = dict(data=str(slices), seed=cfg.seed, device=cfg.device)
     trainers = {"dcgan": ("train_gan", TrainGAN, cfg.gan_steps, cfg.gan_preset),
                 "vae": ("train_vae", TrainVAE, cfg.vae_steps, cfg.vae_preset)}
     first_preset = cfg.direction_presets[0]
     galleries, ground_truths = [], []
-    for gen in GENERATORS:
+    for g, gen in enumerate(GENERATORS):
         stage, module, steps, preset = trainers[gen]
         jobs.append(Job(stage, gen, module, _with(module, dict(common, output=str(runs / gen), steps=steps), preset),
-                        runs / gen, "generator.pt", ("preprocess",), first=gen == "dcgan"))
+                        runs / gen, "generator.pt", ("preprocess",), lane="main", rank=(g, 0)))
         shared = dict(generator=str(runs / gen / "generator.pt"), seed=cfg.seed, device=cfg.device,
                       steps=cfg.direction_steps, batch_size=cfg.direction_batch)
         variants = [(p, p, "learned") for p in cfg.direction_presets] + [(m, first_preset, m) for m in cfg.baselines]
@@ -155,7 +159,8 @@ def plan(cfg: Settings) -> list[Job]:
             out = runs / f"{gen}_{tag}"
             jobs.append(Job("directions", out.name, TrainDirections,
                             _with(TrainDirections, dict(shared, output=str(out), method=method), preset),
-                            out, "directions.pt", (gen,), first=gen == "dcgan" and tag == first_preset))
+                            out, "directions.pt", (gen,), lane="main" if method == "learned" else "pool",
+                            rank=(g, 1 if tag == first_preset else 3)))
         baselines = tuple(f"{gen}_{m}" for m in cfg.baselines)
         for preset in cfg.direction_presets:
             gallery = anim / (gen if len(cfg.direction_presets) == 1 else f"{gen}_{preset}")
@@ -163,7 +168,7 @@ def plan(cfg: Settings) -> list[Job]:
                                report_samples=cfg.eval_samples, seed=cfg.seed)
             galleries.append(Job("evaluate", f"eval_{gallery.name}", EvalDirections, EvalDirections.Settings(
                 **common_eval, ground_truth="off"), gallery, "index.html", (f"{gen}_{preset}",),
-                first=gen == "dcgan" and preset == first_preset))
+                lane="main" if g == 0 and preset == first_preset else "pool", rank=(g, 2)))
             if not cfg.lidc:
                 ground_truths.append(Job("ground_truth", f"truth_{gallery.name}", EvalDirections,
                                          EvalDirections.Settings(**common_eval, ground_truth="only",
@@ -176,8 +181,10 @@ def plan(cfg: Settings) -> list[Job]:
             dataset=str(slices), output=str(runs / "oracle"), steps=cfg.regressor_steps, seed=cfg.seed),
             runs / "oracle", "factor_regressor.pt", ("preprocess",)))
     ordered = jobs + galleries + ground_truths
-    rest = sorted((j for j in ordered if not j.first), key=_priority)
-    return [j for j in ordered if j.first] + rest
+    # main lane: phantom, preprocessing, then per generator its training, first learned directions, (for the
+    # first generator) their gallery, then its other learned directions
+    main = sorted((j for j in ordered if j.lane == "main"), key=lambda j: j.rank)
+    return main + sorted((j for j in ordered if j.lane == "pool"), key=_priority)
 
 
 def _priority(job: Job) -> int:
@@ -218,7 +225,7 @@ def key_metric(job: Job) -> str:
 
 
 class Runner:
-    """Runs the plan: the first gallery's jobs one after another in this process with every core, then the rest
+    """Runs the plan: the main lane one job after another in this process with every core, then the rest
     ``parallel`` at a time in worker processes (each with cores / parallel threads, so a job always runs with
     the same thread count and two runs give the same tables), each as soon as the jobs it reads from are done.
     After every job, summary.json and the index page are rewritten: the index fills in as stages finish."""
@@ -278,8 +285,8 @@ class Runner:
             self.finish(job, time.time() - began)
 
     def run_all(self) -> dict:
-        first = [j for j in self.jobs if j.first]
-        rest = [j for j in self.jobs if not j.first]
+        first = [j for j in self.jobs if j.lane == "main"]
+        rest = [j for j in self.jobs if j.lane == "pool"]
         for job in first:
             self.run_here(job)
         if self.cfg.parallel <= 1:
