@@ -45,8 +45,9 @@ class Settings:
     which: list[int] = setting([], "directions to show (default: all)")
     shift_scale: float | None = setting(None, "sweep from -shift_scale to +shift_scale (default: the scale the "
                                         "directions were trained or scored with, from directions.pt)")
-    display_window: str = setting("pulmonary", "HU window of the GIFs and charts: pulmonary [-1350, 150], "
-                                  "mediastinal [-160, 240], default, lung or LOW,HIGH (measurements use HU)")
+    display_window: str = setting("lung", "HU window of the GIFs and charts (measurements use HU): lung [-1000, 400]"
+                                  " shows every factor: outline and breasts against black air, lungs, fat, organs; "
+                                  "pulmonary [-1350, 150] greys the air, mediastinal [-160, 240] blacks out the lungs")
     frames: int = setting(33, "frames of a back-and-forth sweep")
     frame_ms: int = setting(50, "milliseconds per GIF frame")
     grid_samples: int = setting(5, "samples (columns) in the grid GIFs")

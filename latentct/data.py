@@ -13,8 +13,9 @@ import torch.nn.functional as F
 
 from latentct.settings import UserError
 
-# default: the original study's training window; lung: a narrower training window. The last two are the
-# radiologists' reading windows (width/level 1500/-600 and 400/40), used to draw pictures.
+# default: the original study's training window; lung: a narrower one, and the pictures' default (air black,
+# lungs dark, fat, soft tissue and contrast in greys, bone white). The last two are the radiologists' reading
+# windows (width/level 1500/-600 and 400/40).
 WINDOWS = {"default": (-1000.0, 2000.0), "lung": (-1000.0, 400.0),
            "pulmonary": (-1350.0, 150.0), "mediastinal": (-160.0, 240.0)}
 

@@ -36,8 +36,8 @@ class TrainerSettings:
     checkpoint_every: int = setting(250, "steps between checkpoints (one is also written at the end and on a signal)")
     resume: bool = setting(True, "continue from the run folder's checkpoint when there is one")
     tensorboard: bool = setting(False, "also log to TensorBoard (needs the tensorboard package)")
-    display_window: str = setting("pulmonary", "HU window of the pictures: pulmonary [-1350, 150], mediastinal "
-                                  "[-160, 240], default, lung or LOW,HIGH (independent of the training window)")
+    display_window: str = setting("lung", "HU window of the pictures (independent of the training window): lung "
+                                  "[-1000, 400], pulmonary [-1350, 150], mediastinal [-160, 240], default or LOW,HIGH")
 
     def __post_init__(self):
         for name in ("batch_size", "steps", "log_every", "eval_every", "sample_every", "checkpoint_every"):
