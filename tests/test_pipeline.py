@@ -42,6 +42,18 @@ def test_whole_pipeline_at_the_smallest_sizes_then_cached_then_from_a_stage(tmp_
     saved = json.loads((anim / "summary.json").read_text())
     assert [r["stage"] for r in saved["stages"]] == stages and "dcgan/index.html" in (anim / "index.html").read_text()
 
+    # the README's tables come from these files, by a command
+    from latentct import results
+
+    block = results.render(results.Settings(run="t", root=str(tmp_path), examples=1))
+    assert "| train_gan | dcgan |" in block and "| learned |" in block and "| dcgan | 6 |" in block
+    assert len(list((tmp_path / "Animations" / "examples").glob("*.gif"))) == 2
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{results.BEGIN}\nold\n{results.END}\nrest\n")
+    results.main(results.Settings(run="t", root=str(tmp_path), examples=0, readme=str(readme)))
+    text = readme.read_text()
+    assert text.startswith("intro\n") and text.endswith("rest\n") and "old" not in text and "| dcgan |" in text
+
     # a rerun with the same settings skips every stage
     again = pipeline.main(cfg)
     assert all(r["cached"] for r in again["stages"])
