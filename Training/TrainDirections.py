@@ -96,7 +96,8 @@ def main(cfg: Settings) -> dict:
     rt = setup_runtime(cfg.device)
     torch.manual_seed(cfg.seed)
     run = RunDir(cfg.output, cfg, rt)
-    use_bf16, fmt = resolve_switch(cfg.bf16, rt), memory_format(cfg.channels_last, rt)
+    use_bf16, compiled = resolve_switch(cfg.bf16, rt), resolve_switch(cfg.compile, rt)
+    fmt = memory_format(cfg.channels_last, rt, compiled)
 
     # Models: G frozen (no weight gradients ever), the deformator (or fixed baseline directions), the reconstructor.
     G = load_generator(cfg.generator, rt.device).to(memory_format=fmt)
@@ -122,7 +123,7 @@ def main(cfg: Settings) -> dict:
 
     start = resume(run, cfg, rt, models, optimizers, architecture)
     R, Gc = wrap_ddp(reconstructor, rt), G
-    if resolve_switch(cfg.compile, rt):
+    if compiled:
         R, Gc = torch.compile(R), torch.compile(G)
     deformator_d = wrap_ddp(deformator, rt) if deformator.trainable else deformator
 

@@ -111,7 +111,8 @@ def main(cfg: Settings) -> dict:
     if cfg.epochs is not None:
         cfg.steps = math.ceil(cfg.epochs * epoch_steps)
     run = RunDir(cfg.output, cfg, rt)
-    use_bf16, fmt = resolve_switch(cfg.bf16, rt), memory_format(cfg.channels_last, rt)
+    use_bf16, compiled = resolve_switch(cfg.bf16, rt), resolve_switch(cfg.compile, rt)
+    fmt = memory_format(cfg.channels_last, rt, compiled)
 
     # Models: the generator's args go into generator.pt.
     g_args = dict(latent_dim=cfg.latent_dim, image_size=data.image_size, ngf=cfg.ngf)
@@ -134,7 +135,7 @@ def main(cfg: Settings) -> dict:
         run.log({"step": 0, "real_vs_real": compare_sets(held_out[:half].cpu(), held_out[half:2 * half].cpu(),
                                                          data.window)})
     Gd, Dd = wrap_ddp(G, rt), wrap_ddp(D, rt)
-    if resolve_switch(cfg.compile, rt):
+    if compiled:
         Gd, Dd = torch.compile(Gd), torch.compile(Dd)
 
     # The loop: one D step on real and generated images, then one G step; the schedule at its end.

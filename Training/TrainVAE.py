@@ -88,7 +88,8 @@ def main(cfg: Settings) -> dict:
     if cfg.epochs is not None:
         cfg.steps = math.ceil(cfg.epochs * epoch_steps)
     run = RunDir(cfg.output, cfg, rt)
-    use_bf16, fmt = resolve_switch(cfg.bf16, rt), memory_format(cfg.channels_last, rt)
+    use_bf16, compiled = resolve_switch(cfg.bf16, rt), resolve_switch(cfg.compile, rt)
+    fmt = memory_format(cfg.channels_last, rt, compiled)
 
     # Model: encoder and decoder; their args go into generator.pt.
     args = dict(latent_dim=cfg.latent_dim, image_size=data.image_size, ch=cfg.width)
@@ -103,7 +104,7 @@ def main(cfg: Settings) -> dict:
     fixed_z = eval_z[:64]
     start = resume(run, cfg, rt, models, optimizers, architecture)
     trained = wrap_ddp(model, rt)
-    if resolve_switch(cfg.compile, rt):
+    if compiled:
         trained = torch.compile(trained)
 
     # The loop: reconstruct, add the weighted KL, step; the schedule at its end.

@@ -58,8 +58,15 @@ def resolve_switch(value: str, runtime: Runtime) -> bool:
     return runtime.cuda if value == "auto" else value == "on"
 
 
-def memory_format(value: str, runtime: Runtime) -> torch.memory_format:
-    return torch.channels_last if resolve_switch(value, runtime) else torch.contiguous_format
+def memory_format(value: str, runtime: Runtime, compiled: bool = False) -> torch.memory_format:
+    """channels_last where it measured faster: 'auto' is on for a CPU (bench/train.py, bench/directions.py) and
+    off for a GPU, where bf16 + torch.compile without it was the fastest configuration and torch.compile's
+    convolution backward fails with it (torch 2.11 on an H100: bench/gpu.py)."""
+    on = not runtime.cuda if value == "auto" else value == "on"
+    if on and compiled and runtime.cuda:
+        raise UserError("--channels-last on with --compile on fails on a GPU (torch.compile's convolution backward "
+                        "rejects channels_last strides): turn one of them off")
+    return torch.channels_last if on else torch.contiguous_format
 
 
 @contextlib.contextmanager

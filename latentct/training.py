@@ -27,8 +27,8 @@ class TrainerSettings:
     seed: int = setting(0, "seed for weights, sampling and batches")
     device: str = setting("auto", "auto, cpu or cuda")
     bf16: str = setting("auto", "bf16 autocast: auto (on for GPU), on, off", choices=SWITCH)
-    channels_last: str = setting("on", "channels_last memory format (measured faster on CPU too: bench/)",
-                                 choices=SWITCH)
+    channels_last: str = setting("auto", "channels_last memory format: auto (on for CPU, where it measured faster; "
+                                 "off for GPU, where it breaks torch.compile's backward), on, off", choices=SWITCH)
     compile: str = setting("auto", "torch.compile the models: auto (on for GPU), on, off", choices=SWITCH)
     log_every: int = setting(25, "steps between metrics.jsonl lines")
     eval_every: int = setting(500, "steps between evaluations")

@@ -163,3 +163,14 @@ def test_demo_preset_does_not_collapse(gan_run):
     assert (gan_run / "samples_latest.png").is_file() and (gan_run / "losses.png").is_file()
     floor = [r["real_vs_real"] for r in metrics(gan_run) if "real_vs_real" in r][0]
     assert floor["swd"] > 0 and evals[-1]["swd"] > 0
+
+
+def test_channels_last_where_it_measured_faster():
+    from latentct.runtime import Runtime, memory_format
+
+    cpu, gpu = Runtime(torch.device("cpu")), Runtime(torch.device("cuda"))
+    assert memory_format("auto", cpu) == torch.channels_last  # faster on CPU (bench/train.py)
+    assert memory_format("auto", gpu, compiled=True) == torch.contiguous_format  # breaks compile there
+    assert memory_format("on", gpu) == torch.channels_last and memory_format("off", cpu) == torch.contiguous_format
+    with pytest.raises(UserError, match="--channels-last on with --compile on"):
+        memory_format("on", gpu, compiled=True)
