@@ -17,19 +17,20 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
-from latentct.data import CTSlices, parse_window, read_index, unit_to_hu
-from latentct.directions import load_directions
+from latentct.data import CTSlices, has_factors, parse_window, read_index, unit_to_hu
+from latentct.directions import Directions, load_directions
 from latentct.embed import embed
-from latentct.factors import (dataset_fingerprint, has_factors, load_regressor, match_factors, save_regressor,
-                              train_regressor)
+from latentct.baselines import random_orthonormal
+from latentct.scoring import effect_dci, line_effects, match_factors, null_summary, recovered_curve
 from latentct.gallery import write_gallery
 from latentct.generators import generator_info, load_encoder
 from latentct.images import display, make_grid, save_grid, save_png
 from latentct.io import atomic_write_json
 from latentct.phantom import FACTORS
-from latentct.render import chart, direction_gif, grid_gif, heatmap, sweep_plan
-from latentct.report import describe, factor_effects, sweep
+from latentct.render import chart, direction_gif, grid_gif, heatmap, recovered_plot, sweep_plan
+from latentct.report import describe, sweep
 from latentct.settings import UserError, check, run_cli, save_settings, setting
 
 
@@ -54,11 +55,15 @@ class Settings:
     group: int = setting(10, "directions per grid GIF")
     report_samples: int = setting(16, "samples per direction for the measurements")
     report_shifts: int = setting(9, "shift values per direction for the measurements")
-    regressor: str | None = setting(None, "factor regressor file to use or create (default: <output>/factor_regressor.pt)")
-    regressor_steps: int = setting(600, "training steps of the factor regressor")
-    regressor_slices: int = setting(3000, "freshly rendered phantom slices added to its training data")
-    r2_min: float = setting(0.5, "matched R2 a factor needs to count as recovered")
-    leakage_max: float = setting(0.5, "largest leakage into other factors for a recovered factor")
+    oracle: str | None = setting(None, "factor oracle (oracle.pt; default: the cached one for this image size and "
+                                 "window under <root>/runs/oracle/)")
+    root: str = setting(".", "folder under which the oracle cache runs/oracle/ lives")
+    validation: str | None = setting(None, "validation.json of the known-answer sweeps (python -m latentct.validate):"
+                                     " the thresholds and the oracle's noise floor come from it")
+    r2_min: float | None = setting(None, "matched R2 a factor needs to count as recovered (default: --validation's)")
+    leakage_max: float | None = setting(None, "largest leakage of a recovered factor (default: --validation's)")
+    null_sets: int = setting(20, "random direction sets of the null (scored by the oracle, no reconstructor)")
+    null_samples: int = setting(8, "samples per direction in each null set")
     real_slices: int = setting(2, "test slices to embed and move along directions")
     real_directions: int = setting(6, "strongest directions shown for each real slice")
     embed_steps: int = setting(200, "optimisation steps per embedding (DCGAN; the VAE uses its encoder)")
@@ -74,6 +79,7 @@ class Settings:
         parse_window(self.display_window, "--display-window")
         check(self.report_shifts >= 3, "report_shifts", "needs at least 3 shifts for a line fit")
         check(self.report_samples >= 2, "report_samples", "needs at least 2 samples")
+        check(self.null_sets == 0 or self.null_sets >= 2, "null_sets", "needs 0 (off) or at least 2 sets")
 
 
 def dataset_spacing(dataset: str | None) -> tuple[float, str | None]:
@@ -184,41 +190,86 @@ def animate(cfg: Settings, directions, G, generator_file: Path, info: dict, wind
 
 def ground_truth(cfg: Settings, directions, G, generator_file: Path, window, dataset, z, eps, main_images,
                  out: Path) -> dict | None:
-    """On the phantom: the direction x factor table of this method and of every --compare file (files in ``out``)."""
+    """On the phantom: the direction x factor table of this method and of every --compare file (the supervised
+    ceiling among them), the random null, effect-DCI and the scorer's own validation; files in ``out``."""
     if not dataset or not Path(dataset, "manifest.json").is_file() or not has_factors(dataset):
         return None
-    path = Path(cfg.regressor) if cfg.regressor else out / "factor_regressor.pt"
-    current = path.is_file() and _regressor_fits(load_regressor(path)[1], dataset, window)
-    if not current:
-        save_regressor(train_regressor(dataset, window, steps=cfg.regressor_steps, seed=cfg.seed,
-                                       synthetic=cfg.regressor_slices), path)
-    regressor, state = load_regressor(path)
-    methods, main_table = {}, None
+    oracle = _oracle(cfg, G, window)
+    validation = json.loads(Path(cfg.validation).read_text()) if cfg.validation else None
+    limits = (validation or {}).get("thresholds", {})
+    r2_min = cfg.r2_min if cfg.r2_min is not None else limits.get("r2_min", 0.5)
+    leakage_max = cfg.leakage_max if cfg.leakage_max is not None else limits.get("leakage_max", 0.5)
+    floor = np.array([validation["noise_floor"][f] for f in FACTORS]) if validation else None
+    out.mkdir(parents=True, exist_ok=True)
+
+    def read(images):  # the oracle's standardised factors of (K, E, Z, 1, H, W) images
+        flat = display(images.reshape(-1, *images.shape[3:]), window, oracle.window)
+        return oracle.read_std(flat).reshape(*images.shape[:3], -1)
+
+    methods, main = {}, None
     for i, file in enumerate([cfg.directions, *cfg.compare]):
         dirs = directions if i == 0 else load_directions(file, generator_file)[0]
         ks = list(range(dirs.count))
         images = main_images if i == 0 and main_images is not None else sweep(G, dirs, ks, eps, z)
-        r2, effect = factor_effects(images, eps, regressor)
-        table = match_factors(r2, effect, cfg.r2_min, cfg.leakage_max)
-        table["rca"] = dirs.rca
+        r2, effect = line_effects(read(images), eps)
+        table = match_factors(r2, effect, r2_min, leakage_max)
+        table.update(rca=dirs.rca, effect_dci=effect_dci(effect, floor), directions_count=dirs.count,
+                     curve=recovered_curve(r2, effect, r2_min))
+        if dirs.method == "supervised":
+            table["supervised"] = dirs.extra
         name = dirs.method if dirs.method not in methods else f"{dirs.method} ({Path(file).parent.name})"
         methods[name] = table
         if i == 0:
-            main_table = table
-            highlight = [(v["direction"], FACTORS.index(f)) for f, v in table["factors"].items()]
-            heatmap(r2, [f"k={k}" for k in ks], list(FACTORS), "R2 of each factor against each direction's shift",
-                    out / "effect_matrix.png", highlight)
-            main_table["r2_matrix"] = r2.round(4).tolist()
-    return {"regressor_r2": state["test_r2"], "r2_min": cfg.r2_min, "leakage_max": cfg.leakage_max,
-            "heatmap": f"{out.name}/effect_matrix.png", "main": main_table, "methods": methods}
+            main = dict(table, r2_matrix=r2.round(4).tolist(), effect_matrix=effect.round(4).tolist())
+            recovered = {v["direction"]: FACTORS.index(f) for f, v in table["factors"].items() if v["recovered"]}
+            heatmap(effect, [f"k={k}" for k in ks], list(FACTORS), "effect of each direction on each factor "
+                    "(std units; red: recovered)", out / "effect_matrix.png", list(recovered.items()))
+    null = random_null(cfg, G, directions.count, eps, read, r2_min, leakage_max, floor) if cfg.null_sets else None
+    recoverable = methods["supervised"]["recovered"] if "supervised" in methods else None
+    for table in methods.values():
+        table["recoverable"] = recoverable
+        table["above_null"] = None if null is None else bool(table["recovered"] > null["recovered"]["p95"])
+    recovered_plot(methods, leakage_max, out / "recovered_curve.png")
+    return {"oracle_sha256": oracle.sha256, "oracle_path": str(oracle.path), "oracle_r2": oracle.r2,
+            "validation": _validation_summary(validation), "r2_min": r2_min, "leakage_max": leakage_max,
+            "thresholds_from": "known-answer sweeps" if limits and cfg.r2_min is None and cfg.leakage_max is None
+            else "settings", "noise_floor": None if floor is None else dict(zip(FACTORS, floor.tolist())),
+            "heatmap": f"{out.name}/effect_matrix.png", "curve": f"{out.name}/recovered_curve.png",
+            "main": main, "methods": methods, "null": null, "recoverable": recoverable}
 
 
-def _regressor_fits(state: dict, dataset, window) -> bool:
-    """A saved regressor is reused only for the same data (manifest hash) and the same HU window."""
-    same = state.get("dataset_sha256") == dataset_fingerprint(dataset) and tuple(state["window"]) == tuple(window)
-    if not same:
-        print("factor regressor: trained for other data or another window; training a new one")
-    return same
+def _oracle(cfg: Settings, G, window):
+    """The oracle given, or the cached one for this image size and window; a clear error when there is none."""
+    from latentct import oracle as oracle_stage
+
+    size = int(G(torch.zeros(1, G.latent_dim, device=next(G.parameters()).device)).shape[-1])
+    path = Path(cfg.oracle) if cfg.oracle else oracle_stage.folder_for(oracle_stage.Settings(
+        image_size=size, window=",".join(map(str, window)), root=cfg.root)) / "oracle.pt"
+    if not path.is_file():
+        raise UserError(f"--oracle: {path} does not exist; train it with python -m latentct.oracle --image-size "
+                        f"{size} (or pass --ground-truth off)")
+    return oracle_stage.load_oracle(path)
+
+
+def random_null(cfg: Settings, G, count: int, eps, read, r2_min: float, leakage_max: float, floor) -> dict:
+    """``null_sets`` random orthonormal direction sets of the same size, scored like any method: what chance
+    alone recovers."""
+    z = torch.randn(cfg.null_samples, G.latent_dim, generator=torch.Generator().manual_seed(cfg.seed + 99991))
+    recovered, dis = [], []
+    for s in tqdm(range(cfg.null_sets), desc="random null", unit="set", leave=False):
+        matrix = random_orthonormal(G.latent_dim, count, seed=10007 + s)
+        dirs = Directions({"method": "random", "matrix": matrix, "deformator": None, "generator": {}, "rca": None},
+                          Path("null"))
+        r2, effect = line_effects(read(sweep(G, dirs, list(range(dirs.count)), eps, z)), eps)
+        recovered.append(match_factors(r2, effect, r2_min, leakage_max)["recovered"])
+        dis.append(effect_dci(effect, floor)["disentanglement"])
+    return null_summary(recovered, dis)
+
+
+def _validation_summary(validation: dict | None) -> dict | None:
+    if not validation:
+        return None
+    return {k: validation[k] for k in ("checks", "thresholds", "oracle", "sweeps", "seed") if k in validation}
 
 
 def real_slices(cfg: Settings, G, directions, rows, window, dataset, generator_file: Path, scale: float,

@@ -28,13 +28,14 @@ from tqdm import tqdm
 
 import EvalDirections
 import preprocess
-from latentct import oracle, phantom
+from latentct import disentanglement, oracle, phantom, validate
 from latentct.gallery import write_index
 from latentct.io import atomic_write_json
 from latentct.settings import UserError, check, make_settings, run_cli, setting, settings_dict
 from Training import TrainDirections, TrainGAN, TrainVAE
 
-STAGES = ("phantom", "preprocess", "train_gan", "train_vae", "oracle", "directions", "evaluate", "ground_truth")
+STAGES = ("phantom", "preprocess", "train_gan", "train_vae", "oracle", "validate", "directions", "evaluate",
+          "ground_truth", "disentanglement")
 BASELINES = ("sefa", "pca", "random", "coordinate")
 GENERATORS = ("dcgan", "vae")
 
@@ -59,7 +60,12 @@ class Settings:
     direction_batch: int | None = setting(48, "batch of every direction run (None: the preset's)")
     baselines: list[str] = setting(["sefa", "random"], "baseline methods scored beside the learned directions")
     eval_samples: int = setting(16, "samples per direction for the measurements")
-    regressor_steps: int = setting(600, "factor oracle steps (phantom only)")
+    oracle_steps: int | None = setting(None, "factor oracle training steps (None: latentct/oracle.py's)")
+    oracle_slices: int | None = setting(None, "factor oracle training slices (None: latentct/oracle.py's)")
+    oracle_test_slices: int | None = setting(None, "factor oracle held-out slices (None: latentct/oracle.py's)")
+    validate_patients: int | None = setting(None, "patients per known-answer sweep (None: latentct/validate.py's)")
+    null_sets: int = setting(20, "random direction sets of the null in every ground-truth table")
+    disentanglement: bool = setting(False, "MIG and DCI of every method by Khrulkov et al.'s protocol (slow)")
     seed: int = setting(0, "seed for every stage")
     workers: int = setting(2, "processes for the DICOM stages")
     parallel: int = setting(2, "jobs run at once after the main lane, each with cores/parallel threads")
@@ -81,9 +87,11 @@ PRESETS = {
     "demo": {},
     # The smallest sizes: the end-to-end test.
     "tiny": dict(phantom_patients=6, phantom_slices=12, phantom_size=64, image_size=32, gan_steps=6, vae_steps=6,
-                 direction_steps=4, direction_batch=8, eval_samples=3, regressor_steps=10, baselines=list(BASELINES)),
-    # Every baseline beside the learned directions, at demo sizes.
-    "benchmark": dict(baselines=list(BASELINES)),
+                 direction_steps=4, direction_batch=8, eval_samples=3, oracle_steps=20, oracle_slices=200,
+                 oracle_test_slices=100,
+                 validate_patients=2, null_sets=2, baselines=list(BASELINES)),
+    # Every baseline beside the learned directions at demo sizes, with MIG and DCI: the README's benchmark table.
+    "benchmark": dict(baselines=list(BASELINES), disentanglement=True),
     # The study on real data: 128 px, its widths and batch, 50 epochs, its direction grid for both generators.
     "paper": dict(image_size=128, gan_preset="paper", gan_steps=None, vae_preset="paper", vae_steps=None,
                   direction_presets=["unit-lenet", "unit-resnet", "ortho-lenet", "ortho-resnet", "100-lenet",
@@ -122,7 +130,7 @@ def _comparable(values: dict) -> dict:
 def _with(module, base: dict, preset: str | None = None):
     """A stage's settings: its preset, under the values the pipeline hands over (which win, as flags do)."""
     return make_settings(module.Settings, {k: v for k, v in base.items() if v is not None}, preset=preset,
-                         presets=module.PRESETS)
+                         presets=getattr(module, "PRESETS", None))
 
 
 def plan(cfg: Settings) -> list[Job]:
@@ -147,6 +155,17 @@ def plan(cfg: Settings) -> list[Job]:
     trainers = {"dcgan": ("train_gan", TrainGAN, cfg.gan_steps, cfg.gan_preset),
                 "vae": ("train_vae", TrainVAE, cfg.vae_steps, cfg.vae_preset)}
     first_preset = cfg.direction_presets[0]
+    phantom_run = not cfg.lidc  # the oracle, validation, supervised ceiling and ground truth need the phantom
+    if phantom_run:
+        ocfg = _with(oracle, dict(image_size=cfg.image_size, root=cfg.root, steps=cfg.oracle_steps,
+                                  train_slices=cfg.oracle_slices, test_slices=cfg.oracle_test_slices,
+                                  render_size=cfg.phantom_size, seed=cfg.seed))
+        oracle_file = oracle.folder_for(ocfg) / "oracle.pt"
+        jobs.append(Job("oracle", "oracle", oracle, ocfg, oracle_file.parent, "oracle.pt"))
+        jobs.append(Job("validate", "validate", validate, _with(validate, dict(
+            output=str(anim / "validation"), seed=cfg.seed, image_size=cfg.image_size, oracle=str(oracle_file),
+            vae=str(runs / "vae" / "generator.pt"), patients=cfg.validate_patients, render_size=cfg.phantom_size,
+            pair_patients=cfg.validate_patients)), anim / "validation", "validation.json", ("oracle", "vae")))
     galleries, ground_truths = [], []
     for g, gen in enumerate(GENERATORS):
         stage, module, steps, preset = trainers[gen]
@@ -161,7 +180,13 @@ def plan(cfg: Settings) -> list[Job]:
                             _with(TrainDirections, dict(shared, output=str(out), method=method), preset),
                             out, "directions.pt", (gen,), lane="main" if method == "learned" else "pool",
                             rank=(g, 1 if tag == first_preset else 3)))
-        baselines = tuple(f"{gen}_{m}" for m in cfg.baselines)
+        compared = [f"{gen}_{m}" for m in cfg.baselines]
+        if phantom_run:  # the supervised ceiling: its directions only, no reconstructor
+            out = runs / f"{gen}_supervised"
+            jobs.append(Job("directions", out.name, TrainDirections, _with(TrainDirections, dict(
+                shared, output=str(out), method="supervised", oracle=str(oracle_file), rca=False), first_preset),
+                out, "directions.pt", (gen, "oracle")))
+            compared.append(out.name)
         for preset in cfg.direction_presets:
             gallery = anim / (gen if len(cfg.direction_presets) == 1 else f"{gen}_{preset}")
             common_eval = dict(directions=str(runs / f"{gen}_{preset}" / "directions.pt"), output=str(gallery),
@@ -169,17 +194,18 @@ def plan(cfg: Settings) -> list[Job]:
             galleries.append(Job("evaluate", f"eval_{gallery.name}", EvalDirections, EvalDirections.Settings(
                 **common_eval, ground_truth="off"), gallery, "index.html", (f"{gen}_{preset}",),
                 lane="main" if g == 0 and preset == first_preset else "pool", rank=(g, 2)))
-            if not cfg.lidc:
-                ground_truths.append(Job("ground_truth", f"truth_{gallery.name}", EvalDirections,
-                                         EvalDirections.Settings(**common_eval, ground_truth="only",
-                                                                 compare=[str(runs / b / "directions.pt") for b in baselines],
-                                                                 regressor=str(runs / "oracle" / "factor_regressor.pt")),
-                                         gallery / "ground_truth", "ground_truth.json",
-                                         (f"eval_{gallery.name}", "oracle", *baselines)))
-    if not cfg.lidc:
-        jobs.append(Job("oracle", "oracle", oracle, oracle.Settings(
-            dataset=str(slices), output=str(runs / "oracle"), steps=cfg.regressor_steps, seed=cfg.seed),
-            runs / "oracle", "factor_regressor.pt", ("preprocess",)))
+            if phantom_run:
+                ground_truths.append(Job("ground_truth", f"truth_{gallery.name}", EvalDirections, EvalDirections.Settings(
+                    **common_eval, ground_truth="only", compare=[str(runs / c / "directions.pt") for c in compared],
+                    oracle=str(oracle_file), validation=str(anim / "validation" / "validation.json"),
+                    null_sets=cfg.null_sets), gallery / "ground_truth", "ground_truth.json",
+                    (f"eval_{gallery.name}", "oracle", "validate", *compared)))
+            if phantom_run and cfg.disentanglement and preset == first_preset:
+                files = [str(runs / name / "directions.pt") for name in (f"{gen}_{preset}", *compared)]
+                ground_truths.append(Job("disentanglement", f"mig_{gen}", disentanglement, disentanglement.Settings(
+                    generator=str(runs / gen / "generator.pt"), directions=files, seed=cfg.seed,
+                    output=str(anim / f"{gen}_disentanglement"), render_size=cfg.phantom_size),
+                    anim / f"{gen}_disentanglement", "disentanglement.json", (f"{gen}_{preset}", *compared)))
     ordered = jobs + galleries + ground_truths
     # main lane: phantom, preprocessing, then per generator its training, first learned directions, (for the
     # first generator) their gallery, then its other learned directions
@@ -189,10 +215,11 @@ def plan(cfg: Settings) -> list[Job]:
 
 def _priority(job: Job) -> int:
     """Order of the jobs after the first gallery: the long generator training first (the rest waits on it),
-    then learned directions and their galleries, the oracle, the baselines, and the ground truth last."""
+    then learned directions and their galleries, the validation, the baselines, and the ground truth last."""
     if job.stage == "directions":
         return 1 if job.cfg.method == "learned" else 4
-    return {"train_gan": 0, "train_vae": 0, "evaluate": 2, "oracle": 3, "ground_truth": 5}.get(job.stage, 0)
+    return {"train_gan": 0, "oracle": 0, "train_vae": 0, "evaluate": 2, "validate": 3,
+            "ground_truth": 5, "disentanglement": 5}.get(job.stage, 0)
 
 
 # ------------------------------------------------------------------------------------------ running
@@ -205,17 +232,28 @@ def key_metric(job: Job) -> str:
                      if '"eval"' in line]
             return f"SWD {evals[-1]['swd']:.1f}, diversity {evals[-1]['diversity_ratio']:.2f}" if evals else ""
         if job.stage == "directions":
-            return f"RCA {torch.load(job.output / 'directions.pt', weights_only=True)['rca']:.3f}"
+            rca = torch.load(job.output / "directions.pt", weights_only=True)["rca"]
+            return "RCA not measured" if rca is None else f"RCA {rca:.3f}"
         if job.stage == "evaluate":
             report = json.loads((job.output / "report.json").read_text())
             strong = sum(1 for r in report["directions"] if r["r2"][r["dominant"]] >= 0.8)
             return f"{strong} directions labelled with R2 >= 0.8"
         if job.stage == "ground_truth":
             gt = json.loads((job.output / "ground_truth.json").read_text())
-            return f"{gt['main']['recovered']}/6 factors recovered" if gt.get("main") else gt.get("reason", "")
+            if not gt.get("main"):
+                return gt.get("reason", "")
+            of = f" of {gt['recoverable']} recoverable" if gt.get("recoverable") is not None else "/6"
+            return f"{gt['main']['recovered']}{of} factors recovered"
         if job.stage == "oracle":
-            r2 = torch.load(job.output / "factor_regressor.pt", weights_only=True)["test_r2"]
+            r2 = torch.load(job.output / "oracle.pt", weights_only=True)["r2"]
             return "held-out R2 " + ", ".join(f"{v:.2f}" for v in r2.values())
+        if job.stage == "disentanglement":
+            rows = json.loads((job.output / "disentanglement.json").read_text())["methods"]
+            return ", ".join(f"{r['method']} MIG {r['mig']:.2f}" for r in rows)
+        if job.stage == "validate":
+            c = json.loads((job.output / "validation.json").read_text())["checks"]
+            return (f"{c['attributed']}/6 sweeps attributed, {c['leakage_ok']}/6 clean, {c['labels_ok']}/6 labels, "
+                    f"{c['pairs_ok']}/{c['pairs']} pairs")
         if job.stage == "preprocess":
             counts = json.loads((job.output / "manifest.json").read_text())["counts"]["slices"]
             return f"{counts['train']} train / {counts['test']} test slices"

@@ -16,11 +16,12 @@ from dataclasses import dataclass
 
 import torch
 
-from latentct.baselines import baseline_matrix
+from latentct.baselines import baseline_matrix, supervised
 from latentct.directions import make_shifts, reconstructor_accuracy, save_directions, step_losses
 from latentct.generators import load_generator
 from latentct.images import display, save_grid
 from latentct.io import atomic_torch_save
+from latentct.oracle import load_oracle
 from latentct.rundir import RunDir
 from latentct.runtime import autocast, evaluating, memory_format, resolve_switch, setup_runtime, unwrap, wrap_ddp
 from latentct.settings import check, run_cli, setting, settings_dict, user_errors
@@ -29,7 +30,7 @@ from latentct.training import LossMeter, TrainerSettings, log_losses, progress_b
 from models.deformator import KINDS, Deformator, FixedDirections
 from models.reconstructor import make_reconstructor
 
-METHODS = ("learned", "sefa", "pca", "random", "coordinate")
+METHODS = ("learned", "sefa", "pca", "random", "coordinate", "supervised")
 
 
 @dataclass
@@ -55,6 +56,10 @@ class Settings(TrainerSettings):
     step_form: str = setting("split", "split (G(z) without graph), concat (one G call) or naive (original)",
                              choices=("split", "concat", "naive"))
     rca_batches: int = setting(100, "fresh batches for the reconstructor classification accuracy")
+    rca: bool = setting(True, "for fixed directions (the baselines): train a fresh reconstructor for --steps to "
+                        "measure their RCA like the learned directions'; off: directions only, RCA not measured")
+    oracle: str | None = setting(None, "factor oracle (oracle.pt) the supervised method reads G(z) with")
+    supervised_samples: int = setting(2048, "latents the supervised method fits on (half as many more score the fit)")
     batch_size: int = setting(128, "image pairs per step and process")
     steps: int = setting(3000, "optimiser steps")
     eval_every: int = setting(500, "steps between RCA measurements")
@@ -66,6 +71,9 @@ class Settings(TrainerSettings):
             check(getattr(self, name) >= 1, name, f"must be at least 1, got {getattr(self, name)}")
         check(self.shift_scale > 0 and 0 <= self.min_shift <= self.shift_scale, "min_shift",
               "must be between 0 and --shift-scale")
+        check(self.method != "supervised" or self.oracle is not None, "oracle",
+              "the supervised method needs a factor oracle (python -m latentct.oracle writes one)")
+        check(self.rca or self.method != "learned", "rca", "the learned method always trains its reconstructor")
 
 
 PRESETS = {  # the study's grid: {unit (proj, K=32), ortho (K=32), 100 (proj, K=100)} x {LeNet, ResNet}
@@ -101,15 +109,26 @@ def main(cfg: Settings) -> dict:
 
     # Models: G frozen (no weight gradients ever), the deformator (or fixed baseline directions), the reconstructor.
     G = load_generator(cfg.generator, rt.device).to(memory_format=fmt)
+    extra = {}  # what a method reports beside its directions (the supervised fit)
     if cfg.method == "learned":
         d_args = dict(directions_count=cfg.directions_count, latent_dim=G.latent_dim, bias=cfg.deformator_bias,
                       random_init=cfg.random_init, seed=cfg.seed)
         with user_errors():
             deformator = Deformator(cfg.deformator, **d_args).to(rt.device)
+    elif cfg.method == "supervised":
+        d_args = None
+        matrix, extra = supervised(G, load_oracle(cfg.oracle), G.window, cfg.supervised_samples, cfg.seed)
+        deformator = FixedDirections(matrix).to(rt.device)
     else:
         d_args = None
         deformator = FixedDirections(baseline_matrix(cfg.method, G.cpu(), cfg.directions_count, cfg.seed)).to(rt.device)
         G.to(rt.device)
+    if not cfg.rca and not deformator.trainable:  # the directions alone: nothing to train
+        save_directions(run.path / "directions.pt", cfg.method, deformator, cfg.generator, settings_dict(cfg), None,
+                        extra=extra)
+        print(f"directions ({cfg.method}, K={deformator.directions_count}, RCA not measured) -> "
+              f"{run.path / 'directions.pt'}")
+        return {}
     K = deformator.directions_count
     reconstructor = make_reconstructor(cfg.reconstructor, K, cfg.reconstructor_width).to(rt.device, memory_format=fmt)
     optimizers = {"reconstructor": torch.optim.Adam(reconstructor.parameters(), lr=cfg.lr_reconstructor)}
@@ -170,7 +189,7 @@ def main(cfg: Settings) -> dict:
     if rt.is_main:
         rca = last_eval.get("rca")
         save_directions(run.path / "directions.pt", cfg.method, unwrap(deformator), cfg.generator,
-                        settings_dict(cfg), rca, d_args)
+                        settings_dict(cfg), rca, d_args, extra=extra)
         atomic_torch_save({k: v.cpu() for k, v in unwrap(reconstructor).state_dict().items()},
                           run.path / "reconstructor.pt")
         print(f"directions ({cfg.method}, K={K}): RCA {rca} -> {run.path / 'directions.pt'}")

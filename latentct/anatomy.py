@@ -38,9 +38,12 @@ def min_spread(name: str, spacing: float) -> float:
     return {"mm": spacing, "deg": 1.0, "cm2": 20 * spacing * spacing / 100.0, "HU": 5.0}[unit]
 
 
-# Weight when choosing a direction's dominant measurement: mean HU moves with any change in composition
-# (more lung, more fat, more bone), so it names a direction only when nothing specific explains it better.
-PRIORITY = {name: (0.6 if name == "mean_hu" else 1.0) for name in MEASURES}
+# Weight when choosing a direction's dominant measurement. Mean HU moves with any change in composition (more
+# lung, more fat, more bone), body area with any change in size (width, thickness, breasts) and the tissue in
+# front of the lungs with the lungs' own size as well as with breasts: they name a direction only when nothing
+# more specific explains it better. Set on the phantom's known-answer sweeps (latentct/validate.py): with equal
+# weights body area out-scored AP thickness on thickness sweeps.
+PRIORITY = {name: {"mean_hu": 0.6, "body_area": 0.7, "anterior_tissue": 0.9}.get(name, 1.0) for name in MEASURES}
 
 
 def _dilate(mask: torch.Tensor, k: int) -> torch.Tensor:
@@ -85,9 +88,12 @@ def body_mask(hu: torch.Tensor) -> torch.Tensor:
 
 
 def lung_mask(hu: torch.Tensor, body: torch.Tensor | None = None) -> torch.Tensor:
-    """Aerated tissue inside the body."""
+    """Aerated tissue inside the body, opened by a 3 x 3 square: the pixels at the skin, half air and half
+    tissue after resizing, fall below the lung threshold too and would otherwise count as lung (in front of
+    the breasts they moved the lungs' front edge to the skin)."""
     body = body_mask(hu) if body is None else body
-    return (hu < LUNG_HU) & body
+    raw = (hu < LUNG_HU) & body
+    return _dilate(_erode(raw, 3), 3) & raw
 
 
 def _coords(hu: torch.Tensor, spacing: float):
@@ -120,10 +126,13 @@ def measure(hu: torch.Tensor, spacing: float = 1.0) -> dict[str, torch.Tensor]:
     mu20 = (bodyf * dx * dx).flatten(1).sum(1)
     mu02 = (bodyf * dy * dy).flatten(1).sum(1)
     mu11 = (bodyf * dx * dy).flatten(1).sum(1)
-    theta = 0.5 * torch.atan2(2 * mu11, mu20 - mu02)  # the body's long (left-right) axis, y down
+    theta = 0.5 * torch.atan2(2 * mu11, mu20 - mu02)  # the body's long axis, y down
+    # The left-right axis is the principal axis nearer the horizontal: a patient rolls by tens of degrees, not
+    # 45, but a round body (thick, or with large breasts) can have its long axis anterior-posterior.
+    theta = torch.where(theta > math.pi / 4, theta - math.pi / 2, torch.where(theta < -math.pi / 4, theta + math.pi / 2, theta))
     ct, st = torch.cos(theta).view(-1, 1, 1, 1), torch.sin(theta).view(-1, 1, 1, 1)
-    along = dx * ct + dy * st         # along the long axis
-    across = -dx * st + dy * ct       # along the short axis, positive = posterior
+    along = dx * ct + dy * st         # along the left-right axis
+    across = -dx * st + dy * ct       # along the anterior-posterior axis, positive = posterior
     has_lung = lungs.flatten(1).sum(1) > 4
     lung_front = torch.where(lungs, across, torch.full_like(across, float("inf"))).flatten(1).amin(1)
     in_front = body & (across < lung_front.view(-1, 1, 1, 1))

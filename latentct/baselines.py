@@ -5,6 +5,9 @@
 - PCA of early activations regressed back to z (the GANSpace recipe, Härkönen et al. 2020): PCA of z
   itself is meaningless for a Gaussian z.
 - Random orthonormal directions and coordinate axes.
+- The supervised ceiling (InterFaceGAN's conditional directions, Shen et al. 2020, for continuous factors):
+  a linear model F ~ B z + c of the oracle's readings of G(z); the direction that moves factor f by one unit
+  and holds the others is column f of pinv(B).
 """
 from __future__ import annotations
 
@@ -94,3 +97,39 @@ def baseline_matrix(method: str, G, count: int, seed: int = 0) -> torch.Tensor:
     if method == "coordinate":
         return coordinate_axes(G.latent_dim, count)
     raise UserError(f"--method: {method!r} is not learned, sefa, pca, random or coordinate")
+
+
+def supervised(G, oracle, window, samples: int = 2048, seed: int = 0) -> tuple[torch.Tensor, dict]:
+    """(6, d) unit directions, one per phantom factor, from a least-squares fit F ~ B z + c of the oracle's
+    readings of G(z) on ``samples`` latents (their own seed stream, disjoint from those used for scoring).
+
+    Returns the directions and what to report beside them: each factor's fit R2 on held-out latents (a factor
+    the latent cannot move linearly shows as a low R2), B's condition number, and each direction's change of
+    its factor per unit shift (in the factor's units)."""
+    from latentct.images import display
+    from latentct.oracle import r_squared
+    from latentct.phantom import FACTORS
+
+    gen = torch.Generator().manual_seed(seed * 7919 + 17)
+    z = torch.randn(samples + samples // 2, G.latent_dim, generator=gen)
+    device = next(G.parameters(), torch.zeros(0)).device
+    with torch.no_grad():
+        images = torch.cat([G(part.to(device)).float().cpu() for part in z.split(256)])
+    readings = oracle.read(display(images, window, oracle.window)).double()
+    fit_z, test_z = z[:samples].double(), z[samples:].double()
+    design = torch.cat([fit_z, torch.ones(samples, 1, dtype=torch.float64)], 1)
+    with single_threaded():
+        coef = torch.linalg.lstsq(design, readings[:samples]).solution       # (d + 1, 6)
+        B = coef[:-1].t()                                                    # (6, d)
+        pinv = torch.linalg.pinv(B)                                          # (d, 6)
+        singular = torch.linalg.svdvals(B)
+    test_pred = torch.cat([test_z, torch.ones(len(test_z), 1, dtype=torch.float64)], 1) @ coef
+    fit_r2 = r_squared(test_pred, readings[samples:])
+    norms = pinv.norm(dim=0)
+    directions = pinv.t() / norms[:, None]  # B v_f = e_f: each direction raises its own factor
+    info = {"fit_r2": {f: float(v) for f, v in zip(FACTORS, fit_r2)},
+            "condition_number": float(singular.max() / singular.min().clamp_min(1e-12)),
+            "per_unit_shift": {f: float((B[i] @ directions[i]).item()) for i, f in enumerate(FACTORS)},
+            "samples": samples}
+    return directions.float(), info
+

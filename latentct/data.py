@@ -60,6 +60,14 @@ def read_index(folder: str | Path, split: str) -> list[dict]:
         return list(csv.DictReader(handle))
 
 
+def has_factors(folder: str | Path) -> bool:
+    """Whether a preprocessed dataset came from the phantom (its index carries the six factors)."""
+    from latentct.phantom import FACTORS
+
+    index = read_index(folder, "train")
+    return bool(index) and all(f in index[0] and index[0][f] != "" for f in FACTORS)
+
+
 class CTSlices(torch.utils.data.Dataset):
     """Slices of one split as float tensors (1, S, S) in [-1, 1]; with ``labels``, also a float vector.
 

@@ -4,7 +4,7 @@ Every discovery method (the learned deformator, SeFa, PCA, random, coordinate ax
 ``directions.pt``, so the renderer and the metrics treat them alike:
     {"format", "method", "directions_count", "latent_dim", "matrix" (K, d) unit shifts,
      "deformator": {"kind", "args", "state_dict"} or None, "generator": {"path", "sha256"},
-     "settings", "rca"}
+     "settings", "rca", "extra" (what a method reports beside its directions, e.g. the supervised fit)}
 """
 from __future__ import annotations
 
@@ -88,7 +88,8 @@ def unit_directions(deformator: nn.Module) -> torch.Tensor:
 
 
 def save_directions(path: str | Path, method: str, deformator: nn.Module, generator_path: str | Path,
-                    settings: dict, rca: float | None, deformator_args: dict | None = None) -> None:
+                    settings: dict, rca: float | None, deformator_args: dict | None = None,
+                    extra: dict | None = None) -> None:
     state = {
         "format": 1, "method": method, "directions_count": deformator.directions_count,
         "latent_dim": deformator.latent_dim, "matrix": unit_directions(deformator).cpu(),
@@ -96,7 +97,7 @@ def save_directions(path: str | Path, method: str, deformator: nn.Module, genera
             "kind": deformator.kind, "args": dict(deformator_args or {}),
             "state_dict": {k: v.detach().cpu() for k, v in deformator.state_dict().items()}},
         "generator": {"path": str(Path(generator_path).resolve()), "sha256": file_hash(generator_path)},
-        "settings": settings, "rca": rca,
+        "settings": settings, "rca": rca, "extra": dict(extra or {}),
     }
     atomic_torch_save(state, path)
 
@@ -110,6 +111,7 @@ class Directions:
         self.matrix: torch.Tensor = state["matrix"]
         self.count, self.latent_dim = self.matrix.shape
         self.rca = state.get("rca")
+        self.extra = state.get("extra") or {}
         # The scale the directions were trained (or scored) with: evaluation sweeps the same range.
         self.shift_scale = float((state.get("settings") or {}).get("shift_scale") or 6.0)
         if state["deformator"] is None:

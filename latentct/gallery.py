@@ -49,7 +49,7 @@ def write_gallery(folder: Path, report: dict) -> Path:
     parts.append("<h2>Directions</h2><p class='note'>Click a blue header to sort. <i>effect</i>: change over the "
                  "whole shift range in units of the natural spread between samples, times R2.</p>")
     gt = report.get("ground_truth")
-    matched = {v["direction"]: f for f, v in (gt or {}).get("main", {}).get("factors", {}).items()}
+    factor_of = matched_factors(gt)
     parts.append("<table id='directions'><thead><tr><th class='sortable' onclick=\"sortBy('k')\">k</th><th>sweep</th>"
                  "<th>what it does</th><th class='sortable' onclick=\"sortBy('score')\">effect</th>"
                  "<th class='sortable' onclick=\"sortBy('r2')\">R2</th>"
@@ -63,25 +63,10 @@ def write_gallery(folder: Path, report: dict) -> Path:
             f"data-dis='{row['disentanglement']:.6f}' data-change='{row['image_change']:.6f}'><td>{k}</td>"
             f"<td><img class='gif' src='{_esc(row['gif'])}' alt='direction {k}'></td><td>{_esc(row['label'])}</td>"
             f"<td>{row['score']:.2f}</td><td>{r2:.2f}</td><td>{row['disentanglement']:.2f}</td>"
-            f"<td>{row['image_change']:.3f}</td><td>{_esc(matched.get(k, ''))}</td></tr>")
+            f"<td>{row['image_change']:.3f}</td><td>{factor_of.get(k, '')}</td></tr>")
     parts.append("</tbody></table>")
     if gt:
-        parts.append("<h2>Ground truth on the phantom</h2>")
-        parts.append("<p class='note'>Factor regressor, held-out R2: " + ", ".join(
-            f"{_esc(f)} {v:.2f}" for f, v in gt["regressor_r2"].items()) + ". A factor counts as recovered when its "
-            f"matched direction reaches R2 &ge; {gt['r2_min']} with leakage &le; {gt['leakage_max']}.</p>")
-        parts.append(f"<img class='wide' src='{_esc(gt['heatmap'])}' alt='direction by factor R2'>")
-        factors = list(gt["regressor_r2"])
-        parts.append("<table id='methods'><thead><tr><th>method</th><th>RCA</th><th>factors recovered</th>"
-                     "<th>mean matched R2</th>" + "".join(f"<th>{_esc(f)}</th>" for f in factors) + "</tr></thead><tbody>")
-        for method, table in gt["methods"].items():
-            cells = "".join(
-                f"<td class='{'ok' if table['factors'][f]['recovered'] else 'no'}'>{table['factors'][f]['r2']:.2f} "
-                f"(k={table['factors'][f]['direction']}, leak {table['factors'][f]['leakage']:.2f})</td>"
-                if f in table["factors"] else "<td>–</td>" for f in factors)
-            parts.append(f"<tr><td>{_esc(method)}</td><td>{_fmt(table.get('rca'))}</td>"
-                         f"<td>{table['recovered']} / {len(factors)}</td><td>{table['mean_matched_r2']:.2f}</td>{cells}</tr>")
-        parts.append("</tbody></table>")
+        parts += ground_truth_section(gt)
     parts.append("<h2>Groups of ten directions</h2><p class='note'>Rows: directions; columns: different samples.</p>")
     for group in report["groups"]:
         parts.append(f"<p>{_esc(group['title'])}</p><img class='wide' src='{_esc(group['gif'])}' alt='{_esc(group['title'])}'>"
@@ -100,6 +85,82 @@ def write_gallery(folder: Path, report: dict) -> Path:
     path = folder / "index.html"
     atomic_write_text(path, "\n".join(parts))
     return path
+
+
+def matched_factors(gt: dict | None) -> dict[int, str]:
+    """Per direction, the factor cell of the directions table: a factor's name only where the direction is that
+    factor's recovered match; otherwise the factor it moves most, with its leakage, marked as not clean. No
+    direction is presented as a factor it does not move."""
+    main = (gt or {}).get("main") or {}
+    recovered = {v["direction"]: f for f, v in main.get("factors", {}).items() if v["recovered"]}
+    out = {}
+    for row in main.get("directions", []):
+        k = row["direction"]
+        out[k] = (f"<span class='ok'>{_esc(recovered[k])} &#10003;</span>" if k in recovered else
+                  f"<span class='no'>mostly {_esc(row['largest'])}, leakage {row['leakage']:.2f}: not clean</span>")
+    return out
+
+
+def _recovered_cell(table: dict) -> str:
+    of = f" of {table['recoverable']} recoverable" if table.get("recoverable") is not None else " / 6"
+    mark = "" if table.get("above_null") is not False else " <span class='no'>(not above the random null)</span>"
+    return f"{table['recovered']}{of}{mark}"
+
+
+def ground_truth_section(gt: dict) -> list[str]:
+    """The phantom's ground truth: how far to trust it, then every method against the supervised ceiling and
+    the random null, with effect-DCI."""
+    parts = ["<h2>Ground truth on the phantom</h2>", "<h3>How far to trust these numbers</h3>"]
+    oracle = ", ".join(f"{_esc(f)} {v:.3f}" for f, v in gt["oracle_r2"].items())
+    parts.append(f"<p class='note'>Factor oracle <code>{_esc(gt.get('oracle_path'))}</code> (sha256 "
+                 f"{_esc((gt.get('oracle_sha256') or '')[:16])}); held-out R2 on fresh phantom slices: {oracle}.</p>")
+    val = gt.get("validation")
+    if val:
+        c = val["checks"]
+        generated = ", ".join(f"{_esc(f)} {v['r2_generated']:.2f}" for f, v in val.get("oracle", {}).items()
+                              if v.get("r2_generated") is not None)
+        parts.append(f"<p class='note'>Known-answer sweeps (seed {val.get('seed')}): {c['attributed']}/6 single-factor "
+                     f"sweeps attributed to their own factor, {c['leakage_ok']}/6 with leakage &le; 0.15, "
+                     f"{c['labels_ok']}/6 labelled with the expected anatomy measurement, {c['pairs_ok']}/{c['pairs']} "
+                     f"two-factor sweeps with their two factors on top. "
+                     + (f"The oracle on VAE reconstructions of held-out slices: R2 {generated}. " if generated else "")
+                     + "</p>")
+    parts.append(f"<p class='note'>A factor counts as recovered when its matched direction (Hungarian matching on "
+                 f"R2 &times; effect) reaches R2 &ge; {gt['r2_min']:.2f} with leakage &le; {gt['leakage_max']:.2f} "
+                 f"(thresholds from the {_esc(gt['thresholds_from'])}: what a perfectly clean factor change scores). "
+                 "<i>Effect-D/C</i>: DCI's disentanglement and completeness computed on the direction &times; factor "
+                 "effect matrix minus the oracle's noise floor (not Eastwood &amp; Williams' predictive DCI).</p>")
+    parts.append(f"<img class='wide' src='{_esc(gt['heatmap'])}' alt='direction by factor effect'> "
+                 f"<img class='wide' src='{_esc(gt['curve'])}' alt='recovered factors against the threshold'>")
+    factors = list(gt["oracle_r2"])
+    parts.append("<table id='methods'><thead><tr><th>method</th><th>RCA</th><th>factors recovered</th>"
+                 "<th>effect-D</th><th>effect-C</th><th>mean matched R2</th>"
+                 + "".join(f"<th>{_esc(f)}</th>" for f in factors) + "</tr></thead><tbody>")
+    for method, table in gt["methods"].items():
+        cells = "".join(
+            f"<td class='{'ok' if table['factors'][f]['recovered'] else 'no'}'>{table['factors'][f]['r2']:.2f} "
+            f"(k={table['factors'][f]['direction']}, leak {table['factors'][f]['leakage']:.2f})</td>"
+            if f in table["factors"] else "<td>–</td>" for f in factors)
+        dci = table["effect_dci"]
+        parts.append(f"<tr class='method'><td>{_esc(method)}</td><td>{_fmt(table.get('rca'))}</td>"
+                     f"<td>{_recovered_cell(table)}</td><td>{dci['disentanglement']:.2f}</td>"
+                     f"<td>{dci['completeness']:.2f}</td><td>{table['mean_matched_r2']:.2f}</td>{cells}</tr>")
+    null = gt.get("null")
+    if null:
+        r, d = null["recovered"], null["disentanglement"]
+        parts.append(f"<tr class='method'><td>random null ({null['sets']} sets)</td><td>–</td>"
+                     f"<td>{r['mean']:.2f} &plusmn; {r['std']:.2f} (95th pct {r['p95']:.1f})</td>"
+                     f"<td>{d['mean']:.2f} &plusmn; {d['std']:.2f}</td><td>–</td><td>–</td>"
+                     + "<td>–</td>" * len(factors) + "</tr>")
+    parts.append("</tbody></table>")
+    sup = (gt["methods"].get("supervised") or {}).get("supervised")
+    if sup:
+        parts.append("<p class='note'>Supervised ceiling (a linear fit F ~ B z + c of the oracle's readings of G(z); "
+                     "each direction moves its factor and holds the others): fit R2 on held-out latents "
+                     + ", ".join(f"{_esc(f)} {v:.2f}" for f, v in sup["fit_r2"].items())
+                     + f"; condition number of B {sup['condition_number']:.1f}. The same oracle defines and scores it, "
+                     "so the ceiling can be optimistic.</p>")
+    return parts
 
 
 def write_index(folder: Path, summary: dict) -> Path:

@@ -39,6 +39,8 @@ from latentct.parallel import pool_map, worker_pool
 from latentct.settings import UserError, check, run_cli, save_settings, setting
 
 FACTORS = ("z_position", "y_offset", "rotation", "thickness", "width", "breast_size")
+# Bumped whenever the renderer changes what a slice shows: trained factor oracles are cached under it.
+PHANTOM_VERSION = 1
 FACTOR_RANGES = {  # sampling ranges of the patient-level factors (breast_size is 0 for half the patients)
     "y_offset": (-30.0, 30.0),
     "rotation": (-15.0, 15.0),
@@ -195,6 +197,13 @@ def slice_geometry(p: Patient, z: float) -> Geometry:
     )
 
 
+def visible_factors(p: Patient, z: float) -> list[float]:
+    """The six factors as one slice shows them (the oracle's targets, in FACTORS order): z, table height,
+    roll, AP and LR size, and the breasts' *visible* projection, breast_size times its z profile (no breast
+    shows outside z in about 0.22-0.8, so a slice there cannot tell its patient's breast size)."""
+    return [z, p.y_offset, p.rotation, p.thickness, p.width, slice_geometry(p, z).breast]
+
+
 def body_to_image(p: Patient, u: float, v: float) -> tuple[float, float]:
     """Body-frame mm (u to the patient's left, v posterior) to image-frame mm about the isocentre."""
     t = math.radians(p.rotation)
@@ -310,6 +319,17 @@ def render_slice(p: Patient, z: float, size: int, rng: np.random.Generator, fov_
     noise = 0.5 * noise + 0.25 * (np.roll(noise, 1, 0) + np.roll(noise, 1, 1))
     img += p.noise_hu * 1.6 * noise
     return np.clip(img, -1024.0, 3071.0)
+
+
+def as_read_back(hu: np.ndarray, padding: str, fov_mm: float = FOV_MM) -> np.ndarray:
+    """A rendered slice as preprocessing reads it back from the DICOM this module writes: integer HU, and with
+    a PixelPaddingValue the pixels outside the reconstruction circle at the HU floor (-1024)."""
+    out = np.round(hu).astype(np.float32)
+    if padding != "none":
+        size = hu.shape[-1]
+        centre = (np.arange(size) + 0.5 - size / 2) * (fov_mm / size)
+        out[(centre[None, :] ** 2 + centre[:, None] ** 2) > (fov_mm / 2) ** 2] = -1024.0
+    return np.clip(out, -1024.0, 3071.0)
 
 
 def render_radiograph(p: Patient, size: int = 256) -> np.ndarray:

@@ -84,3 +84,26 @@ def heatmap(matrix: np.ndarray, rows: list[str], cols: list[str], title: str, pa
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=90)
     plt.close(fig)
+
+
+def recovered_plot(methods: dict, threshold: float, path) -> None:
+    """Recovered factors against the leakage threshold, one line per method; the threshold in use marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4.6, 2.8))
+    for name, table in methods.items():
+        xs, ys = zip(*table["curve"])
+        ax.step(xs, ys, where="post", label=name, lw=1.2)
+    ax.axvline(threshold, color="red", lw=1, ls="--", label=f"threshold {threshold:.2f}")
+    ax.set_xlabel("leakage threshold")
+    ax.set_ylabel("factors recovered")
+    ax.set_ylim(-0.2, 6.2)
+    ax.legend(fontsize=6, loc="upper left")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=90)
+    plt.close(fig)

@@ -1,5 +1,5 @@
-"""What each direction does: sweeps along directions, linear fits of measurements against the shift, labels,
-disentanglement, and the ground-truth effect matrix on the phantom."""
+"""What each direction does: sweeps along directions, linear fits of measurements against the shift, labels and
+disentanglement over the anatomy measurements (the phantom's ground truth is scored in latentct/scoring.py)."""
 from __future__ import annotations
 
 import math
@@ -91,19 +91,3 @@ def describe(images: torch.Tensor, eps: torch.Tensor, window, spacing: float, ks
 def _num(value) -> float:
     value = float(value)
     return value if math.isfinite(value) else 0.0
-
-
-def factor_effects(images: torch.Tensor, eps: torch.Tensor, regressor) -> tuple[np.ndarray, np.ndarray]:
-    """(K, F) R2 and effect (|slope| x shift span, in factor standard deviations) through the regressor."""
-    from latentct.factors import predict_std_units
-
-    K, E, Z = images.shape[:3]
-    pred = predict_std_units(regressor, images.reshape(K * E * Z, *images.shape[3:])).reshape(K, E, Z, -1)
-    span = float(eps.max() - eps.min())
-    r2 = np.zeros((K, pred.shape[-1]))
-    effect = np.zeros_like(r2)
-    for f in range(pred.shape[-1]):
-        slope, fit = fit_lines(pred[..., f], eps)
-        r2[:, f] = np.nan_to_num(fit)
-        effect[:, f] = np.nan_to_num(np.abs(slope) * span)
-    return r2, effect

@@ -55,3 +55,15 @@ def directions_runs(gan_run, tmp_path_factory) -> dict:
         TrainDirections.main(cfg)
         runs[method] = root / method / "directions.pt"
     return runs
+
+
+@pytest.fixture(scope="session")
+def tiny_oracle(tmp_path_factory):
+    """A factor oracle for 32 px slices, trained briefly: (settings, oracle.pt path, held-out R2)."""
+    from latentct import oracle
+
+    root = tmp_path_factory.mktemp("oracle_root")
+    cfg = oracle.Settings(image_size=32, root=str(root), render_size=64, train_slices=400, test_slices=200,
+                          steps=150, batch_size=64, width=8)
+    r2 = oracle.main(cfg)
+    return cfg, oracle.folder_for(cfg) / "oracle.pt", r2

@@ -18,8 +18,9 @@ def test_whole_pipeline_at_the_smallest_sizes_then_cached_then_from_a_stage(tmp_
     assert stages[:5] == ["phantom", "preprocess", "train_gan", "directions", "evaluate"]
     assert [r["name"] for r in summary["stages"]][3:5] == ["dcgan_demo", "eval_dcgan"]
     assert summary["first_gallery_seconds"] == summary["stages"][4]["finished_at"] <= summary["wall_seconds"]
-    assert stages.count("directions") == 10 and stages.count("evaluate") == 2
+    assert stages.count("evaluate") == 2
     assert stages.count("ground_truth") == 2 and stages.count("oracle") == 1 and not summary["pending"]
+    assert stages.count("validate") == 1 and stages.count("directions") == 12  # + the supervised ceiling x 2
     data, runs, anim = tmp_path / "data" / "t", tmp_path / "runs" / "t", tmp_path / "Animations" / "t"
 
     # every artifact exists and loads
@@ -33,7 +34,11 @@ def test_whole_pipeline_at_the_smallest_sizes_then_cached_then_from_a_stage(tmp_
             assert directions.method == ("learned" if method == "demo" else method) and directions.rca is not None
         report = json.loads((anim / gen / "report.json").read_text())
         assert len(report["directions"]) == 16 and (anim / gen / "index.html").is_file()
-        assert set(report["ground_truth"]["methods"]) == {"learned", "sefa", "pca", "random", "coordinate"}
+        gt = report["ground_truth"]
+        assert set(gt["methods"]) == {"learned", "sefa", "pca", "random", "coordinate", "supervised"}
+        assert gt["recoverable"] == gt["methods"]["supervised"]["recovered"] and gt["null"]["sets"] == 2
+        assert gt["validation"]["checks"] and gt["thresholds_from"] == "known-answer sweeps"
+        assert all("effect_dci" in t and t["recoverable"] == gt["recoverable"] for t in gt["methods"].values())
         assert (anim / gen / report["ground_truth"]["heatmap"]).is_file()
         assert "Ground truth on the phantom" in (anim / gen / "index.html").read_text()
         assert len(list((anim / gen).glob("direction_*.gif"))) == 16
@@ -49,10 +54,10 @@ def test_whole_pipeline_at_the_smallest_sizes_then_cached_then_from_a_stage(tmp_
     assert "| train_gan | dcgan |" in block and "| learned |" in block and "| dcgan | 6 |" in block
     assert len(list((tmp_path / "Animations" / "examples").glob("*.gif"))) == 2
     readme = tmp_path / "README.md"
-    readme.write_text(f"intro\n{results.BEGIN}\nold\n{results.END}\nrest\n")
+    readme.write_text(f"intro\n{results.BEGIN}\nSTALE-BLOCK\n{results.END}\nrest\n")
     results.main(results.Settings(run="t", root=str(tmp_path), examples=0, readme=str(readme)))
     text = readme.read_text()
-    assert text.startswith("intro\n") and text.endswith("rest\n") and "old" not in text and "| dcgan |" in text
+    assert text.startswith("intro\n") and text.endswith("rest\n") and "STALE-BLOCK" not in text and "| dcgan |" in text
 
     # a rerun with the same settings skips every stage
     again = pipeline.main(cfg)

@@ -1,0 +1,205 @@
+"""MIG and DCI of direction methods by the published protocol for them (Khrulkov et al. 2021, "Disentangled
+representations from non-disentangled models"; the protocol DisCo, ICLR 2022, also uses).
+
+    python -m latentct.disentanglement --generator runs/demo/dcgan/generator.pt \
+        --directions runs/demo/dcgan_demo/directions.pt runs/demo/dcgan_sefa/directions.pt ... \
+        --output Animations/demo/dcgan_disentanglement
+
+For each method an encoder is trained by MSE on generated images G(z) to predict z's coordinates along the
+method's directions (the least-squares coordinates of z in the direction basis); applied to phantom slices
+with known factors it gives codes. As disentanglement_lib does: MIG discretises each code into 20 histogram
+bins and uses scikit-learn's ``mutual_info_score``; the factors are discretised into 20 equal-frequency bins
+(the breast factor's 0, no visible breast, is a bin of its own); DCI trains scikit-learn's exact
+``GradientBoostingClassifier`` per factor on the codes (disentanglement_lib's choice) and reads disentanglement
+and completeness off its feature importances. The slices are the oracle's kind: fresh patients, rendered and
+preprocessed like the dataset, with their visible factors.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from latentct.data import hu_to_unit
+from latentct.directions import load_directions
+from latentct.generators import generator_info
+from latentct.io import atomic_write_json
+from latentct.phantom import FACTORS
+from latentct.settings import check, run_cli, save_settings, setting
+
+BINS = 20  # disentanglement_lib's num_bins for MIG
+
+
+@dataclass
+class Settings:
+    """MIG and DCI of one or more direction methods of a generator, on phantom slices with known factors."""
+
+    generator: str = setting("runs/demo/dcgan/generator.pt", "the generator the directions belong to")
+    directions: list[str] = setting([], "directions.pt files to score")
+    output: str = setting("Animations/demo/dcgan_disentanglement", "folder for disentanglement.json")
+    slices: int = setting(2000, "phantom slices with known factors the encoders are applied to")
+    render_size: int = setting(128, "matrix size the phantom is rendered at (the dataset's)")
+    encoder_steps: int = setting(1500, "training steps of each method's encoder")
+    batch_size: int = setting(64, "generated images per encoder step")
+    train_fraction: float = setting(0.8, "share of the slices the DCI classifiers train on (the rest scores them)")
+    seed: int = setting(0, "seed")
+
+    def __post_init__(self):
+        check(len(self.directions) >= 1, "directions", "needs at least one directions.pt")
+        check(0 < self.train_fraction < 1, "train_fraction", "must be in (0, 1)")
+        check(self.slices >= 2 * BINS, "slices", f"needs at least {2 * BINS} slices for {BINS} bins")
+
+
+class CodeEncoder(nn.Module):
+    """Strided convolutions to 4 x 4 and a linear map to the K coordinates."""
+
+    def __init__(self, image_size: int, codes: int, width: int = 16):
+        super().__init__()
+        layers, c, size, level = [], 1, image_size, 0
+        while size > 4:
+            out = min(width * 2 ** level, 8 * width)
+            layers += [nn.Conv2d(c, out, 4, 2, 1), nn.BatchNorm2d(out), nn.LeakyReLU(0.2)]
+            c, size, level = out, size // 2, level + 1
+        self.net = nn.Sequential(*layers, nn.Flatten(), nn.Linear(c * 16, codes))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def coordinates(z: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
+    """(N, K) least-squares coordinates of latents z (N, d) in the basis of the K directions (K, d)."""
+    return torch.linalg.lstsq(matrix.t().double(), z.t().double()).solution.t().float()
+
+
+def train_encoder(G, matrix: torch.Tensor, image_size: int, steps: int, batch: int, seed: int) -> CodeEncoder:
+    """An encoder trained by MSE to predict the direction coordinates of z from G(z)."""
+    torch.manual_seed(seed)
+    encoder = CodeEncoder(image_size, matrix.shape[0])
+    opt = torch.optim.Adam(encoder.parameters(), lr=1e-3)
+    gen = torch.Generator().manual_seed(seed + 1)
+    for _ in tqdm(range(steps), desc="code encoder", unit="step", leave=False):
+        z = torch.randn(batch, G.latent_dim, generator=gen)
+        with torch.no_grad():
+            images = G(z).float()
+        loss = F.mse_loss(encoder(images), coordinates(z, matrix))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return encoder.eval()
+
+
+def discretize_codes(codes: np.ndarray, bins: int = BINS) -> np.ndarray:
+    """Each column into ``bins`` equal-width histogram bins (disentanglement_lib's _histogram_discretize)."""
+    out = np.zeros(codes.shape, dtype=int)
+    for j in range(codes.shape[1]):
+        edges = np.histogram(codes[:, j], bins)[1][:-1]
+        out[:, j] = np.digitize(codes[:, j], edges)
+    return out
+
+
+def discretize_factors(factors: np.ndarray, bins: int = BINS) -> np.ndarray:
+    """Each factor into ``bins`` equal-frequency bins; the breast factor's exact 0 (nothing visible) gets its
+    own bin and the positive values share the rest."""
+    out = np.zeros(factors.shape, dtype=int)
+    for j, name in enumerate(FACTORS):
+        col = factors[:, j]
+        if name == "breast_size":
+            positive = col > 0
+            out[~positive, j] = 0
+            if positive.any():
+                out[positive, j] = 1 + _quantile_bins(col[positive], bins - 1)
+        else:
+            out[:, j] = _quantile_bins(col, bins)
+    return out
+
+
+def _quantile_bins(values: np.ndarray, bins: int) -> np.ndarray:
+    edges = np.quantile(values, np.linspace(0, 1, bins + 1)[1:-1])
+    return np.searchsorted(edges, values, side="right")
+
+
+def mig(codes_d: np.ndarray, factors_d: np.ndarray) -> dict:
+    """Mutual information gap: per factor, the gap between the two codes most informative of it, over the
+    factor's entropy; averaged over factors."""
+    from sklearn.metrics import mutual_info_score
+
+    K, Fn = codes_d.shape[1], factors_d.shape[1]
+    mi = np.array([[mutual_info_score(factors_d[:, f], codes_d[:, k]) for f in range(Fn)] for k in range(K)])
+    entropy = np.array([mutual_info_score(factors_d[:, f], factors_d[:, f]) for f in range(Fn)])
+    top = np.sort(mi, axis=0)[::-1]
+    second = top[1] if K > 1 else np.zeros(Fn)
+    gaps = (top[0] - second) / np.maximum(entropy, 1e-12)
+    return {"mig": float(gaps.mean()), "per_factor": dict(zip(FACTORS, gaps.round(4).tolist()))}
+
+
+def dci(codes: np.ndarray, factors_d: np.ndarray, train_fraction: float, seed: int) -> dict:
+    """DCI disentanglement, completeness and informativeness from gradient-boosted tree classifiers."""
+    from sklearn.ensemble import GradientBoostingClassifier
+
+    n_train = int(len(codes) * train_fraction)
+    K, Fn = codes.shape[1], factors_d.shape[1]
+    importance = np.zeros((K, Fn))
+    accuracy = []
+    for f in tqdm(range(Fn), desc="DCI classifiers", unit="factor", leave=False):
+        model = GradientBoostingClassifier(random_state=seed)
+        model.fit(codes[:n_train], factors_d[:n_train, f])
+        importance[:, f] = np.abs(model.feature_importances_)
+        accuracy.append(float(model.score(codes[n_train:], factors_d[n_train:, f])))
+    total = importance.sum()
+    p_codes = importance / np.maximum(importance.sum(1, keepdims=True), 1e-12)
+    d_codes = 1 - _entropy_rows(p_codes, Fn)
+    rho = importance.sum(1) / max(total, 1e-12)
+    p_factors = (importance / np.maximum(importance.sum(0, keepdims=True), 1e-12)).T
+    c_factors = 1 - _entropy_rows(p_factors, K)
+    weight = importance.sum(0) / max(total, 1e-12)  # as disentanglement_lib: factors weighted by importance
+    return {"disentanglement": float((rho * d_codes).sum()), "completeness": float((weight * c_factors).sum()),
+            "informativeness": float(np.mean(accuracy))}
+
+
+def _entropy_rows(p: np.ndarray, base: int) -> np.ndarray:
+    with np.errstate(divide="ignore", invalid="ignore"):
+        terms = np.where(p > 0, -p * np.log(p), 0.0)
+    return terms.sum(1) / math.log(max(base, 2))
+
+
+def score(G, directions, slices: torch.Tensor, factors: np.ndarray, cfg: Settings) -> dict:
+    """MIG and DCI of one direction method."""
+    encoder = train_encoder(G, directions.matrix, slices.shape[-1], cfg.encoder_steps, cfg.batch_size, cfg.seed)
+    with torch.no_grad():
+        codes = torch.cat([encoder(part) for part in slices.split(512)]).numpy()
+    factors_d = discretize_factors(factors)
+    return {"method": directions.method, "directions_count": directions.count, **mig(discretize_codes(codes), factors_d),
+            **{f"dci_{k}": v for k, v in dci(codes, factors_d, cfg.train_fraction, cfg.seed).items()}}
+
+
+def main(cfg: Settings) -> dict:
+    from latentct.oracle import render_slices
+
+    out = Path(cfg.output)
+    out.mkdir(parents=True, exist_ok=True)
+    save_settings(cfg, out / "config.json")
+    info = generator_info(cfg.generator)
+    size = int(info["args"]["image_size"])
+    hu, factors = render_slices(cfg.slices, size, cfg.seed, 4, cfg.render_size, desc="phantom slices for MIG/DCI")
+    slices = hu_to_unit(hu, info["window"])
+    rows = []
+    for path in cfg.directions:
+        directions, G = load_directions(path, cfg.generator)
+        rows.append({"file": str(path), **score(G, directions, slices, factors.numpy(), cfg)})
+        print(f"{directions.method}: MIG {rows[-1]['mig']:.3f}, DCI D {rows[-1]['dci_disentanglement']:.3f} "
+              f"C {rows[-1]['dci_completeness']:.3f}")
+    result = {"generator": cfg.generator, "protocol": "Khrulkov et al. 2021 (encoder on generated images -> "
+              "direction coordinates; MIG with 20 histogram bins; DCI with GradientBoostingClassifier)",
+              "slices": cfg.slices, "methods": rows}
+    atomic_write_json(out / "disentanglement.json", result)
+    return result
+
+
+if __name__ == "__main__":
+    run_cli(main, Settings, prog="python -m latentct.disentanglement")
