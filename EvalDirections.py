@@ -30,7 +30,7 @@ from latentct.images import display, make_grid, save_grid, save_png
 from latentct.io import atomic_write_json
 from latentct.phantom import FACTORS
 from latentct.render import chart, direction_gif, grid_gif, heatmap, recovered_plot, sweep_plan
-from latentct.report import describe, sweep
+from latentct.report import describe, fold_axes, realism, sweep
 from latentct.settings import UserError, check, run_cli, save_settings, setting
 
 
@@ -140,6 +140,20 @@ def main(cfg: Settings) -> dict:
     return report
 
 
+def _real_reference(dataset, window, count: int) -> torch.Tensor | None:
+    """Up to ``count`` evenly spread test slices (train split when there is no test split) in the generator's
+    window, the reference the sweeps' realism is measured against; None without a dataset."""
+    if not dataset or not Path(dataset, "manifest.json").is_file():
+        return None
+    split = CTSlices(dataset, "test", window=window)
+    if len(split) < 4:
+        split = CTSlices(dataset, "train", window=window)
+    if len(split) < 4:
+        return None
+    picks = torch.linspace(0, len(split) - 1, min(count, len(split))).round().long().tolist()
+    return torch.stack([split[i] for i in picks])
+
+
 def _read_report(out: Path, directions_file: str) -> dict:
     path = out / "report.json"
     if not path.is_file():
@@ -164,6 +178,10 @@ def animate(cfg: Settings, directions, G, generator_file: Path, info: dict, wind
     images = display(sweep(G, directions, ks, unique, grid_z), window, cfg.display_window)
     report_images = sweep(G, directions, ks, report_eps, report_z)
     rows = describe(report_images, report_eps, window, spacing, ks)
+    real = _real_reference(dataset, window, 2 * cfg.report_samples)
+    if real is not None:  # how far each sweep stays realistic
+        for row, item in zip(rows, realism(report_images, report_eps, real)):
+            row["realism"] = item
     for i, (k, row) in enumerate(zip(ks, rows)):
         row["gif"] = f"direction_{k:03d}.gif"
         direction_gif(images[i, frame_index, 0], eps, scale, out / row["gif"], cfg.frame_ms)
@@ -183,7 +201,8 @@ def animate(cfg: Settings, directions, G, generator_file: Path, info: dict, wind
               "directions_file": str(cfg.directions), "method": directions.method, "directions_count": directions.count,
               "rca": directions.rca, "shift_scale": scale, "display_window": list(parse_window(cfg.display_window)),
               "spacing_mm": spacing, "spacing_note": spacing_note, "directions": rows,
-              "groups": groups, "samples": "samples.png", "ground_truth": None}
+              "groups": groups, "samples": "samples.png", "ground_truth": None, "axes": fold_axes(rows)}
+    report["distinct_effects"] = len(report["axes"])
     report["real"] = real_slices(cfg, G, directions, rows, window, dataset, generator_file, scale, out)
     return report, report_images
 
@@ -232,8 +251,8 @@ def ground_truth(cfg: Settings, directions, G, generator_file: Path, window, dat
     recovered_plot(methods, leakage_max, out / "recovered_curve.png")
     return {"oracle_sha256": oracle.sha256, "oracle_path": str(oracle.path), "oracle_r2": oracle.r2,
             "validation": _validation_summary(validation), "r2_min": r2_min, "leakage_max": leakage_max,
-            "thresholds_from": "known-answer sweeps" if limits and cfg.r2_min is None and cfg.leakage_max is None
-            else "settings", "noise_floor": None if floor is None else dict(zip(FACTORS, floor.tolist())),
+            "thresholds_from": (validation or {}).get("thresholds_from", "known-answer sweeps")
+            if limits and cfg.r2_min is None and cfg.leakage_max is None else "settings", "noise_floor": None if floor is None else dict(zip(FACTORS, floor.tolist())),
             "heatmap": f"{out.name}/effect_matrix.png", "curve": f"{out.name}/recovered_curve.png",
             "main": main, "methods": methods, "null": null, "recoverable": recoverable}
 

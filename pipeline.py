@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 import EvalDirections
 import preprocess
+from Training import TrainDisCo, TrainLatentCLR
 from latentct import disentanglement, oracle, phantom, validate
 from latentct.gallery import write_index
 from latentct.io import atomic_write_json
@@ -36,7 +37,9 @@ from Training import TrainDirections, TrainGAN, TrainVAE
 
 STAGES = ("phantom", "preprocess", "train_gan", "train_vae", "oracle", "validate", "directions", "evaluate",
           "ground_truth", "disentanglement")
-BASELINES = ("sefa", "pca", "random", "coordinate")
+BASELINES = ("sefa", "pca", "random", "coordinate", "spectral")  # closed form: Training/TrainDirections.py
+TRAINED = {"disco": TrainDisCo, "latentclr": TrainLatentCLR}         # their own trainers, then RCA on the result
+METHODS = BASELINES + tuple(TRAINED)
 GENERATORS = ("dcgan", "vae")
 
 
@@ -58,7 +61,9 @@ class Settings:
     direction_presets: list[str] = setting(["demo"], "TrainDirections presets, one learned run each")
     direction_steps: int | None = setting(300, "steps of every direction run, baselines included (None: preset's)")
     direction_batch: int | None = setting(48, "batch of every direction run (None: the preset's)")
-    baselines: list[str] = setting(["sefa", "random"], "baseline methods scored beside the learned directions")
+    dcgan_methods: list[str] = setting(["sefa", "random"], "methods scored beside the DCGAN's learned directions")
+    vae_methods: list[str] = setting(["sefa", "random"], "methods scored beside the VAE's learned directions")
+    method_steps: int | None = setting(None, "steps of DisCo and LatentCLR (None: --direction-steps)")
     eval_samples: int = setting(16, "samples per direction for the measurements")
     oracle_steps: int | None = setting(None, "factor oracle training steps (None: latentct/oracle.py's)")
     oracle_slices: int | None = setting(None, "factor oracle training slices (None: latentct/oracle.py's)")
@@ -79,8 +84,9 @@ class Settings:
         for name in self.direction_presets:
             check(name in TrainDirections.PRESETS, "direction_presets",
                   f"{name!r} is not one of {', '.join(TrainDirections.PRESETS)}")
-        for name in self.baselines:
-            check(name in BASELINES, "baselines", f"{name!r} is not one of {', '.join(BASELINES)}")
+        for flag_name in ("dcgan_methods", "vae_methods"):
+            for name in getattr(self, flag_name):
+                check(name in METHODS, flag_name, f"{name!r} is not one of {', '.join(METHODS)}")
 
 
 PRESETS = {
@@ -89,14 +95,14 @@ PRESETS = {
     "tiny": dict(phantom_patients=6, phantom_slices=12, phantom_size=64, image_size=32, gan_steps=6, vae_steps=6,
                  direction_steps=4, direction_batch=8, eval_samples=3, oracle_steps=20, oracle_slices=200,
                  oracle_test_slices=100,
-                 validate_patients=2, null_sets=2, baselines=list(BASELINES)),
+                 validate_patients=2, null_sets=2, dcgan_methods=list(METHODS), vae_methods=["sefa", "random"]),
     # Every baseline beside the learned directions at demo sizes, with MIG and DCI: the README's benchmark table.
-    "benchmark": dict(baselines=list(BASELINES), disentanglement=True),
+    "benchmark": dict(dcgan_methods=list(METHODS), vae_methods=list(METHODS), disentanglement=True),
     # The study on real data: 128 px, its widths and batch, 50 epochs, its direction grid for both generators.
     "paper": dict(image_size=128, gan_preset="paper", gan_steps=None, vae_preset="paper", vae_steps=None,
                   direction_presets=["unit-lenet", "unit-resnet", "ortho-lenet", "ortho-resnet", "100-lenet",
                                      "100-resnet"], direction_steps=None, direction_batch=None, eval_samples=32,
-                  baselines=list(BASELINES)),
+                  dcgan_methods=list(BASELINES), vae_methods=list(BASELINES)),
 }
 
 
@@ -173,14 +179,25 @@ def plan(cfg: Settings) -> list[Job]:
                         runs / gen, "generator.pt", ("preprocess",), lane="main", rank=(g, 0)))
         shared = dict(generator=str(runs / gen / "generator.pt"), seed=cfg.seed, device=cfg.device,
                       steps=cfg.direction_steps, batch_size=cfg.direction_batch)
-        variants = [(p, p, "learned") for p in cfg.direction_presets] + [(m, first_preset, m) for m in cfg.baselines]
+        methods = getattr(cfg, f"{gen}_methods")
+        variants = [(p, p, "learned") for p in cfg.direction_presets] + \
+                   [(m, first_preset, m) for m in methods if m in BASELINES]
         for tag, preset, method in variants:
             out = runs / f"{gen}_{tag}"
             jobs.append(Job("directions", out.name, TrainDirections,
                             _with(TrainDirections, dict(shared, output=str(out), method=method), preset),
                             out, "directions.pt", (gen,), lane="main" if method == "learned" else "pool",
                             rank=(g, 1 if tag == first_preset else 3)))
-        compared = [f"{gen}_{m}" for m in cfg.baselines]
+        compared = [f"{gen}_{m}" for m in methods if m in BASELINES]
+        for m in (m for m in methods if m in TRAINED):  # train, then measure RCA on the frozen result
+            trained, measured = runs / f"{gen}_{m}", runs / f"{gen}_{m}_rca"
+            jobs.append(Job("directions", trained.name, TRAINED[m], _with(TRAINED[m], dict(
+                generator=shared["generator"], seed=cfg.seed, device=cfg.device, output=str(trained),
+                steps=cfg.method_steps or cfg.direction_steps), "demo"), trained, "directions.pt", (gen,)))
+            jobs.append(Job("directions", measured.name, TrainDirections, _with(TrainDirections, dict(
+                shared, output=str(measured), method="file", directions_file=str(trained / "directions.pt")),
+                first_preset), measured, "directions.pt", (trained.name,)))
+            compared.append(measured.name)
         if phantom_run:  # the supervised ceiling: its directions only, no reconstructor
             out = runs / f"{gen}_supervised"
             jobs.append(Job("directions", out.name, TrainDirections, _with(TrainDirections, dict(
@@ -217,7 +234,7 @@ def _priority(job: Job) -> int:
     """Order of the jobs after the first gallery: the long generator training first (the rest waits on it),
     then learned directions and their galleries, the validation, the baselines, and the ground truth last."""
     if job.stage == "directions":
-        return 1 if job.cfg.method == "learned" else 4
+        return 1 if getattr(job.cfg, "method", None) == "learned" else 4
     return {"train_gan": 0, "oracle": 0, "train_vae": 0, "evaluate": 2, "validate": 3,
             "ground_truth": 5, "disentanglement": 5}.get(job.stage, 0)
 

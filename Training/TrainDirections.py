@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
-from latentct.baselines import baseline_matrix, supervised
-from latentct.directions import make_shifts, reconstructor_accuracy, save_directions, step_losses
+from latentct.baselines import baseline_matrix, spectral, supervised
+from latentct.directions import load_directions, make_shifts, reconstructor_accuracy, save_directions, step_losses
 from latentct.generators import load_generator
 from latentct.images import display, save_grid
 from latentct.io import atomic_torch_save
@@ -30,7 +30,7 @@ from latentct.training import LossMeter, TrainerSettings, log_losses, progress_b
 from models.deformator import KINDS, Deformator, FixedDirections
 from models.reconstructor import make_reconstructor
 
-METHODS = ("learned", "sefa", "pca", "random", "coordinate", "supervised")
+METHODS = ("learned", "sefa", "pca", "random", "coordinate", "spectral", "supervised", "file")
 
 
 @dataclass
@@ -59,6 +59,11 @@ class Settings(TrainerSettings):
     rca: bool = setting(True, "for fixed directions (the baselines): train a fresh reconstructor for --steps to "
                         "measure their RCA like the learned directions'; off: directions only, RCA not measured")
     oracle: str | None = setting(None, "factor oracle (oracle.pt) the supervised method reads G(z) with")
+    feature_layer: str | None = setting(None, "the layer whose Jacobian the spectral method decomposes (default per "
+                                        "generator: latentct/features.py)")
+    directions_file: str | None = setting(None, "with --method file: a directions.pt (DisCo, LatentCLR) whose frozen "
+                                          "directions get a fresh reconstructor, so their RCA is measured like a "
+                                          "baseline's")
     supervised_samples: int = setting(2048, "latents the supervised method fits on (half as many more score the fit)")
     batch_size: int = setting(128, "image pairs per step and process")
     steps: int = setting(3000, "optimiser steps")
@@ -73,6 +78,8 @@ class Settings(TrainerSettings):
               "must be between 0 and --shift-scale")
         check(self.method != "supervised" or self.oracle is not None, "oracle",
               "the supervised method needs a factor oracle (python -m latentct.oracle writes one)")
+        check(self.method != "file" or self.directions_file is not None, "directions_file",
+              "--method file needs the directions.pt whose RCA to measure")
         check(self.rca or self.method != "learned", "rca", "the learned method always trains its reconstructor")
 
 
@@ -109,24 +116,31 @@ def main(cfg: Settings) -> dict:
 
     # Models: G frozen (no weight gradients ever), the deformator (or fixed baseline directions), the reconstructor.
     G = load_generator(cfg.generator, rt.device).to(memory_format=fmt)
-    extra = {}  # what a method reports beside its directions (the supervised fit)
+    extra, method = {}, cfg.method  # what a method reports beside its directions; its name in the artifact
     if cfg.method == "learned":
         d_args = dict(directions_count=cfg.directions_count, latent_dim=G.latent_dim, bias=cfg.deformator_bias,
                       random_init=cfg.random_init, seed=cfg.seed)
         with user_errors():
             deformator = Deformator(cfg.deformator, **d_args).to(rt.device)
-    elif cfg.method == "supervised":
+    elif cfg.method in ("supervised", "spectral", "file"):
         d_args = None
-        matrix, extra = supervised(G, load_oracle(cfg.oracle), G.window, cfg.supervised_samples, cfg.seed)
+        if cfg.method == "supervised":
+            matrix, extra = supervised(G, load_oracle(cfg.oracle), G.window, cfg.supervised_samples, cfg.seed)
+        elif cfg.method == "spectral":
+            matrix, extra = spectral(G, cfg.directions_count, cfg.feature_layer, seed=cfg.seed)
+        else:
+            source, _ = load_directions(cfg.directions_file, cfg.generator)
+            matrix, method = source.matrix, source.method
+            extra = dict(source.extra, trained_by=str(cfg.directions_file), training=source.state.get("settings"))
         deformator = FixedDirections(matrix).to(rt.device)
     else:
         d_args = None
         deformator = FixedDirections(baseline_matrix(cfg.method, G.cpu(), cfg.directions_count, cfg.seed)).to(rt.device)
         G.to(rt.device)
     if not cfg.rca and not deformator.trainable:  # the directions alone: nothing to train
-        save_directions(run.path / "directions.pt", cfg.method, deformator, cfg.generator, settings_dict(cfg), None,
+        save_directions(run.path / "directions.pt", method, deformator, cfg.generator, settings_dict(cfg), None,
                         extra=extra)
-        print(f"directions ({cfg.method}, K={deformator.directions_count}, RCA not measured) -> "
+        print(f"directions ({method}, K={deformator.directions_count}, RCA not measured) -> "
               f"{run.path / 'directions.pt'}")
         return {}
     K = deformator.directions_count
@@ -188,11 +202,11 @@ def main(cfg: Settings) -> dict:
     # Save: the directions artifact every later stage reads, and the reconstructor.
     if rt.is_main:
         rca = last_eval.get("rca")
-        save_directions(run.path / "directions.pt", cfg.method, unwrap(deformator), cfg.generator,
+        save_directions(run.path / "directions.pt", method, unwrap(deformator), cfg.generator,
                         settings_dict(cfg), rca, d_args, extra=extra)
         atomic_torch_save({k: v.cpu() for k, v in unwrap(reconstructor).state_dict().items()},
                           run.path / "reconstructor.pt")
-        print(f"directions ({cfg.method}, K={K}): RCA {rca} -> {run.path / 'directions.pt'}")
+        print(f"directions ({method}, K={K}): RCA {rca} -> {run.path / 'directions.pt'}")
     return last_eval
 
 

@@ -80,10 +80,66 @@ def main(cfg: Settings) -> dict:
           f"K {cfg.directions_count}, {cfg.reconstructor}")
     for name, value in rows.items():
         print(f"  {name:24s} {value:7.2f} steps/s  {value / naive:5.2f}x")
-    result = {"cpu": rows}
+    result = {"cpu": rows, "methods": method_steps(cfg, rows["split + channels_last"])}
     if torch.cuda.is_available():
         result["gpu"] = gpu_rows(cfg)
     return result
+
+
+def method_steps(cfg: Settings, voynov: float) -> dict:
+    """One step of each other discovery method against the Voynov step (split + channels_last, the default) in
+    the same run: DisCo and LatentCLR at their demo presets, and the time to compute the spectral directions."""
+    from Training import TrainDisCo, TrainLatentCLR
+    from latentct.baselines import spectral
+    from latentct.features import default_layer, layer_features
+
+    torch.manual_seed(0)
+    G = Generator(32, cfg.image_size, cfg.ngf).apply(weights_init).eval().requires_grad_(False)
+    K = cfg.directions_count
+    out = {}
+
+    disco_cfg = TrainDisCo.Settings(**TrainDisCo.PRESETS["demo"])
+    navigator = Deformator("proj", K, 32, random_init=True)
+    encoder = TrainDisCo.VariationEncoder(cfg.image_size, disco_cfg.code_size, disco_cfg.encoder_width)
+    opt = torch.optim.Adam([*navigator.parameters(), *encoder.parameters()], 1e-3)
+
+    def disco_step():
+        loss, *_ = TrainDisCo.disco_losses(G, navigator, encoder, disco_cfg, K, 32, "cpu")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    clr_cfg = TrainLatentCLR.Settings(**TrainLatentCLR.PRESETS["demo"])
+    directions = TrainLatentCLR.GlobalDirections(K, 32)
+    features = layer_features(G, default_layer(G))
+    clr_opt = torch.optim.Adam(directions.parameters(), 1e-3)
+
+    def clr_step():
+        z = torch.randn(clr_cfg.batch_size, 32)
+        with torch.no_grad():
+            base = torch.nn.functional.normalize(features(z), dim=1)
+        moved = torch.nn.functional.normalize(features((z[None] + clr_cfg.alpha * directions.unit()[:, None])
+                                                       .reshape(K * clr_cfg.batch_size, -1)), dim=1)
+        loss, _ = TrainLatentCLR.contrastive_loss(torch.nn.functional.normalize(moved - base.repeat(K, 1), dim=1), K,
+                                                  clr_cfg.temperature)
+        clr_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        clr_opt.step()
+
+    for name, step in (("disco (demo preset)", disco_step), ("latentclr (demo preset)", clr_step)):
+        for _ in range(2):
+            step()
+        started = time.perf_counter()
+        for _ in range(cfg.steps):
+            step()
+        out[name] = cfg.steps / (time.perf_counter() - started)
+    started = time.perf_counter()
+    spectral(G, K, samples=64)
+    out["spectral: seconds for all directions"] = time.perf_counter() - started
+    print(f"other methods, CPU (the Voynov step, split + channels_last: {voynov:.2f} steps/s):")
+    for name, value in out.items():
+        print(f"  {name:38s} {value:7.2f}" + ("" if name.startswith("spectral") else f" steps/s  {value / voynov:5.2f}x"))
+    return out
 
 
 def gpu_rows(cfg: Settings) -> dict:

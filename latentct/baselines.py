@@ -133,3 +133,62 @@ def supervised(G, oracle, window, samples: int = 2048, seed: int = 0) -> tuple[t
             "samples": samples}
     return directions.float(), info
 
+
+
+def spectral(G, count: int, layer: str | None = None, samples: int = 64, seed: int = 0, iterations: int = 4,
+             exact_up_to: int = 256) -> tuple[torch.Tensor, dict]:
+    """(K, d) unit directions: the top eigenvectors of E_z[J^T J], J the Jacobian of an intermediate layer's
+    output with respect to z (Khrulkov et al. 2021; for a linear first layer this is SeFa). Jacobian-vector
+    products by forward-mode autodiff; up to ``exact_up_to`` latent dimensions the d x d matrix is formed
+    exactly, above it a randomised subspace iteration with J^T J products (forward then reverse mode) finds the
+    top ``count`` eigenvectors."""
+    from latentct.features import default_layer, layer_features
+
+    layer = layer or default_layer(G)
+    features = layer_features(G, layer)
+    d = G.latent_dim
+    gen = torch.Generator().manual_seed(seed * 7919 + 29)
+    z = torch.randn(samples, d, generator=gen)
+
+    def jvp(points: torch.Tensor, tangents: torch.Tensor) -> torch.Tensor:
+        import torch.autograd.forward_ad as fwAD
+
+        with torch.no_grad(), fwAD.dual_level():
+            out = features(fwAD.make_dual(points, tangents))
+            return fwAD.unpack_dual(out).tangent.double()
+
+    def jtj(V: torch.Tensor) -> torch.Tensor:  # (d, p) -> E_z[J^T J V]
+        p = V.shape[1]
+        out = torch.zeros(d, p, dtype=torch.float64)
+        for zi in z.split(max(1, 256 // p)):
+            points = zi.repeat_interleave(p, 0)
+            JV = jvp(points, V.t().float().repeat(len(zi), 1))             # (n * p, m)
+            x = points.clone().requires_grad_(True)
+            with torch.enable_grad():
+                y = features(x).double()
+                grads, = torch.autograd.grad(y, x, grad_outputs=JV)        # rows: J_i^T (J_i v)
+            out += grads.double().reshape(len(zi), p, d).sum(0).t()
+        return out / len(z)
+
+    count = min(count, d)
+    with single_threaded():
+        if d <= exact_up_to:
+            M = torch.zeros(d, d, dtype=torch.float64)
+            eye = torch.eye(d)
+            for zi in z.split(max(1, 2048 // d)):
+                J = jvp(zi.repeat_interleave(d, 0), eye.repeat(len(zi), 1)).reshape(len(zi), d, -1)
+                M += torch.einsum("nim,njm->ij", J, J)
+            values, vectors = torch.linalg.eigh(M / len(z))
+            order = torch.argsort(values, descending=True)[:count]
+            top, top_values = vectors[:, order].t(), values[order]
+        else:
+            Q = torch.linalg.qr(torch.randn(d, count + 8, generator=gen, dtype=torch.float64))[0]
+            for _ in range(iterations):
+                Q = torch.linalg.qr(jtj(Q))[0]
+            small = Q.t() @ jtj(Q)
+            values, vectors = torch.linalg.eigh((small + small.t()) / 2)
+            order = torch.argsort(values, descending=True)[:count]
+            top, top_values = (Q @ vectors[:, order]).t(), values[order]
+    info = {"layer": layer, "samples": samples, "eigenvalues": top_values.tolist(),
+            "solver": "exact" if d <= exact_up_to else f"subspace iteration x{iterations}"}
+    return fix_signs(torch.nn.functional.normalize(top, dim=1)).float().contiguous(), info

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from latentct.io import atomic_write_text
+from latentct.scoring import describe_limits
 
 STYLE = """
 body{font-family:system-ui,sans-serif;margin:24px;background:#111;color:#ddd}
@@ -46,15 +47,31 @@ def write_gallery(folder: Path, report: dict) -> Path:
              f"lights up at 0. Pictures in the HU window {report['display_window']}.</p>"]
     if report.get("spacing_note"):
         parts.append(f"<p class='note no'>Units: {_esc(report['spacing_note'])}.</p>")
+    rows_by_k = {r["direction"]: r for r in report["directions"]}
+    if report.get("axes"):
+        parts.append(f"<h2>{len(report['axes'])} distinct effects, strongest first</h2><p class='note'>Directions whose "
+                     "signed effects on the anatomy measurements point the same way (|cosine| &ge; 0.9, v and -v "
+                     "alike) are one axis, shown once; the full list follows.</p><table id='axes'><tbody>")
+        for axis in report["axes"]:
+            lead = rows_by_k[axis["leader"]]
+            others = [k for k in axis["members"] if k != axis["leader"]]
+            parts.append(f"<tr class='axis'><td><img class='gif' src='{_esc(lead['gif'])}' alt='axis {axis['leader']}'>"
+                         f"</td><td>{_esc(axis['label'])}<br><span class='note'>k = {axis['leader']}"
+                         + (f"; also k = {', '.join(map(str, others))}" if others else "") + "</span></td></tr>")
+        parts.append("</tbody></table>")
     parts.append("<h2>Directions</h2><p class='note'>Click a blue header to sort. <i>effect</i>: change over the "
-                 "whole shift range in units of the natural spread between samples, times R2.</p>")
+                 "whole shift range in units of the natural spread between samples, times R2. <i>realistic "
+                 "up to</i>: the largest shift whose frames stay within 1.1 x the sliced Wasserstein distance of "
+                 "real slices to each other (or of the unshifted frames, when larger): beyond it the sweep leaves "
+                 "the data.</p>")
     gt = report.get("ground_truth")
     factor_of = matched_factors(gt)
     parts.append("<table id='directions'><thead><tr><th class='sortable' onclick=\"sortBy('k')\">k</th><th>sweep</th>"
                  "<th>what it does</th><th class='sortable' onclick=\"sortBy('score')\">effect</th>"
                  "<th class='sortable' onclick=\"sortBy('r2')\">R2</th>"
                  "<th class='sortable' onclick=\"sortBy('dis')\">disentanglement</th>"
-                 "<th class='sortable' onclick=\"sortBy('change')\">image change</th><th>matched factor</th></tr></thead><tbody>")
+                 "<th class='sortable' onclick=\"sortBy('change')\">image change</th><th>realistic up to</th>"
+                 "<th>matched factor</th></tr></thead><tbody>")
     for row in report["directions"]:
         k = row["direction"]
         r2 = row["r2"][row["dominant"]]
@@ -63,7 +80,7 @@ def write_gallery(folder: Path, report: dict) -> Path:
             f"data-dis='{row['disentanglement']:.6f}' data-change='{row['image_change']:.6f}'><td>{k}</td>"
             f"<td><img class='gif' src='{_esc(row['gif'])}' alt='direction {k}'></td><td>{_esc(row['label'])}</td>"
             f"<td>{row['score']:.2f}</td><td>{r2:.2f}</td><td>{row['disentanglement']:.2f}</td>"
-            f"<td>{row['image_change']:.3f}</td><td>{factor_of.get(k, '')}</td></tr>")
+            f"<td>{row['image_change']:.3f}</td><td>{_realistic(row)}</td><td>{factor_of.get(k, '')}</td></tr>")
     parts.append("</tbody></table>")
     if gt:
         parts += ground_truth_section(gt)
@@ -85,6 +102,11 @@ def write_gallery(folder: Path, report: dict) -> Path:
     path = folder / "index.html"
     atomic_write_text(path, "\n".join(parts))
     return path
+
+
+def _realistic(row: dict) -> str:
+    item = row.get("realism")
+    return "–" if not item else f"&plusmn;{item['realistic_up_to']:.1f}"
 
 
 def matched_factors(gt: dict | None) -> dict[int, str]:
@@ -126,7 +148,8 @@ def ground_truth_section(gt: dict) -> list[str]:
                      + (f"The oracle on VAE reconstructions of held-out slices: R2 {generated}. " if generated else "")
                      + "</p>")
     parts.append(f"<p class='note'>A factor counts as recovered when its matched direction (Hungarian matching on "
-                 f"R2 &times; effect) reaches R2 &ge; {gt['r2_min']:.2f} with leakage &le; {gt['leakage_max']:.2f} "
+                 f"R2 &times; effect) is as clean as a perfect change of that factor measures: "
+                 f"{_esc(describe_limits(gt['r2_min'], gt['leakage_max']))} "
                  f"(thresholds from the {_esc(gt['thresholds_from'])}: what a perfectly clean factor change scores). "
                  "<i>Effect-D/C</i>: DCI's disentanglement and completeness computed on the direction &times; factor "
                  "effect matrix minus the oracle's noise floor (not Eastwood &amp; Williams' predictive DCI).</p>")

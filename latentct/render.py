@@ -97,7 +97,11 @@ def recovered_plot(methods: dict, threshold: float, path) -> None:
     for name, table in methods.items():
         xs, ys = zip(*table["curve"])
         ax.step(xs, ys, where="post", label=name, lw=1.2)
-    ax.axvline(threshold, color="red", lw=1, ls="--", label=f"threshold {threshold:.2f}")
+    if isinstance(threshold, dict):  # per-factor thresholds: their range
+        low, high = min(threshold.values()), max(threshold.values())
+        ax.axvspan(low, high, color="red", alpha=0.15, label=f"per-factor thresholds {low:.2f}-{high:.2f}")
+    else:
+        ax.axvline(threshold, color="red", lw=1, ls="--", label=f"threshold {threshold:.2f}")
     ax.set_xlabel("leakage threshold")
     ax.set_ylabel("factors recovered")
     ax.set_ylim(-0.2, 6.2)

@@ -91,3 +91,52 @@ def describe(images: torch.Tensor, eps: torch.Tensor, window, spacing: float, ks
 def _num(value) -> float:
     value = float(value)
     return value if math.isfinite(value) else 0.0
+
+
+def fold_axes(rows: list[dict], threshold: float = 0.9) -> list[dict]:
+    """Directions ranked by effect, near-duplicates folded: two directions whose signed effect vectors over the
+    anatomy measurements have |cosine| >= ``threshold`` (v and -v included) are one axis, shown once with its
+    members. Each direction joins the strongest axis it matches; the strongest direction of an axis leads it."""
+    names = list(rows[0]["effect"]) if rows else []
+    vectors = {r["direction"]: np.array([np.sign(r["slope"][m]) * r["effect"][m] * r["r2"][m] for m in names])
+               for r in rows}
+    axes: list[dict] = []
+    for row in sorted(rows, key=lambda r: -r["score"]):
+        v = vectors[row["direction"]]
+        for axis in axes:
+            lead = vectors[axis["leader"]]
+            denom = np.linalg.norm(v) * np.linalg.norm(lead)
+            if denom > 0 and abs(float(v @ lead) / denom) >= threshold:
+                axis["members"].append(row["direction"])
+                break
+        else:
+            axes.append({"leader": row["direction"], "members": [row["direction"]], "label": row["label"],
+                         "score": row["score"]})
+    return axes
+
+
+def realism(images: torch.Tensor, eps: torch.Tensor, real: torch.Tensor, tolerance: float = 0.1) -> list[dict]:
+    """Per direction, how realistic its frames stay along the sweep: the sliced Wasserstein distance of the
+    frames at each shift (all samples) to real slices, and the shift range whose frames stay within
+    (1 + tolerance) x max(real-vs-real distance, distance of the unshifted frames)."""
+    from latentct.metrics import sliced_wasserstein
+
+    K, E, Z = images.shape[:3]
+    real = real[: 2 * Z] if len(real) >= 2 * Z else real
+    half = len(real) // 2
+    floor = sliced_wasserstein(real[:half], real[half:2 * half])["swd"] if half >= 2 else float("nan")
+    reference = real[:Z]
+    centre = int(torch.argmin(eps.abs()))
+    out = []
+    for k in range(K):
+        swd = [sliced_wasserstein(images[k, e], reference[: len(images[k, e])])["swd"] for e in range(E)]
+        limit = (1 + tolerance) * max(floor if math.isfinite(floor) else 0.0, swd[centre])
+        inside = [float(abs(eps[e])) for e in range(E) if swd[e] <= limit]
+        ok_range = 0.0
+        for e in sorted(range(E), key=lambda e: abs(float(eps[e]))):  # the contiguous range around 0
+            if swd[e] > limit:
+                break
+            ok_range = abs(float(eps[e]))
+        out.append({"swd": [round(s, 3) for s in swd], "floor": floor, "limit": limit,
+                    "realistic_up_to": ok_range, "realistic_shifts": inside})
+    return out

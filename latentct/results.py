@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from latentct.io import atomic_write_text
+from latentct.scoring import describe_limits
 from latentct.settings import UserError, run_cli, setting
 
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
@@ -182,13 +183,14 @@ def render(cfg: Settings) -> str:
         parts += ["", f"Known-answer sweeps (seed {v['seed']}; `python -m latentct.validate`): {c['attributed']}/6 "
                   f"attributed, {c['leakage_ok']}/6 with leakage <= {v['leakage_target']}, {c['labels_ok']}/6 labels as "
                   f"expected, {c['pairs_ok']}/{c['pairs']} pairs with their factors on top; thresholds from them: "
-                  f"R2 >= {t['r2_min']:.2f}, leakage <= {t['leakage_max']:.2f}.", "", validation_table(v)]
+                  f"{describe_limits(t['r2_min'], t['leakage_max'])} ({v.get('thresholds_from', 'known-answer sweeps')}).",
+                  "", validation_table(v)]
     for row in galleries:
         report = _read_json(Path(row["output"]) / "report.json")
         if report.get("ground_truth"):
             gt = report["ground_truth"]
             parts += ["", f"**{Path(row['output']).name}**: each factor cell is the matched direction's R2 / leakage; "
-                      f"✓ = recovered (R2 >= {gt['r2_min']:.2f}, leakage <= {gt['leakage_max']:.2f}); effect-D/C: "
+                      "✓ = recovered (as clean as a perfect change of the factor measures: the thresholds above); effect-D/C: "
                       "DCI's formulas on the effect matrix minus the oracle's noise floor.", "",
                       ground_truth_table(gt)]
     return "\n".join(parts) + "\n"

@@ -41,19 +41,33 @@ def attribution(effect: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return own, leakage
 
 
-def match_factors(r2: np.ndarray, effect: np.ndarray, r2_min: float, leakage_max: float,
-                  factors=FACTORS) -> dict:
+def _per_factor(limit, factor: str) -> float:
+    """A threshold given for all factors (a number) or per factor (a dict)."""
+    return float(limit[factor]) if isinstance(limit, dict) else float(limit)
+
+
+def describe_limits(r2_min, leakage_max) -> str:
+    """The thresholds in words: one pair for all factors, or per factor."""
+    if not isinstance(r2_min, dict) and not isinstance(leakage_max, dict):
+        return f"R2 >= {r2_min:.2f} and leakage <= {leakage_max:.2f}"
+    return "; ".join(f"{f}: R2 >= {_per_factor(r2_min, f):.2f}, leakage <= {_per_factor(leakage_max, f):.2f}"
+                     for f in FACTORS)
+
+
+def match_factors(r2: np.ndarray, effect: np.ndarray, r2_min, leakage_max, factors=FACTORS) -> dict:
     """Directions (rows) matched one-to-one to factors (columns) by the Hungarian method on R2 x effect.
     Per factor: the matched direction, its R2, effect and leakage (share of its effect on other factors), and
-    whether it counts as recovered (R2 >= r2_min and leakage <= leakage_max). Every direction's own dominant
-    factor and leakage are given too, for the gallery: a direction is shown as a factor only where recovered."""
+    whether it counts as recovered (R2 >= r2_min and leakage <= leakage_max; each a number or per factor).
+    Every direction's own dominant factor and leakage are given too, for the gallery: a direction is shown as
+    a factor only where recovered."""
     rows, cols = linear_sum_assignment(-(r2 * effect))
     dominant, leak = attribution(effect)
     per = {}
     for k, f in zip(rows, cols):
         total = effect[k].sum()
         leakage = float((total - effect[k, f]) / total) if total > 0 else 1.0
-        ok = bool(r2[k, f] >= r2_min and leakage <= leakage_max)
+        name = factors[f]
+        ok = bool(r2[k, f] >= _per_factor(r2_min, name) and leakage <= _per_factor(leakage_max, name))
         per[factors[f]] = {"direction": int(k), "r2": float(r2[k, f]), "effect": float(effect[k, f]),
                            "leakage": leakage, "recovered": ok}
     return {"factors": per, "recovered": sum(v["recovered"] for v in per.values()),
@@ -62,12 +76,13 @@ def match_factors(r2: np.ndarray, effect: np.ndarray, r2_min: float, leakage_max
                            for k in range(len(effect))]}
 
 
-def recovered_curve(r2: np.ndarray, effect: np.ndarray, r2_min: float, thresholds=None) -> list[tuple]:
-    """Recovered factors as a function of the leakage threshold (the matching does not depend on it)."""
+def recovered_curve(r2: np.ndarray, effect: np.ndarray, r2_min, thresholds=None) -> list[tuple]:
+    """Recovered factors as a function of one leakage threshold for all factors (the matching does not depend
+    on it); r2_min as in match_factors."""
     thresholds = np.linspace(0, 1, 21) if thresholds is None else thresholds
     table = match_factors(r2, effect, r2_min, 1.0)
-    return [(float(t), sum(v["r2"] >= r2_min and v["leakage"] <= t for v in table["factors"].values()))
-            for t in thresholds]
+    return [(float(t), sum(v["r2"] >= _per_factor(r2_min, f) and v["leakage"] <= t
+                           for f, v in table["factors"].items())) for t in thresholds]
 
 
 def effect_dci(effect: np.ndarray, floor: np.ndarray | None = None) -> dict:

@@ -20,24 +20,30 @@ def test_whole_pipeline_at_the_smallest_sizes_then_cached_then_from_a_stage(tmp_
     assert summary["first_gallery_seconds"] == summary["stages"][4]["finished_at"] <= summary["wall_seconds"]
     assert stages.count("evaluate") == 2
     assert stages.count("ground_truth") == 2 and stages.count("oracle") == 1 and not summary["pending"]
-    assert stages.count("validate") == 1 and stages.count("directions") == 12  # + the supervised ceiling x 2
+    # DCGAN: learned, 5 closed-form methods, DisCo and LatentCLR each trained then RCA-measured, supervised;
+    # VAE: learned, SeFa, random, supervised
+    assert stages.count("validate") == 1 and stages.count("directions") == 11 + 4
     data, runs, anim = tmp_path / "data" / "t", tmp_path / "runs" / "t", tmp_path / "Animations" / "t"
 
     # every artifact exists and loads
     assert (data / "phantom" / "phantom_factors.csv").is_file()
     assert np.load(data / "slices_32" / "train.npy", mmap_mode="r").shape[1:] == (1, 32, 32)
+    scored = {"dcgan": ("sefa", "pca", "random", "coordinate", "spectral", "disco", "latentclr"),
+              "vae": ("sefa", "random")}
     for gen in ("dcgan", "vae"):
         G = load_generator(runs / gen / "generator.pt")
         assert G(torch.zeros(2, G.latent_dim)).shape == (2, 1, 32, 32)
-        for method in ("demo", "sefa", "pca", "random", "coordinate"):
-            directions, _ = load_directions(runs / f"{gen}_{method}" / "directions.pt")
+        for method in ("demo", *scored[gen]):
+            folder = f"{gen}_{method}_rca" if method in pipeline.TRAINED else f"{gen}_{method}"
+            directions, _ = load_directions(runs / folder / "directions.pt")
             assert directions.method == ("learned" if method == "demo" else method) and directions.rca is not None
         report = json.loads((anim / gen / "report.json").read_text())
         assert len(report["directions"]) == 16 and (anim / gen / "index.html").is_file()
         gt = report["ground_truth"]
-        assert set(gt["methods"]) == {"learned", "sefa", "pca", "random", "coordinate", "supervised"}
+        assert set(gt["methods"]) == {"learned", *scored[gen], "supervised"}
+        assert report["distinct_effects"] == len(report["axes"]) >= 1
         assert gt["recoverable"] == gt["methods"]["supervised"]["recovered"] and gt["null"]["sets"] == 2
-        assert gt["validation"]["checks"] and gt["thresholds_from"] == "known-answer sweeps"
+        assert gt["validation"]["checks"] and gt["thresholds_from"] == "known-answer sweeps through the VAE"
         assert all("effect_dci" in t and t["recoverable"] == gt["recoverable"] for t in gt["methods"].values())
         assert (anim / gen / report["ground_truth"]["heatmap"]).is_file()
         assert "Ground truth on the phantom" in (anim / gen / "index.html").read_text()

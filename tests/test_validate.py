@@ -51,6 +51,18 @@ def test_effect_dci_on_known_matrices():
     assert effect_dci(noisy)["disentanglement"] < 0.9
 
 
+def test_per_factor_thresholds():
+    eps = torch.linspace(-1, 1, 5)
+    values = torch.zeros(2, 5, 3, 6)
+    values[0, :, :, 0] = eps[:, None]
+    values[0, :, :, 1] = 0.3 * eps[:, None]   # leakage 0.6 / 2.6 = 0.23
+    values[1, :, :, 1] = eps[:, None]
+    r2, effect = line_effects(values, eps)
+    strict = {f: 0.05 for f in FACTORS}
+    assert match_factors(r2, effect, 0.5, strict)["recovered"] == 1        # z_position leaks too much for 0.05
+    assert match_factors(r2, effect, 0.5, dict(strict, z_position=0.25))["recovered"] == 2
+
+
 def test_null_summary():
     out = null_summary([0, 1, 1, 2, 0, 1], [0.1, 0.2, 0.3, 0.2, 0.1, 0.3])
     assert out["sets"] == 6 and out["recovered"]["mean"] == pytest.approx(5 / 6)
@@ -74,6 +86,9 @@ def test_known_answer_sweeps_score_right_with_exact_factors(seed):
     assert result["checks"]["labels_ok"] >= 5, {f: s["label"] for f, s in result["sweeps"].items()}
     assert result["checks"]["passed"]
     assert sum(result["confusion"]["rotation"].values()) == 6
+    # exact factors move only their own factor: a clean change scores leakage 0 and R2 of about 1
+    assert max(result["thresholds"]["leakage_max"].values()) < 1e-6
+    assert min(result["thresholds"]["r2_min"].values()) > 0.99
 
 
 def test_a_sweep_moves_only_its_factor():
@@ -122,7 +137,8 @@ def test_validate_command_writes_the_schema(tiny_oracle, tmp_path):
     assert set(out["sweeps"]) == set(FACTORS)
     assert {"attributed", "leakage", "label", "expected_label"} <= set(out["sweeps"]["rotation"])
     assert all(set(p) >= {"factors", "top_two"} for p in out["pairs"])
-    assert 0 <= out["thresholds"]["leakage_max"] <= 1 and set(out["noise_floor"]) == set(FACTORS)
+    assert all(0 <= v <= 1 for v in out["thresholds"]["leakage_max"].values()) and set(out["noise_floor"]) == set(FACTORS)
+    assert set(out["thresholds"]["r2_min"]) == set(FACTORS) and out["thresholds_from"] == "known-answer sweeps"
 
 
 # ------------------------------------------------------------------------------------------ supervised ceiling
