@@ -25,7 +25,7 @@ from latentct.embed import embed
 from latentct.baselines import random_orthonormal
 from latentct.scoring import effect_dci, line_effects, match_factors, null_summary, recovered_curve
 from latentct.gallery import write_gallery
-from latentct.generators import generator_info, load_encoder
+from latentct.generators import KINDS, load_encoder, sample_latents
 from latentct.images import display, make_grid, save_grid, save_png
 from latentct.io import atomic_write_json
 from latentct.phantom import FACTORS
@@ -100,18 +100,17 @@ def main(cfg: Settings) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     directions, G = load_directions(cfg.directions, cfg.generator)
     G = G.to(cfg.device, memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
-    generator_file = Path(cfg.generator) if cfg.generator else directions.generator_path()
-    info = generator_info(generator_file)
-    window = tuple(info["window"])
-    dataset = cfg.dataset or info["dataset"]
+    generator_file = cfg.generator or directions.generator_ref()
+    window = G.window  # None: the generator declares no HU window, and anatomy is not measured
+    dataset = cfg.dataset or G.dataset
     scale = cfg.shift_scale or directions.shift_scale
     ks = list(cfg.which) or list(range(directions.count))
     bad = [k for k in ks if not 0 <= k < directions.count]
     if bad:
         raise UserError(f"--which: directions {bad} do not exist (K = {directions.count})")
     gen = torch.Generator().manual_seed(cfg.seed)
-    grid_z = torch.randn(cfg.grid_samples, G.latent_dim, generator=gen)
-    report_z = torch.randn(cfg.report_samples, G.latent_dim, generator=gen)
+    grid_z = sample_latents(G, cfg.grid_samples, gen)
+    report_z = sample_latents(G, cfg.report_samples, gen)
     report_eps = torch.linspace(-scale, scale, cfg.report_shifts)
 
     # What each direction does (GIFs, measurements, real slices), or the report an earlier run wrote.
@@ -120,7 +119,7 @@ def main(cfg: Settings) -> dict:
         report, report_images = _read_report(out, cfg.directions), None
     else:
         save_settings(cfg, out / "config.json")
-        report, report_images = animate(cfg, directions, G, generator_file, info, window, dataset, scale, ks,
+        report, report_images = animate(cfg, directions, G, generator_file, window, dataset, scale, ks,
                                          gen, grid_z, report_z, report_eps, out)
 
     # Ground truth on the phantom: this method beside every --compare file.
@@ -138,6 +137,15 @@ def main(cfg: Settings) -> dict:
     strong = sum(1 for r in rows if r["r2"][r["dominant"]] >= 0.8 and r["score"] > 0.5)
     print(f"evaluated {len(rows)} directions ({strong} with a measurement R2 >= 0.8); gallery: {page}")
     return report
+
+
+def unmeasured(images: torch.Tensor, ks: list[int], why: str) -> list[dict]:
+    """Rows for a generator without a HU window: only how much each direction changes the image."""
+    centre = images.shape[1] // 2
+    change = (images[:, [0, -1]] - images[:, centre:centre + 1]).abs().mean(dim=(1, 2, 3, 4, 5))
+    return [{"direction": k, "slope": {}, "r2": {"none": 0.0}, "effect": {}, "dominant": "none",
+             "score": float(change[i]), "label": why, "disentanglement": 0.0, "image_change": float(change[i])}
+            for i, k in enumerate(ks)]
 
 
 def _real_reference(dataset, window, count: int) -> torch.Tensor | None:
@@ -164,10 +172,11 @@ def _read_report(out: Path, directions_file: str) -> dict:
     return report
 
 
-def animate(cfg: Settings, directions, G, generator_file: Path, info: dict, window, dataset, scale: float,
+def animate(cfg: Settings, directions, G, generator_file: str, window, dataset, scale: float,
             ks: list[int], gen, grid_z, report_z, report_eps, out: Path) -> tuple[dict, torch.Tensor]:
     """GIFs, charts, samples, the per-direction measurements and the real-slice edits; returns the report and
-    the measurement sweep's images (the ground truth reads the same images)."""
+    the measurement sweep's axial images (the ground truth reads the same images). A volume is shown as its
+    three mid-planes side by side and measured on the axial one."""
     spacing, spacing_note = dataset_spacing(dataset)
     if spacing_note:
         print(f"note: {spacing_note}")
@@ -176,9 +185,14 @@ def animate(cfg: Settings, directions, G, generator_file: Path, info: dict, wind
     unique, frame_index = sweep_plan(scale, cfg.frames)
     eps = unique[frame_index]
     images = display(sweep(G, directions, ks, unique, grid_z), window, cfg.display_window)
-    report_images = sweep(G, directions, ks, report_eps, report_z)
-    rows = describe(report_images, report_eps, window, spacing, ks)
-    real = _real_reference(dataset, window, 2 * cfg.report_samples)
+    report_images = sweep(G, directions, ks, report_eps, report_z)[:, :, :, :1]  # the axial plane of a volume
+    if window is None:
+        anatomy = "not measured: the generator declares no output_window (the HU of its output range)"
+        rows = unmeasured(report_images, ks, anatomy)
+    else:
+        anatomy = "measured on the axial mid-plane of each volume" if G.volume else "measured"
+        rows = describe(report_images, report_eps, window, spacing, ks)
+    real = _real_reference(dataset, window, 2 * cfg.report_samples) if window is not None else None
     if real is not None:  # how far each sweep stays realistic
         for row, item in zip(rows, realism(report_images, report_eps, real)):
             row["realism"] = item
@@ -194,16 +208,19 @@ def animate(cfg: Settings, directions, G, generator_file: Path, info: dict, wind
         chart(images[part][:, ::every, 0], out / f"chart{name}.png")
         groups.append({"title": f"directions {name}", "gif": f"directions{name}.gif", "chart": f"chart{name}.png"})
     with torch.no_grad():
-        samples = G(torch.randn(32, G.latent_dim, generator=gen).to(cfg.device)).float()
+        samples = G(sample_latents(G, 32, gen, cfg.device)).float()
     save_grid(display(samples, window, cfg.display_window), out / "samples.png")
 
-    report = {"name": out.name, "generator": str(generator_file), "generator_kind": info["kind"],
+    report = {"name": out.name, "generator": str(generator_file), "generator_kind": G.reference["kind"],
+              "generator_note": G.reference["note"], "volume": G.volume, "anatomy": anatomy,
+              "window": list(window) if window is not None else None,
               "directions_file": str(cfg.directions), "method": directions.method, "directions_count": directions.count,
               "rca": directions.rca, "shift_scale": scale, "display_window": list(parse_window(cfg.display_window)),
               "spacing_mm": spacing, "spacing_note": spacing_note, "directions": rows,
               "groups": groups, "samples": "samples.png", "ground_truth": None, "axes": fold_axes(rows)}
     report["distinct_effects"] = len(report["axes"])
-    report["real"] = real_slices(cfg, G, directions, rows, window, dataset, generator_file, scale, out)
+    report["real"] = [] if G.volume or window is None else real_slices(cfg, G, directions, rows, window, dataset,
+                                                                        generator_file, scale, out)
     return report, report_images
 
 
@@ -211,7 +228,8 @@ def ground_truth(cfg: Settings, directions, G, generator_file: Path, window, dat
                  out: Path) -> dict | None:
     """On the phantom: the direction x factor table of this method and of every --compare file (the supervised
     ceiling among them), the random null, effect-DCI and the scorer's own validation; files in ``out``."""
-    if not dataset or not Path(dataset, "manifest.json").is_file() or not has_factors(dataset):
+    if not dataset or not Path(dataset, "manifest.json").is_file() or not has_factors(dataset) or window is None \
+            or G.volume:
         return None
     oracle = _oracle(cfg, G, window)
     validation = json.loads(Path(cfg.validation).read_text()) if cfg.validation else None
@@ -273,7 +291,7 @@ def _oracle(cfg: Settings, G, window):
 def random_null(cfg: Settings, G, count: int, eps, read, r2_min: float, leakage_max: float, floor) -> dict:
     """``null_sets`` random orthonormal direction sets of the same size, scored like any method: what chance
     alone recovers."""
-    z = torch.randn(cfg.null_samples, G.latent_dim, generator=torch.Generator().manual_seed(cfg.seed + 99991))
+    z = sample_latents(G, cfg.null_samples, torch.Generator().manual_seed(cfg.seed + 99991))
     recovered, dis = [], []
     for s in tqdm(range(cfg.null_sets), desc="random null", unit="set", leave=False):
         matrix = random_orthonormal(G.latent_dim, count, seed=10007 + s)
@@ -303,7 +321,7 @@ def real_slices(cfg: Settings, G, directions, rows, window, dataset, generator_f
     x = torch.stack([test[i] for i in picks]).to(cfg.device)
     if x.shape[-1] != G(torch.zeros(1, G.latent_dim, device=cfg.device)).shape[-1]:
         raise UserError(f"--dataset: {dataset} holds {x.shape[-1]} px slices, the generator makes a different size")
-    encoder = load_encoder(generator_file, cfg.device)
+    encoder = load_encoder(generator_file, cfg.device) if G.reference["kind"] in KINDS else None
     z, mse = embed(G, x, encoder=encoder, steps=0 if encoder is not None else cfg.embed_steps, seed=cfg.seed)
     top = [r["direction"] for r in sorted(rows, key=lambda r: -r["score"])[: cfg.real_directions]]
     unique, frame_index = sweep_plan(scale, cfg.frames)

@@ -75,6 +75,15 @@ class Settings:
     workers: int = setting(2, "processes for the DICOM stages")
     parallel: int = setting(2, "jobs run at once after the main lane, each with cores/parallel threads")
     device: str = setting("auto", "auto, cpu or cuda")
+    generator: str | None = setting(None, "explore your own generator instead (file.py:factory, package.module:factory,"
+                                    " TorchScript or torch.export file, or a generator.pt): no phantom, no training")
+    generator_args: str = setting("{}", "keyword arguments of the --generator factory, as JSON")
+    generator_weights: str | None = setting(None, "weights of the --generator factory's module")
+    latents: str | None = setting(None, "encoded latents to draw z from (autoencoders; python -m latentct.latents)")
+    data: str | None = setting(None, "with --generator: a preprocessed dataset for pixel spacing, real slices and, "
+                               "on the phantom, the ground truth")
+    methods: list[str] = setting(["sefa", "random"], "with --generator: the methods scored beside the learned "
+                                 "directions (those that need forward hooks are left out for TorchScript/export)")
     from_stage: str | None = setting(None, "rerun from this stage on, even where outputs exist",
                                      choices=(None, *STAGES))
 
@@ -145,6 +154,8 @@ def plan(cfg: Settings) -> list[Job]:
     learned directions), whose results must not depend on how many jobs share the machine. The pool runs the
     rest side by side: galleries, closed-form baselines, the oracle, and the ground truth once every method
     is there."""
+    if cfg.generator:
+        return plan_own_generator(cfg)
     root = Path(cfg.root)
     data, runs, anim = root / "data" / cfg.run, root / "runs" / cfg.run, root / "Animations" / cfg.run
     dicom = Path(cfg.lidc) if cfg.lidc else data / "phantom"
@@ -228,6 +239,68 @@ def plan(cfg: Settings) -> list[Job]:
     # first generator) their gallery, then its other learned directions
     main = sorted((j for j in ordered if j.lane == "main"), key=lambda j: j.rank)
     return main + sorted((j for j in ordered if j.lane == "pool"), key=_priority)
+
+
+HOOKED = ("sefa", "pca", "spectral", "latentclr")  # methods that read an intermediate layer through a hook
+
+
+def plan_own_generator(cfg: Settings) -> list[Job]:
+    """A researcher's generator: its learned directions and their gallery first, then the other methods that
+    apply to it; with --data on the phantom, the oracle and the ground truth."""
+    from latentct.data import has_factors
+    from latentct.generators import load_generator
+
+    root = Path(cfg.root)
+    runs, anim = root / "runs" / cfg.run, root / "Animations" / cfg.run
+    options = dict(generator=cfg.generator, generator_args=cfg.generator_args, generator_weights=cfg.generator_weights,
+                   latents=cfg.latents, seed=cfg.seed, device=cfg.device)
+    G = load_generator(cfg.generator, args=json.loads(cfg.generator_args), weights=cfg.generator_weights,
+                       latents=cfg.latents)
+    methods = [m for m in cfg.methods if G.hookable or m not in HOOKED]
+    if len(methods) < len(cfg.methods):
+        print(f"note: {', '.join(m for m in cfg.methods if m not in methods)} left out: a {G.reference['kind']} "
+              "generator runs without forward hooks")
+    shared = dict(options, steps=cfg.direction_steps, batch_size=cfg.direction_batch)
+    preset = cfg.direction_presets[0]
+    jobs = [Job("directions", "model_learned", TrainDirections, _with(TrainDirections, dict(
+        shared, output=str(runs / "model_learned"), method="learned"), preset), runs / "model_learned",
+        "directions.pt", lane="main", rank=(0, 1))]
+    gallery = anim / "model"
+    jobs.append(Job("evaluate", "eval_model", EvalDirections, EvalDirections.Settings(
+        directions=str(runs / "model_learned" / "directions.pt"), output=str(gallery), dataset=cfg.data,
+        report_samples=cfg.eval_samples, seed=cfg.seed, ground_truth="off"), gallery, "index.html",
+        ("model_learned",), lane="main", rank=(0, 2)))
+    compared = []
+    for m in methods:
+        out = runs / f"model_{m}"
+        if m in TRAINED:
+            jobs.append(Job("directions", out.name, TRAINED[m], _with(TRAINED[m], dict(
+                options, output=str(out), steps=cfg.method_steps or cfg.direction_steps), "demo"), out,
+                "directions.pt"))
+            measured = runs / f"model_{m}_rca"
+            jobs.append(Job("directions", measured.name, TrainDirections, _with(TrainDirections, dict(
+                shared, output=str(measured), method="file", directions_file=str(out / "directions.pt")), preset),
+                measured, "directions.pt", (out.name,)))
+            out = measured
+        else:
+            jobs.append(Job("directions", out.name, TrainDirections, _with(TrainDirections, dict(
+                shared, output=str(out), method=m), preset), out, "directions.pt"))
+        compared.append(out.name)
+    if cfg.data and G.window is not None and not G.volume and has_factors(cfg.data):
+        size = int(G(torch.zeros(1, G.latent_dim)).shape[-1])
+        window = ",".join(f"{v:g}" for v in G.window)
+        ocfg = _with(oracle, dict(image_size=size, window=window, root=cfg.root, steps=cfg.oracle_steps,
+                                  train_slices=cfg.oracle_slices, test_slices=cfg.oracle_test_slices,
+                                  render_size=cfg.phantom_size, seed=cfg.seed))
+        oracle_file = oracle.folder_for(ocfg) / "oracle.pt"
+        jobs.append(Job("oracle", "oracle", oracle, ocfg, oracle_file.parent, "oracle.pt"))
+        jobs.append(Job("ground_truth", "truth_model", EvalDirections, EvalDirections.Settings(
+            directions=str(runs / "model_learned" / "directions.pt"), output=str(gallery), dataset=cfg.data,
+            report_samples=cfg.eval_samples, seed=cfg.seed, ground_truth="only", oracle=str(oracle_file),
+            compare=[str(runs / c / "directions.pt") for c in compared], null_sets=cfg.null_sets),
+            gallery / "ground_truth", "ground_truth.json", ("eval_model", "oracle", *compared)))
+    main = sorted((j for j in jobs if j.lane == "main"), key=lambda j: j.rank)
+    return main + sorted((j for j in jobs if j.lane == "pool"), key=_priority)
 
 
 def _priority(job: Job) -> int:

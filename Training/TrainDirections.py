@@ -18,7 +18,7 @@ import torch
 
 from latentct.baselines import baseline_matrix, spectral, supervised
 from latentct.directions import load_directions, make_shifts, reconstructor_accuracy, save_directions, step_losses
-from latentct.generators import load_generator
+from latentct.generators import GeneratorOptions, latent_spread, load_generator, sample_latents
 from latentct.images import display, save_grid
 from latentct.io import atomic_torch_save
 from latentct.oracle import load_oracle
@@ -34,10 +34,11 @@ METHODS = ("learned", "sefa", "pca", "random", "coordinate", "spectral", "superv
 
 
 @dataclass
-class Settings(TrainerSettings):
+class Settings(GeneratorOptions, TrainerSettings):
     """Find interpretable latent directions of a generator without labels."""
 
-    generator: str = setting("runs/demo/dcgan/generator.pt", "generator file (generator.pt of a training run)")
+    generator: str = setting("runs/demo/dcgan/generator.pt", "generator: a generator.pt, file.py:factory, "
+                             "package.module:factory, a TorchScript or a torch.export file (README: your own generator)")
     output: str = setting("runs/demo/dcgan_directions", "run folder for directions.pt, checkpoints and charts")
     method: str = setting("learned", "learned (deformator + reconstructor) or a baseline", choices=METHODS)
     directions_count: int = setting(32, "K, the number of directions")
@@ -47,7 +48,8 @@ class Settings(TrainerSettings):
     reconstructor: str = setting("lenet", "reconstructor network", choices=("lenet", "resnet"))
     reconstructor_width: int | None = setting(None, "reconstructor width (LeNet 2, ResNet 64 when unset)")
     shift_distribution: str = setting("uniform", "distribution of eps", choices=("uniform", "normal"))
-    shift_scale: float = setting(6.0, "eps is drawn in [-shift_scale, shift_scale]; evaluation sweeps the same range")
+    shift_scale: float = setting(6.0, "eps is drawn in [-shift_scale, shift_scale], in units of the latents' spread "
+                                 "(1 for N(0, I)); evaluation sweeps the same range")
     min_shift: float = setting(0.5, "smallest |eps|")
     label_weight: float = setting(1.0, "weight of the direction classification loss")
     shift_weight: float = setting(0.25, "weight of the shift regression loss")
@@ -115,7 +117,8 @@ def main(cfg: Settings) -> dict:
     fmt = memory_format(cfg.channels_last, rt, compiled)
 
     # Models: G frozen (no weight gradients ever), the deformator (or fixed baseline directions), the reconstructor.
-    G = load_generator(cfg.generator, rt.device).to(memory_format=fmt)
+    G = load_generator(cfg.generator, rt.device, **cfg.generator_options()).to(memory_format=fmt)
+    spread = latent_spread(G)  # shifts are given in units of the latents' spread
     extra, method = {}, cfg.method  # what a method reports beside its directions; its name in the artifact
     if cfg.method == "learned":
         d_args = dict(directions_count=cfg.directions_count, latent_dim=G.latent_dim, bias=cfg.deformator_bias,
@@ -138,21 +141,23 @@ def main(cfg: Settings) -> dict:
         deformator = FixedDirections(baseline_matrix(cfg.method, G.cpu(), cfg.directions_count, cfg.seed)).to(rt.device)
         G.to(rt.device)
     if not cfg.rca and not deformator.trainable:  # the directions alone: nothing to train
-        save_directions(run.path / "directions.pt", method, deformator, cfg.generator, settings_dict(cfg), None,
+        save_directions(run.path / "directions.pt", method, deformator, G, settings_dict(cfg), None,
                         extra=extra)
         print(f"directions ({method}, K={deformator.directions_count}, RCA not measured) -> "
               f"{run.path / 'directions.pt'}")
         return {}
     K = deformator.directions_count
-    reconstructor = make_reconstructor(cfg.reconstructor, K, cfg.reconstructor_width).to(rt.device, memory_format=fmt)
+    reconstructor = make_reconstructor(cfg.reconstructor, K, cfg.reconstructor_width, G.planes).to(rt.device,
+                                                                                                  memory_format=fmt)
     optimizers = {"reconstructor": torch.optim.Adam(reconstructor.parameters(), lr=cfg.lr_reconstructor)}
     models = {"reconstructor": reconstructor}
     if deformator.trainable:
         optimizers["deformator"] = torch.optim.Adam(deformator.parameters(), lr=cfg.lr_deformator)
         models["deformator"] = deformator
     architecture = {"method": cfg.method, "deformator": d_args, "K": K, "R": cfg.reconstructor}
-    shift_args = dict(shift_scale=cfg.shift_scale, min_shift=cfg.min_shift, distribution=cfg.shift_distribution)
-    chart_z = torch.randn(1, G.latent_dim, generator=torch.Generator().manual_seed(cfg.seed + 1)).to(rt.device)
+    shift_args = dict(shift_scale=cfg.shift_scale * spread, min_shift=cfg.min_shift * spread,
+                      distribution=cfg.shift_distribution)
+    chart_z = sample_latents(G, 1, torch.Generator().manual_seed(cfg.seed + 1), rt.device)
 
     start = resume(run, cfg, rt, models, optimizers, architecture)
     R, Gc = wrap_ddp(reconstructor, rt), G
@@ -165,7 +170,7 @@ def main(cfg: Settings) -> dict:
     meter, bar, last_eval, done = LossMeter(), progress_bar(run, cfg.steps, start), {}, start
     with StopSignal() as stop:
         for step in range(start, cfg.steps):
-            z = torch.randn(cfg.batch_size, G.latent_dim, device=rt.device)
+            z = sample_latents(G, cfg.batch_size, device=rt.device)
             idx, eps, basis = make_shifts(cfg.batch_size, K, device=rt.device, **shift_args)
             for opt in optimizers.values():
                 opt.zero_grad(set_to_none=True)
@@ -189,7 +194,7 @@ def main(cfg: Settings) -> dict:
                                                                cfg.batch_size, shift_args, rt.device)}
                 run.log({"step": done, "eval": last_eval})
             if rt.is_main and (done % cfg.sample_every == 0 or final):
-                images = direction_chart(G, deformator, chart_z, min(K, 8), cfg.shift_scale)
+                images = direction_chart(G, deformator, chart_z, min(K, 8), cfg.shift_scale * spread)
                 save_grid(display(images, G.window, cfg.display_window), run.path / f"directions_{done:06d}.png", nrow=7)
                 run.plot_losses(["loss", "label_loss", "shift_loss", "accuracy"])
             if checkpoint_now:
@@ -202,7 +207,7 @@ def main(cfg: Settings) -> dict:
     # Save: the directions artifact every later stage reads, and the reconstructor.
     if rt.is_main:
         rca = last_eval.get("rca")
-        save_directions(run.path / "directions.pt", method, unwrap(deformator), cfg.generator,
+        save_directions(run.path / "directions.pt", method, unwrap(deformator), G,
                         settings_dict(cfg), rca, d_args, extra=extra)
         atomic_torch_save({k: v.cpu() for k, v in unwrap(reconstructor).state_dict().items()},
                           run.path / "reconstructor.pt")

@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from latentct.directions import make_shifts, save_directions
-from latentct.generators import load_generator
+from latentct.generators import GeneratorOptions, latent_spread, load_generator, sample_latents
 from latentct.images import display, save_grid
 from latentct.io import atomic_torch_save
 from latentct.rundir import RunDir
@@ -36,10 +36,10 @@ from Training.TrainDirections import direction_chart
 
 
 @dataclass
-class Settings(TrainerSettings):
+class Settings(GeneratorOptions, TrainerSettings):
     """Train DisCo's navigator and contrastive encoder on a frozen generator."""
 
-    generator: str = setting("runs/demo/dcgan/generator.pt", "generator file")
+    generator: str = setting("runs/demo/dcgan/generator.pt", "generator (as Training/TrainDirections.py takes it)")
     output: str = setting("runs/demo/dcgan_disco", "run folder for directions.pt, encoder.pt and charts")
     directions_count: int | None = setting(None, "K (default: the latent size, as the reference's orthogonal navigator)")
     deformator: str = setting("ortho", "navigator type (the reference's default: ortho, random init)", choices=KINDS)
@@ -110,19 +110,19 @@ def variation(G, encoder, z: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     return F.normalize((encoder(G(z + shift)) - encoder(base)).abs(), dim=1)
 
 
-def disco_losses(G, navigator, encoder, cfg: Settings, K: int, latent_dim: int, device):
-    """One step's losses: (total, contrastive BCE, entropy, share of negatives flipped)."""
+def disco_losses(G, navigator, encoder, cfg: Settings, K: int, spread: float, device):
+    """One step's losses: (total, contrastive BCE, entropy, share of negatives flipped). Shifts are in units of
+    the latents' ``spread``."""
+    scale, least = cfg.shift_scale * spread, cfg.min_shift * spread
     target = torch.randint(0, K, (1,)).item()
-    q = variation(G, encoder, torch.randn(cfg.batch_size, latent_dim, device=device),
-                  navigator(direction_shifts(torch.full((cfg.batch_size,), target), K, cfg.shift_scale,
-                                             cfg.min_shift, device)))
-    k = variation(G, encoder, torch.randn(cfg.positives, latent_dim, device=device),
-                  navigator(direction_shifts(torch.full((cfg.positives,), target), K, cfg.shift_scale,
-                                             cfg.min_shift, device)))
+    q = variation(G, encoder, sample_latents(G, cfg.batch_size, device=device),
+                  navigator(direction_shifts(torch.full((cfg.batch_size,), target), K, scale, least, device)))
+    k = variation(G, encoder, sample_latents(G, cfg.positives, device=device),
+                  navigator(direction_shifts(torch.full((cfg.positives,), target), K, scale, least, device)))
     others = torch.randint(0, K - 1, (cfg.negatives,))
     others = others + (others >= target).long()  # any direction but the target
-    queue = variation(G, encoder, torch.randn(cfg.negatives, latent_dim, device=device),
-                      navigator(direction_shifts(others, K, cfg.shift_scale, cfg.min_shift, device))).detach()
+    queue = variation(G, encoder, sample_latents(G, cfg.negatives, device=device),
+                      navigator(direction_shifts(others, K, scale, least, device))).detach()
     logits = torch.cat([q @ k.t(), q @ queue.t()], dim=1).float()
     labels = torch.zeros_like(logits)
     hard = logits > cfg.flip_threshold
@@ -141,7 +141,8 @@ def main(cfg: Settings) -> dict:
     torch.manual_seed(cfg.seed)
     run = RunDir(cfg.output, cfg, rt)
     use_bf16 = resolve_switch(cfg.bf16, rt)
-    G = load_generator(cfg.generator, rt.device)
+    G = load_generator(cfg.generator, rt.device, **cfg.generator_options())
+    spread = latent_spread(G)  # shifts are given in units of the latents' spread
 
     # Models: the navigator (a deformator) and the encoder E.
     K = cfg.directions_count or G.latent_dim
@@ -149,12 +150,12 @@ def main(cfg: Settings) -> dict:
     with user_errors():
         navigator = Deformator(cfg.deformator, **d_args).to(rt.device)
     size = int(G(torch.zeros(1, G.latent_dim, device=rt.device)).shape[-1])
-    e_args = dict(image_size=size, code_size=cfg.code_size, width=cfg.encoder_width)
+    e_args = dict(image_size=size, code_size=cfg.code_size, width=cfg.encoder_width, channels=G.planes)
     encoder = VariationEncoder(**e_args).to(rt.device)
     opt = torch.optim.Adam([*navigator.parameters(), *encoder.parameters()], lr=cfg.lr, betas=(0.9, 0.999))
     models, optimizers = {"navigator": navigator, "encoder": encoder}, {"adam": opt}
     architecture = {"method": "disco", "navigator": d_args, "kind": cfg.deformator, "encoder": e_args}
-    chart_z = torch.randn(1, G.latent_dim, generator=torch.Generator().manual_seed(cfg.seed + 1)).to(rt.device)
+    chart_z = sample_latents(G, 1, torch.Generator().manual_seed(cfg.seed + 1), rt.device)
     start = resume(run, cfg, rt, models, optimizers, architecture)
 
     # The loop: one contrastive step per target direction; the schedule at its end.
@@ -162,7 +163,7 @@ def main(cfg: Settings) -> dict:
     with StopSignal() as stop:
         for step in range(start, cfg.steps):
             with autocast(rt, use_bf16):
-                loss, bce, entropy, flipped = disco_losses(G, navigator, encoder, cfg, K, G.latent_dim, rt.device)
+                loss, bce, entropy, flipped = disco_losses(G, navigator, encoder, cfg, K, spread, rt.device)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -175,7 +176,7 @@ def main(cfg: Settings) -> dict:
             if done % cfg.log_every == 0 or checkpoint_now:  # a checkpoint closes the running means: resumed runs log alike
                 log_losses(run, meter, done, bar)
             if rt.is_main and (done % cfg.sample_every == 0 or final):
-                images = direction_chart(G, navigator, chart_z, min(K, 8), cfg.shift_scale)
+                images = direction_chart(G, navigator, chart_z, min(K, 8), cfg.shift_scale * spread)
                 save_grid(display(images, G.window, cfg.display_window), run.path / f"directions_{done:06d}.png", nrow=7)
                 run.plot_losses(["loss", "contrastive", "entropy"])
             if checkpoint_now:
@@ -189,7 +190,7 @@ def main(cfg: Settings) -> dict:
     if rt.is_main:
         atomic_torch_save({"args": e_args, "state_dict": {k: v.cpu() for k, v in unwrap(encoder).state_dict().items()}},
                           run.path / "encoder.pt")
-        save_directions(run.path / "directions.pt", "disco", unwrap(navigator), cfg.generator, settings_dict(cfg),
+        save_directions(run.path / "directions.pt", "disco", unwrap(navigator), G, settings_dict(cfg),
                         None, d_args, extra={"encoder": str(run.path / "encoder.pt")})
         print(f"directions (disco, K={K}) -> {run.path / 'directions.pt'}")
     return {"steps": done}

@@ -24,11 +24,11 @@ import torch.nn.functional as F
 
 from latentct.directions import save_directions
 from latentct.features import default_layer, layer_features
-from latentct.generators import load_generator
+from latentct.generators import GeneratorOptions, latent_spread, load_generator, sample_latents
 from latentct.images import display, save_grid
 from latentct.rundir import RunDir
 from latentct.runtime import autocast, resolve_switch, setup_runtime
-from latentct.settings import check, run_cli, setting, settings_dict
+from latentct.settings import UserError, check, run_cli, setting, settings_dict
 from latentct.signals import StopSignal
 from latentct.training import LossMeter, TrainerSettings, log_losses, progress_bar, resume, save_state
 from models.deformator import FixedDirections
@@ -36,10 +36,10 @@ from Training.TrainDirections import direction_chart
 
 
 @dataclass
-class Settings(TrainerSettings):
+class Settings(GeneratorOptions, TrainerSettings):
     """Train LatentCLR's global directions on a frozen generator."""
 
-    generator: str = setting("runs/demo/dcgan/generator.pt", "generator file")
+    generator: str = setting("runs/demo/dcgan/generator.pt", "generator (as Training/TrainDirections.py takes it)")
     output: str = setting("runs/demo/dcgan_latentclr", "run folder for directions.pt and charts")
     directions_count: int = setting(32, "K (reference: 32)")
     feature_layer: str | None = setting(None, "the layer whose change is contrasted (default per generator: "
@@ -95,7 +95,11 @@ def main(cfg: Settings) -> dict:
     torch.manual_seed(cfg.seed)
     run = RunDir(cfg.output, cfg, rt)
     use_bf16 = resolve_switch(cfg.bf16, rt)
-    G = load_generator(cfg.generator, rt.device)
+    G = load_generator(cfg.generator, rt.device, **cfg.generator_options())
+    if not G.hookable:
+        raise UserError(f"--generator: {cfg.generator} is {G.reference['kind']}, which runs without forward hooks: "
+                        "LatentCLR needs an intermediate layer (use the learned method, random or coordinate)")
+    spread = latent_spread(G)
     layer = cfg.feature_layer or default_layer(G)
     features = layer_features(G, layer)
 
@@ -106,17 +110,17 @@ def main(cfg: Settings) -> dict:
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, list(cfg.milestones), gamma=0.2)
     models, optimizers = {"directions": directions}, {"adam": opt, "schedule": sched}
     architecture = {"method": "latentclr", "K": K, "latent_dim": G.latent_dim, "layer": layer}
-    chart_z = torch.randn(1, G.latent_dim, generator=torch.Generator().manual_seed(cfg.seed + 1)).to(rt.device)
+    chart_z = sample_latents(G, 1, torch.Generator().manual_seed(cfg.seed + 1), rt.device)
     start = resume(run, cfg, rt, models, optimizers, architecture)
 
     # The loop: every direction on every sample, contrast the normalised changes; the schedule at its end.
     meter, bar, done = LossMeter(), progress_bar(run, cfg.steps, start), start
     with StopSignal() as stop:
         for step in range(start, cfg.steps):
-            z = torch.randn(cfg.batch_size, G.latent_dim, device=rt.device)
+            z = sample_latents(G, cfg.batch_size, device=rt.device)
             with torch.no_grad(), autocast(rt, use_bf16):
                 base = F.normalize(features(z).float(), dim=1)
-            shifted = (z[None] + cfg.alpha * directions.unit()[:, None]).reshape(K * cfg.batch_size, -1)
+            shifted = (z[None] + cfg.alpha * spread * directions.unit()[:, None]).reshape(K * cfg.batch_size, -1)
             with autocast(rt, use_bf16):
                 moved = F.normalize(features(shifted).float(), dim=1)
             changes = F.normalize(moved - base.repeat(K, 1), dim=1)
@@ -134,7 +138,7 @@ def main(cfg: Settings) -> dict:
                 log_losses(run, meter, done, bar)
             if rt.is_main and (done % cfg.sample_every == 0 or final):
                 fixed = FixedDirections(directions.unit().detach())
-                images = direction_chart(G, fixed, chart_z, min(K, 8), cfg.shift_scale)
+                images = direction_chart(G, fixed, chart_z, min(K, 8), cfg.shift_scale * spread)
                 save_grid(display(images, G.window, cfg.display_window), run.path / f"directions_{done:06d}.png", nrow=7)
                 run.plot_losses(["loss", "accuracy"])
             if checkpoint_now:
@@ -147,7 +151,7 @@ def main(cfg: Settings) -> dict:
     # Save: the unit directions (RCA measured afterwards on them, frozen).
     if rt.is_main:
         save_directions(run.path / "directions.pt", "latentclr", FixedDirections(directions.unit().detach().cpu()),
-                        cfg.generator, settings_dict(cfg), None, extra={"layer": layer})
+                        G, settings_dict(cfg), None, extra={"layer": layer})
         print(f"directions (latentclr, K={K}, layer {layer}) -> {run.path / 'directions.pt'}")
     return {"steps": done}
 

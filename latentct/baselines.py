@@ -1,7 +1,7 @@
 """Closed-form and trivial direction baselines, on the same (K, d) footing as the learned directions.
 
 - SeFa (Shen & Zhou 2021): eigenvectors of A^T A, A the Jacobian of the generator's first linear map of z,
-  taken through autograd (``G.first_layer``; any module works as long as it has one).
+  taken through autograd (``G.first_layer``, or a forward hook on the first parameterised layer z reaches).
 - PCA of early activations regressed back to z (the GANSpace recipe, Härkönen et al. 2020): PCA of z
   itself is meaningless for a Gaussian z.
 - Random orthonormal directions and coordinate axes.
@@ -15,19 +15,24 @@ import contextlib
 
 import torch
 
+from latentct.generators import sample_latents
 from latentct.settings import UserError
 
 
 def _first_layer(G):
-    if not hasattr(G, "first_layer"):
-        raise UserError(f"{type(G).__name__} has no first_layer(z) method; SeFa and PCA need one")
-    return G.first_layer
+    """The first linear map of z: the generator's own ``first_layer`` where it has one (our DCGAN and VAE decoder),
+    else the output of the first parameterised layer z reaches, through a forward hook."""
+    if hasattr(G, "first_layer"):
+        return G.first_layer
+    from latentct.features import first_layer, layer_features
+
+    return layer_features(G, first_layer(G))
 
 
 def first_layer_jacobian(G) -> torch.Tensor:
     """(m, d): the exact Jacobian of the first layer at z = 0 (the map is affine, so it is the same anywhere)."""
     layer = _first_layer(G)
-    z0 = torch.zeros(1, G.latent_dim)
+    z0 = torch.zeros(1, G.latent_dim, device=next(G.parameters(), torch.zeros(0)).device)
     with torch.enable_grad():
         jac = torch.autograd.functional.jacobian(lambda z: layer(z[None])[0], z0[0])
     return jac.detach()
@@ -64,11 +69,11 @@ def sefa(G, count: int) -> torch.Tensor:
 def pca(G, count: int, samples: int = 2048, seed: int = 0) -> torch.Tensor:
     """(K, d) unit directions: principal components of first-layer activations, transferred to z by regression.
     Computed in float64 on one thread with fixed signs, so two runs give the same directions."""
-    _first_layer(G)
+    layer = _first_layer(G)
     gen = torch.Generator().manual_seed(seed)
-    z = torch.randn(samples, G.latent_dim, generator=gen)
+    z = sample_latents(G, samples, gen)
     with single_threaded():
-        act = torch.cat([G.first_layer(part) for part in z.split(256)]).double()
+        act = torch.cat([layer(part) for part in z.split(256)]).double()
         act = act - act.mean(0)
         count = min(count, G.latent_dim, samples)
         _, _, v = torch.linalg.svd(act, full_matrices=False)
@@ -111,7 +116,7 @@ def supervised(G, oracle, window, samples: int = 2048, seed: int = 0) -> tuple[t
     from latentct.phantom import FACTORS
 
     gen = torch.Generator().manual_seed(seed * 7919 + 17)
-    z = torch.randn(samples + samples // 2, G.latent_dim, generator=gen)
+    z = sample_latents(G, samples + samples // 2, gen)
     device = next(G.parameters(), torch.zeros(0)).device
     with torch.no_grad():
         images = torch.cat([G(part.to(device)).float().cpu() for part in z.split(256)])
@@ -148,7 +153,7 @@ def spectral(G, count: int, layer: str | None = None, samples: int = 64, seed: i
     features = layer_features(G, layer)
     d = G.latent_dim
     gen = torch.Generator().manual_seed(seed * 7919 + 29)
-    z = torch.randn(samples, d, generator=gen)
+    z = sample_latents(G, samples, gen)
 
     def jvp(points: torch.Tensor, tangents: torch.Tensor) -> torch.Tensor:
         import torch.autograd.forward_ad as fwAD

@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from latentct.checkpoint import load_file
-from latentct.generators import file_hash, load_generator
+from latentct.generators import load_generator, sample_latents
 from latentct.io import atomic_torch_save
 from latentct.runtime import evaluating
 from latentct.settings import UserError
@@ -70,7 +70,7 @@ def reconstructor_accuracy(G, deformator, reconstructor, batches: int, batch: in
     correct = 0
     with evaluating(deformator, reconstructor):
         for _ in range(batches):
-            z = torch.randn(batch, G.latent_dim, generator=gen).to(device)
+            z = sample_latents(G, batch, gen, device)
             idx, eps, basis = make_shifts(batch, deformator.directions_count, generator=gen, device=device,
                                           **shift_args)
             logits, _ = reconstructor(G(z), G(z + deformator(basis)))
@@ -87,16 +87,25 @@ def unit_directions(deformator: nn.Module) -> torch.Tensor:
         return deformator(torch.eye(deformator.directions_count, device=device))
 
 
-def save_directions(path: str | Path, method: str, deformator: nn.Module, generator_path: str | Path,
+def save_directions(path: str | Path, method: str, deformator: nn.Module, G: nn.Module,
                     settings: dict, rca: float | None, deformator_args: dict | None = None,
                     extra: dict | None = None) -> None:
+    """The artifact: directions, the generator's reference (how to rebuild it, the sha256 of every file
+    involved) and the latents' spread that the settings' shift scale is in units of."""
+    from latentct.generators import KINDS, latent_spread
+
+    ref = G.reference
+    native = ref["kind"] in KINDS
+    first = next(iter(ref["files"].items()))
+    generator = {"ref": ref["ref"], "kind": ref["kind"], "options": ref["options"], "files": ref["files"],
+                 "note": ref["note"], "path": first[0] if native else ref["ref"], "sha256": first[1] if native else None}
     state = {
         "format": 1, "method": method, "directions_count": deformator.directions_count,
         "latent_dim": deformator.latent_dim, "matrix": unit_directions(deformator).cpu(),
         "deformator": None if isinstance(deformator, FixedDirections) else {
             "kind": deformator.kind, "args": dict(deformator_args or {}),
             "state_dict": {k: v.detach().cpu() for k, v in deformator.state_dict().items()}},
-        "generator": {"path": str(Path(generator_path).resolve()), "sha256": file_hash(generator_path)},
+        "generator": generator, "latent_spread": latent_spread(G),
         "settings": settings, "rca": rca, "extra": dict(extra or {}),
     }
     atomic_torch_save(state, path)
@@ -112,8 +121,10 @@ class Directions:
         self.count, self.latent_dim = self.matrix.shape
         self.rca = state.get("rca")
         self.extra = state.get("extra") or {}
-        # The scale the directions were trained (or scored) with: evaluation sweeps the same range.
-        self.shift_scale = float((state.get("settings") or {}).get("shift_scale") or 6.0)
+        # The range the directions were trained (or scored) with, in latent units (the settings give it in units
+        # of the latents' spread): evaluation sweeps the same range.
+        self.latent_spread = float(state.get("latent_spread", 1.0))
+        self.shift_scale = float((state.get("settings") or {}).get("shift_scale") or 6.0) * self.latent_spread
         if state["deformator"] is None:
             self.module = FixedDirections(self.matrix)
         else:
@@ -129,21 +140,29 @@ class Directions:
         with torch.no_grad():
             return self.module(basis)
 
-    def generator_path(self) -> Path:
-        return Path(self.state["generator"]["path"])
+    def generator_ref(self) -> str:
+        record = self.state["generator"]
+        return record.get("ref", record["path"])
 
 
 def load_directions(path: str | Path, generator: str | Path | None = None) -> tuple[Directions, nn.Module]:
-    """The artifact and its generator; a missing or different generator file is a clear error."""
+    """The artifact and its generator, rebuilt from the recorded reference (or ``generator`` in its place); a
+    missing generator, or one whose files differ from those the directions were found for, is a clear error."""
+    from latentct.plugins import is_factory
+
     path = Path(path)
     state = load_file(path, "directions file")
     if not isinstance(state, dict) or "matrix" not in state or "generator" not in state:
         raise UserError(f"{path}: not a LatentCT directions file")
     directions = Directions(state, path)
-    gen_path = Path(generator) if generator else directions.generator_path()
-    if not gen_path.is_file():
-        raise UserError(f"{path}: its generator {gen_path} is missing; pass the generator file explicitly")
-    if file_hash(gen_path) != state["generator"]["sha256"]:
-        raise UserError(f"{path}: directions were found for generator {state['generator']['path']} "
-                        f"(sha256 {state['generator']['sha256'][:12]}), not for {gen_path}")
-    return directions, load_generator(gen_path)
+    record = state["generator"]
+    ref = str(generator) if generator else directions.generator_ref()
+    if not is_factory(ref) and not Path(ref).is_file():
+        raise UserError(f"{path}: its generator {ref} is missing; pass the generator file explicitly")
+    G = load_generator(ref, **(record.get("options") or {}))
+    expected = record.get("files") or {record["path"]: record["sha256"]}
+    if sorted(G.reference["files"].values()) != sorted(expected.values()):
+        shown = next(iter(expected.values()))[:12]
+        raise UserError(f"{path}: directions were found for generator {directions.generator_ref()} "
+                        f"(sha256 {shown}), not for {ref}")
+    return directions, G

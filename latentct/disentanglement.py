@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from latentct.data import hu_to_unit
 from latentct.directions import load_directions
-from latentct.generators import generator_info
+from latentct.generators import generator_info, sample_latents
 from latentct.io import atomic_write_json
 from latentct.phantom import FACTORS
 from latentct.settings import check, run_cli, save_settings, setting
@@ -84,7 +84,7 @@ def train_encoder(G, matrix: torch.Tensor, image_size: int, steps: int, batch: i
     opt = torch.optim.Adam(encoder.parameters(), lr=1e-3)
     gen = torch.Generator().manual_seed(seed + 1)
     for _ in tqdm(range(steps), desc="code encoder", unit="step", leave=False):
-        z = torch.randn(batch, G.latent_dim, generator=gen)
+        z = sample_latents(G, batch, gen)
         with torch.no_grad():
             images = G(z).float()
         loss = F.mse_loss(encoder(images), coordinates(z, matrix))

@@ -18,16 +18,49 @@ class _Reached(Exception):
 DEFAULT_LAYERS = {"Generator": "main.5", "Decoder": "blocks.1"}
 
 
+def require_hooks(G: nn.Module, what: str) -> None:
+    """A one-line error where G runs without forward hooks (TorchScript, exported programs)."""
+    if not getattr(G, "hookable", True):
+        kind = getattr(G, "reference", {}).get("kind", type(G).__name__)
+        raise UserError(f"{what} needs a forward hook on an intermediate layer, and a {kind} generator has none: "
+                        "use the learned method, random or coordinate")
+
+
+def layers_in_call_order(G: nn.Module) -> list[str]:
+    """The modules with parameters of their own, in the order a forward pass calls them."""
+    order, handles = [], []
+    for name, module in G.named_modules():
+        if name and any(True for _ in module.parameters(recurse=False)):
+            handles.append(module.register_forward_hook(lambda m, i, o, name=name: order.append(name)))
+    try:
+        with torch.no_grad():
+            G(torch.zeros(1, G.latent_dim, device=next(G.parameters(), torch.zeros(0)).device))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return list(dict.fromkeys(order))
+
+
+def first_layer(G: nn.Module) -> str:
+    """The first parameterised layer z reaches (whose linear map SeFa and PCA read)."""
+    require_hooks(G, "SeFa and PCA")
+    order = layers_in_call_order(G)
+    if not order:
+        raise UserError(f"{type(G).__name__}: no layer with parameters to hook; pass --feature-layer")
+    return order[0]
+
+
 def default_layer(G: nn.Module) -> str:
+    """The layer LatentCLR and the spectral method read: the named default of our generators, else the second
+    parameterised layer z reaches."""
+    require_hooks(G, "This method")
     name = DEFAULT_LAYERS.get(type(G).__name__)
-    modules = dict(G.named_modules())
-    if name in modules:
+    if name in dict(G.named_modules()):
         return name
-    # any other generator: the output of the second parameterised module that z reaches
-    seen = [n for n, m in G.named_modules() if n and any(True for _ in m.parameters(recurse=False))]
-    if len(seen) < 2:
+    order = layers_in_call_order(G)
+    if len(order) < 2:
         raise UserError(f"{type(G).__name__}: no intermediate layer to hook; pass --feature-layer")
-    return seen[1]
+    return order[1]
 
 
 def layer_features(G: nn.Module, name: str):

@@ -47,6 +47,13 @@ def write_gallery(folder: Path, report: dict) -> Path:
              f"lights up at 0. Pictures in the HU window {report['display_window']}.</p>"]
     if report.get("spacing_note"):
         parts.append(f"<p class='note no'>Units: {_esc(report['spacing_note'])}.</p>")
+    if report.get("volume"):
+        parts.append("<p class='note'>A 3D generator: every picture shows the axial, coronal and sagittal mid-planes "
+                     "side by side; the anatomy is measured on the axial mid-plane.</p>")
+    if report.get("anatomy", "measured") != "measured" and not report.get("volume"):
+        parts.append(f"<p class='note no'>Anatomy {_esc(report['anatomy'])}.</p>")
+    if report.get("generator_note"):
+        parts.append(f"<p class='note'>Generator: {_esc(report['generator_note'])}.</p>")
     rows_by_k = {r["direction"]: r for r in report["directions"]}
     if report.get("axes"):
         parts.append(f"<h2>{len(report['axes'])} distinct effects, strongest first</h2><p class='note'>Directions whose "

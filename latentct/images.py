@@ -26,12 +26,22 @@ def make_grid(images: torch.Tensor, nrow: int = 8, padding: int = 2, pad_value: 
 
 def display(images: torch.Tensor, window, display_window) -> torch.Tensor:
     """Images in [-1, 1] of the model's HU ``window``, redrawn in [-1, 1] of ``display_window``: pictures are
-    drawn for anatomy (lungs, fat, the body outline), independent of the window the model was trained in."""
+    drawn for anatomy (lungs, fat, the body outline), independent of the window the model was trained in. A
+    generator without a known window is shown as it is. A volume's three mid-planes (the channels) are laid
+    side by side: axial, coronal, sagittal."""
     from latentct.data import hu_to_unit, parse_window, unit_to_hu
 
-    if parse_window(window) == parse_window(display_window):
+    if window is not None and parse_window(window) != parse_window(display_window):
+        images = hu_to_unit(unit_to_hu(images, window), display_window)
+    return tile_planes(images)
+
+
+def tile_planes(images: torch.Tensor) -> torch.Tensor:
+    """(..., P, H, W) -> (..., 1, H, P * W): the planes of a volume side by side (P = 1: unchanged)."""
+    if images.shape[-3] == 1:
         return images
-    return hu_to_unit(unit_to_hu(images, window), display_window)
+    planes = images.unbind(-3)
+    return torch.cat(planes, dim=-1).unsqueeze(-3)
 
 
 def to_uint8(image: torch.Tensor) -> np.ndarray:

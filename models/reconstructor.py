@@ -70,9 +70,10 @@ class ResNet18(nn.Module):
         return self.logits(h), self.shift(h).squeeze(1)
 
 
-def make_reconstructor(kind: str, directions_count: int, width: int | None = None) -> nn.Module:
+def make_reconstructor(kind: str, directions_count: int, width: int | None = None, channels: int = 1) -> nn.Module:
+    """``channels`` per image: 1 for slices, 3 for a volume's mid-planes (both images stacked: 2 x channels)."""
     if kind == "lenet":
-        return LeNet(directions_count, width=width or 2)
+        return LeNet(directions_count, width=width or 2, channels=channels)
     if kind == "resnet":
-        return ResNet18(directions_count, width=width or 64)
+        return ResNet18(directions_count, channels=channels, width=width or 64)
     raise ValueError(f"--reconstructor: {kind!r} is not lenet or resnet")

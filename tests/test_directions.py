@@ -105,14 +105,18 @@ def test_fast_step_matches_the_original_losses_and_gradients(gan_run):
 # ------------------------------------------------------------------------------------------ training
 
 def test_learned_directions_beat_the_frozen_random_baseline(gan_run, tmp_path):
-    # small shifts (|eps| <= 2) make the difference: random directions move the image too little to tell apart
+    # small shifts (|eps| <= 2) make the difference: random directions move the image too little to tell apart.
+    # One seed is one draw (measured over seeds 0-3: learned 0.47-0.76, random 0.21-0.51): two seeds, means.
     args = ["--steps", "250", "--eval-every", "250", "--rca-batches", "10", "--lr-deformator", "1e-3",
             "--lr-reconstructor", "1e-3", "--reconstructor-width", "4", "--batch-size", "32",
             "--directions-count", "16", "--shift-scale", "2", "--min-shift", "0.25"]
-    learned = run_dirs(gan_run / "generator.pt", tmp_path / "learned", *args)["rca"]
-    random = run_dirs(gan_run / "generator.pt", tmp_path / "random", *args, "--method", "random")["rca"]
-    assert learned > random + 0.12, (learned, random)  # measured: 0.55 vs 0.38 here, 0.71 vs 0.34 standalone
-    assert learned > 0.4  # chance is 1/16
+    learned, random = [], []
+    for seed in ("0", "1"):
+        learned.append(run_dirs(gan_run / "generator.pt", tmp_path / f"learned{seed}", *args, "--seed", seed)["rca"])
+        random.append(run_dirs(gan_run / "generator.pt", tmp_path / f"random{seed}", *args, "--method", "random",
+                               "--seed", seed)["rca"])
+    assert sum(learned) / 2 > sum(random) / 2 + 0.12, (learned, random)
+    assert min(learned) > 0.3  # chance is 1/16
 
 
 def test_resume_continues_exactly(gan_run, tmp_path):

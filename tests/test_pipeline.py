@@ -85,3 +85,17 @@ def test_pipeline_flags_beat_the_stage_presets(tmp_path):
     gan, vae = jobs["dcgan"].cfg, jobs["vae"].cfg
     assert (gan.steps, gan.epochs, gan.ngf) == (2, None, 128)  # typed steps beat the paper preset's 50 epochs
     assert vae.epochs == 50.0 and vae.width == 64  # untouched: the preset decides
+
+
+def test_pipeline_on_a_generator_a_researcher_brings(gan_run, dataset, tmp_path):
+    cfg = parse_settings(pipeline.Settings, [
+        "--preset", "tiny", "--root", str(tmp_path), "--run", "own", "--generator", str(gan_run / "generator.pt"),
+        "--data", str(dataset), "--methods", "sefa", "random", "--device", "cpu", "--parallel", "1"],
+        presets=pipeline.PRESETS)
+    summary = pipeline.main(cfg)
+    stages = [r["stage"] for r in summary["stages"]]
+    assert "phantom" not in stages and "train_gan" not in stages and "train_vae" not in stages
+    assert [r["name"] for r in summary["stages"]][:2] == ["model_learned", "eval_model"]
+    assert {r["name"] for r in summary["stages"]} >= {"model_sefa", "model_random", "oracle", "truth_model"}
+    report = json.loads((tmp_path / "Animations" / "own" / "model" / "report.json").read_text())
+    assert set(report["ground_truth"]["methods"]) == {"learned", "sefa", "random"}

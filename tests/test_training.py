@@ -122,7 +122,7 @@ def test_generator_files_round_trip(dataset, tmp_path):
     assert decoder(z).shape == (4, 1, 32, 32) and encoder(decoder(z))[0].shape == (4, 8)
     assert load_encoder(tmp_path / "g" / "generator.pt") is None
     (tmp_path / "bad.pt").write_bytes(b"nope")
-    with pytest.raises(UserError, match="not a readable generator"):
+    with pytest.raises(UserError, match="bad.pt is neither a LatentCT generator file, nor TorchScript"):
         load_generator(tmp_path / "bad.pt")
 
 

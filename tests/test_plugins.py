@@ -1,0 +1,210 @@
+"""Generators a researcher brings (latentct/plugins.py, latentct/generators.py, latentct/latents.py): a MONAI
+autoencoder through a factory with a spatial latent and encoded latents, TorchScript and torch.export files,
+a 3D generator, and one-line errors for bad plug-ins."""
+import json
+import textwrap
+from pathlib import Path
+
+import imageio.v3 as iio
+import pytest
+import torch
+
+import EvalDirections
+from latentct import latents as latents_cli
+from latentct.directions import load_directions
+from latentct.generators import load_generator
+from latentct.settings import UserError, parse_settings
+from Training import TrainDirections
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = ROOT / "examples" / "monai_autoencoder.py"
+TINY = ["--directions-count", "6", "--batch-size", "8", "--log-every", "1", "--eval-every", "4", "--rca-batches", "2",
+        "--sample-every", "1000", "--reconstructor-width", "1", "--device", "cpu"]
+EVAL = ["--frames", "5", "--report-samples", "3", "--report-shifts", "3", "--real-slices", "1", "--embed-steps", "2",
+        "--grid-samples", "2", "--ground-truth", "off"]
+
+
+def directions(generator: str, out: Path, *extra) -> dict:
+    cfg = parse_settings(TrainDirections.Settings, ["--generator", generator, "--output", str(out), "--steps", "4",
+                                                    *TINY, *extra])
+    return TrainDirections.main(cfg)
+
+
+@pytest.fixture(scope="module")
+def monai_ae(dataset, tmp_path_factory):
+    """The README's example autoencoder, trained for a few dozen steps at 32 px, and its encoded latents."""
+    pytest.importorskip("monai")
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("monai_example", EXAMPLE)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    folder = tmp_path_factory.mktemp("ae")
+    weights = example.train(str(dataset), str(folder / "ae.pt"), steps=30, image_size=32, batch=8)
+    latents_cli.main(parse_settings(latents_cli.Settings, [
+        "--encoder", f"{EXAMPLE}:make_encoder", "--encoder-args", '{"image_size": 32}', "--encoder-weights",
+        str(weights), "--data", str(dataset), "--output", str(folder / "latents.pt")]))
+    return weights, folder / "latents.pt"
+
+
+def test_monai_autoencoder_through_a_factory_end_to_end(monai_ae, dataset, tmp_path):
+    weights, latents = monai_ae
+    ref = f"{EXAMPLE}:make_decoder"
+    plug = ["--generator-args", '{"image_size": 32}', "--generator-weights", str(weights), "--latents", str(latents)]
+    G = load_generator(ref, args={"image_size": 32}, weights=str(weights), latents=str(latents))
+    assert G.latent_shape == (2, 8, 8) and G.latent_dim == 128 and G.window == (-1000.0, 2000.0)
+    assert G(torch.zeros(3, 128)).shape == (3, 1, 32, 32) and G.prior.shape[1] == 128
+    directions(ref, tmp_path / "learned", *plug)
+    directions(ref, tmp_path / "sefa", "--method", "sefa", *plug)
+    found, G2 = load_directions(tmp_path / "learned" / "directions.pt")  # rebuilt from the record alone
+    record = found.state["generator"]
+    assert record["ref"] == ref and len(record["files"]) == 3  # the factory's source, the weights, the latents
+    assert found.latent_spread != 1.0 and found.shift_scale == pytest.approx(6.0 * found.latent_spread)
+    report = EvalDirections.main(parse_settings(EvalDirections.Settings, [
+        "--directions", str(tmp_path / "learned" / "directions.pt"), "--output", str(tmp_path / "gallery"),
+        "--compare", str(tmp_path / "sefa" / "directions.pt"), "--dataset", str(dataset), *EVAL]))
+    assert report["anatomy"] == "measured" and len(report["directions"]) == 6 and report["generator_kind"] == "factory"
+    assert report["real"] and report["real"][0]["embedding"] == "optimised z"
+    assert (tmp_path / "gallery" / "index.html").is_file()
+    changed = tmp_path / "changed.pt"
+    state = torch.load(weights, weights_only=True)
+    state["state_dict"] = {k: v + 1 if v.is_floating_point() else v for k, v in state["state_dict"].items()}
+    torch.save(state, changed)
+    record["options"]["weights"] = str(changed)
+    torch.save(found.state, tmp_path / "moved.pt")
+    with pytest.raises(UserError, match="directions were found for generator"):
+        load_directions(tmp_path / "moved.pt")
+
+
+def test_torchscript_and_export_files_of_the_dcgan(gan_run, tmp_path):
+    native = load_generator(gan_run / "generator.pt")
+    scripted = tmp_path / "scripted.pt"
+    torch.jit.save(torch.jit.script(native), str(scripted))
+    window = ["--output-window", "-1000", "2000", "--channels-last", "off"]  # the same convolution kernels
+    directions(str(gan_run / "generator.pt"), tmp_path / "native", "--channels-last", "off")
+    directions(str(scripted), tmp_path / "script", *window)
+    a = load_directions(tmp_path / "native" / "directions.pt")[0].matrix
+    b = load_directions(tmp_path / "script" / "directions.pt")[0].matrix
+    assert torch.allclose(a, b, atol=1e-5)  # the same learned directions for the same seed
+    with pytest.raises(UserError, match="forward hook"):
+        directions(str(scripted), tmp_path / "sefa", "--method", "sefa", *window)
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    program = torch.export.export(native, (torch.zeros(2, native.latent_dim),), dynamic_shapes={"z": {0: batch}})
+    exported = tmp_path / "program.pt2"
+    torch.export.save(program, str(exported))
+    G = load_generator(exported, latent_shape=(native.latent_dim,), output_window=(-1000, 2000))
+    assert G.reference["kind"] == "export" and not G.hookable
+    assert torch.allclose(G(torch.ones(3, native.latent_dim)), native(torch.ones(3, native.latent_dim)), atol=1e-5)
+    directions(str(exported), tmp_path / "export", "--latent-shape", str(native.latent_dim), *window)
+
+
+VOLUME = '''
+import torch
+import torch.nn as nn
+
+
+class Volumes(nn.Module):
+    """z (B, 8) -> (B, 1, 32, 32, 32) volumes: a ball whose position and size the latent sets."""
+
+    latent_shape = (8,)
+    output_window = (-1000.0, 2000.0)
+
+    def __init__(self):
+        super().__init__()
+        self.map = nn.Linear(8, 4)
+
+    def forward(self, z):
+        p = torch.tanh(self.map(z))
+        g = torch.linspace(-1, 1, 32)
+        zz, yy, xx = torch.meshgrid(g, g, g, indexing="ij")
+        d = ((xx - 0.4 * p[:, 0, None, None, None]) ** 2 + (yy - 0.4 * p[:, 1, None, None, None]) ** 2
+             + (zz - 0.4 * p[:, 2, None, None, None]) ** 2).sqrt()
+        return torch.tanh(8 * (0.5 + 0.2 * p[:, 3, None, None, None] - d))[:, None] * 0.7
+
+
+def make():
+    torch.manual_seed(0)
+    return Volumes()
+'''
+
+
+def test_a_3d_generator_end_to_end_shows_three_planes(tmp_path):
+    (tmp_path / "volumes.py").write_text(textwrap.dedent(VOLUME))
+    ref = f"{tmp_path / 'volumes.py'}:make"
+    G = load_generator(ref)
+    assert G.volume and G.planes == 3 and G(torch.zeros(2, 8)).shape == (2, 3, 32, 32)
+    directions(ref, tmp_path / "learned")
+    report = EvalDirections.main(parse_settings(EvalDirections.Settings, [
+        "--directions", str(tmp_path / "learned" / "directions.pt"), "--output", str(tmp_path / "gallery"), *EVAL]))
+    assert report["volume"] and "axial" in report["anatomy"]
+    frame = iio.imread(tmp_path / "gallery" / report["directions"][0]["gif"], index=0)
+    assert frame.shape[1] == 3 * 32  # axial, coronal and sagittal side by side
+    assert "mid-planes side by side" in (tmp_path / "gallery" / "index.html").read_text()
+
+
+BAD = '''
+import torch
+import torch.nn as nn
+
+
+class Flat(nn.Module):
+    latent_shape = (8,)
+
+    def __init__(self):
+        super().__init__()
+        self.map = nn.Linear(8, 16)
+
+    def forward(self, z):
+        return self.map(z)  # (B, 16): no image
+
+
+class Ok(nn.Module):
+    latent_shape = (8,)
+
+    def __init__(self):
+        super().__init__()
+        self.map = nn.Linear(8, 32 * 32)
+
+    def forward(self, z):
+        return torch.tanh(self.map(z)).reshape(-1, 1, 32, 32)
+
+
+def flat():
+    return Flat()
+
+
+def ok():
+    return Ok()
+
+
+def broken():
+    raise ValueError("no weights here")
+'''
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("missing_file", "does not exist"),
+    ("missing_factory", "has no callable"),
+    ("raises", "raised ValueError: no weights here"),
+    ("shape", "declared latent_shape (8,) but its output has shape (1, 16)"),
+    ("wrong_latent", "check --latent-shape"),
+    ("weights_misfit", "does not fit the module"),
+    ("weights_pickle", "is not plain weights"),
+])
+def test_bad_plug_ins_get_one_line_each(tmp_path, case, expected):
+    (tmp_path / "plug.py").write_text(textwrap.dedent(BAD))
+    plug = str(tmp_path / "plug.py")
+    torch.save({"map.weight": torch.zeros(3, 3)}, tmp_path / "misfit.pt")
+    torch.save(torch.nn.Linear(8, 8), tmp_path / "pickled.pt")  # a whole module: code, not plain weights
+    calls = {
+        "missing_file": lambda: load_generator(str(tmp_path / "nope.py") + ":ok"),
+        "missing_factory": lambda: load_generator(plug + ":absent"),
+        "raises": lambda: load_generator(plug + ":broken"),
+        "shape": lambda: load_generator(plug + ":flat"),
+        "wrong_latent": lambda: load_generator(plug + ":ok", latent_shape=(5,)),
+        "weights_misfit": lambda: load_generator(plug + ":ok", weights=str(tmp_path / "misfit.pt")),
+        "weights_pickle": lambda: load_generator(plug + ":ok", weights=str(tmp_path / "pickled.pt")),
+    }
+    with pytest.raises(UserError) as err:
+        calls[case]()
+    assert expected in str(err.value) and "\n" not in str(err.value)
