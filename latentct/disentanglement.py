@@ -32,6 +32,7 @@ from latentct.generators import generator_info, sample_latents
 from latentct.io import atomic_write_json
 from latentct.phantom import FACTORS
 from latentct.settings import check, run_cli, save_settings, setting
+from models.encoders import strided_convs
 
 BINS = 20  # disentanglement_lib's num_bins for MIG
 
@@ -61,11 +62,7 @@ class CodeEncoder(nn.Module):
 
     def __init__(self, image_size: int, codes: int, width: int = 16):
         super().__init__()
-        layers, c, size, level = [], 1, image_size, 0
-        while size > 4:
-            out = min(width * 2 ** level, 8 * width)
-            layers += [nn.Conv2d(c, out, 4, 2, 1), nn.BatchNorm2d(out), nn.LeakyReLU(0.2)]
-            c, size, level = out, size // 2, level + 1
+        layers, c = strided_convs(image_size, width)
         self.net = nn.Sequential(*layers, nn.Flatten(), nn.Linear(c * 16, codes))
 
     def forward(self, x):

@@ -29,6 +29,7 @@ from latentct.io import atomic_torch_save
 from latentct.parallel import pool_map, worker_pool
 from latentct.phantom import FACTORS, PHANTOM_VERSION
 from latentct.settings import UserError, check, run_cli, save_settings, setting
+from models.encoders import strided_convs
 
 CHUNK = 200  # slices per rendering job
 
@@ -47,7 +48,7 @@ class Settings:
     steps: int = setting(3000, "training steps (24,000 slices and 4,000 steps reach R2 0.954 for z, 3 min on 2 cores)")
     batch_size: int = setting(64, "slices per step")
     width: int = setting(16, "channels of the first convolution")
-    lr: float = setting(2e-3, "Adam learning rate (cosine decay to 0)")
+    lr: float = setting(2e-3, "peak Adam learning rate of a one-cycle schedule")
     seed: int = setting(0, "seed for the rendered slices and the weights")
     workers: int = setting(1, "processes that render slices")
 
@@ -76,11 +77,7 @@ class OracleNet(nn.Module):
 
     def __init__(self, image_size: int = 64, width: int = 32, outputs: int = len(FACTORS)):
         super().__init__()
-        layers, c, size, level = [], 1, image_size, 0
-        while size > 4:
-            out = min(width * 2 ** level, 8 * width)
-            layers += [nn.Conv2d(c, out, 4, 2, 1), nn.BatchNorm2d(out), nn.LeakyReLU(0.2)]
-            c, size, level = out, size // 2, level + 1
+        layers, c = strided_convs(image_size, width)
         self.features = nn.Sequential(*layers)
         self.head = nn.Sequential(nn.Flatten(), nn.Linear(c * 16, 256), nn.LeakyReLU(0.2), nn.Linear(256, outputs))
 
