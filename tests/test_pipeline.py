@@ -99,3 +99,32 @@ def test_pipeline_on_a_generator_a_researcher_brings(gan_run, dataset, tmp_path)
     assert {r["name"] for r in summary["stages"]} >= {"model_sefa", "model_random", "oracle", "truth_model"}
     report = json.loads((tmp_path / "Animations" / "own" / "model" / "report.json").read_text())
     assert set(report["ground_truth"]["methods"]) == {"learned", "sefa", "random"}
+
+
+def test_benchmark_block_from_its_files(tmp_path):
+    from latentct import results
+
+    anim = tmp_path / "Animations" / "b"
+    (anim / "dcgan_disentanglement").mkdir(parents=True)
+    gallery = anim / "dcgan"
+    gallery.mkdir()
+    factors = {f: {"direction": 0, "r2": 0.9, "leakage": 0.1, "recovered": True} for f in ("z_position", "width")}
+    table = {"factors": factors, "recovered": 2, "recoverable": 2, "above_null": True, "rca": 0.5,
+             "effect_dci": {"disentanglement": 0.6, "completeness": 0.5}}
+    gt = {"oracle_r2": {"z_position": 0.95, "width": 0.99}, "methods": {"sefa": table},
+          "null": {"sets": 20, "recovered": {"mean": 0.1, "std": 0.3, "p95": 1.0},
+                   "disentanglement": {"mean": 0.2, "std": 0.05, "p95": 0.3}}}
+    (gallery / "report.json").write_text(json.dumps({"ground_truth": gt}))
+    (anim / "summary.json").write_text(json.dumps({"wall_seconds": 1800, "stages": [
+        {"stage": "train_gan", "name": "dcgan", "output": str(tmp_path / "runs" / "b" / "dcgan")},
+        {"stage": "evaluate", "name": "eval_dcgan", "output": str(gallery)}]}))
+    (anim / "dcgan_disentanglement" / "disentanglement.json").write_text(json.dumps({"methods": [
+        {"method": "sefa", "mig": 0.21, "dci_disentanglement": 0.3, "dci_completeness": 0.25,
+         "dci_informativeness": 0.7}]}))
+    (anim / "budget.json").write_text(json.dumps([{"generator": "dcgan", "method": "learned", "steps": 300,
+                                                   "rca": 0.6, "recovered": 1, "recoverable": 2,
+                                                   "effect_disentanglement": 0.4}]))
+    text = results.render_benchmark(results.Settings(run="b", root=str(tmp_path), block="benchmark"))
+    assert "| dcgan | sefa | 0.210 | 0.300 | 0.250 | 0.700 | 0.283 (SeFa) |" in text
+    assert "| sefa | 0.50 | 2 of 2 | 0.60 | 0.50 |" in text and "random null (20 sets)" in text
+    assert "| dcgan | learned | 300 | 0.60 | 1 of 2 | 0.40 |" in text and "30 min 0 s" in text
