@@ -30,10 +30,16 @@ def losses_by_step(folder):
     return {r["step"]: (r["loss_d"], r["loss_g"]) for r in metrics(folder) if "loss_d" in r}
 
 
+def script_env(**extra):
+    """One thread, and this checkout's package first (not whichever copy pip installed last)."""
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path, **extra}
+
+
 def start(args, env=None):
     return subprocess.Popen([sys.executable, str(ROOT / "Training" / "TrainGAN.py"), *args],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
-                            env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+                            env=script_env(**(env or {})))
 
 
 def wait_for_steps(folder, steps, proc, timeout=120):
@@ -148,8 +154,7 @@ def test_two_process_ddp_ends_with_identical_weights(dataset, tmp_path):
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(ROOT / "Training" / "TrainGAN.py"), "--data", str(dataset), "--output", str(out), "--steps", "4", *TINY]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300, env=script_env())
     assert proc.returncode == 0, proc.stderr[-2000:]
     sums = [r["ddp_weight_checksums"] for r in metrics(out) if "ddp_weight_checksums" in r][0]
     assert len(sums) == 2 and sums[0] == sums[1]
