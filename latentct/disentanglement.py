@@ -6,7 +6,8 @@ representations from non-disentangled models"; the protocol DisCo, ICLR 2022, al
         --output Animations/demo/dcgan_disentanglement
 
 For each method an encoder is trained by MSE on generated images G(z) to predict z's coordinates along the
-method's directions (the least-squares coordinates of z in the direction basis); applied to phantom slices
+method's directions (the least-squares coordinates of z in the direction basis; the images are drawn once and
+shared by the methods, and each encoder's R2 on held-out generated images is reported beside its scores); applied to phantom slices
 with known factors it gives codes. As disentanglement_lib does: MIG discretises each code into 20 histogram
 bins and uses scikit-learn's ``mutual_info_score``; the factors are discretised into 20 equal-frequency bins
 (the breast factor's 0, no visible breast, is a bin of its own); DCI trains scikit-learn's exact
@@ -47,6 +48,8 @@ class Settings:
     slices: int = setting(2000, "phantom slices with known factors the encoders are applied to")
     render_size: int = setting(128, "matrix size the phantom is rendered at (the dataset's)")
     encoder_steps: int = setting(1500, "training steps of each method's encoder")
+    generated: int = setting(8192, "generated images the encoders train on (drawn once, shared by the methods; "
+                             "the last 512 score each encoder's R2)")
     batch_size: int = setting(64, "generated images per encoder step")
     train_fraction: float = setting(0.8, "share of the slices the DCI classifiers train on (the rest scores them)")
     seed: int = setting(0, "seed")
@@ -55,6 +58,7 @@ class Settings:
         check(len(self.directions) >= 1, "directions", "needs at least one directions.pt")
         check(0 < self.train_fraction < 1, "train_fraction", "must be in (0, 1)")
         check(self.slices >= 2 * BINS, "slices", f"needs at least {2 * BINS} slices for {BINS} bins")
+        check(self.generated >= 8, "generated", "needs at least 8 generated images")
 
 
 class CodeEncoder(nn.Module):
@@ -74,21 +78,43 @@ def coordinates(z: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
     return torch.linalg.lstsq(matrix.t().double(), z.t().double()).solution.t().float()
 
 
-def train_encoder(G, matrix: torch.Tensor, image_size: int, steps: int, batch: int, seed: int) -> CodeEncoder:
-    """An encoder trained by MSE to predict the direction coordinates of z from G(z)."""
-    torch.manual_seed(seed)
-    encoder = CodeEncoder(image_size, matrix.shape[0])
-    opt = torch.optim.Adam(encoder.parameters(), lr=1e-3)
+def generated_pool(G, count: int, batch: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``count`` latents and their images G(z), drawn once per generator and shared by every method's encoder
+    (generating costs more than an encoder step on a CPU)."""
     gen = torch.Generator().manual_seed(seed + 1)
+    zs, images = [], []
+    with torch.no_grad():
+        for start in tqdm(range(0, count, batch), desc="generated images for the code encoders", unit="batch",
+                          leave=False):
+            z = sample_latents(G, min(batch, count - start), gen)
+            zs.append(z.reshape(len(z), -1))
+            images.append(G(z).float())
+    return torch.cat(zs), torch.cat(images)
+
+
+def train_encoder(pool: tuple[torch.Tensor, torch.Tensor], matrix: torch.Tensor, steps: int, batch: int,
+                  seed: int) -> tuple[CodeEncoder, float]:
+    """An encoder trained by MSE to predict the direction coordinates of z from G(z), on all but the last 512
+    images of the pool; returns it and its R2 on those 512 (how well the codes can be read at all)."""
+    z, images = pool
+    held = min(512, len(z) // 4)
+    target = coordinates(z, matrix)
+    torch.manual_seed(seed)
+    encoder = CodeEncoder(images.shape[-1], matrix.shape[0])
+    opt = torch.optim.Adam(encoder.parameters(), lr=1e-3)
+    gen = torch.Generator().manual_seed(seed + 2)
     for _ in tqdm(range(steps), desc="code encoder", unit="step", leave=False):
-        z = sample_latents(G, batch, gen)
-        with torch.no_grad():
-            images = G(z).float()
-        loss = F.mse_loss(encoder(images), coordinates(z, matrix))
+        pick = torch.randint(0, len(z) - held, (batch,), generator=gen)
+        loss = F.mse_loss(encoder(images[pick]), target[pick])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    return encoder.eval()
+    encoder.eval()
+    with torch.no_grad():
+        truth = target[-held:]
+        residual = ((encoder(images[-held:]) - truth) ** 2).sum(0)
+        r2 = float((1 - residual / ((truth - truth.mean(0)) ** 2).sum(0)).mean())
+    return encoder, r2
 
 
 def discretize_codes(codes: np.ndarray, bins: int = BINS) -> np.ndarray:
@@ -165,13 +191,14 @@ def _entropy_rows(p: np.ndarray, base: int) -> np.ndarray:
     return terms.sum(1) / math.log(max(base, 2))
 
 
-def score(G, directions, slices: torch.Tensor, factors: np.ndarray, cfg: Settings) -> dict:
+def score(pool, directions, slices: torch.Tensor, factors: np.ndarray, cfg: Settings) -> dict:
     """MIG and DCI of one direction method."""
-    encoder = train_encoder(G, directions.matrix, slices.shape[-1], cfg.encoder_steps, cfg.batch_size, cfg.seed)
+    encoder, r2 = train_encoder(pool, directions.matrix, cfg.encoder_steps, cfg.batch_size, cfg.seed)
     with torch.no_grad():
         codes = torch.cat([encoder(part) for part in slices.split(512)]).numpy()
     factors_d = discretize_factors(factors)
-    return {"method": directions.method, "directions_count": directions.count, **mig(discretize_codes(codes), factors_d),
+    return {"method": directions.method, "directions_count": directions.count, "encoder_r2": r2,
+            **mig(discretize_codes(codes), factors_d),
             **{f"dci_{k}": v for k, v in dci(codes, factors_d, cfg.train_fraction, cfg.seed).items()}}
 
 
@@ -185,12 +212,13 @@ def main(cfg: Settings) -> dict:
     size = int(info["args"]["image_size"])
     hu, factors = render_slices(cfg.slices, size, cfg.seed, 4, cfg.render_size, desc="phantom slices for MIG/DCI")
     slices = hu_to_unit(hu, info["window"])
-    rows = []
+    rows, pool = [], None
     for path in cfg.directions:
         directions, G = load_directions(path, cfg.generator)
-        rows.append({"file": str(path), **score(G, directions, slices, factors.numpy(), cfg)})
+        pool = pool or generated_pool(G, cfg.generated, cfg.batch_size, cfg.seed)
+        rows.append({"file": str(path), **score(pool, directions, slices, factors.numpy(), cfg)})
         print(f"{directions.method}: MIG {rows[-1]['mig']:.3f}, DCI D {rows[-1]['dci_disentanglement']:.3f} "
-              f"C {rows[-1]['dci_completeness']:.3f}")
+              f"C {rows[-1]['dci_completeness']:.3f} (code encoder R2 {rows[-1]['encoder_r2']:.2f})")
     result = {"generator": cfg.generator, "protocol": "Khrulkov et al. 2021 (encoder on generated images -> "
               "direction coordinates; MIG with 20 histogram bins; DCI with GradientBoostingClassifier)",
               "slices": cfg.slices, "methods": rows}

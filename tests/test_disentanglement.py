@@ -47,3 +47,16 @@ def test_coordinates_along_directions():
     c = torch.tensor([[1.0, -2.0, 0.5]])
     z = c @ matrix + 0.0
     assert torch.allclose(coordinates(z, matrix), c, atol=1e-5)
+
+
+def test_code_encoder_reads_coordinates_it_can_see_and_not_those_it_cannot():
+    """The encoder's held-out R2, reported beside MIG/DCI: high when the images carry z, about 0 when not."""
+    from latentct.disentanglement import train_encoder
+
+    gen = torch.Generator().manual_seed(0)
+    z = torch.randn(1024, 8, generator=gen)
+    images = torch.tanh(z @ torch.randn(8, 32 * 32, generator=gen) / 3).reshape(-1, 1, 32, 32)
+    matrix = torch.linalg.qr(torch.randn(8, 8, generator=gen))[0][:3]
+    _, seen = train_encoder((z, images), matrix, steps=300, batch=64, seed=0)
+    _, blind = train_encoder((z, torch.rand(1024, 1, 32, 32, generator=gen)), matrix, steps=300, batch=64, seed=0)
+    assert seen > 0.8 and blind < 0.1, (seen, blind)
