@@ -35,6 +35,9 @@ class Settings:
     generators: list[str] = setting(["dcgan", "vae"], "the generators")
     disco_max_steps: int = setting(3000, "DisCo's largest budget (its step costs about 30 Voynov steps on CPU)")
     rca_steps: int = setting(300, "steps of the fresh reconstructor that measures DisCo's and LatentCLR's RCA")
+    device: str = setting("auto", "the trainers' --device")
+    compile: str = setting("off", "the trainers' --compile (off: each budget restarts its trainer, and "
+                           "compiling it again each time costs more than it saves)", choices=("auto", "on", "off"))
 
 
 def score(cfg: Settings, gen: str, directions: Path, out: Path) -> dict:
@@ -57,8 +60,9 @@ def train_to(method: str, gen: str, steps: int, out: Path, cfg: Settings) -> Pat
     runs = Path(cfg.root) / "runs" / cfg.run
     generator = str(runs / gen / "generator.pt")
     module = TRAINERS[method]
+    common = ["--device", cfg.device, "--compile", cfg.compile]
     args = ["--preset", "demo", "--generator", generator, "--output", str(out), "--steps", str(steps),
-            "--checkpoint-every", str(steps)]
+            "--checkpoint-every", str(steps), *common]
     if method == "learned":
         args += ["--batch-size", "48", "--eval-every", str(steps)]
     if method == "latentclr":  # the reference's learning-rate drops (the demo preset compresses them into 300 steps)
@@ -70,7 +74,8 @@ def train_to(method: str, gen: str, steps: int, out: Path, cfg: Settings) -> Pat
     shutil.rmtree(measured, ignore_errors=True)
     TrainDirections.main(parse_settings(TrainDirections.Settings, [
         "--preset", "demo", "--generator", generator, "--output", str(measured), "--method", "file",
-        "--directions-file", str(out / "directions.pt"), "--steps", str(cfg.rca_steps), "--batch-size", "48"],
+        "--directions-file", str(out / "directions.pt"), "--steps", str(cfg.rca_steps), "--batch-size", "48",
+        *common],
         presets=TrainDirections.PRESETS))
     return measured / "directions.pt"
 
