@@ -23,13 +23,12 @@ def rng_state() -> dict:
 
 
 def set_rng_state(state: dict) -> None:
-    """Restore ``rng_state()``'s states; a checkpoint loaded with map_location on a GPU brings them there, and the
-    RNG setters take CPU byte tensors only."""
-    torch.set_rng_state(state["torch"].cpu())
+    """Restore ``rng_state()``'s states (CPU tensors: the RNG setters take nothing else)."""
+    torch.set_rng_state(state["torch"])
     n = state["numpy"]
     np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def save_checkpoint(state: dict, path: str | Path) -> None:

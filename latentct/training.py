@@ -74,7 +74,8 @@ def resume(run: RunDir, cfg, rt: Runtime, models: dict, optimizers: dict, archit
     """Step to start from: 0, or the checkpoint's step with models, optimisers and RNG restored exactly."""
     if not run.checkpoint.is_file() or not cfg.resume:
         return 0
-    state = load_checkpoint(run.checkpoint, map_location=rt.device)
+    state = load_checkpoint(run.checkpoint)  # on the CPU: the RNG setters need it; weights and optimiser
+    # state move to their parameters' device as they load
     if state.get("architecture") != architecture:
         raise UserError(f"{run.checkpoint}: checkpoint of a different model ({state.get('architecture')}); "
                         f"use another --output or --no-resume")
