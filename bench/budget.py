@@ -104,6 +104,13 @@ def plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def device_name(device: str) -> str:
+    import torch
+
+    cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    return torch.cuda.get_device_name() if cuda else "CPU"
+
+
 def main(cfg: Settings) -> list[dict]:
     anim = Path(cfg.root) / "Animations" / cfg.run
     folder = Path(cfg.root) / "runs" / cfg.run / "budget"
@@ -114,7 +121,7 @@ def main(cfg: Settings) -> list[dict]:
                 if method == "disco" and steps > cfg.disco_max_steps:
                     continue
                 files = train_to(method, gen, steps, folder / f"{gen}_{method}", cfg)
-                rows.append({"generator": gen, "method": method, "steps": steps,
+                rows.append({"generator": gen, "method": method, "steps": steps, "device": device_name(cfg.device),
                              **score(cfg, gen, files, folder / f"{gen}_{method}_eval{steps}")})
                 print(json.dumps(rows[-1]))
                 atomic_write_json(anim / "budget.json", rows)

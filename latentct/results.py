@@ -214,10 +214,12 @@ def mig_table(anim: Path, generators: list[str]) -> str:
         for r in _read_json(path)["methods"]:
             published = PUBLISHED_SHAPES3D_MIG.get(r["method"])
             shown = f"{published:.3f} ({PUBLISHED_NAMES[r['method']]})" if published is not None else "–"
-            rows.append([gen, r["method"], f"{r['mig']:.3f}", f"{r['dci_disentanglement']:.3f}",
-                         f"{r['dci_completeness']:.3f}", f"{r['dci_informativeness']:.3f}", shown])
-    return _table(["generator", "method", "MIG", "DCI disentanglement", "DCI completeness", "DCI informativeness",
-                   "published Shapes3D MIG"], rows)
+            enc = r.get("encoder_r2")
+            rows.append([gen, r["method"], "–" if enc is None else f"{enc:.2f}", f"{r['mig']:.3f}",
+                         f"{r['dci_disentanglement']:.3f}", f"{r['dci_completeness']:.3f}",
+                         f"{r['dci_informativeness']:.3f}", shown])
+    return _table(["generator", "method", "code encoder R2", "MIG", "DCI disentanglement", "DCI completeness",
+                   "DCI informativeness", "published Shapes3D MIG"], rows)
 
 
 def budget_section(anim: Path) -> list[str]:
@@ -226,8 +228,9 @@ def budget_section(anim: Path) -> list[str]:
         return []
     rows = [[r["generator"], r["method"], r["steps"], "–" if r["rca"] is None else f"{r['rca']:.2f}",
              f"{r['recovered']} of {r['recoverable']}", f"{r['effect_disentanglement']:.2f}"] for r in _read_json(path)]
+    devices = sorted({r.get("device", "not recorded") for r in _read_json(path)})
     return ["", "A budget that converges (`python bench/budget.py --run benchmark`; the curves: "
-            f"`Animations/{anim.name}/budget.png`):", "",
+            f"`Animations/{anim.name}/budget.png`; run on: {', '.join(devices)}):", "",
             _table(["generator", "method", "steps", "RCA", "recovered", "effect-D"], rows)]
 
 
@@ -244,7 +247,9 @@ def render_benchmark(cfg: Settings) -> str:
         if report.get("ground_truth"):
             parts += ["", f"**{Path(row['output']).name}**, every method:", "", ground_truth_table(report["ground_truth"])]
     parts += ["", "MIG and DCI by Khrulkov et al.'s protocol (phantom slices with known factors; not comparable in "
-              "absolute terms with Shapes3D, shown for the methods' order):", "",
+              "absolute terms with Shapes3D, shown for the methods' order). The code encoder's R2 on held-out "
+              "generated images says how far the codes can be read at all: where it is low, MIG and DCI measure the "
+              "encoder, not the directions:", "",
               mig_table(anim, [r["name"] for r in summary["stages"] if r["stage"].startswith("train_")])]
     parts += budget_section(anim)
     return "\n".join(parts) + "\n"
