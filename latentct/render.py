@@ -38,9 +38,10 @@ def shift_strip(width: int, eps: float, shift_scale: float, height: int = 3) -> 
 
 
 def write_gif(frames: list[np.ndarray], path: str | Path, frame_ms: int = 50) -> None:
-    """The one GIF writer: uint8 frames, looping forever, written atomically."""
+    """The one GIF writer: uint8 frames, looping forever, written atomically. Pillow's palette optimisation is
+    off: on about 1 grey sweep in 70 it wrote a frame without a palette, which Pillow itself cannot read back."""
     with atomic_path(path) as tmp:
-        iio.imwrite(tmp, np.stack(frames), extension=".gif", duration=frame_ms, loop=0)
+        iio.imwrite(tmp, np.stack(frames), extension=".gif", duration=frame_ms, loop=0, optimize=False)
 
 
 def direction_gif(images: torch.Tensor, eps: torch.Tensor, shift_scale: float, path, frame_ms: int = 50) -> None:

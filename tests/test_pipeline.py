@@ -43,7 +43,7 @@ def test_whole_pipeline_at_the_smallest_sizes_then_cached_then_from_a_stage(tmp_
         assert set(gt["methods"]) == {"learned", *scored[gen], "supervised"}
         assert report["distinct_effects"] == len(report["axes"]) >= 1
         assert gt["recoverable"] == gt["methods"]["supervised"]["recovered"] and gt["null"]["sets"] == 2
-        assert gt["validation"]["checks"] and gt["thresholds_from"] == "known-answer sweeps through the VAE"
+        assert gt["validation"]["checks"] and gt["thresholds_from"] == "known-answer sweeps (leakage through the VAE)"
         assert all("effect_dci" in t and t["recoverable"] == gt["recoverable"] for t in gt["methods"].values())
         assert (anim / gen / report["ground_truth"]["heatmap"]).is_file()
         assert "Ground truth on the phantom" in (anim / gen / "index.html").read_text()
@@ -119,12 +119,12 @@ def test_benchmark_block_from_its_files(tmp_path):
         {"stage": "train_gan", "name": "dcgan", "output": str(tmp_path / "runs" / "b" / "dcgan")},
         {"stage": "evaluate", "name": "eval_dcgan", "output": str(gallery)}]}))
     (anim / "dcgan_disentanglement" / "disentanglement.json").write_text(json.dumps({"methods": [
-        {"method": "sefa", "mig": 0.21, "dci_disentanglement": 0.3, "dci_completeness": 0.25,
+        {"method": "sefa", "encoder_r2": 0.9, "mig": 0.21, "dci_disentanglement": 0.3, "dci_completeness": 0.25,
          "dci_informativeness": 0.7}]}))
     (anim / "budget.json").write_text(json.dumps([{"generator": "dcgan", "method": "learned", "steps": 300,
                                                    "rca": 0.6, "recovered": 1, "recoverable": 2,
                                                    "effect_disentanglement": 0.4}]))
     text = results.render_benchmark(results.Settings(run="b", root=str(tmp_path), block="benchmark"))
-    assert "| dcgan | sefa | 0.210 | 0.300 | 0.250 | 0.700 | 0.283 (SeFa) |" in text
+    assert "| dcgan | sefa | 0.90 | 0.210 | 0.300 | 0.250 | 0.700 | 0.283 (SeFa) |" in text
     assert "| sefa | 0.50 | 2 of 2 | 0.60 | 0.50 |" in text and "random null (20 sets)" in text
     assert "| dcgan | learned | 300 | 0.60 | 1 of 2 | 0.40 |" in text and "30 min 0 s" in text
