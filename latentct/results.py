@@ -10,6 +10,7 @@ demo), ``benchmark`` (every method with MIG and DCI, and the budget curves when 
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -229,8 +230,13 @@ def budget_section(anim: Path) -> list[str]:
     rows = [[r["generator"], r["method"], r["steps"], "–" if r["rca"] is None else f"{r['rca']:.2f}",
              f"{r['recovered']} of {r['recoverable']}", f"{r['effect_disentanglement']:.2f}"] for r in _read_json(path)]
     devices = sorted({r.get("device", "not recorded") for r in _read_json(path)})
-    return ["", "A budget that converges (`python bench/budget.py --run benchmark`; the curves: "
-            f"`Animations/{anim.name}/budget.png`; run on: {', '.join(devices)}):", "",
+    curves = []
+    if (anim / "budget.png").is_file():  # committed beside the example GIFs, so the README shows it
+        (anim.parent / "examples").mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(anim / "budget.png", anim.parent / "examples" / "budget.png")
+        curves = ["", "![budget curves](Animations/examples/budget.png)"]
+    return ["", f"A budget that converges (`python bench/budget.py --run {anim.name}`; run on: "
+            f"{', '.join(devices)}):", *curves, "",
             _table(["generator", "method", "steps", "RCA", "recovered", "effect-D"], rows)]
 
 

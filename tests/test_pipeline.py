@@ -124,7 +124,10 @@ def test_benchmark_block_from_its_files(tmp_path):
     (anim / "budget.json").write_text(json.dumps([{"generator": "dcgan", "method": "learned", "steps": 300,
                                                    "rca": 0.6, "recovered": 1, "recoverable": 2,
                                                    "effect_disentanglement": 0.4}]))
+    (anim / "budget.png").write_bytes(b"png")
     text = results.render_benchmark(results.Settings(run="b", root=str(tmp_path), block="benchmark"))
+    assert (tmp_path / "Animations" / "examples" / "budget.png").read_bytes() == b"png"
+    assert "![budget curves](Animations/examples/budget.png)" in text
     assert "| dcgan | sefa | 0.90 | 0.210 | 0.300 | 0.250 | 0.700 | 0.283 (SeFa) |" in text
     assert "| sefa | 0.50 | 2 of 2 | 0.60 | 0.50 |" in text and "random null (20 sets)" in text
     assert "| dcgan | learned | 300 | 0.60 | 1 of 2 | 0.40 |" in text and "30 min 0 s" in text
