@@ -155,9 +155,10 @@ def ground_truth_section(gt: dict) -> list[str]:
                      + (f"The oracle on VAE reconstructions of held-out slices: R2 {generated}. " if generated else "")
                      + "</p>")
     parts.append(f"<p class='note'>A factor counts as recovered when its matched direction (Hungarian matching on "
-                 f"R2 &times; effect) is as clean as a perfect change of that factor measures: "
+                 f"R2 &times; effect) moves it more consistently than the oracle reads a factor that did not move "
+                 f"(R2 floor) and leaks no more than a perfectly clean change of it: "
                  f"{_esc(describe_limits(gt['r2_min'], gt['leakage_max']))} "
-                 f"(thresholds from the {_esc(gt['thresholds_from'])}: what a perfectly clean factor change scores). "
+                 f"(thresholds from the {_esc(gt['thresholds_from'])}). "
                  "<i>Effect-D/C</i>: DCI's disentanglement and completeness computed on the direction &times; factor "
                  "effect matrix minus the oracle's noise floor (not Eastwood &amp; Williams' predictive DCI).</p>")
     parts.append(f"<img class='wide' src='{_esc(gt['heatmap'])}' alt='direction by factor effect'> "

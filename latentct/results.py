@@ -199,7 +199,8 @@ def render(cfg: Settings) -> str:
         if report.get("ground_truth"):
             gt = report["ground_truth"]
             parts += ["", f"**{Path(row['output']).name}**: each factor cell is the matched direction's R2 / leakage; "
-                      "✓ = recovered (as clean as a perfect change of the factor measures: the thresholds above); effect-D/C: "
+                      "✓ = recovered (its R2 above what an unmoved factor reads, its leakage as low as a clean change of the "
+                      "factor shows: the thresholds above); effect-D/C: "
                       "DCI's formulas on the effect matrix minus the oracle's noise floor.", "",
                       ground_truth_table(gt)]
     return "\n".join(parts) + "\n"
