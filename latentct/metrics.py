@@ -60,15 +60,24 @@ def diversity(x: torch.Tensor) -> float:
 
 
 def _w1(a: torch.Tensor, b: torch.Tensor) -> float:
-    """1-D Wasserstein distance between two equal-size samples."""
-    return float((torch.sort(a)[0] - torch.sort(b)[0]).abs().mean())
+    """1-D Wasserstein distance between two samples (sorted differences for equal sizes, else 101 quantiles)."""
+    if len(a) == len(b):
+        return float((torch.sort(a)[0] - torch.sort(b)[0]).abs().mean())
+    q = torch.linspace(0, 1, 101, dtype=torch.float64)
+    return float((torch.quantile(a.double(), q) - torch.quantile(b.double(), q)).abs().mean())
 
 
 def anatomy_distance(fake_hu: torch.Tensor, real_hu: torch.Tensor) -> dict:
-    """Per measurement, W1 between generated and real distributions in units of the real spread."""
+    """Per measurement, W1 between generated and real distributions in units of the real spread. Slices where a
+    measurement is undefined (anterior tissue where no lung shows, below the diaphragm) are left out of it; a
+    measurement undefined on every slice of either set is left out of the mean."""
     fm, rm = anatomy.measure(fake_hu), anatomy.measure(real_hu)
-    per = {k: _w1(fm[k], rm[k]) / max(float(rm[k].std()), 1e-6) for k in rm}
-    return {"anatomy_distance": sum(per.values()) / len(per), "anatomy": per}
+    per = {}
+    for k in rm:
+        f, r = fm[k][~torch.isnan(fm[k])], rm[k][~torch.isnan(rm[k])]
+        per[k] = _w1(f, r) / max(float(r.std()), 1e-6) if len(f) and len(r) > 1 else float("nan")
+    shown = [v for v in per.values() if v == v]
+    return {"anatomy_distance": sum(shown) / len(shown) if shown else float("nan"), "anatomy": per}
 
 
 def compare_sets(fake: torch.Tensor, real: torch.Tensor, window) -> dict:

@@ -61,3 +61,19 @@ def test_table_is_not_body():
     bottom_mm = (float(rows.max()) + 1 - SIZE / 2) * SPACING
     g = phantom.slice_geometry(p, 0.5)
     assert bottom_mm == pytest.approx(p.y_offset + g.half_thickness, abs=2 * SPACING)
+
+
+def test_anatomy_distance_leaves_out_slices_without_lungs():
+    """A set compared with itself is at distance 0 even when some slices (below the diaphragm) have no anterior
+    tissue measurement; the same chest slices against abdomen-heavy ones are further apart."""
+    from latentct.metrics import anatomy_distance
+
+    p = phantom.patient_for(0, 2)
+    render = lambda z: torch.tensor(phantom.render_slice(p, z, 64, np.random.default_rng(0)))[None]
+    chest = torch.stack([render(z) for z in (0.4, 0.45, 0.5, 0.55)])
+    mixed = torch.stack([render(z) for z in (0.4, 0.5, 0.97, 0.99)])   # the last two: upper abdomen
+    assert torch.isnan(anatomy.measure(mixed)["anterior_tissue"]).any()
+    same = anatomy_distance(mixed, mixed)
+    assert same["anatomy_distance"] == 0 and same["anatomy"]["anterior_tissue"] == 0
+    apart = anatomy_distance(mixed, chest)
+    assert math.isfinite(apart["anatomy_distance"]) and apart["anatomy_distance"] > 0.1
