@@ -101,14 +101,17 @@ PRESETS = {  # the study's grid: {unit (proj, K=32), ortho (K=32), 100 (proj, K=
 }
 
 
-def direction_chart(G, deformator, z: torch.Tensor, shown: int, shift_scale: float) -> torch.Tensor:
-    """Images (shown * 7, 1, H, W): the first ``shown`` directions, each at 7 shifts from -scale to +scale."""
+def direction_chart(G, deformator, z: torch.Tensor, shift_scale: float, display_window: str, path) -> None:
+    """``path``: a chart of the first (up to 8) directions, one row each at 7 shifts from -scale to +scale, in the
+    display window."""
     K = deformator.directions_count
+    shown = min(K, 8)
     eps = torch.linspace(-shift_scale, shift_scale, 7, device=z.device)
     basis = torch.zeros(shown * 7, K, device=z.device)
     basis[torch.arange(shown * 7), torch.arange(shown).repeat_interleave(7)] = eps.repeat(shown)
     with evaluating(deformator):
-        return G(z.expand(shown * 7, -1) + deformator(basis)).float()
+        images = G(z.expand(shown * 7, -1) + deformator(basis)).float()
+    save_grid(display(images, G.window, display_window), path, nrow=7)
 
 
 def main(cfg: Settings) -> dict:
@@ -197,8 +200,8 @@ def main(cfg: Settings) -> dict:
                                                                cfg.batch_size, shift_args, rt.device)}
                 run.log({"step": done, "eval": last_eval})
             if rt.is_main and (done % cfg.sample_every == 0 or final):
-                images = direction_chart(G, deformator, chart_z, min(K, 8), cfg.shift_scale * spread)
-                save_grid(display(images, G.window, cfg.display_window), run.path / f"directions_{done:06d}.png", nrow=7)
+                direction_chart(G, deformator, chart_z, cfg.shift_scale * spread, cfg.display_window,
+                                run.path / f"directions_{done:06d}.png")
                 run.plot_losses(["loss", "label_loss", "shift_loss", "accuracy"])
             if checkpoint_now:
                 save_state(run, done, models, optimizers, architecture)

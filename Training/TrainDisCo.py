@@ -24,7 +24,6 @@ import torch.nn.functional as F
 
 from latentct.directions import make_shifts, save_directions
 from latentct.generators import GeneratorOptions, latent_spread, load_generator, sample_latents
-from latentct.images import display, save_grid
 from latentct.io import atomic_torch_save
 from latentct.rundir import RunDir
 from latentct.runtime import autocast, resolve_switch, setup_runtime, unwrap
@@ -176,8 +175,8 @@ def main(cfg: Settings) -> dict:
             if done % cfg.log_every == 0 or checkpoint_now:  # a checkpoint closes the running means: resumed runs log alike
                 log_losses(run, meter, done, bar)
             if rt.is_main and (done % cfg.sample_every == 0 or final):
-                images = direction_chart(G, navigator, chart_z, min(K, 8), cfg.shift_scale * spread)
-                save_grid(display(images, G.window, cfg.display_window), run.path / f"directions_{done:06d}.png", nrow=7)
+                direction_chart(G, navigator, chart_z, cfg.shift_scale * spread, cfg.display_window,
+                                run.path / f"directions_{done:06d}.png")
                 run.plot_losses(["loss", "contrastive", "entropy"])
             if checkpoint_now:
                 save_state(run, done, models, optimizers, architecture)

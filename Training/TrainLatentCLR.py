@@ -25,7 +25,6 @@ import torch.nn.functional as F
 from latentct.directions import save_directions
 from latentct.features import default_layer, layer_features
 from latentct.generators import GeneratorOptions, latent_spread, load_generator, sample_latents
-from latentct.images import display, save_grid
 from latentct.rundir import RunDir
 from latentct.runtime import autocast, resolve_switch, setup_runtime
 from latentct.settings import UserError, check, run_cli, setting, settings_dict
@@ -138,8 +137,8 @@ def main(cfg: Settings) -> dict:
                 log_losses(run, meter, done, bar)
             if rt.is_main and (done % cfg.sample_every == 0 or final):
                 fixed = FixedDirections(directions.unit().detach())
-                images = direction_chart(G, fixed, chart_z, min(K, 8), cfg.shift_scale * spread)
-                save_grid(display(images, G.window, cfg.display_window), run.path / f"directions_{done:06d}.png", nrow=7)
+                direction_chart(G, fixed, chart_z, cfg.shift_scale * spread, cfg.display_window,
+                                run.path / f"directions_{done:06d}.png")
                 run.plot_losses(["loss", "accuracy"])
             if checkpoint_now:
                 save_state(run, done, models, optimizers, architecture)
