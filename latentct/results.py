@@ -143,10 +143,16 @@ def _first_gallery(summary: dict) -> float:
     return elapsed
 
 
+def _to_examples(anim: Path, source: Path, name: str) -> str:
+    """Copy a file to Animations/examples/ (committed, so the README shows it); its path as the README links it."""
+    folder = anim.parent / "examples"
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(source, folder / name)
+    return f"Animations/examples/{name}"
+
+
 def examples(anim: Path, galleries: list[dict], count: int) -> str:
     """Copy the strongest directions' GIFs (different labels) to Animations/examples/ and show them."""
-    import shutil
-
     folder = anim.parent / "examples"
     folder.mkdir(exist_ok=True)
     for old in folder.glob("*.gif"):
@@ -161,8 +167,7 @@ def examples(anim: Path, galleries: list[dict], count: int) -> str:
                 seen.add(d["dominant"])
         for d in picked:
             name = f"{Path(row['output']).name}_{d['direction']}.gif"
-            shutil.copyfile(Path(row["output"]) / d["gif"], folder / name)
-            cells.append(f"![](Animations/examples/{name})")
+            cells.append(f"![]({_to_examples(anim, Path(row['output']) / d['gif'], name)})")
             captions.append(f"{Path(row['output']).name} k={d['direction']}: {d['label']}")
     return _table(cells, [captions]) if cells else ""
 
@@ -228,14 +233,13 @@ def budget_section(anim: Path) -> list[str]:
     path = anim / "budget.json"
     if not path.is_file():
         return []
+    budget = _read_json(path)
     rows = [[r["generator"], r["method"], r["steps"], "–" if r["rca"] is None else f"{r['rca']:.2f}",
-             f"{r['recovered']} of {r['recoverable']}", f"{r['effect_disentanglement']:.2f}"] for r in _read_json(path)]
-    devices = sorted({r.get("device", "not recorded") for r in _read_json(path)})
+             f"{r['recovered']} of {r['recoverable']}", f"{r['effect_disentanglement']:.2f}"] for r in budget]
+    devices = sorted({r.get("device", "not recorded") for r in budget})
     curves = []
-    if (anim / "budget.png").is_file():  # committed beside the example GIFs, so the README shows it
-        (anim.parent / "examples").mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(anim / "budget.png", anim.parent / "examples" / "budget.png")
-        curves = ["", "![budget curves](Animations/examples/budget.png)"]
+    if (anim / "budget.png").is_file():
+        curves = ["", f"![budget curves]({_to_examples(anim, anim / 'budget.png', 'budget.png')})"]
     return ["", f"A budget that converges (`python bench/budget.py --run {anim.name}`; run on: "
             f"{', '.join(devices)}):", *curves, "",
             _table(["generator", "method", "steps", "RCA", "recovered", "effect-D"], rows)]

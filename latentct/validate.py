@@ -166,8 +166,10 @@ def thresholds(values: torch.Tensor, eps: torch.Tensor, moved: torch.Tensor, sam
     leak, floor = [], []
     for _ in range(draws):
         pick = torch.from_numpy(rng.integers(0, P, min(samples, P)))
-        leak.append(attribution(line_effects(values[:, :, pick], eps)[1])[1])
-        r2 = line_effects(r2_values[:, :, pick], eps)[0]
+        r2, effect = line_effects(values[:, :, pick], eps)
+        if r2_values is not values:
+            r2 = line_effects(r2_values[:, :, pick], eps)[0]
+        leak.append(attribution(effect)[1])
         floor.append(np.where(still, r2, 0.0).max(0))
     leak, floor = np.array(leak), np.array(floor)
     return {"leakage_max": {f: float(np.percentile(leak[:, k], 95)) for k, f in enumerate(FACTORS)},
