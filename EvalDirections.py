@@ -19,19 +19,19 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from latentct.data import CTSlices, has_factors, parse_window, read_index, unit_to_hu
-from latentct.directions import Directions, load_directions
-from latentct.embed import embed
-from latentct.baselines import random_orthonormal
-from latentct.scoring import effect_dci, line_effects, match_factors, null_summary, recovered_curve
-from latentct.gallery import write_gallery
-from latentct.generators import KINDS, load_encoder, sample_latents
-from latentct.images import display, make_grid, save_grid, save_png
-from latentct.io import atomic_write_json
-from latentct.phantom import FACTORS
-from latentct.render import chart, direction_gif, grid_gif, heatmap, recovered_plot, sweep_plan
-from latentct.report import describe, fold_axes, realism, sweep
-from latentct.settings import UserError, check, run_cli, save_settings, setting
+from latentct.data.phantom import FACTORS
+from latentct.data.slices import CTSlices, has_factors, parse_window, read_index, unit_to_hu
+from latentct.discover.baselines import random_orthonormal
+from latentct.discover.directions import Directions, load_directions
+from latentct.generators.embed import embed
+from latentct.generators.interface import KINDS, load_encoder, sample_latents
+from latentct.score.report import describe, fold_axes, realism, sweep
+from latentct.score.scoring import effect_dci, line_effects, match_factors, null_summary, recovered_curve
+from latentct.show.gallery import write_gallery
+from latentct.show.images import display, make_grid, save_grid, save_png
+from latentct.show.render import chart, direction_gif, grid_gif, heatmap, recovered_plot, sweep_plan
+from latentct.util.io import atomic_write_json
+from latentct.util.settings import UserError, check, run_cli, save_settings, setting
 
 
 @dataclass
@@ -58,7 +58,7 @@ class Settings:
     oracle: str | None = setting(None, "factor oracle (oracle.pt; default: the cached one for this image size and "
                                  "window under <root>/runs/oracle/)")
     root: str = setting(".", "folder under which the oracle cache runs/oracle/ lives")
-    validation: str | None = setting(None, "validation.json of the known-answer sweeps (python -m latentct.validate):"
+    validation: str | None = setting(None, "validation.json of the known-answer sweeps (python -m latentct.score.validate):"
                                      " the thresholds and the oracle's noise floor come from it")
     r2_min: float | None = setting(None, "matched R2 a factor needs to count as recovered (default: --validation's)")
     leakage_max: float | None = setting(None, "largest leakage of a recovered factor (default: --validation's)")
@@ -277,13 +277,13 @@ def ground_truth(cfg: Settings, directions, G, generator_file: Path, window, dat
 
 def _oracle(cfg: Settings, G, window):
     """The oracle given, or the cached one for this image size and window; a clear error when there is none."""
-    from latentct import oracle as oracle_stage
+    from latentct.score import oracle as oracle_stage
 
     size = int(G(torch.zeros(1, G.latent_dim, device=next(G.parameters()).device)).shape[-1])
     path = Path(cfg.oracle) if cfg.oracle else oracle_stage.folder_for(oracle_stage.Settings(
         image_size=size, window=",".join(map(str, window)), root=cfg.root)) / "oracle.pt"
     if not path.is_file():
-        raise UserError(f"--oracle: {path} does not exist; train it with python -m latentct.oracle --image-size "
+        raise UserError(f"--oracle: {path} does not exist; train it with python -m latentct.score.oracle --image-size "
                         f"{size} (or pass --ground-truth off)")
     return oracle_stage.load_oracle(path)
 

@@ -28,12 +28,12 @@ from tqdm import tqdm
 
 import EvalDirections
 import preprocess
-from Training import TrainDisCo, TrainLatentCLR
-from latentct import disentanglement, oracle, phantom, validate
-from latentct.gallery import write_index
-from latentct.io import atomic_write_json
-from latentct.settings import UserError, check, make_settings, run_cli, setting, settings_dict
-from Training import TrainDirections, TrainGAN, TrainVAE
+from latentct.data import phantom
+from latentct.score import disentanglement, oracle, validate
+from latentct.show.gallery import write_index
+from latentct.util.io import atomic_write_json
+from latentct.util.settings import UserError, check, make_settings, run_cli, setting, settings_dict
+from Training import TrainDirections, TrainDisCo, TrainGAN, TrainLatentCLR, TrainVAE
 
 STAGES = ("phantom", "preprocess", "train_gan", "train_vae", "oracle", "validate", "directions", "evaluate",
           "ground_truth", "disentanglement")
@@ -69,10 +69,10 @@ class Settings:
                                      "methods scored beside the VAE's learned directions")
     method_steps: int | None = setting(None, "steps of DisCo and LatentCLR (None: --direction-steps)")
     eval_samples: int = setting(16, "samples per direction for the measurements")
-    oracle_steps: int | None = setting(None, "factor oracle training steps (None: latentct/oracle.py's)")
-    oracle_slices: int | None = setting(None, "factor oracle training slices (None: latentct/oracle.py's)")
-    oracle_test_slices: int | None = setting(None, "factor oracle held-out slices (None: latentct/oracle.py's)")
-    validate_patients: int | None = setting(None, "patients per known-answer sweep (None: latentct/validate.py's)")
+    oracle_steps: int | None = setting(None, "factor oracle training steps (None: latentct/score/oracle.py's)")
+    oracle_slices: int | None = setting(None, "factor oracle training slices (None: latentct/score/oracle.py's)")
+    oracle_test_slices: int | None = setting(None, "factor oracle held-out slices (None: latentct/score/oracle.py's)")
+    validate_patients: int | None = setting(None, "patients per known-answer sweep (None: latentct/score/validate.py's)")
     null_sets: int = setting(20, "random direction sets of the null in every ground-truth table")
     disentanglement: bool = setting(False, "MIG and DCI of every method by Khrulkov et al.'s protocol (slow)")
     seed: int = setting(0, "seed for every stage")
@@ -83,7 +83,7 @@ class Settings:
                                     " TorchScript or torch.export file, or a generator.pt): no phantom, no training")
     generator_args: str = setting("{}", "keyword arguments of the --generator factory, as JSON")
     generator_weights: str | None = setting(None, "weights of the --generator factory's module")
-    latents: str | None = setting(None, "encoded latents to draw z from (autoencoders; python -m latentct.latents)")
+    latents: str | None = setting(None, "encoded latents to draw z from (autoencoders; python -m latentct.generators.latents)")
     data: str | None = setting(None, "with --generator: a preprocessed dataset for pixel spacing, real slices and, "
                                "on the phantom, the ground truth")
     methods: list[str] = setting(["sefa", "random"], "with --generator: the methods scored beside the learned "
@@ -251,8 +251,8 @@ HOOKED = ("sefa", "pca", "spectral", "latentclr")  # methods that read an interm
 def plan_own_generator(cfg: Settings) -> list[Job]:
     """A researcher's generator: its learned directions and their gallery first, then the other methods that
     apply to it; with --data on the phantom, the oracle and the ground truth."""
-    from latentct.data import has_factors
-    from latentct.generators import load_generator
+    from latentct.data.slices import has_factors
+    from latentct.generators.interface import load_generator
 
     root = Path(cfg.root)
     runs, anim = root / "runs" / cfg.run, root / "Animations" / cfg.run

@@ -22,10 +22,10 @@ import numpy as np
 import pydicom
 import torch
 
-from latentct.dicom import SliceHeader, Skip, group_series, list_files, read_header, read_series
-from latentct.parallel import pool_map, worker_pool
-from latentct.io import NpyAppender, atomic_write_json, atomic_write_text, replace_dir, staging_dir
-from latentct.settings import UserError, check, run_cli, save_settings, setting, settings_dict
+from latentct.data.dicom import Skip, SliceHeader, group_series, list_files, read_header, read_series
+from latentct.util.io import NpyAppender, atomic_write_json, atomic_write_text, replace_dir, staging_dir
+from latentct.util.parallel import pool_map, worker_pool
+from latentct.util.settings import UserError, check, run_cli, save_settings, setting, settings_dict
 
 INDEX_COLUMNS = ["patient_id", "study_uid", "series_uid", "sop_uid", "z_mm", "slice_index", "z_rel",
                  "pixel_spacing_mm", "source_file"]

@@ -16,19 +16,25 @@ from dataclasses import dataclass
 
 import torch
 
-from latentct.baselines import baseline_matrix, spectral, supervised
-from latentct.directions import load_directions, make_shifts, reconstructor_accuracy, save_directions, step_losses
-from latentct.generators import GeneratorOptions, latent_spread, load_generator, sample_latents
-from latentct.images import display, save_grid
-from latentct.io import atomic_torch_save
-from latentct.oracle import load_oracle
-from latentct.rundir import RunDir
-from latentct.runtime import autocast, evaluating, memory_format, resolve_switch, setup_runtime, unwrap, wrap_ddp
-from latentct.settings import check, run_cli, setting, settings_dict, user_errors
-from latentct.signals import StopSignal
-from latentct.training import LossMeter, TrainerSettings, log_losses, progress_bar, resume, save_state
-from models.deformator import KINDS, Deformator, FixedDirections
-from models.reconstructor import make_reconstructor
+from latentct.discover.baselines import baseline_matrix, spectral, supervised
+from latentct.discover.directions import (
+    load_directions,
+    make_shifts,
+    reconstructor_accuracy,
+    save_directions,
+    step_losses,
+)
+from latentct.generators.interface import GeneratorOptions, latent_spread, load_generator, sample_latents
+from latentct.models.deformator import KINDS, Deformator, FixedDirections
+from latentct.models.reconstructor import make_reconstructor
+from latentct.score.oracle import load_oracle
+from latentct.show.render import direction_chart
+from latentct.train.bookkeeping import LossMeter, TrainerSettings, log_losses, progress_bar, resume, save_state
+from latentct.train.rundir import RunDir
+from latentct.train.runtime import autocast, memory_format, resolve_switch, setup_runtime, unwrap, wrap_ddp
+from latentct.train.signals import StopSignal
+from latentct.util.io import atomic_torch_save
+from latentct.util.settings import check, run_cli, setting, settings_dict, user_errors
 
 METHODS = ("learned", "sefa", "pca", "random", "coordinate", "spectral", "supervised", "file")
 
@@ -65,7 +71,7 @@ class Settings(GeneratorOptions, TrainerSettings):
                         "measure their RCA like the learned directions'; off: directions only, RCA not measured")
     oracle: str | None = setting(None, "factor oracle (oracle.pt) the supervised method reads G(z) with")
     feature_layer: str | None = setting(None, "the layer whose Jacobian the spectral method decomposes (default per "
-                                        "generator: latentct/features.py)")
+                                        "generator: latentct/generators/features.py)")
     directions_file: str | None = setting(None, "with --method file: a directions.pt (DisCo, LatentCLR) whose frozen "
                                           "directions get a fresh reconstructor, so their RCA is measured like a "
                                           "baseline's")
@@ -82,7 +88,7 @@ class Settings(GeneratorOptions, TrainerSettings):
         check(self.shift_scale > 0 and 0 <= self.min_shift <= self.shift_scale, "min_shift",
               "must be between 0 and --shift-scale")
         check(self.method != "supervised" or self.oracle is not None, "oracle",
-              "the supervised method needs a factor oracle (python -m latentct.oracle writes one)")
+              "the supervised method needs a factor oracle (python -m latentct.score.oracle writes one)")
         check(self.method != "file" or self.directions_file is not None, "directions_file",
               "--method file needs the directions.pt whose RCA to measure")
         check(self.rca or self.method != "learned", "rca", "the learned method always trains its reconstructor")
@@ -99,19 +105,6 @@ PRESETS = {  # the study's grid: {unit (proj, K=32), ortho (K=32), 100 (proj, K=
     "demo": dict(deformator="proj", directions_count=16, reconstructor="lenet", reconstructor_width=4, batch_size=64,
                  steps=600, lr_deformator=1e-3, lr_reconstructor=1e-3, eval_every=300, rca_batches=20),
 }
-
-
-def direction_chart(G, deformator, z: torch.Tensor, shift_scale: float, display_window: str, path) -> None:
-    """``path``: a chart of the first (up to 8) directions, one row each at 7 shifts from -scale to +scale, in the
-    display window."""
-    K = deformator.directions_count
-    shown = min(K, 8)
-    eps = torch.linspace(-shift_scale, shift_scale, 7, device=z.device)
-    basis = torch.zeros(shown * 7, K, device=z.device)
-    basis[torch.arange(shown * 7), torch.arange(shown).repeat_interleave(7)] = eps.repeat(shown)
-    with evaluating(deformator):
-        images = G(z.expand(shown * 7, -1) + deformator(basis)).float()
-    save_grid(display(images, G.window, display_window), path, nrow=7)
 
 
 def main(cfg: Settings) -> dict:

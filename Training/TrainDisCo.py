@@ -22,16 +22,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from latentct.directions import make_shifts, save_directions
-from latentct.generators import GeneratorOptions, latent_spread, load_generator, sample_latents
-from latentct.io import atomic_torch_save
-from latentct.rundir import RunDir
-from latentct.runtime import autocast, resolve_switch, setup_runtime, unwrap
-from latentct.settings import check, run_cli, setting, settings_dict, user_errors
-from latentct.signals import StopSignal
-from latentct.training import LossMeter, TrainerSettings, log_losses, progress_bar, resume, save_state
-from models.deformator import KINDS, Deformator
-from Training.TrainDirections import direction_chart
+from latentct.discover.directions import make_shifts, save_directions
+from latentct.generators.interface import GeneratorOptions, latent_spread, load_generator, sample_latents
+from latentct.models.deformator import KINDS, Deformator
+from latentct.show.render import direction_chart
+from latentct.train.bookkeeping import LossMeter, TrainerSettings, log_losses, progress_bar, resume, save_state
+from latentct.train.rundir import RunDir
+from latentct.train.runtime import autocast, resolve_switch, setup_runtime, unwrap
+from latentct.train.signals import StopSignal
+from latentct.util.io import atomic_torch_save
+from latentct.util.settings import check, run_cli, setting, settings_dict, user_errors
 
 
 @dataclass

@@ -4,7 +4,7 @@
     torchrun --nproc_per_node=4 Training/TrainGAN.py --preset paper --data data/lidc_128 --output runs/lidc/dcgan
 
 Rerunning the same command continues from runs/.../checkpoint.pt. Outputs: generator.pt (load it with
-latentct.generators.load_generator), checkpoint.pt, metrics.jsonl, samples_*.png, losses.png, config.json.
+latentct.generators.interface.load_generator), checkpoint.pt, metrics.jsonl, samples_*.png, losses.png, config.json.
 """
 from __future__ import annotations
 
@@ -14,17 +14,24 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from latentct.batches import TrainData, steps_per_epoch
-from latentct.generators import save_generator
-from latentct.images import display, save_grid
-from latentct.metrics import compare_sets
-from latentct.rundir import RunDir
-from latentct.runtime import autocast, evaluating, memory_format, resolve_switch, setup_runtime, unwrap, wrap_ddp
-from latentct.settings import check, run_cli, setting, user_errors
-from latentct.signals import StopSignal
-from latentct.training import (ImageTrainerSettings, LossMeter, log_ddp_checksums, log_losses, progress_bar, resume,
-                               save_state)
-from models.dcgan import Discriminator, Generator, weights_init
+from latentct.generators.interface import save_generator
+from latentct.models.dcgan import Discriminator, Generator, weights_init
+from latentct.show.images import display, save_grid
+from latentct.train.batches import TrainData, steps_per_epoch
+from latentct.train.bookkeeping import (
+    ImageTrainerSettings,
+    LossMeter,
+    log_ddp_checksums,
+    log_losses,
+    progress_bar,
+    resume,
+    save_state,
+)
+from latentct.train.metrics import compare_sets
+from latentct.train.rundir import RunDir
+from latentct.train.runtime import autocast, evaluating, memory_format, resolve_switch, setup_runtime, unwrap, wrap_ddp
+from latentct.train.signals import StopSignal
+from latentct.util.settings import check, run_cli, setting, user_errors
 
 
 @dataclass

@@ -22,16 +22,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from latentct.directions import save_directions
-from latentct.features import default_layer, layer_features
-from latentct.generators import GeneratorOptions, latent_spread, load_generator, sample_latents
-from latentct.rundir import RunDir
-from latentct.runtime import autocast, resolve_switch, setup_runtime
-from latentct.settings import UserError, check, run_cli, setting, settings_dict
-from latentct.signals import StopSignal
-from latentct.training import LossMeter, TrainerSettings, log_losses, progress_bar, resume, save_state
-from models.deformator import FixedDirections
-from Training.TrainDirections import direction_chart
+from latentct.discover.directions import save_directions
+from latentct.generators.features import default_layer, layer_features
+from latentct.generators.interface import GeneratorOptions, latent_spread, load_generator, sample_latents
+from latentct.models.deformator import FixedDirections
+from latentct.show.render import direction_chart
+from latentct.train.bookkeeping import LossMeter, TrainerSettings, log_losses, progress_bar, resume, save_state
+from latentct.train.rundir import RunDir
+from latentct.train.runtime import autocast, resolve_switch, setup_runtime
+from latentct.train.signals import StopSignal
+from latentct.util.settings import UserError, check, run_cli, setting, settings_dict
 
 
 @dataclass
@@ -42,7 +42,7 @@ class Settings(GeneratorOptions, TrainerSettings):
     output: str = setting("runs/demo/dcgan_latentclr", "run folder for directions.pt and charts")
     directions_count: int = setting(32, "K (reference: 32)")
     feature_layer: str | None = setting(None, "the layer whose change is contrasted (default per generator: "
-                                       "latentct/features.py)")
+                                       "latentct/generators/features.py)")
     alpha: float = setting(0.1, "size of each shift during training (reference global model: 0.1)")
     temperature: float = setting(0.5, "factor on the similarities before exp (reference: 0.5, a multiplier)")
     lr: float = setting(1e-3, "Adam learning rate (reference: 1e-3)")

@@ -13,17 +13,24 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from latentct.batches import TrainData, steps_per_epoch
-from latentct.generators import save_generator
-from latentct.images import display, save_grid
-from latentct.metrics import compare_sets
-from latentct.rundir import RunDir
-from latentct.runtime import autocast, evaluating, memory_format, resolve_switch, setup_runtime, unwrap, wrap_ddp
-from latentct.settings import check, run_cli, setting, user_errors
-from latentct.signals import StopSignal
-from latentct.training import (ImageTrainerSettings, LossMeter, log_ddp_checksums, log_losses, progress_bar, resume,
-                               save_state)
-from models.vae import VAE, kl_divergence
+from latentct.generators.interface import save_generator
+from latentct.models.vae import VAE, kl_divergence
+from latentct.show.images import display, save_grid
+from latentct.train.batches import TrainData, steps_per_epoch
+from latentct.train.bookkeeping import (
+    ImageTrainerSettings,
+    LossMeter,
+    log_ddp_checksums,
+    log_losses,
+    progress_bar,
+    resume,
+    save_state,
+)
+from latentct.train.metrics import compare_sets
+from latentct.train.rundir import RunDir
+from latentct.train.runtime import autocast, evaluating, memory_format, resolve_switch, setup_runtime, unwrap, wrap_ddp
+from latentct.train.signals import StopSignal
+from latentct.util.settings import check, run_cli, setting, user_errors
 
 
 @dataclass

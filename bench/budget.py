@@ -1,6 +1,6 @@
 """A budget that converges: each trained discovery method, one run per generator, scored at growing step counts.
 
-    python bench/budget.py --run benchmark [--checkpoints 300 1000 3000 10000] [--methods learned latentclr disco]
+    python -m bench.budget --run benchmark [--checkpoints 300 1000 3000 10000] [--methods learned latentclr disco]
 
 Reads a finished pipeline run (``python pipeline.py --preset benchmark --run benchmark``): its generators, its
 oracle, its known-answer validation (the thresholds) and its supervised ceiling (what is recoverable). Each
@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import EvalDirections
-from latentct.io import atomic_path, atomic_write_json
-from latentct.settings import make_settings, parse_settings, setting
+from latentct.util.io import atomic_path, atomic_write_json
+from latentct.util.settings import make_settings, parse_settings, setting
 from Training import TrainDirections, TrainDisCo, TrainLatentCLR
 
 TRAINERS = {"learned": TrainDirections, "disco": TrainDisCo, "latentclr": TrainLatentCLR}

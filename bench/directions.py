@@ -1,6 +1,6 @@
 """Benchmark: steps/s of the direction trainer's step against the original code's step, same run.
 
-    python bench/directions.py [--image-size 64] [--steps 20]
+    python -m bench.directions [--image-size 64] [--steps 20]
 
 Naive reference (the original): two generator calls, both with graphs, G's weight gradients computed and
 thrown away. Ours: G frozen, G(z) under no_grad, only the shifted branch carries a graph ("split"), and the
@@ -15,11 +15,11 @@ from dataclasses import dataclass
 
 import torch
 
-from latentct.directions import make_shifts, step_losses
-from latentct.settings import parse_settings, setting
-from models.deformator import Deformator
-from models.dcgan import Generator, weights_init
-from models.reconstructor import make_reconstructor
+from latentct.discover.directions import make_shifts, step_losses
+from latentct.models.dcgan import Generator, weights_init
+from latentct.models.deformator import Deformator
+from latentct.models.reconstructor import make_reconstructor
+from latentct.util.settings import parse_settings, setting
 
 
 @dataclass
@@ -89,9 +89,9 @@ def main(cfg: Settings) -> dict:
 def method_steps(cfg: Settings, voynov: float) -> dict:
     """One step of each other discovery method against the Voynov step (split + channels_last, the default) in
     the same run: DisCo and LatentCLR at their demo presets, and the time to compute the spectral directions."""
+    from latentct.discover.baselines import spectral
+    from latentct.generators.features import default_layer, layer_features
     from Training import TrainDisCo, TrainLatentCLR
-    from latentct.baselines import spectral
-    from latentct.features import default_layer, layer_features
 
     torch.manual_seed(0)
     G = Generator(32, cfg.image_size, cfg.ngf).apply(weights_init).eval().requires_grad_(False)

@@ -1,13 +1,13 @@
 """Benchmark: time to render every GIF and the measurement report for K = 32 directions at 64 px on CPU,
 against the original code's way (one generator call per frame, one matplotlib figure per frame).
 
-    python bench/eval.py [--directions-count 32] [--frames 33]
+    python -m bench.eval [--directions-count 32] [--frames 33]
 """
 from __future__ import annotations
 
-import json
 import copy
 import io
+import json
 import tempfile
 import time
 from dataclasses import dataclass
@@ -17,11 +17,11 @@ import imageio.v3 as iio
 import numpy as np
 import torch
 
-from latentct.directions import Directions
-from latentct.render import direction_gif, grid_gif, sweep_plan, sweep_shifts
-from latentct.report import describe, sweep
-from latentct.settings import parse_settings, setting
-from models.dcgan import Generator, weights_init
+from latentct.discover.directions import Directions
+from latentct.models.dcgan import Generator, weights_init
+from latentct.score.report import describe, sweep
+from latentct.show.render import direction_gif, grid_gif, sweep_plan, sweep_shifts
+from latentct.util.settings import parse_settings, setting
 
 
 @dataclass

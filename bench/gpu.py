@@ -1,6 +1,6 @@
 """The GPU sections of the benchmarks as one script, for the minutes a GPU is lent:
 
-    python bench/gpu.py [--steps 30] [--out gpu_results.json]
+    python -m bench.gpu [--steps 30] [--out gpu_results.json]
 
 1. Training steps at the paper's size (128 px, widths 128, batch 128) with each speed switch (bf16, channels_last,
    torch.compile) on and off, through the training scripts themselves (bench/train.py: gpu_switches).
@@ -11,7 +11,6 @@ that fails is reported with its error and the others still run.
 from __future__ import annotations
 
 import json
-import sys
 import tempfile
 import time
 import traceback
@@ -20,11 +19,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import directions as bench_directions  # noqa: E402
-import train as bench_train  # noqa: E402
-
-from latentct.settings import parse_settings, setting  # noqa: E402
+from bench import directions as bench_directions
+from bench import train as bench_train
+from latentct.util.settings import parse_settings, setting
 
 
 @dataclass

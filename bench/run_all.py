@@ -1,6 +1,6 @@
 """Run every benchmark and print one table of ratios against their naive references.
 
-    python bench/run_all.py [--quick]
+    python -m bench.run_all [--quick]
 
 Each benchmark runs as its own process (as it would from the command line); --quick uses smaller inputs
 (500 preprocessing slices, fewer timed steps) for a fast check.
@@ -15,13 +15,13 @@ from pathlib import Path
 
 import torch
 
-from latentct.settings import parse_settings, setting
+from latentct.util.settings import parse_settings, setting
 
-HERE = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def run(name: str, *flags: str) -> dict:
-    proc = subprocess.run([sys.executable, str(HERE / f"{name}.py"), *flags], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", f"bench.{name}", *flags], capture_output=True, text=True, cwd=ROOT)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
         raise SystemExit(f"bench/{name}.py failed: {proc.stderr.strip().splitlines()[-1] if proc.stderr else ''}")
@@ -38,7 +38,7 @@ class Settings:
 
 def main(cfg: Settings) -> list[tuple]:
     rows = []
-    r = run("preprocess", "--slices", "500" if cfg.quick else "2000")
+    r = run("preprocessing", "--slices", "500" if cfg.quick else "2000")
     rows += [("preprocess vs naive (slices/s)", r["speedup_vs_naive"], ">= 3x"),
              ("preprocess time vs floor", r["ratio_to_floor"], "<= 1.5x")]
     r = run("train", "--steps", "16" if cfg.quick else "40")

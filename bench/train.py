@@ -1,6 +1,6 @@
 """Benchmark: images/s of one DCGAN step and one VAE step against a naive reference in the same run.
 
-    python bench/train.py [--image-size 64] [--steps 40]
+    python -m bench.train [--image-size 64] [--steps 40]
 
 Naive reference: a plain fp32 loop fed by a DataLoader whose dataset augments one sample at a time (as the
 original code did). Ours: the training scripts themselves (batched augmentation, workers on the memory map;
@@ -19,11 +19,11 @@ import torch
 import torch.nn.functional as F
 
 import preprocess
-from latentct import phantom
-from latentct.data import CTSlices, random_affine
-from latentct.settings import load_settings, parse_settings, setting
-from models.dcgan import Discriminator, Generator, weights_init
-from models.vae import VAE, kl_divergence
+from latentct.data import phantom
+from latentct.data.slices import CTSlices, random_affine
+from latentct.models.dcgan import Discriminator, Generator, weights_init
+from latentct.models.vae import VAE, kl_divergence
+from latentct.util.settings import load_settings, parse_settings, setting
 from Training import TrainGAN, TrainVAE
 
 

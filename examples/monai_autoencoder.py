@@ -1,7 +1,7 @@
 """A MONAI AutoencoderKL (the first stage of the latent diffusion models trained on CT) as a LatentCT generator.
 
     python examples/monai_autoencoder.py --data data/demo/slices_64 --output runs/ae/ae.pt --steps 500
-    python -m latentct.latents --encoder examples/monai_autoencoder.py:make_encoder \
+    python -m latentct.generators.latents --encoder examples/monai_autoencoder.py:make_encoder \
         --encoder-weights runs/ae/ae.pt --data data/demo/slices_64 --output runs/ae/latents.pt
     python Training/TrainDirections.py --preset demo --generator examples/monai_autoencoder.py:make_decoder \
         --generator-weights runs/ae/ae.pt --latents runs/ae/latents.pt --output runs/ae/learned
@@ -71,7 +71,7 @@ def train(data: str, output: str, steps: int = 500, image_size: int = 64, batch:
           kl_weight: float = 1e-4, channels=(8, 16, 16), latent_channels: int = 2) -> Path:
     """Train the autoencoder on a preprocessed split (MSE + a small KL); write the decoder's state dict, whose
     keys (ae.*) the encoder shares."""
-    from latentct.data import CTSlices
+    from latentct.data.slices import CTSlices
 
     torch.manual_seed(seed)
     slices = CTSlices(data, "train", window=WINDOW)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import preprocess
-from latentct import phantom
+from latentct.data import phantom
 
 torch.set_num_threads(2)
 
@@ -28,7 +28,7 @@ def dataset(phantom_tree, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def gan_run(dataset, tmp_path_factory) -> Path:
     """A tiny DCGAN trained with the demo preset at 32 px: enough structure for direction tests."""
-    from latentct.settings import parse_settings
+    from latentct.util.settings import parse_settings
     from Training import TrainGAN
 
     out = tmp_path_factory.mktemp("gan") / "demo"
@@ -42,7 +42,7 @@ def gan_run(dataset, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def directions_runs(gan_run, tmp_path_factory) -> dict:
     """A short learned run and a SeFa run (K = 8) on the tiny GAN."""
-    from latentct.settings import parse_settings
+    from latentct.util.settings import parse_settings
     from Training import TrainDirections
 
     root = tmp_path_factory.mktemp("directions")
@@ -60,7 +60,7 @@ def directions_runs(gan_run, tmp_path_factory) -> dict:
 @pytest.fixture(scope="session")
 def tiny_oracle(tmp_path_factory):
     """A factor oracle for 32 px slices, trained briefly: (settings, oracle.pt path, held-out R2)."""
-    from latentct import oracle
+    from latentct.score import oracle
 
     root = tmp_path_factory.mktemp("oracle_root")
     cfg = oracle.Settings(image_size=32, root=str(root), render_size=64, train_slices=400, test_slices=200,

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from latentct import anatomy, phantom
+from latentct.data import phantom
+from latentct.score import anatomy
 
 SIZE = 128
 SPACING = phantom.FOV_MM / SIZE
@@ -66,7 +67,7 @@ def test_table_is_not_body():
 def test_anatomy_distance_leaves_out_slices_without_lungs():
     """A set compared with itself is at distance 0 even when some slices (below the diaphragm) have no anterior
     tissue measurement; the same chest slices against abdomen-heavy ones are further apart."""
-    from latentct.metrics import anatomy_distance
+    from latentct.train.metrics import anatomy_distance
 
     p = phantom.patient_for(0, 2)
     render = lambda z: torch.tensor(phantom.render_slice(p, z, 64, np.random.default_rng(0)))[None]

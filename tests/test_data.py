@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from latentct.data import CTSlices, hu_to_unit, parse_window, random_affine, unit_to_hu
-from latentct.settings import UserError
+from latentct.data.slices import CTSlices, hu_to_unit, parse_window, random_affine, unit_to_hu
+from latentct.util.settings import UserError
 
 
 def test_windows_map_hu_to_unit_range_and_back():

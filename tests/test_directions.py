@@ -5,12 +5,12 @@ import pytest
 import torch
 import torch.nn as nn
 
-from latentct.baselines import coordinate_axes, pca, random_orthonormal, sefa
-from latentct.directions import load_directions, make_shifts, step_losses, unit_directions
-from latentct.generators import load_generator
-from latentct.settings import UserError, parse_settings
-from models.deformator import Deformator, FixedDirections
-from models.reconstructor import LeNet, ResNet18
+from latentct.discover.baselines import coordinate_axes, pca, random_orthonormal, sefa
+from latentct.discover.directions import load_directions, make_shifts, step_losses, unit_directions
+from latentct.generators.interface import load_generator
+from latentct.models.deformator import Deformator, FixedDirections
+from latentct.models.reconstructor import LeNet, ResNet18
+from latentct.util.settings import UserError, parse_settings
 from Training import TrainDirections
 
 TINY = ["--batch-size", "16", "--log-every", "1", "--eval-every", "1000", "--sample-every", "1000",

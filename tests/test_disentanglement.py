@@ -1,9 +1,9 @@
-"""MIG and DCI by Khrulkov et al.'s protocol (latentct/disentanglement.py) on cases whose answer is known."""
+"""MIG and DCI by Khrulkov et al.'s protocol (latentct/score/disentanglement.py) on cases whose answer is known."""
 import numpy as np
 import pytest
 import torch
 
-from latentct.disentanglement import (coordinates, dci, discretize_codes, discretize_factors, mig)
+from latentct.score.disentanglement import coordinates, dci, discretize_codes, discretize_factors, mig
 
 
 def _factors(n=600, seed=0):
@@ -51,7 +51,7 @@ def test_coordinates_along_directions():
 
 def test_code_encoder_reads_coordinates_it_can_see_and_not_those_it_cannot():
     """The encoder's held-out R2, reported beside MIG/DCI: high when the images carry z, about 0 when not."""
-    from latentct.disentanglement import train_encoder
+    from latentct.score.disentanglement import train_encoder
 
     gen = torch.Generator().manual_seed(0)
     z = torch.randn(1024, 8, generator=gen)

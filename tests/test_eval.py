@@ -12,14 +12,14 @@ import torch
 import torch.nn as nn
 
 import EvalDirections
-from latentct.directions import Directions
-from latentct.embed import embed
-from latentct.generators import load_generator
-from latentct.phantom import FACTORS
-from latentct.render import direction_gif, grid_gif, sweep_shifts
-from latentct.report import describe, sweep
-from latentct.scoring import match_factors
-from latentct.settings import UserError, parse_settings
+from latentct.data.phantom import FACTORS
+from latentct.discover.directions import Directions
+from latentct.generators.embed import embed
+from latentct.generators.interface import load_generator
+from latentct.score.report import describe, sweep
+from latentct.score.scoring import match_factors
+from latentct.show.render import direction_gif, grid_gif, sweep_shifts
+from latentct.util.settings import UserError, parse_settings
 
 SMALL = ["--frames", "9", "--report-samples", "4", "--report-shifts", "5", "--null-sets", "3",
          "--null-samples", "2", "--real-slices", "1", "--real-directions", "3", "--embed-steps", "5",
@@ -159,8 +159,8 @@ def test_evaluation_end_to_end_and_the_gallery_in_a_real_browser(directions_runs
 
 
 def test_pictures_are_drawn_in_the_display_window():
-    from latentct.data import hu_to_unit
-    from latentct.images import display
+    from latentct.data.slices import hu_to_unit
+    from latentct.show.images import display
 
     hu = torch.tensor([-1000.0, -850.0, -100.0, 40.0, 400.0]).view(1, 1, 1, 5)
     shown = display(hu_to_unit(hu, "default"), "default", "pulmonary")  # model window in, reading window out

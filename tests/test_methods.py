@@ -1,5 +1,5 @@
 """The discovery methods beyond Voynov & Babenko's: DisCo (Training/TrainDisCo.py), LatentCLR
-(Training/TrainLatentCLR.py), the Jacobian-spectral method (latentct/baselines.py: spectral), and the RCA of
+(Training/TrainLatentCLR.py), the Jacobian-spectral method (latentct/discover/baselines.py: spectral), and the RCA of
 frozen directions (Training/TrainDirections.py --method file)."""
 import json
 from pathlib import Path
@@ -8,11 +8,11 @@ import pytest
 import torch
 import torch.nn as nn
 
-from latentct.baselines import spectral
-from latentct.directions import load_directions
-from latentct.features import default_layer, layer_features
-from latentct.generators import load_generator
-from latentct.settings import UserError, parse_settings
+from latentct.discover.baselines import spectral
+from latentct.discover.directions import load_directions
+from latentct.generators.features import default_layer, layer_features
+from latentct.generators.interface import load_generator
+from latentct.util.settings import UserError, parse_settings
 from Training import TrainDirections, TrainDisCo, TrainLatentCLR
 
 
@@ -66,7 +66,7 @@ def _best_cos(directions: torch.Tensor, planted: torch.Tensor) -> float:
 
 def _save_toy(tmp_path, kind="blobtoy", toy=BlobToy) -> Path:
     """The toy as a generator file (the trainers load generators from files)."""
-    from latentct.generators import save_generator
+    from latentct.generators.interface import save_generator
 
     path = tmp_path / f"{kind}.pt"
     save_generator(path, kind, toy(), {}, "default", "")
@@ -75,7 +75,7 @@ def _save_toy(tmp_path, kind="blobtoy", toy=BlobToy) -> Path:
 
 @pytest.fixture
 def toy_file(tmp_path, monkeypatch):
-    from latentct import generators
+    from latentct.generators import interface as generators
 
     monkeypatch.setitem(generators.KINDS, "blobtoy", BlobToy)
     return _save_toy(tmp_path)
@@ -83,7 +83,7 @@ def toy_file(tmp_path, monkeypatch):
 
 @pytest.fixture
 def two_blob_file(tmp_path, monkeypatch):
-    from latentct import generators
+    from latentct.generators import interface as generators
 
     monkeypatch.setitem(generators.KINDS, "twoblob", TwoBlobToy)
     return _save_toy(tmp_path, "twoblob", TwoBlobToy)
@@ -105,7 +105,7 @@ def test_layer_hooks_stop_at_the_layer_and_name_bad_layers():
     assert layer_features(toy, "first")(torch.zeros(3, 8)).shape == (3, 8)
     with pytest.raises(UserError, match="--feature-layer"):
         layer_features(toy, "nope")
-    from models.dcgan import Generator
+    from latentct.models.dcgan import Generator
 
     assert default_layer(Generator(8, 32, 8)) == "main.5"
 

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from models.dcgan import Discriminator, Generator
-from models.vae import VAE, Decoder, Encoder, kl_divergence
+from latentct.models.dcgan import Discriminator, Generator
+from latentct.models.vae import VAE, Decoder, Encoder, kl_divergence
 
 
 def n_params(model):

@@ -4,11 +4,10 @@ from collections import Counter
 import numpy as np
 import pydicom
 import pytest
-
-from latentct import phantom
-from latentct.settings import UserError
-
 from conftest import PHANTOM
+
+from latentct.data import phantom
+from latentct.util.settings import UserError
 
 
 def _to_pixel(xy_mm, size, fov=phantom.FOV_MM):

@@ -4,9 +4,9 @@ import numpy as np
 import torch
 
 import pipeline
-from latentct.directions import load_directions
-from latentct.generators import load_encoder, load_generator
-from latentct.settings import parse_settings
+from latentct.discover.directions import load_directions
+from latentct.generators.interface import load_encoder, load_generator
+from latentct.util.settings import parse_settings
 
 
 def test_whole_pipeline_at_the_smallest_sizes_then_cached_then_from_a_stage(tmp_path):
@@ -54,7 +54,7 @@ def test_whole_pipeline_at_the_smallest_sizes_then_cached_then_from_a_stage(tmp_
     assert [r["stage"] for r in saved["stages"]] == stages and "dcgan/index.html" in (anim / "index.html").read_text()
 
     # the README's tables come from these files, by a command
-    from latentct import results
+    from latentct.show import results
 
     block = results.render(results.Settings(run="t", root=str(tmp_path), examples=1))
     assert "| train_gan | dcgan |" in block and "| learned |" in block and "| dcgan | 6 |" in block
@@ -102,7 +102,7 @@ def test_pipeline_on_a_generator_a_researcher_brings(gan_run, dataset, tmp_path)
 
 
 def test_benchmark_block_from_its_files(tmp_path):
-    from latentct import results
+    from latentct.show import results
 
     anim = tmp_path / "Animations" / "b"
     (anim / "dcgan_disentanglement").mkdir(parents=True)

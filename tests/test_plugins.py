@@ -1,4 +1,4 @@
-"""Generators a researcher brings (latentct/plugins.py, latentct/generators.py, latentct/latents.py): a MONAI
+"""Generators a researcher brings (latentct/generators/plugins.py, latentct/generators/interface.py, latentct/generators/latents.py): a MONAI
 autoencoder through a factory with a spatial latent and encoded latents, TorchScript and torch.export files,
 a 3D generator, and one-line errors for bad plug-ins."""
 import json
@@ -10,10 +10,10 @@ import pytest
 import torch
 
 import EvalDirections
-from latentct import latents as latents_cli
-from latentct.directions import load_directions
-from latentct.generators import load_generator
-from latentct.settings import UserError, parse_settings
+from latentct.discover.directions import load_directions
+from latentct.generators import latents as latents_cli
+from latentct.generators.interface import load_generator
+from latentct.util.settings import UserError, parse_settings
 from Training import TrainDirections
 
 ROOT = Path(__file__).resolve().parents[1]

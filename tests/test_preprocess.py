@@ -7,15 +7,14 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from conftest import PHANTOM
 from pydicom.encaps import encapsulate
 from pydicom.uid import JPEGLSLossless, RLELossless
 
 import preprocess
-from latentct import phantom
-from latentct.data import read_index
-from latentct.settings import UserError
-
-from conftest import PHANTOM
+from latentct.data import phantom
+from latentct.data.slices import read_index
+from latentct.util.settings import UserError
 
 PYDICOM_FILES = Path(pydicom.__file__).parent / "data" / "test_files"
 
@@ -269,7 +268,7 @@ def test_staging_left_by_a_killed_run_is_cleaned(phantom_tree, tmp_path):
 
 
 def test_unsigned_padding_value_in_a_signed_image_becomes_air(phantom_tree):
-    from latentct.dicom import read_hu
+    from latentct.data.dicom import read_hu
 
     idx = next(i for i in range(PHANTOM["patients"]) if phantom.patient_for(PHANTOM["seed"], i).padding == "unsigned")
     path = next((phantom_tree / f"LIDC-IDRI-{idx + 1:04d}").rglob("1-001.dcm"))

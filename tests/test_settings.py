@@ -3,7 +3,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from latentct.settings import SettingsError, check, load_settings, parse_settings, save_settings, setting
+from latentct.util.settings import SettingsError, check, load_settings, parse_settings, save_settings, setting
 
 
 @dataclass

@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from latentct.checkpoint import load_checkpoint, save_checkpoint
-from latentct.generators import generator_info, load_encoder, load_generator
-from latentct.settings import UserError, parse_settings
-from latentct.batches import step_indices
-from latentct.training import TrainingDiverged
+from latentct.generators.interface import generator_info, load_encoder, load_generator
+from latentct.train.batches import step_indices
+from latentct.train.bookkeeping import TrainingDiverged
+from latentct.train.checkpoint import load_checkpoint, save_checkpoint
+from latentct.util.settings import UserError, parse_settings
 from Training import TrainGAN, TrainVAE
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -171,7 +171,7 @@ def test_demo_preset_does_not_collapse(gan_run):
 
 
 def test_channels_last_where_it_measured_faster():
-    from latentct.runtime import Runtime, memory_format
+    from latentct.train.runtime import Runtime, memory_format
 
     cpu, gpu = Runtime(torch.device("cpu")), Runtime(torch.device("cuda"))
     assert memory_format("auto", cpu) == torch.channels_last  # faster on CPU (bench/train.py)

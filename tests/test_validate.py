@@ -1,5 +1,5 @@
-"""The scorer (latentct/scoring.py), the known-answer sweeps (latentct/validate.py), the factor oracle
-(latentct/oracle.py) and the supervised ceiling (latentct/baselines.py: supervised)."""
+"""The scorer (latentct/score/scoring.py), the known-answer sweeps (latentct/score/validate.py), the factor oracle
+(latentct/score/oracle.py) and the supervised ceiling (latentct/discover/baselines.py: supervised)."""
 import json
 
 import numpy as np
@@ -7,13 +7,13 @@ import pytest
 import torch
 import torch.nn as nn
 
-from latentct import oracle as oracle_stage
-from latentct import phantom, validate
-from latentct.baselines import supervised
-from latentct.phantom import FACTORS
-from latentct.scoring import attribution, effect_dci, line_effects, match_factors, null_summary, recovered_curve
-from latentct.settings import UserError, parse_settings
-
+from latentct.data import phantom
+from latentct.data.phantom import FACTORS
+from latentct.discover.baselines import supervised
+from latentct.score import oracle as oracle_stage
+from latentct.score import validate
+from latentct.score.scoring import attribution, effect_dci, line_effects, match_factors, null_summary, recovered_curve
+from latentct.util.settings import UserError, parse_settings
 
 # ------------------------------------------------------------------------------------------ the scorer
 

@@ -1,0 +1,199 @@
+"""Closed-form and trivial direction baselines, on the same (K, d) footing as the learned directions.
+
+- SeFa (Shen & Zhou 2021): eigenvectors of A^T A, A the Jacobian of the generator's first linear map of z,
+  taken through autograd (``G.first_layer``, or a forward hook on the first parameterised layer z reaches).
+- PCA of early activations regressed back to z (the GANSpace recipe, Härkönen et al. 2020): PCA of z
+  itself is meaningless for a Gaussian z.
+- Random orthonormal directions and coordinate axes.
+- The supervised ceiling (InterFaceGAN's conditional directions, Shen et al. 2020, for continuous factors):
+  a linear model F ~ B z + c of the oracle's readings of G(z); the direction that moves factor f by one unit
+  and holds the others is column f of pinv(B).
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from latentct.generators.interface import sample_latents
+from latentct.util.settings import UserError
+
+
+def _first_layer(G):
+    """The first linear map of z: the generator's own ``first_layer`` where it has one (our DCGAN and VAE decoder),
+    else the output of the first parameterised layer z reaches, through a forward hook."""
+    if hasattr(G, "first_layer"):
+        return G.first_layer
+    from latentct.generators.features import first_layer, layer_features
+
+    return layer_features(G, first_layer(G))
+
+
+def first_layer_jacobian(G) -> torch.Tensor:
+    """(m, d): the exact Jacobian of the first layer at z = 0 (the map is affine, so it is the same anywhere)."""
+    layer = _first_layer(G)
+    z0 = torch.zeros(1, G.latent_dim, device=next(G.parameters(), torch.zeros(0)).device)
+    with torch.enable_grad():
+        jac = torch.autograd.functional.jacobian(lambda z: layer(z[None])[0], z0[0])
+    return jac.detach()
+
+
+@contextlib.contextmanager
+def single_threaded():
+    """One thread for the block: multithreaded LAPACK (SVD, least squares) is not bit-stable between runs, and
+    a different last bit can flip an eigenvector's sign. The tables of two runs must be identical."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def fix_signs(rows: torch.Tensor) -> torch.Tensor:
+    """Each row with its largest-magnitude entry positive: an eigenvector's sign is arbitrary, this one is not."""
+    pick = rows.abs().argmax(dim=1)
+    return rows * torch.sign(rows[torch.arange(len(rows)), pick])[:, None]
+
+
+def sefa(G, count: int) -> torch.Tensor:
+    """(K, d) unit directions: top eigenvectors of A^T A."""
+    A = first_layer_jacobian(G).double()
+    with single_threaded():
+        values, vectors = torch.linalg.eigh(A.t() @ A)
+    order = torch.argsort(values, descending=True)[: min(count, G.latent_dim)]
+    return fix_signs(vectors[:, order].t()).float().contiguous()
+
+
+@torch.no_grad()
+def pca(G, count: int, samples: int = 2048, seed: int = 0) -> torch.Tensor:
+    """(K, d) unit directions: principal components of first-layer activations, transferred to z by regression.
+    Computed in float64 on one thread with fixed signs, so two runs give the same directions."""
+    layer = _first_layer(G)
+    gen = torch.Generator().manual_seed(seed)
+    z = sample_latents(G, samples, gen)
+    with single_threaded():
+        act = torch.cat([layer(part) for part in z.split(256)]).double()
+        act = act - act.mean(0)
+        count = min(count, G.latent_dim, samples)
+        _, _, v = torch.linalg.svd(act, full_matrices=False)
+        coords = act @ v[:count].t()                           # (N, K) coordinates along the components
+        coef = torch.linalg.lstsq(coords, z.double()).solution  # z ~ coords @ coef: row k is component k's z direction
+    return fix_signs(torch.nn.functional.normalize(coef, dim=1)).float()
+
+
+def random_orthonormal(latent_dim: int, count: int, seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(latent_dim, latent_dim, generator=gen))
+    return q.t()[: min(count, latent_dim)].contiguous()
+
+
+def coordinate_axes(latent_dim: int, count: int) -> torch.Tensor:
+    return torch.eye(latent_dim)[: min(count, latent_dim)]
+
+
+def baseline_matrix(method: str, G, count: int, seed: int = 0) -> torch.Tensor:
+    if method == "sefa":
+        return sefa(G, count)
+    if method == "pca":
+        return pca(G, count, seed=seed)
+    if method == "random":
+        return random_orthonormal(G.latent_dim, count, seed)
+    if method == "coordinate":
+        return coordinate_axes(G.latent_dim, count)
+    raise UserError(f"--method: {method!r} is not learned, sefa, pca, random or coordinate")
+
+
+def supervised(G, oracle, window, samples: int = 2048, seed: int = 0) -> tuple[torch.Tensor, dict]:
+    """(6, d) unit directions, one per phantom factor, from a least-squares fit F ~ B z + c of the oracle's
+    readings of G(z) on ``samples`` latents (their own seed stream, disjoint from those used for scoring).
+
+    Returns the directions and what to report beside them: each factor's fit R2 on held-out latents (a factor
+    the latent cannot move linearly shows as a low R2), B's condition number, and each direction's change of
+    its factor per unit shift (in the factor's units)."""
+    from latentct.data.phantom import FACTORS
+    from latentct.score.oracle import r_squared
+    from latentct.show.images import display
+
+    gen = torch.Generator().manual_seed(seed * 7919 + 17)
+    z = sample_latents(G, samples + samples // 2, gen)
+    device = next(G.parameters(), torch.zeros(0)).device
+    with torch.no_grad():
+        images = torch.cat([G(part.to(device)).float().cpu() for part in z.split(256)])
+    readings = oracle.read(display(images, window, oracle.window)).double()
+    fit_z, test_z = z[:samples].double(), z[samples:].double()
+    design = torch.cat([fit_z, torch.ones(samples, 1, dtype=torch.float64)], 1)
+    with single_threaded():
+        coef = torch.linalg.lstsq(design, readings[:samples]).solution       # (d + 1, 6)
+        B = coef[:-1].t()                                                    # (6, d)
+        pinv = torch.linalg.pinv(B)                                          # (d, 6)
+        singular = torch.linalg.svdvals(B)
+    test_pred = torch.cat([test_z, torch.ones(len(test_z), 1, dtype=torch.float64)], 1) @ coef
+    fit_r2 = r_squared(test_pred, readings[samples:])
+    norms = pinv.norm(dim=0)
+    directions = pinv.t() / norms[:, None]  # B v_f = e_f: each direction raises its own factor
+    info = {"fit_r2": {f: float(v) for f, v in zip(FACTORS, fit_r2)},
+            "condition_number": float(singular.max() / singular.min().clamp_min(1e-12)),
+            "per_unit_shift": {f: float((B[i] @ directions[i]).item()) for i, f in enumerate(FACTORS)},
+            "samples": samples}
+    return directions.float(), info
+
+
+
+def spectral(G, count: int, layer: str | None = None, samples: int = 64, seed: int = 0, iterations: int = 4,
+             exact_up_to: int = 256) -> tuple[torch.Tensor, dict]:
+    """(K, d) unit directions: the top eigenvectors of E_z[J^T J], J the Jacobian of an intermediate layer's
+    output with respect to z (Khrulkov et al. 2021; for a linear first layer this is SeFa). Jacobian-vector
+    products by forward-mode autodiff; up to ``exact_up_to`` latent dimensions the d x d matrix is formed
+    exactly, above it a randomised subspace iteration with J^T J products (forward then reverse mode) finds the
+    top ``count`` eigenvectors."""
+    from latentct.generators.features import default_layer, layer_features
+
+    layer = layer or default_layer(G)
+    features = layer_features(G, layer)
+    d = G.latent_dim
+    gen = torch.Generator().manual_seed(seed * 7919 + 29)
+    z = sample_latents(G, samples, gen)
+
+    def jvp(points: torch.Tensor, tangents: torch.Tensor) -> torch.Tensor:
+        import torch.autograd.forward_ad as fwAD
+
+        with torch.no_grad(), fwAD.dual_level():
+            out = features(fwAD.make_dual(points, tangents))
+            return fwAD.unpack_dual(out).tangent.double()
+
+    def jtj(V: torch.Tensor) -> torch.Tensor:  # (d, p) -> E_z[J^T J V]
+        p = V.shape[1]
+        out = torch.zeros(d, p, dtype=torch.float64)
+        for zi in z.split(max(1, 256 // p)):
+            points = zi.repeat_interleave(p, 0)
+            JV = jvp(points, V.t().float().repeat(len(zi), 1))             # (n * p, m)
+            x = points.clone().requires_grad_(True)
+            with torch.enable_grad():
+                y = features(x).double()
+                grads, = torch.autograd.grad(y, x, grad_outputs=JV)        # rows: J_i^T (J_i v)
+            out += grads.double().reshape(len(zi), p, d).sum(0).t()
+        return out / len(z)
+
+    count = min(count, d)
+    with single_threaded():
+        if d <= exact_up_to:
+            M = torch.zeros(d, d, dtype=torch.float64)
+            eye = torch.eye(d)
+            for zi in z.split(max(1, 2048 // d)):
+                J = jvp(zi.repeat_interleave(d, 0), eye.repeat(len(zi), 1)).reshape(len(zi), d, -1)
+                M += torch.einsum("nim,njm->ij", J, J)
+            values, vectors = torch.linalg.eigh(M / len(z))
+            order = torch.argsort(values, descending=True)[:count]
+            top, top_values = vectors[:, order].t(), values[order]
+        else:
+            Q = torch.linalg.qr(torch.randn(d, count + 8, generator=gen, dtype=torch.float64))[0]
+            for _ in range(iterations):
+                Q = torch.linalg.qr(jtj(Q))[0]
+            small = Q.t() @ jtj(Q)
+            values, vectors = torch.linalg.eigh((small + small.t()) / 2)
+            order = torch.argsort(values, descending=True)[:count]
+            top, top_values = (Q @ vectors[:, order]).t(), values[order]
+    info = {"layer": layer, "samples": samples, "eigenvalues": top_values.tolist(),
+            "solver": "exact" if d <= exact_up_to else f"subspace iteration x{iterations}"}
+    return fix_signs(torch.nn.functional.normalize(top, dim=1)).float().contiguous(), info

@@ -1,0 +1,168 @@
+"""Latent directions: the shift sampler, the training step's losses, RCA, and the directions artifact.
+
+Every discovery method (the learned deformator, SeFa, PCA, random, coordinate axes) writes the same
+``directions.pt``, so the renderer and the metrics treat them alike:
+    {"format", "method", "directions_count", "latent_dim", "matrix" (K, d) unit shifts,
+     "deformator": {"kind", "args", "state_dict"} or None, "generator": {"path", "sha256"},
+     "settings", "rca", "extra" (what a method reports beside its directions, e.g. the supervised fit)}
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from latentct.generators.interface import load_generator, sample_latents
+from latentct.models.deformator import Deformator, FixedDirections
+from latentct.train.checkpoint import load_file
+from latentct.train.runtime import evaluating
+from latentct.util.io import atomic_torch_save
+from latentct.util.settings import UserError
+
+
+def make_shifts(batch: int, directions_count: int, shift_scale: float, min_shift: float, distribution: str,
+                device, generator: torch.Generator | None = None):
+    """Random direction indices, signed shift sizes with |eps| >= min_shift, and the (B, K) basis shifts."""
+    idx = torch.randint(0, directions_count, (batch,), generator=generator).to(device)
+    raw = torch.randn(batch, generator=generator) if distribution == "normal" else \
+        2.0 * torch.rand(batch, generator=generator) - 1.0
+    eps = shift_scale * raw
+    eps = torch.where((eps >= 0) & (eps < min_shift), torch.full_like(eps, min_shift), eps)
+    eps = torch.where((eps < 0) & (eps > -min_shift), torch.full_like(eps, -min_shift), eps).to(device)
+    basis = torch.zeros(batch, directions_count, device=device)
+    basis[torch.arange(batch, device=device), idx] = eps
+    return idx, eps, basis
+
+
+def step_losses(G: nn.Module, deformator: nn.Module, reconstructor: nn.Module, z, idx, eps, basis,
+                label_weight: float, shift_weight: float, form: str = "split"):
+    """Losses of one direction-training step.
+
+    split: G(z) under no_grad, only the shifted branch carries a graph (G frozen): the fast form on CPU.
+    concat: one G call on [z; z + shift] (the graph covers both halves).
+    naive: the original code's form, two calls with graphs and G's weight gradients computed.
+    All three give the same losses and deformator gradients (G in eval mode).
+    """
+    shift = deformator(basis)
+    if form == "split":
+        with torch.no_grad():
+            base = G(z)
+        shifted = G(z + shift)
+    elif form == "concat":
+        both = G(torch.cat([z, z + shift]))
+        base, shifted = both[: z.shape[0]].detach(), both[z.shape[0]:]
+    elif form == "naive":
+        base, shifted = G(z), G(z + shift)
+    else:
+        raise ValueError(f"--step-form: {form!r} is not split, concat or naive")
+    logits, eps_pred = reconstructor(base, shifted)
+    label_loss = label_weight * F.cross_entropy(logits.float(), idx)
+    shift_loss = shift_weight * (eps_pred.float() - eps).abs().mean()
+    return label_loss + shift_loss, label_loss, shift_loss, logits
+
+
+def reconstructor_accuracy(G, deformator, reconstructor, batches: int, batch: int, shift_args: dict,
+                           device, seed: int = 12345) -> float:
+    """RCA: share of fresh (z, k, eps) whose direction k the reconstructor names, over ``batches`` batches."""
+    gen = torch.Generator().manual_seed(seed)
+    correct = 0
+    with evaluating(deformator, reconstructor):
+        for _ in range(batches):
+            z = sample_latents(G, batch, gen, device)
+            idx, eps, basis = make_shifts(batch, deformator.directions_count, generator=gen, device=device,
+                                          **shift_args)
+            logits, _ = reconstructor(G(z), G(z + deformator(basis)))
+            correct += int((logits.argmax(1) == idx).sum())
+    return correct / (batches * batch)
+
+
+# ------------------------------------------------------------------------------------------ artifact
+
+def unit_directions(deformator: nn.Module) -> torch.Tensor:
+    """(K, d): the latent shift of a unit step along each direction (exact for the linear kinds)."""
+    device = next(iter(deformator.state_dict().values())).device
+    with evaluating(deformator):
+        return deformator(torch.eye(deformator.directions_count, device=device))
+
+
+def save_directions(path: str | Path, method: str, deformator: nn.Module, G: nn.Module,
+                    settings: dict, rca: float | None, deformator_args: dict | None = None,
+                    extra: dict | None = None) -> None:
+    """The artifact: directions, the generator's reference (how to rebuild it, the sha256 of every file
+    involved) and the latents' spread that the settings' shift scale is in units of."""
+    from latentct.generators.interface import KINDS, latent_spread
+
+    ref = G.reference
+    native = ref["kind"] in KINDS
+    first = next(iter(ref["files"].items()))
+    generator = {"ref": ref["ref"], "kind": ref["kind"], "options": ref["options"], "files": ref["files"],
+                 "note": ref["note"], "path": first[0] if native else ref["ref"], "sha256": first[1] if native else None}
+    state = {
+        "format": 1, "method": method, "directions_count": deformator.directions_count,
+        "latent_dim": deformator.latent_dim, "matrix": unit_directions(deformator).cpu(),
+        "deformator": None if isinstance(deformator, FixedDirections) else {
+            "kind": deformator.kind, "args": dict(deformator_args or {}),
+            "state_dict": {k: v.detach().cpu() for k, v in deformator.state_dict().items()}},
+        "generator": generator, "latent_spread": latent_spread(G),
+        "settings": settings, "rca": rca, "extra": dict(extra or {}),
+    }
+    atomic_torch_save(state, path)
+
+
+class Directions:
+    """A loaded directions artifact: ``shift(k, eps)`` gives latent shifts, exact for every deformator kind."""
+
+    def __init__(self, state: dict, path: Path):
+        self.path, self.state = path, state
+        self.method = state["method"]
+        self.matrix: torch.Tensor = state["matrix"]
+        self.count, self.latent_dim = self.matrix.shape
+        self.rca = state.get("rca")
+        self.extra = state.get("extra") or {}
+        # The range the directions were trained (or scored) with, in latent units (the settings give it in units
+        # of the latents' spread): evaluation sweeps the same range.
+        self.latent_spread = float(state.get("latent_spread", 1.0))
+        self.shift_scale = float((state.get("settings") or {}).get("shift_scale") or 6.0) * self.latent_spread
+        if state["deformator"] is None:
+            self.module = FixedDirections(self.matrix)
+        else:
+            d = state["deformator"]
+            self.module = Deformator(d["kind"], **d["args"])
+            self.module.load_state_dict(d["state_dict"])
+        self.module.eval().requires_grad_(False)
+
+    def shifts(self, k: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """(N,) direction indices and (N,) sizes -> (N, d) latent shifts."""
+        basis = torch.zeros(len(k), self.count)
+        basis[torch.arange(len(k)), k] = eps.float()
+        with torch.no_grad():
+            return self.module(basis)
+
+    def generator_ref(self) -> str:
+        record = self.state["generator"]
+        return record.get("ref", record["path"])
+
+
+def load_directions(path: str | Path, generator: str | Path | None = None) -> tuple[Directions, nn.Module]:
+    """The artifact and its generator, rebuilt from the recorded reference (or ``generator`` in its place); a
+    missing generator, or one whose files differ from those the directions were found for, is a clear error."""
+    from latentct.generators.plugins import is_factory
+
+    path = Path(path)
+    state = load_file(path, "directions file")
+    if not isinstance(state, dict) or "matrix" not in state or "generator" not in state:
+        raise UserError(f"{path}: not a LatentCT directions file")
+    directions = Directions(state, path)
+    record = state["generator"]
+    ref = str(generator) if generator else directions.generator_ref()
+    if not is_factory(ref) and not Path(ref).is_file():
+        raise UserError(f"{path}: its generator {ref} is missing; pass the generator file explicitly")
+    G = load_generator(ref, **(record.get("options") or {}))
+    expected = record.get("files") or {record["path"]: record["sha256"]}
+    if sorted(G.reference["files"].values()) != sorted(expected.values()):
+        shown = next(iter(expected.values()))[:12]
+        raise UserError(f"{path}: directions were found for generator {directions.generator_ref()} "
+                        f"(sha256 {shown}), not for {ref}")
+    return directions, G

@@ -1,0 +1,190 @@
+"""Generators a researcher brings: a factory in a Python file or module, a TorchScript file, or a torch.export
+program, wrapped so that every stage sees the one generator interface (latentct/generators/interface.py).
+
+    --generator path/to/model.py:make_decoder --generator-args '{"channels": 64}' --generator-weights w.pt
+    --generator package.module:factory
+    --generator scripted.pt                 (torch.jit.save)      --generator program.pt2   (torch.export.save)
+
+What the module declares (attributes; the flags of the same names override them):
+    latent_shape   a tuple, e.g. (32,) or (4, 16, 16); directions live in the flattened space
+    output_range   the values its output spans, default (-1, 1)
+    output_window  the HU that the two ends of that range stand for, e.g. (-1000, 2000); without one the
+                   anatomy measurements are off and the report says so
+Output (B, C, H, W) with C of 1 or 3 (3 channels are averaged to one for every measurement and for the
+reconstructor), or (B, 1, D, H, W) for a volume: then the axial, coronal and sagittal mid-planes (resized to
+H x W) are the three channels every later stage sees.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import inspect
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from latentct.util.settings import UserError
+
+WEIGHTS_KEYS = ("state_dict", "model", "generator", "weights")  # where a checkpoint dict may hold the weights
+
+
+def is_factory(ref: str) -> bool:
+    """``file.py:name`` or ``package.module:name`` (and not a file that exists)."""
+    return ":" in ref and not Path(ref).is_file() and ref.rsplit(":", 1)[1].isidentifier()
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_factory(ref: str, args: dict) -> tuple[nn.Module, dict]:
+    """Call the factory ``ref`` with ``args``; (module, {file: sha256} of the factory's source)."""
+    target, name = ref.rsplit(":", 1)
+    if target.endswith(".py"):
+        path = Path(target)
+        if not path.is_file():
+            raise UserError(f"--generator: {path} does not exist")
+        spec = importlib.util.spec_from_file_location(f"latentct_plugin_{path.stem}", path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        try:
+            spec.loader.exec_module(module)
+        except Exception as err:
+            raise UserError(f"--generator: importing {path} failed ({type(err).__name__}: {err})") from None
+        source = path
+    else:
+        try:
+            module = importlib.import_module(target)
+        except ImportError as err:
+            raise UserError(f"--generator: cannot import {target} ({err})") from None
+        source = Path(inspect.getfile(module))
+    factory = getattr(module, name, None)
+    if not callable(factory):
+        raise UserError(f"--generator: {target} has no callable {name!r}")
+    try:
+        made = factory(**args)
+    except Exception as err:
+        raise UserError(f"--generator: {ref}({json.dumps(args)}) raised {type(err).__name__}: {err}") from None
+    if not isinstance(made, nn.Module):
+        raise UserError(f"--generator: {ref} returned {type(made).__name__}, not a torch.nn.Module")
+    return made, {str(source.resolve()): _sha256(source)}
+
+
+def load_weights(module: nn.Module, path: str) -> dict:
+    """Plain weights (``weights_only=True``): a state dict, or a dict holding one under a key of WEIGHTS_KEYS."""
+    file = Path(path)
+    if not file.is_file():
+        raise UserError(f"--generator-weights: {file} does not exist")
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise UserError(f"--generator-weights: {file} is not plain weights ({type(err).__name__}: "
+                        f"{str(err).splitlines()[0][:120]}); save a state_dict with torch.save") from None
+    if isinstance(state, dict):
+        for key in WEIGHTS_KEYS:
+            if isinstance(state.get(key), dict):
+                state = state[key]
+                break
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"--generator-weights: {file} holds no state dict (nor one under {', '.join(WEIGHTS_KEYS)})")
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as err:
+        first = str(err).split("\n")[0] + " " + " ".join(str(err).split("\n")[1:2]).strip()
+        raise UserError(f"--generator-weights: {file} does not fit the module: {first[:300]}") from None
+    return {str(file.resolve()): _sha256(file)}
+
+
+def load_compiled(path: Path) -> tuple[nn.Module, str]:
+    """A TorchScript file or a torch.export program: (module, "torchscript" | "export")."""
+    try:
+        return torch.jit.load(str(path), map_location="cpu"), "torchscript"
+    except Exception:
+        pass
+    try:
+        return torch.export.load(str(path)).module(), "export"
+    except Exception as err:
+        raise UserError(f"--generator: {path} is neither a LatentCT generator file, nor TorchScript, nor a "
+                        f"torch.export program ({type(err).__name__})") from None
+
+
+class PluginGenerator(nn.Module):
+    """A foreign generator behind the one interface: flat latents (B, d) in, (B, P, H, W) in [-1, 1] out
+    (P = 1 for slices, 3 for a volume's mid-planes), with ``window`` the HU of -1 and +1 (None: unknown)."""
+
+    def __init__(self, module: nn.Module, latent_shape, output_range=(-1.0, 1.0), output_window=None,
+                 kind: str = "factory"):
+        super().__init__()
+        self.module = module
+        self.latent_shape = tuple(int(s) for s in latent_shape)
+        self.latent_dim = math.prod(self.latent_shape)
+        self.output_range = tuple(float(v) for v in output_range)
+        self.window = tuple(float(v) for v in output_window) if output_window is not None else None
+        self.kind = kind
+        self.hookable = kind == "factory"  # TorchScript and exported programs run without forward hooks
+        if not self.output_range[1] > self.output_range[0]:
+            raise UserError(f"--output-range: {self.output_range} is not (low, high) with high > low")
+        self.volume = False
+        out = self._raw(torch.zeros(1, self.latent_dim))
+        if out.ndim == 5 and out.shape[1] == 1:
+            self.volume = True
+        elif not (out.ndim == 4 and out.shape[1] in (1, 3)):
+            raise UserError(f"--generator: declared latent_shape {self.latent_shape} but its output has shape "
+                            f"{tuple(out.shape)}; expected (B, 1 or 3, H, W) or (B, 1, D, H, W)")
+        self.planes = 3 if self.volume else 1
+
+    def _raw(self, z: torch.Tensor) -> torch.Tensor:
+        """The module's own output for latents z, for checking what it declared."""
+        try:
+            with torch.no_grad():
+                return self.module(z.reshape(z.shape[0], *self.latent_shape))
+        except Exception as err:
+            raise UserError(f"--generator: calling it on latents of shape (1, {', '.join(map(str, self.latent_shape))})"
+                            f" failed ({type(err).__name__}: {str(err).splitlines()[0][:160]}); check "
+                            "--latent-shape") from None
+
+    def train(self, mode: bool = True):
+        """An exported program has no train/eval mode (it was exported in the one it runs in)."""
+        self.training = mode
+        if self.kind != "export":
+            self.module.train(mode)
+        return self
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        out = self.module(z.reshape(z.shape[0], *self.latent_shape)).float()
+        low, high = self.output_range
+        out = 2 * (out - low) / (high - low) - 1
+        if self.volume:
+            return mid_planes(out)
+        return out.mean(1, keepdim=True) if out.shape[1] == 3 else out
+
+
+def mid_planes(volume: torch.Tensor) -> torch.Tensor:
+    """(B, 1, D, H, W) -> (B, 3, H, W): axial, coronal and sagittal mid-planes, the last two resized to H x W."""
+    B, _, D, H, W = volume.shape
+    axial = volume[:, :, D // 2]
+    coronal = volume[:, :, :, H // 2]
+    sagittal = volume[:, :, :, :, W // 2]
+    resize = lambda x: x if x.shape[-2:] == (H, W) else F.interpolate(x, size=(H, W), mode="bilinear",  # noqa: E731
+                                                                       align_corners=False)
+    return torch.cat([axial, resize(coronal), resize(sagittal)], dim=1)
+
+
+def declared(module: nn.Module, name: str, override):
+    """A flag's value, else the module's attribute (``latent_dim`` stands in for ``latent_shape``)."""
+    if override is not None:
+        return override
+    value = getattr(module, name, None)
+    if value is None and name == "latent_shape" and getattr(module, "latent_dim", None) is not None:
+        value = (int(module.latent_dim),)
+    return value

@@ -1,0 +1,142 @@
+"""What each direction does: sweeps along directions, linear fits of measurements against the shift, labels and
+disentanglement over the anatomy measurements (the phantom's ground truth is scored in latentct/score/scoring.py)."""
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import torch
+
+from latentct.data.slices import unit_to_hu
+from latentct.score import anatomy
+
+
+@torch.no_grad()
+def sweep(G, directions, ks: list[int], eps: torch.Tensor, z: torch.Tensor, chunk: int = 512) -> torch.Tensor:
+    """Images (len(ks), len(eps), len(z), 1, H, W) of G(z + eps * direction k), in batched generator calls."""
+    K, E, Z = len(ks), len(eps), len(z)
+    k_flat = torch.tensor(ks).repeat_interleave(E * Z)
+    e_flat = eps.repeat_interleave(Z).repeat(K)
+    z_flat = z.repeat(K * E, 1)
+    latents = z_flat + directions.shifts(k_flat, e_flat).to(z.dtype)
+    device = next(G.parameters(), torch.zeros(0)).device
+    out = torch.cat([G(part.to(device)).float().cpu() for part in latents.split(chunk)])
+    return out.reshape(K, E, Z, *out.shape[1:])
+
+
+def fit_lines(values: torch.Tensor, eps: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """values (K, E, Z): per direction, the least-squares slope against eps and the R2, fitted per z sample
+    (NaN-aware) and averaged over z."""
+    K, E, Z = values.shape
+    x = eps.double().view(1, E, 1).expand(K, E, Z)
+    y = values.double()
+    ok = torch.isfinite(y)
+    n = ok.sum(1).clamp_min(1)
+    xm = torch.where(ok, x, 0).sum(1) / n
+    ym = torch.where(ok, y, 0).sum(1) / n
+    dx = torch.where(ok, x - xm[:, None], 0)
+    dy = torch.where(ok, y - ym[:, None], 0)
+    sxx, sxy, syy = (dx * dx).sum(1), (dx * dy).sum(1), (dy * dy).sum(1)
+    slope = sxy / sxx.clamp_min(1e-12)
+    r2 = torch.where(syy > 1e-12, (sxy * sxy) / (sxx.clamp_min(1e-12) * syy.clamp_min(1e-12)), torch.zeros_like(syy))
+    valid = ok.sum(1) >= 3
+    slope, r2 = torch.where(valid, slope, torch.nan), torch.where(valid, r2, torch.nan)
+    with warnings.catch_warnings():  # a measurement undefined for every sample (no lungs at all) stays NaN
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanmean(slope.numpy(), axis=1), np.nanmean(r2.numpy(), axis=1)
+
+
+def disentanglement(importance: np.ndarray) -> float:
+    """1 - normalised entropy of the importance over measurements (DCI's disentanglement for one code)."""
+    p = np.nan_to_num(np.abs(importance))
+    if p.sum() <= 0:
+        return 0.0
+    p = p / p.sum()
+    h = -(p[p > 0] * np.log(p[p > 0])).sum()
+    return float(1 - h / math.log(len(p)))
+
+
+def describe(images: torch.Tensor, eps: torch.Tensor, window, spacing: float, ks: list[int]) -> list[dict]:
+    """Per direction: slope per unit shift and R2 of every measurement, the dominant one and a label."""
+    K, E, Z = images.shape[:3]
+    hu = unit_to_hu(images.reshape(K * E * Z, *images.shape[3:]), window)
+    values = {name: v.reshape(K, E, Z) for name, v in anatomy.measure(hu, spacing).items()}
+    centre = int(torch.argmin(eps.abs()))
+    span = float(eps.max() - eps.min())
+    out = [{"direction": k, "slope": {}, "r2": {}, "effect": {}} for k in ks]
+    for name, v in values.items():
+        slope, r2 = fit_lines(v, eps)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            spread = float(np.nanstd(v[:, centre].numpy()))  # natural variation across samples
+        spread = max(_num(spread), anatomy.min_spread(name, spacing))
+        for i in range(K):
+            out[i]["slope"][name] = _num(slope[i])
+            out[i]["r2"][name] = _num(r2[i])
+            out[i]["effect"][name] = _num(abs(slope[i]) * span / spread)
+    change = (images[:, [0, -1]] - images[:, centre:centre + 1]).abs().mean(dim=(1, 2, 3, 4, 5))
+    for i, row in enumerate(out):
+        score = {m: row["effect"][m] * row["r2"][m] * anatomy.PRIORITY[m] for m in values}
+        dominant = max(score, key=lambda m: score[m])
+        label, unit = anatomy.MEASURES[dominant]
+        row["dominant"] = dominant
+        row["score"] = score[dominant]
+        row["label"] = f"{label} {row['slope'][dominant]:+.3g} {unit} per unit (R2 {row['r2'][dominant]:.2f})"
+        row["disentanglement"] = disentanglement(np.array(list(score.values())))
+        row["image_change"] = float(change[i])
+    return out
+
+
+def _num(value) -> float:
+    value = float(value)
+    return value if math.isfinite(value) else 0.0
+
+
+def fold_axes(rows: list[dict], threshold: float = 0.9) -> list[dict]:
+    """Directions ranked by effect, near-duplicates folded: two directions whose signed effect vectors over the
+    anatomy measurements have |cosine| >= ``threshold`` (v and -v included) are one axis, shown once with its
+    members. Each direction joins the strongest axis it matches; the strongest direction of an axis leads it."""
+    names = list(rows[0]["effect"]) if rows else []
+    vectors = {r["direction"]: np.array([np.sign(r["slope"][m]) * r["effect"][m] * r["r2"][m] for m in names])
+               for r in rows}
+    axes: list[dict] = []
+    for row in sorted(rows, key=lambda r: -r["score"]):
+        v = vectors[row["direction"]]
+        for axis in axes:
+            lead = vectors[axis["leader"]]
+            denom = np.linalg.norm(v) * np.linalg.norm(lead)
+            if denom > 0 and abs(float(v @ lead) / denom) >= threshold:
+                axis["members"].append(row["direction"])
+                break
+        else:
+            axes.append({"leader": row["direction"], "members": [row["direction"]], "label": row["label"],
+                         "score": row["score"]})
+    return axes
+
+
+def realism(images: torch.Tensor, eps: torch.Tensor, real: torch.Tensor, tolerance: float = 0.1) -> list[dict]:
+    """Per direction, how realistic its frames stay along the sweep: the sliced Wasserstein distance of the
+    frames at each shift (all samples) to real slices, and the shift range whose frames stay within
+    (1 + tolerance) x max(real-vs-real distance, distance of the unshifted frames)."""
+    from latentct.train.metrics import sliced_wasserstein
+
+    K, E, Z = images.shape[:3]
+    real = real[: 2 * Z] if len(real) >= 2 * Z else real
+    half = len(real) // 2
+    floor = sliced_wasserstein(real[:half], real[half:2 * half])["swd"] if half >= 2 else float("nan")
+    reference = real[:Z]
+    centre = int(torch.argmin(eps.abs()))
+    out = []
+    for k in range(K):
+        swd = [sliced_wasserstein(images[k, e], reference[: len(images[k, e])])["swd"] for e in range(E)]
+        limit = (1 + tolerance) * max(floor if math.isfinite(floor) else 0.0, swd[centre])
+        inside = [float(abs(eps[e])) for e in range(E) if swd[e] <= limit]
+        ok_range = 0.0
+        for e in sorted(range(E), key=lambda e: abs(float(eps[e]))):  # the contiguous range around 0
+            if swd[e] > limit:
+                break
+            ok_range = abs(float(eps[e]))
+        out.append({"swd": [round(s, 3) for s in swd], "floor": floor, "limit": limit,
+                    "realistic_up_to": ok_range, "realistic_shifts": inside})
+    return out

@@ -1,0 +1,317 @@
+"""Known-answer sweeps: how far to trust the scorer, the oracle and the anatomy labels.
+
+    python -m latentct.score.validate --output Animations/demo/validation [--seed S] [--image-size 64] [--vae generator.pt]
+
+The phantom renders sweeps in which exactly one factor moves over its full range while the patient, its
+nuisance, z and the noise draw stay fixed (50 random patients per factor): breast sweeps at z = 0.5 from no
+breast to the largest, z sweeps over [0.1, 0.9] on patients without breasts, the others at a z drawn in
+[0.25, 0.75]. Sweeps in which two factors move together follow. The oracle reads every frame and the *same*
+scorer that scores a generator's directions (latentct/score/scoring.py) scores the sweeps:
+
+- each single-factor sweep must be attributed to its own factor (its largest effect) with leakage <= 0.15;
+- in each two-factor sweep its two factors must be the two largest effects;
+- the anatomy report (the labels used on real LIDC, where there is no oracle) should name the expected
+  measurement for each factor (EXPECTED_LABELS); the confusion table shows what it names per patient.
+
+The sweeps also give the scorer's thresholds (the worst leakage a perfectly clean factor change shows through
+the oracle, and the line R2 the oracle reads on a factor that did not move: the floor a direction's own factor
+must beat) and the oracle's noise floor per factor (the effect it reports on a factor that did not
+move), which effect-DCI subtracts. The oracle's held-out R2 is reported beside its R2 on VAE reconstructions of
+held-out slices (how it reads generated-looking images) when a VAE is given.
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from latentct.data import phantom
+from latentct.data.phantom import FACTOR_RANGES, FACTORS
+from latentct.data.slices import hu_to_unit, parse_window
+from latentct.score.scoring import attribution, line_effects
+from latentct.util.io import atomic_write_json
+from latentct.util.parallel import pool_map, worker_pool
+from latentct.util.settings import UserError, check, run_cli, save_settings, setting
+
+# The full range each sweep covers. Breast: from none to the largest; z: lung apex region to upper abdomen.
+SWEEP_RANGES = {"z_position": (0.1, 0.9), **FACTOR_RANGES, "breast_size": (0.0, 1.0)}
+# The anatomy measurement that should label each factor's sweep (latentct/score/anatomy.py). Over z in [0.1, 0.9] the
+# lungs appear, fill the chest and give way to the liver: lung area changes most, but not along a line (its
+# R2 against z is 0.2-0.4), so no measurement labels z sweeps reliably; it is the factor the 5-of-6 rule
+# leaves room for.
+EXPECTED_LABELS = {"z_position": "lung_area", "y_offset": "centroid_y", "rotation": "orientation",
+                   "thickness": "thickness", "width": "width", "breast_size": "anterior_tissue"}
+LEAKAGE_TARGET = 0.15
+
+
+@dataclass
+class Settings:
+    """Score the phantom's known-answer sweeps with the oracle and the anatomy report."""
+
+    output: str = setting("Animations/demo/validation", "folder for validation.json")
+    seed: int = setting(0, "seed of the sweeps' patients")
+    image_size: int = setting(64, "side of the slices (the oracle's and the generators' resolution)")
+    window: str = setting("default", "HU window of the oracle and the generators")
+    oracle: str | None = setting(None, "oracle.pt to use (default: train or reuse the cached one for this size)")
+    root: str = setting(".", "folder under which the oracle cache runs/oracle/ lives")
+    vae: str | None = setting(None, "a VAE generator.pt: the oracle is also scored on its reconstructions")
+    patients: int = setting(50, "patients per single-factor sweep")
+    pair_patients: int = setting(20, "patients per two-factor sweep")
+    frames: int = setting(9, "frames per sweep")
+    render_size: int = setting(128, "matrix size the phantom is rendered at")
+    workers: int = setting(1, "processes that render sweeps")
+    scored_samples: int = setting(16, "samples a direction is scored on (EvalDirections --report-samples): the "
+                                  "thresholds are what a clean change scores on that many")
+
+    def __post_init__(self):
+        for name in ("patients", "pair_patients", "workers"):
+            check(getattr(self, name) >= 1, name, "must be at least 1")
+        check(self.frames >= 3, "frames", "needs at least 3 frames for a line fit")
+        parse_window(self.window)
+
+
+# ------------------------------------------------------------------------------------------ sweeps
+
+def _sweep_patient(seed: int, factors: tuple[str, ...], index: int):
+    """The patient, its z and its noise seed for one sweep: breast sweeps at z = 0.5, z sweeps without breasts."""
+    code = sum(FACTORS.index(f) * 7 ** i for i, f in enumerate(factors)) + 1
+    rng = np.random.default_rng([seed, 31337, code, index])
+    patient = phantom.sample_patient(rng)
+    if "z_position" in factors and "breast_size" not in factors:
+        patient = dataclasses.replace(patient, breast_size=0.0)
+    z = 0.5 if "breast_size" in factors else float(rng.uniform(0.25, 0.75))
+    return patient, z, int(rng.integers(2**31))
+
+
+def render_sweep(job: tuple) -> tuple[np.ndarray, np.ndarray]:
+    """Worker: one sweep's frames as int16 HU (E, S, S) and their visible factors (E, 6). Every frame uses the
+    same patient, z (unless z moves) and noise draw; only the sweep's factors change."""
+    from latentct.data.dicom import resize_slices
+
+    seed, factors, index, frames, render_size, image_size = job
+    torch.set_num_threads(1)
+    patient, z, noise_seed = _sweep_patient(seed, factors, index)
+    images, targets = [], []
+    for t in np.linspace(0.0, 1.0, frames):
+        values = {f: SWEEP_RANGES[f][0] + t * (SWEEP_RANGES[f][1] - SWEEP_RANGES[f][0]) for f in factors}
+        frame_z = values.pop("z_position", z)
+        p = dataclasses.replace(patient, **values)
+        hu = phantom.render_slice(p, frame_z, render_size, np.random.default_rng(noise_seed))
+        images.append(phantom.as_read_back(hu, p.padding))
+        targets.append(phantom.visible_factors(p, frame_z))
+    return resize_slices(np.stack(images), image_size), np.asarray(targets, dtype=np.float32)
+
+
+def render_sweeps(sweeps: list[tuple[str, ...]], patients: int, cfg: Settings, desc: str):
+    """HU (len(sweeps), E, P, 1, S, S) int16 and exact factors (len(sweeps), E, P, 6)."""
+    jobs = [(cfg.seed, s, i, cfg.frames, cfg.render_size, cfg.image_size) for s in sweeps for i in range(patients)]
+    with worker_pool(cfg.workers) as pool:
+        parts = list(pool_map(render_sweep, jobs, pool, desc, "sweep", chunksize=4))
+    hu = torch.from_numpy(np.stack([p[0] for p in parts]))          # (sweeps * P, E, S, S)
+    exact = torch.from_numpy(np.stack([p[1] for p in parts]))       # (sweeps * P, E, 6)
+    S, E = hu.shape[-1], cfg.frames
+    hu = hu.reshape(len(sweeps), patients, E, 1, S, S).transpose(1, 2)
+    exact = exact.reshape(len(sweeps), patients, E, len(FACTORS)).transpose(1, 2)
+    return hu, exact
+
+
+def factor_spread(seed: int = 0, count: int = 20000) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and standard deviation of the visible factors over random (patient, z): the units in which exact
+    factors are scored when no oracle reads them (the oracle's own units are the same spread, estimated
+    from its training slices)."""
+    rng = np.random.default_rng([seed, 4242])
+    values = torch.tensor([phantom.visible_factors(phantom.sample_patient(rng), float(rng.uniform()))
+                           for _ in range(count)], dtype=torch.float64)
+    return values.mean(0).float(), values.std(0).float()
+
+
+# ------------------------------------------------------------------------------------------ scoring
+
+def score_single(values: torch.Tensor, eps: torch.Tensor) -> dict:
+    """Single-factor sweeps (6, E, P, 6) of standardised readings: per sweep the attributed factor, leakage and
+    own-factor R2 (all patients together), and the noise floor per factor."""
+    r2, effect = line_effects(values, eps)
+    own, leakage = attribution(effect)
+    off = np.where(np.eye(len(effect), dtype=bool), np.nan, effect)
+    return {"r2": r2, "effect": effect, "attributed": own, "leakage": leakage, "noise_floor": np.nanmax(off, axis=0)}
+
+
+def score_pairs(values: torch.Tensor, eps: torch.Tensor) -> np.ndarray:
+    """Two-factor sweeps (pairs, E, P, 6): the effect matrix (pairs, 6)."""
+    return line_effects(values, eps)[1]
+
+
+def thresholds(values: torch.Tensor, eps: torch.Tensor, moved: torch.Tensor, samples: int = 16, draws: int = 200,
+               seed: int = 0, r2_values: torch.Tensor | None = None) -> dict:
+    """The scorer's two thresholds, from the single-factor sweeps scored on ``samples`` samples (the report's
+    default), over ``draws`` bootstrap draws of that many patients:
+
+    - ``leakage_max``: how clean a perfectly clean change of the factor looks (95th percentile of its sweep's
+      leakage in ``values``);
+    - ``r2_min``: the detection floor, the line R2 the oracle reads on the factor in sweeps that did not move it
+      (95th percentile of the largest such R2, in ``r2_values``, default ``values``). A direction's own factor
+      must change more consistently than that. The clean sweeps' own R2 is about 1 because the phantom moves a
+      factor along a line; a generator moves it along a curve, which is as clean but less straight, so their
+      R2 is no floor.
+
+    ``moved``: (sweeps, factors) bool, which factors each sweep changes (from the renderer's exact values)."""
+    r2_values = values if r2_values is None else r2_values
+    rng = np.random.default_rng(seed)
+    P = values.shape[2]
+    still = ~moved.numpy()
+    leak, floor = [], []
+    for _ in range(draws):
+        pick = torch.from_numpy(rng.integers(0, P, min(samples, P)))
+        r2, effect = line_effects(values[:, :, pick], eps)
+        if r2_values is not values:
+            r2 = line_effects(r2_values[:, :, pick], eps)[0]
+        leak.append(attribution(effect)[1])
+        floor.append(np.where(still, r2, 0.0).max(0))
+    leak, floor = np.array(leak), np.array(floor)
+    return {"leakage_max": {f: float(np.percentile(leak[:, k], 95)) for k, f in enumerate(FACTORS)},
+            "r2_min": {f: float(np.percentile(floor[:, k], 95)) for k, f in enumerate(FACTORS)},
+            "samples": samples, "draws": draws}
+
+
+def anatomy_labels(hu: torch.Tensor, window, spacing: float) -> tuple[dict, dict]:
+    """The anatomy report's label of each factor's sweep (all patients together) and the per-patient
+    confusion table {factor: {measurement: count}}."""
+    from latentct.score.report import describe
+
+    K, E, P = hu.shape[:3]
+    images = hu_to_unit(hu, window)
+    eps = torch.linspace(-1, 1, E)
+    rows = describe(images, eps, window, spacing, list(range(K)))
+    labels = {FACTORS[k]: rows[k]["dominant"] for k in range(K)}
+    confusion = {f: {} for f in FACTORS[:K]}
+    for p in range(P):
+        for k, row in enumerate(describe(images[:, :, p:p + 1], eps, window, spacing, list(range(K)))):
+            confusion[FACTORS[k]][row["dominant"]] = confusion[FACTORS[k]].get(row["dominant"], 0) + 1
+    return labels, confusion
+
+
+def reconstruction(vae_path: str, oracle):
+    """images -> the VAE's reconstructions (its encoder's mean, decoded), in the oracle's window."""
+    from latentct.generators.interface import generator_info, load_encoder, load_generator
+
+    info = generator_info(vae_path)
+    encoder, decoder = load_encoder(vae_path), load_generator(vae_path)
+    if encoder is None:
+        raise UserError(f"--vae: {vae_path} has no encoder (a VAE's generator.pt has one)")
+    if tuple(info["window"]) != tuple(oracle.window):
+        raise UserError(f"--vae: {vae_path} was trained in window {info['window']}, the oracle in {oracle.window}")
+
+    def through(x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return torch.cat([decoder(encoder(part)[0]) for part in x.split(256)])
+
+    return through
+
+
+def generated_r2(oracle, vae_path: str, cfg: Settings, count: int = 500) -> dict:
+    """The oracle's R2 on VAE reconstructions of fresh held-out slices whose factors are known."""
+    from latentct.score.oracle import r_squared, render_slices
+
+    through = reconstruction(vae_path, oracle)
+    hu, targets = render_slices(count, cfg.image_size, cfg.seed, 3, cfg.render_size, cfg.workers,
+                                "held-out slices for the VAE")
+    recon = through(hu_to_unit(hu, oracle.window))
+    return {f: float(v) for f, v in zip(FACTORS, r_squared(oracle.read(recon), targets))}
+
+
+def validate(cfg: Settings, reader=None, through=None) -> dict:
+    """Render the sweeps, read them (``reader``: images -> standardised factors; None: the renderer's exact
+    factors, which the scorer's tests use) and score them. With ``through`` (images -> images, a VAE's
+    reconstruction) the leakage threshold is what the clean changes score after passing through it: directions
+    are scored on generated slices, which the oracle reads less sharply than rendered ones. The R2 floor stays
+    the rendered sweeps' own: through the VAE a factor the sweep held still moves in the reconstruction (the
+    VAE couples them), so its R2 there is no noise floor."""
+    window = parse_window(cfg.window)
+    eps = torch.linspace(-1, 1, cfg.frames)
+    singles = [(f,) for f in FACTORS]
+    pairs = list(itertools.combinations(FACTORS, 2))
+    hu, exact = render_sweeps(singles, cfg.patients, cfg, "single-factor sweeps")
+    pair_hu, pair_exact = render_sweeps(pairs, cfg.pair_patients, cfg, "two-factor sweeps")
+    if reader is None:
+        mean, std = factor_spread()
+        single_values, pair_values = (exact - mean) / std, (pair_exact - mean) / std
+    else:
+        single_values = _read(reader, hu, window)
+        pair_values = _read(reader, pair_hu, window)
+    single = score_single(single_values, eps)
+    pair_effect = score_pairs(pair_values, eps)
+    labels, confusion = anatomy_labels(hu, window, phantom.FOV_MM / cfg.image_size)
+    sweeps = {}
+    for k, f in enumerate(FACTORS):
+        sweeps[f] = {"attributed": FACTORS[int(single["attributed"][k])], "leakage": float(single["leakage"][k]),
+                     "r2": float(single["r2"][k, k]), "label": labels[f], "expected_label": EXPECTED_LABELS[f],
+                     "noise_floor": float(single["noise_floor"][k])}
+    pair_rows = []
+    for (a, b), row in zip(pairs, pair_effect):
+        top = [FACTORS[i] for i in np.argsort(-row)[:2]]
+        pair_rows.append({"factors": [a, b], "top_two": top, "ok": set(top) == {a, b}})
+    checks = {"attributed": sum(v["attributed"] == f for f, v in sweeps.items()),
+              "leakage_ok": sum(v["leakage"] <= LEAKAGE_TARGET for v in sweeps.values()),
+              "labels_ok": sum(v["label"] == v["expected_label"] for v in sweeps.values()),
+              "pairs_ok": sum(r["ok"] for r in pair_rows), "pairs": len(pair_rows)}
+    checks["passed"] = bool(checks["attributed"] == 6 and checks["leakage_ok"] == 6 and checks["labels_ok"] >= 5
+                            and checks["pairs_ok"] == len(pair_rows))
+    moved = (exact.amax(1) - exact.amin(1)).amax(1) > 1e-6                 # (sweeps, factors)
+    limits = thresholds(single_values, eps, moved, cfg.scored_samples)
+    clean, source = limits, "known-answer sweeps"
+    if through is not None and reader is not None:  # leakage as generated slices show it; R2 floor as rendered
+        limits = thresholds(_read(lambda x: reader(through(x)), hu, window), eps, moved, cfg.scored_samples,
+                            r2_values=single_values)
+        source = "known-answer sweeps (leakage through the VAE)"
+    return {"image_size": cfg.image_size, "seed": cfg.seed, "sweeps": sweeps, "pairs": pair_rows,
+            "thresholds": limits, "thresholds_clean": clean, "thresholds_from": source,
+            "noise_floor": {f: sweeps[f]["noise_floor"] for f in FACTORS},
+            "confusion": confusion, "effect_matrix": np.round(single["effect"], 4).tolist(),
+            "leakage_target": LEAKAGE_TARGET, "checks": checks}
+
+
+def _read(reader, hu: torch.Tensor, window) -> torch.Tensor:
+    shape = hu.shape[:3]
+    flat = hu_to_unit(hu.reshape(-1, *hu.shape[3:]), window)
+    return reader(flat).reshape(*shape, -1)
+
+
+def main(cfg: Settings) -> dict:
+    from latentct.score import oracle as oracle_stage
+
+    out = Path(cfg.output)
+    out.mkdir(parents=True, exist_ok=True)
+    save_settings(cfg, out / "config.json")
+    if cfg.oracle:
+        path = Path(cfg.oracle)
+    else:
+        ocfg = oracle_stage.Settings(image_size=cfg.image_size, window=cfg.window, root=cfg.root,
+                                     render_size=cfg.render_size, workers=cfg.workers)
+        oracle_stage.main(ocfg)
+        path = oracle_stage.folder_for(ocfg) / "oracle.pt"
+    oracle = oracle_stage.load_oracle(path)
+    if oracle.image_size != cfg.image_size or tuple(oracle.window) != parse_window(cfg.window):
+        raise UserError(f"--oracle: {path} reads {oracle.image_size} px in window {oracle.window}, not "
+                        f"{cfg.image_size} px in {parse_window(cfg.window)}")
+    through = reconstruction(cfg.vae, oracle) if cfg.vae else None
+    result = validate(cfg, oracle.read_std, through)
+    generated = generated_r2(oracle, cfg.vae, cfg) if cfg.vae else {}
+    result = {"image_size": cfg.image_size, "seed": cfg.seed, "oracle_sha256": oracle.sha256,
+              "oracle_path": str(path),
+              "oracle": {f: {"r2": oracle.r2[f], "r2_generated": generated.get(f)} for f in FACTORS}, **result}
+    atomic_write_json(out / "validation.json", result)
+    c, t = result["checks"], result["thresholds"]
+    print(f"validation: {c['attributed']}/6 sweeps attributed to their factor, {c['leakage_ok']}/6 with leakage "
+          f"<= {LEAKAGE_TARGET}, {c['labels_ok']}/6 labelled as expected, {c['pairs_ok']}/{c['pairs']} pairs; "
+          f"thresholds ({result['thresholds_from']}): " + ", ".join(
+              f"{f} R2 >= {t['r2_min'][f]:.2f} leakage <= {t['leakage_max'][f]:.2f}" for f in FACTORS)
+          + f" -> {out / 'validation.json'}")
+    return result
+
+
+if __name__ == "__main__":
+    run_cli(main, Settings, prog="python -m latentct.score.validate")

@@ -1,0 +1,223 @@
+"""index.html: every GIF with its label and numbers (sortable), the effect heat map, the baselines table,
+samples and real-slice edits. Static files only; it opens from disk."""
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+
+from latentct.score.scoring import describe_limits
+from latentct.util.io import atomic_write_text
+
+STYLE = """
+body{font-family:system-ui,sans-serif;margin:24px;background:#111;color:#ddd}
+h1,h2{font-weight:600} a{color:#8cf} table{border-collapse:collapse;margin:8px 0 24px}
+th,td{border-bottom:1px solid #333;padding:4px 8px;text-align:left;font-size:13px;vertical-align:middle}
+th.sortable{cursor:pointer;color:#8cf} img.gif{width:128px;image-rendering:pixelated}
+img.wide{max-width:100%;image-rendering:pixelated} .note{color:#999;font-size:13px} .ok{color:#7d7} .no{color:#d77}
+"""
+
+SCRIPT = """
+function sortBy(col){const t=document.getElementById('directions');const rows=[...t.tBodies[0].rows];
+const dir=t.dataset.sortCol==col&&t.dataset.sortDir=='desc'?'asc':'desc';t.dataset.sortCol=col;t.dataset.sortDir=dir;
+rows.sort((a,b)=>{const x=parseFloat(a.dataset[col]),y=parseFloat(b.dataset[col]);return dir=='desc'?y-x:x-y});
+rows.forEach(r=>t.tBodies[0].appendChild(r));}
+window.addEventListener('load',()=>{const imgs=[...document.images];
+document.body.dataset.imagesOk=imgs.filter(i=>i.complete&&i.naturalWidth>0).length;
+document.body.dataset.imagesBroken=imgs.filter(i=>!(i.complete&&i.naturalWidth>0)).length;});
+"""
+
+
+def _esc(text) -> str:
+    return html.escape(str(text))
+
+
+def _fmt(value, digits=2) -> str:
+    return f"{value:.{digits}f}" if isinstance(value, (int, float)) and value is not None else "–"
+
+
+def write_gallery(folder: Path, report: dict) -> Path:
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>LatentCT: {_esc(report['name'])}</title>",
+             f"<style>{STYLE}</style><script>{SCRIPT}</script></head><body>",
+             f"<h1>What the latent directions do: {_esc(report['name'])}</h1>",
+             f"<p class='note'>Generator <code>{_esc(report['generator'])}</code> ({_esc(report['generator_kind'])}); "
+             f"directions <code>{_esc(report['directions_file'])}</code> ({_esc(report['method'])}, "
+             f"K = {report['directions_count']}, RCA {_fmt(report.get('rca'))}). Shifts in [-{report['shift_scale']}, "
+             f"{report['shift_scale']}] (the directions' own scale); the strip under each GIF shows the shift and "
+             f"lights up at 0. Pictures in the HU window {report['display_window']}.</p>"]
+    if report.get("spacing_note"):
+        parts.append(f"<p class='note no'>Units: {_esc(report['spacing_note'])}.</p>")
+    if report.get("volume"):
+        parts.append("<p class='note'>A 3D generator: every picture shows the axial, coronal and sagittal mid-planes "
+                     "side by side; the anatomy is measured on the axial mid-plane.</p>")
+    if report.get("anatomy", "measured") != "measured" and not report.get("volume"):
+        parts.append(f"<p class='note no'>Anatomy {_esc(report['anatomy'])}.</p>")
+    if report.get("generator_note"):
+        parts.append(f"<p class='note'>Generator: {_esc(report['generator_note'])}.</p>")
+    rows_by_k = {r["direction"]: r for r in report["directions"]}
+    if report.get("axes"):
+        parts.append(f"<h2>{len(report['axes'])} distinct effects, strongest first</h2><p class='note'>Directions whose "
+                     "signed effects on the anatomy measurements point the same way (|cosine| &ge; 0.9, v and -v "
+                     "alike) are one axis, shown once; the full list follows.</p><table id='axes'><tbody>")
+        for axis in report["axes"]:
+            lead = rows_by_k[axis["leader"]]
+            others = [k for k in axis["members"] if k != axis["leader"]]
+            parts.append(f"<tr class='axis'><td><img class='gif' src='{_esc(lead['gif'])}' alt='axis {axis['leader']}'>"
+                         f"</td><td>{_esc(axis['label'])}<br><span class='note'>k = {axis['leader']}"
+                         + (f"; also k = {', '.join(map(str, others))}" if others else "") + "</span></td></tr>")
+        parts.append("</tbody></table>")
+    parts.append("<h2>Directions</h2><p class='note'>Click a blue header to sort. <i>effect</i>: change over the "
+                 "whole shift range in units of the natural spread between samples, times R2. <i>realistic "
+                 "up to</i>: the largest shift whose frames stay within 1.1 x the sliced Wasserstein distance of "
+                 "real slices to each other (or of the unshifted frames, when larger): beyond it the sweep leaves "
+                 "the data.</p>")
+    gt = report.get("ground_truth")
+    factor_of = matched_factors(gt)
+    parts.append("<table id='directions'><thead><tr><th class='sortable' onclick=\"sortBy('k')\">k</th><th>sweep</th>"
+                 "<th>what it does</th><th class='sortable' onclick=\"sortBy('score')\">effect</th>"
+                 "<th class='sortable' onclick=\"sortBy('r2')\">R2</th>"
+                 "<th class='sortable' onclick=\"sortBy('dis')\">disentanglement</th>"
+                 "<th class='sortable' onclick=\"sortBy('change')\">image change</th><th>realistic up to</th>"
+                 "<th>matched factor</th></tr></thead><tbody>")
+    for row in report["directions"]:
+        k = row["direction"]
+        r2 = row["r2"][row["dominant"]]
+        parts.append(
+            f"<tr class='direction' data-k='{k}' data-score='{row['score']:.6f}' data-r2='{r2:.6f}' "
+            f"data-dis='{row['disentanglement']:.6f}' data-change='{row['image_change']:.6f}'><td>{k}</td>"
+            f"<td><img class='gif' src='{_esc(row['gif'])}' alt='direction {k}'></td><td>{_esc(row['label'])}</td>"
+            f"<td>{row['score']:.2f}</td><td>{r2:.2f}</td><td>{row['disentanglement']:.2f}</td>"
+            f"<td>{row['image_change']:.3f}</td><td>{_realistic(row)}</td><td>{factor_of.get(k, '')}</td></tr>")
+    parts.append("</tbody></table>")
+    if gt:
+        parts += ground_truth_section(gt)
+    parts.append("<h2>Groups of ten directions</h2><p class='note'>Rows: directions; columns: different samples.</p>")
+    for group in report["groups"]:
+        parts.append(f"<p>{_esc(group['title'])}</p><img class='wide' src='{_esc(group['gif'])}' alt='{_esc(group['title'])}'>"
+                     f" <img class='wide' src='{_esc(group['chart'])}' alt='chart {_esc(group['title'])}'>")
+    if report.get("real"):
+        parts.append("<h2>Real slices moved along directions</h2>")
+        for item in report["real"]:
+            parts.append(f"<p>{_esc(item['title'])}: reconstruction MSE {item['mse']:.4f} (mean |error| "
+                         f"{item['mae_hu']:.0f} HU). Left: the slice and its reconstruction; right: the sweep along "
+                         f"directions {', '.join(map(str, item['directions']))}.</p>"
+                         f"<img class='wide' src='{_esc(item['pair'])}' alt='real slice'> "
+                         f"<img class='wide' src='{_esc(item['gif'])}' alt='real slice sweep'>")
+    parts.append(f"<h2>Generator samples</h2><img class='wide' src='{_esc(report['samples'])}' alt='samples'>")
+    parts.append(f"<script type='application/json' id='report'>{_esc(json.dumps(report['summary']))}</script>")
+    parts.append("</body></html>")
+    path = folder / "index.html"
+    atomic_write_text(path, "\n".join(parts))
+    return path
+
+
+def _realistic(row: dict) -> str:
+    item = row.get("realism")
+    return "–" if not item else f"&plusmn;{item['realistic_up_to']:.1f}"
+
+
+def matched_factors(gt: dict | None) -> dict[int, str]:
+    """Per direction, the factor cell of the directions table: a factor's name only where the direction is that
+    factor's recovered match; otherwise the factor it moves most, with its leakage, marked as not clean. No
+    direction is presented as a factor it does not move."""
+    main = (gt or {}).get("main") or {}
+    recovered = {v["direction"]: f for f, v in main.get("factors", {}).items() if v["recovered"]}
+    out = {}
+    for row in main.get("directions", []):
+        k = row["direction"]
+        out[k] = (f"<span class='ok'>{_esc(recovered[k])} &#10003;</span>" if k in recovered else
+                  f"<span class='no'>mostly {_esc(row['largest'])}, leakage {row['leakage']:.2f}: not clean</span>")
+    return out
+
+
+def _recovered_cell(table: dict) -> str:
+    of = f" of {table['recoverable']} recoverable" if table.get("recoverable") is not None else " / 6"
+    mark = "" if table.get("above_null") is not False else " <span class='no'>(not above the random null)</span>"
+    return f"{table['recovered']}{of}{mark}"
+
+
+def ground_truth_section(gt: dict) -> list[str]:
+    """The phantom's ground truth: how far to trust it, then every method against the supervised ceiling and
+    the random null, with effect-DCI."""
+    parts = ["<h2>Ground truth on the phantom</h2>", "<h3>How far to trust these numbers</h3>"]
+    oracle = ", ".join(f"{_esc(f)} {v:.3f}" for f, v in gt["oracle_r2"].items())
+    parts.append(f"<p class='note'>Factor oracle <code>{_esc(gt.get('oracle_path'))}</code> (sha256 "
+                 f"{_esc((gt.get('oracle_sha256') or '')[:16])}); held-out R2 on fresh phantom slices: {oracle}.</p>")
+    val = gt.get("validation")
+    if val:
+        c = val["checks"]
+        generated = ", ".join(f"{_esc(f)} {v['r2_generated']:.2f}" for f, v in val.get("oracle", {}).items()
+                              if v.get("r2_generated") is not None)
+        parts.append(f"<p class='note'>Known-answer sweeps (seed {val.get('seed')}): {c['attributed']}/6 single-factor "
+                     f"sweeps attributed to their own factor, {c['leakage_ok']}/6 with leakage &le; 0.15, "
+                     f"{c['labels_ok']}/6 labelled with the expected anatomy measurement, {c['pairs_ok']}/{c['pairs']} "
+                     f"two-factor sweeps with their two factors on top. "
+                     + (f"The oracle on VAE reconstructions of held-out slices: R2 {generated}. " if generated else "")
+                     + "</p>")
+    parts.append(f"<p class='note'>A factor counts as recovered when its matched direction (Hungarian matching on "
+                 f"R2 &times; effect) moves it more consistently than the oracle reads a factor that did not move "
+                 f"(R2 floor) and leaks no more than a perfectly clean change of it: "
+                 f"{_esc(describe_limits(gt['r2_min'], gt['leakage_max']))} "
+                 f"(thresholds from the {_esc(gt['thresholds_from'])}). "
+                 "<i>Effect-D/C</i>: DCI's disentanglement and completeness computed on the direction &times; factor "
+                 "effect matrix minus the oracle's noise floor (not Eastwood &amp; Williams' predictive DCI).</p>")
+    parts.append(f"<img class='wide' src='{_esc(gt['heatmap'])}' alt='direction by factor effect'> "
+                 f"<img class='wide' src='{_esc(gt['curve'])}' alt='recovered factors against the threshold'>")
+    factors = list(gt["oracle_r2"])
+    parts.append("<table id='methods'><thead><tr><th>method</th><th>RCA</th><th>factors recovered</th>"
+                 "<th>effect-D</th><th>effect-C</th><th>mean matched R2</th>"
+                 + "".join(f"<th>{_esc(f)}</th>" for f in factors) + "</tr></thead><tbody>")
+    for method, table in gt["methods"].items():
+        cells = "".join(
+            f"<td class='{'ok' if table['factors'][f]['recovered'] else 'no'}'>{table['factors'][f]['r2']:.2f} "
+            f"(k={table['factors'][f]['direction']}, leak {table['factors'][f]['leakage']:.2f})</td>"
+            if f in table["factors"] else "<td>–</td>" for f in factors)
+        dci = table["effect_dci"]
+        parts.append(f"<tr class='method'><td>{_esc(method)}</td><td>{_fmt(table.get('rca'))}</td>"
+                     f"<td>{_recovered_cell(table)}</td><td>{dci['disentanglement']:.2f}</td>"
+                     f"<td>{dci['completeness']:.2f}</td><td>{table['mean_matched_r2']:.2f}</td>{cells}</tr>")
+    null = gt.get("null")
+    if null:
+        r, d = null["recovered"], null["disentanglement"]
+        parts.append(f"<tr class='method'><td>random null ({null['sets']} sets)</td><td>–</td>"
+                     f"<td>{r['mean']:.2f} &plusmn; {r['std']:.2f} (95th pct {r['p95']:.1f})</td>"
+                     f"<td>{d['mean']:.2f} &plusmn; {d['std']:.2f}</td><td>–</td><td>–</td>"
+                     + "<td>–</td>" * len(factors) + "</tr>")
+    parts.append("</tbody></table>")
+    sup = (gt["methods"].get("supervised") or {}).get("supervised")
+    if sup:
+        parts.append("<p class='note'>Supervised ceiling (a linear fit F ~ B z + c of the oracle's readings of G(z); "
+                     "each direction moves its factor and holds the others): fit R2 on held-out latents "
+                     + ", ".join(f"{_esc(f)} {v:.2f}" for f, v in sup["fit_r2"].items())
+                     + f"; condition number of B {sup['condition_number']:.1f}. The same oracle defines and scores it, "
+                     "so the ceiling can be optimistic.</p>")
+    return parts
+
+
+def write_index(folder: Path, summary: dict) -> Path:
+    """Animations/<run>/index.html: a link to every finished gallery and the stages so far; rewritten after each
+    stage, so the first gallery is linked while the rest still runs."""
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>LatentCT run {_esc(summary['run'])}</title>",
+             f"<style>{STYLE}</style><script>{SCRIPT}</script></head><body>",
+             f"<h1>LatentCT run: {_esc(summary['run'])}</h1><h2>Galleries</h2><ul>"]
+    for row in summary["stages"]:
+        if row["stage"] == "evaluate":
+            rel = Path(row["output"]).name + "/index.html"
+            parts.append(f"<li><a href='{_esc(rel)}'>{_esc(Path(row['output']).name)}</a>: {_esc(row['metric'])}</li>")
+    parts.append("</ul>")
+    if summary.get("pending"):
+        parts.append(f"<p class='note'>Still running or waiting: {_esc(', '.join(summary['pending']))}. "
+                     "Reload to see them.</p>")
+    parts.append("<h2>Stages</h2><table><thead><tr><th>stage</th><th>run</th><th>seconds</th><th>done at (s)</th>"
+                 "<th>key figure</th></tr></thead><tbody>")
+    for row in summary["stages"]:
+        seconds = "cached" if row["cached"] else f"{row['seconds']:.0f}"
+        parts.append(f"<tr><td>{_esc(row['stage'])}</td><td>{_esc(row['name'])}</td><td>{seconds}</td>"
+                     f"<td>{row.get('finished_at', 0):.0f}</td><td>{_esc(row['metric'])}</td></tr>")
+    parts.append(f"</tbody></table><p class='note'>Wall time so far {summary.get('wall_seconds', 0):.0f} s "
+                 f"(the stages' own times add up to {summary['total_seconds']:.0f} s; some run side by side).</p>"
+                 "</body></html>")
+    path = folder / "index.html"
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, "\n".join(parts))
+    return path

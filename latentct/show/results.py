@@ -1,0 +1,290 @@
+"""The README's result tables, produced from a pipeline run's summary.json and reports, never typed by hand.
+
+    python -m latentct.show.results --run demo                      # print the tables (markdown)
+    python -m latentct.show.results --run demo --readme README.md   # replace the block between the markers
+    python -m latentct.show.results --run benchmark --block benchmark --readme README.md
+
+The blocks in the README sit between ``<!-- NAME:begin -->`` and ``<!-- NAME:end -->``: ``results`` (the
+demo), ``benchmark`` (every method with MIG and DCI, and the budget curves when bench/budget.py has run).
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from latentct.score.scoring import describe_limits
+from latentct.util.io import atomic_write_text
+from latentct.util.settings import UserError, run_cli, setting
+
+BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
+# Shapes3D MIG of the same direction methods under the same protocol, as the published comparisons report them
+# (Khrulkov et al. 2021; DisCo, ICLR 2022): the reference the benchmark's MIG column stands beside.
+PUBLISHED_SHAPES3D_MIG = {"sefa": 0.283, "pca": 0.116, "learned": 0.177}
+PUBLISHED_NAMES = {"sefa": "SeFa", "pca": "GANSpace", "learned": "Voynov & Babenko"}
+
+
+@dataclass
+class Settings:
+    """Write the README's result tables from a pipeline run."""
+
+    run: str = setting("demo", "the pipeline run (Animations/<run>/summary.json)")
+    root: str = setting(".", "folder that holds Animations/ and runs/")
+    readme: str | None = setting(None, "a README whose results block is replaced (default: print only)")
+    baseline: str | None = setting(None, "summary.json of another run of the same pipeline (an older version on the "
+                                   "same machine): a per-stage wall-time comparison")
+    examples: int = setting(2, "example GIFs per gallery copied to Animations/examples/ (the strongest directions "
+                            "with different labels)")
+    block: str = setting("results", "which README block: results (the demo) or benchmark (every method, MIG/DCI, "
+                         "the budget curves)", choices=("results", "benchmark"))
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise UserError(f"{path}: missing; run `python pipeline.py` first")
+    return json.loads(path.read_text())
+
+
+def _table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _minutes(seconds: float) -> str:
+    return f"{int(seconds // 60)} min {int(round(seconds % 60))} s"
+
+
+def stage_table(summary: dict) -> str:
+    rows = [[r["stage"], r["name"], "cached" if r["cached"] else f"{r['seconds']:.0f} s",
+             f"{r.get('finished_at', 0):.0f} s", r["metric"]] for r in summary["stages"]]
+    return _table(["stage", "run", "time", "done at", "key figure"], rows)
+
+
+def generator_table(runs: Path, names: list[str]) -> str:
+    """Last evaluation of each generator beside the real-vs-real floor of its metrics.jsonl."""
+    rows = []
+    for name in names:
+        records = [json.loads(line) for line in (runs / name / "metrics.jsonl").read_text().splitlines() if line]
+        evals = [r for r in records if "eval" in r]
+        floor = next((r["real_vs_real"] for r in records if "real_vs_real" in r), {})
+        if not evals:
+            continue
+        last = evals[-1]
+        rows.append([name, last["step"], f"{last['eval']['swd']:.1f}", f"{floor['swd']:.1f}" if floor else "–",
+                     f"{last['eval']['diversity_ratio']:.2f}", f"{last['eval']['anatomy_distance']:.2f}"])
+    return _table(["generator", "steps", "SWD", "real-vs-real SWD", "diversity ratio", "anatomy distance"], rows)
+
+
+def ground_truth_table(gt: dict) -> str:
+    """Per method: RCA, factors recovered (of those the supervised ceiling recovers), effect-DCI and per factor
+    the matched direction's R2 / leakage; the random null as the last row."""
+    factors = list(gt["oracle_r2"])
+    rows = []
+    for method, table in gt["methods"].items():
+        cells = []
+        for f in factors:
+            v = table["factors"].get(f)
+            cells.append("–" if v is None else f"{v['r2']:.2f} / {v['leakage']:.2f}{' ✓' if v['recovered'] else ''}")
+        rca = "–" if table.get("rca") is None else f"{table['rca']:.2f}"
+        of = f" of {table['recoverable']}" if table.get("recoverable") is not None else "/6"
+        mark = " (not above null)" if table.get("above_null") is False else ""
+        dci = table["effect_dci"]
+        rows.append([method, rca, f"{table['recovered']}{of}{mark}", f"{dci['disentanglement']:.2f}",
+                     f"{dci['completeness']:.2f}", *cells])
+    null = gt.get("null")
+    if null:
+        r, d = null["recovered"], null["disentanglement"]
+        rows.append([f"random null ({null['sets']} sets)", "–", f"{r['mean']:.2f} ± {r['std']:.2f} (p95 {r['p95']:.1f})",
+                     f"{d['mean']:.2f} ± {d['std']:.2f}", "–", *["–"] * len(factors)])
+    return _table(["method", "RCA", "recovered (of recoverable)", "effect-D", "effect-C", *factors], rows)
+
+
+def validation_table(validation: dict) -> str:
+    """The oracle's R2 (held out, and on VAE reconstructions) and what the known-answer sweeps show per factor."""
+    rows = []
+    for f, sweep in validation["sweeps"].items():
+        oracle = validation["oracle"][f]
+        gen = oracle.get("r2_generated")
+        rows.append([f, f"{oracle['r2']:.3f}", "–" if gen is None else f"{gen:.3f}", sweep["attributed"],
+                     f"{sweep['leakage']:.3f}", sweep["label"], sweep["expected_label"]])
+    return _table(["factor", "oracle R2 (held out)", "oracle R2 (VAE reconstructions)", "sweep attributed to",
+                   "sweep leakage", "anatomy label", "expected label"], rows)
+
+
+def baseline_table(summary: dict, baseline: dict) -> str:
+    """Per stage kind, seconds in the baseline run and in this one, and the wall time and first gallery."""
+    def by_stage(rows):
+        out = {}
+        for r in rows:
+            out[r["stage"]] = out.get(r["stage"], 0.0) + r["seconds"]
+        return out
+
+    old, new = by_stage(baseline["stages"]), by_stage(summary["stages"])
+    rows = [[stage, f"{old.get(stage, 0):.0f} s" if stage in old else "–", f"{new.get(stage, 0):.0f} s"
+             if stage in new else "–"] for stage in dict.fromkeys([*old, *new])]
+    old_wall = baseline.get("wall_seconds", baseline["total_seconds"])
+    old_first = baseline.get("first_gallery_seconds") or _first_gallery(baseline)
+    rows.append(["**wall time**", f"{old_wall:.0f} s", f"{summary['wall_seconds']:.0f} s "
+                 f"({summary['wall_seconds'] / old_wall:.0%})"])
+    rows.append(["**first gallery on disk**", f"{old_first:.0f} s",
+                 f"{summary['first_gallery_seconds']:.0f} s ({summary['first_gallery_seconds'] / old_wall:.0%})"])
+    return _table(["stage (seconds summed over its jobs)", "baseline", "this run"], rows)
+
+
+def _first_gallery(summary: dict) -> float:
+    """When the first gallery was written in a run that ran its stages one after another."""
+    elapsed = 0.0
+    for r in summary["stages"]:
+        elapsed += r["seconds"]
+        if r["stage"] == "evaluate":
+            return elapsed
+    return elapsed
+
+
+def _to_examples(anim: Path, source: Path, name: str) -> str:
+    """Copy a file to Animations/examples/ (committed, so the README shows it); its path as the README links it."""
+    folder = anim.parent / "examples"
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(source, folder / name)
+    return f"Animations/examples/{name}"
+
+
+def examples(anim: Path, galleries: list[dict], count: int) -> str:
+    """Copy the strongest directions' GIFs (different labels) to Animations/examples/ and show them."""
+    folder = anim.parent / "examples"
+    folder.mkdir(exist_ok=True)
+    for old in folder.glob("*.gif"):
+        old.unlink()
+    cells, captions = [], []
+    for row in galleries:
+        report = _read_json(Path(row["output"]) / "report.json")
+        picked, seen = [], set()
+        for d in sorted(report["directions"], key=lambda d: -d["score"]):
+            if d["dominant"] not in seen and len(picked) < count:
+                picked.append(d)
+                seen.add(d["dominant"])
+        for d in picked:
+            name = f"{Path(row['output']).name}_{d['direction']}.gif"
+            cells.append(f"![]({_to_examples(anim, Path(row['output']) / d['gif'], name)})")
+            captions.append(f"{Path(row['output']).name} k={d['direction']}: {d['label']}")
+    return _table(cells, [captions]) if cells else ""
+
+
+def render(cfg: Settings) -> str:
+    root = Path(cfg.root)
+    anim, runs = root / "Animations" / cfg.run, root / "runs" / cfg.run
+    summary = _read_json(anim / "summary.json")
+    galleries = [r for r in summary["stages"] if r["stage"] == "evaluate"]
+    first = summary.get("first_gallery_seconds")
+    parts = [f"*Generated by `python -m latentct.show.results --run {cfg.run}` from `Animations/{cfg.run}/summary.json` "
+             f"and the reports. Wall time {_minutes(summary['wall_seconds'])}"
+             + (f", first gallery after {_minutes(first)}" if first else "") + " on the machine that ran it.*",
+             "", stage_table(summary)]
+    if cfg.baseline:
+        parts += ["", f"Against `{cfg.baseline}` (the same demo run by an older version on the same machine):", "",
+                  baseline_table(summary, _read_json(Path(cfg.baseline)))]
+    if cfg.examples:
+        parts += ["", "Example sweeps (the strongest directions with different labels; the strip lights up at 0):", "",
+                  examples(anim, galleries, cfg.examples)]
+    parts += ["", "Generators (last evaluation; SWD x1e3 on multi-scale patches):", "",
+             generator_table(runs, [r["name"] for r in summary["stages"] if r["stage"].startswith("train_")])]
+    validation = anim / "validation" / "validation.json"
+    if validation.is_file():
+        v = _read_json(validation)
+        c, t = v["checks"], v["thresholds"]
+        parts += ["", f"Known-answer sweeps (seed {v['seed']}; `python -m latentct.score.validate`): {c['attributed']}/6 "
+                  f"attributed, {c['leakage_ok']}/6 with leakage <= {v['leakage_target']}, {c['labels_ok']}/6 labels as "
+                  f"expected, {c['pairs_ok']}/{c['pairs']} pairs with their factors on top; thresholds from them: "
+                  f"{describe_limits(t['r2_min'], t['leakage_max'])} ({v.get('thresholds_from', 'known-answer sweeps')}).",
+                  "", validation_table(v)]
+    for row in galleries:
+        report = _read_json(Path(row["output"]) / "report.json")
+        if report.get("ground_truth"):
+            gt = report["ground_truth"]
+            parts += ["", f"**{Path(row['output']).name}**: each factor cell is the matched direction's R2 / leakage; "
+                      "✓ = recovered (its R2 above what an unmoved factor reads, its leakage as low as a clean change of the "
+                      "factor shows: the thresholds above); effect-D/C: "
+                      "DCI's formulas on the effect matrix minus the oracle's noise floor.", "",
+                      ground_truth_table(gt)]
+    return "\n".join(parts) + "\n"
+
+
+def mig_table(anim: Path, generators: list[str]) -> str:
+    """MIG and DCI (Khrulkov et al.'s protocol) of every method, with the published Shapes3D MIG beside them."""
+    rows = []
+    for gen in generators:
+        path = anim / f"{gen}_disentanglement" / "disentanglement.json"
+        if not path.is_file():
+            continue
+        for r in _read_json(path)["methods"]:
+            published = PUBLISHED_SHAPES3D_MIG.get(r["method"])
+            shown = f"{published:.3f} ({PUBLISHED_NAMES[r['method']]})" if published is not None else "–"
+            enc = r.get("encoder_r2")
+            rows.append([gen, r["method"], "–" if enc is None else f"{enc:.2f}", f"{r['mig']:.3f}",
+                         f"{r['dci_disentanglement']:.3f}", f"{r['dci_completeness']:.3f}",
+                         f"{r['dci_informativeness']:.3f}", shown])
+    return _table(["generator", "method", "code encoder R2", "MIG", "DCI disentanglement", "DCI completeness",
+                   "DCI informativeness", "published Shapes3D MIG"], rows)
+
+
+def budget_section(anim: Path) -> list[str]:
+    path = anim / "budget.json"
+    if not path.is_file():
+        return []
+    budget = _read_json(path)
+    rows = [[r["generator"], r["method"], r["steps"], "–" if r["rca"] is None else f"{r['rca']:.2f}",
+             f"{r['recovered']} of {r['recoverable']}", f"{r['effect_disentanglement']:.2f}"] for r in budget]
+    devices = sorted({r.get("device", "not recorded") for r in budget})
+    curves = []
+    if (anim / "budget.png").is_file():
+        curves = ["", f"![budget curves]({_to_examples(anim, anim / 'budget.png', 'budget.png')})"]
+    return ["", f"A budget that converges (`python bench/budget.py --run {anim.name}`; run on: "
+            f"{', '.join(devices)}):", *curves, "",
+            _table(["generator", "method", "steps", "RCA", "recovered", "effect-D"], rows)]
+
+
+def render_benchmark(cfg: Settings) -> str:
+    """Every method on both generators: the ground-truth tables, MIG and DCI, the budget curves."""
+    root = Path(cfg.root)
+    anim = root / "Animations" / cfg.run
+    summary = _read_json(anim / "summary.json")
+    parts = [f"*Generated by `python -m latentct.show.results --run {cfg.run} --block benchmark` from `python pipeline.py "
+             f"--preset benchmark --run {cfg.run}` (wall time {_minutes(summary['wall_seconds'])} on the machine that "
+             "ran it).*"]
+    for row in (r for r in summary["stages"] if r["stage"] == "evaluate"):
+        report = _read_json(Path(row["output"]) / "report.json")
+        if report.get("ground_truth"):
+            parts += ["", f"**{Path(row['output']).name}**, every method:", "", ground_truth_table(report["ground_truth"])]
+    parts += ["", "MIG and DCI by Khrulkov et al.'s protocol (phantom slices with known factors; not comparable in "
+              "absolute terms with Shapes3D, shown for the methods' order). The code encoder's R2 on held-out "
+              "generated images says how far the codes can be read at all: where it is low, MIG and DCI measure the "
+              "encoder, not the directions:", "",
+              mig_table(anim, [r["name"] for r in summary["stages"] if r["stage"].startswith("train_")])]
+    parts += budget_section(anim)
+    return "\n".join(parts) + "\n"
+
+
+def replace_block(text: str, block: str, source: str = "README", name: str = "results") -> str:
+    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+    if begin not in text or end not in text:
+        raise UserError(f"{source}: no {begin} ... {end} block to replace")
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    return f"{head}{begin}\n{block}{end}{tail}"
+
+
+def main(cfg: Settings) -> str:
+    block = render(cfg) if cfg.block == "results" else render_benchmark(cfg)
+    if cfg.readme:
+        path = Path(cfg.readme)
+        atomic_write_text(path, replace_block(path.read_text(), block, str(path), cfg.block))
+        print(f"{path}: results block replaced from Animations/{cfg.run}")
+    else:
+        print(block)
+    return block
+
+
+if __name__ == "__main__":
+    run_cli(main, Settings, prog="python -m latentct.show.results")
