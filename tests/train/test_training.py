@@ -16,7 +16,7 @@ from latentct.train.checkpoint import load_checkpoint, save_checkpoint
 from latentct.util.settings import UserError, parse_settings
 from Training import TrainGAN, TrainVAE
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY = ["--ngf", "8", "--ndf", "8", "--batch-size", "8", "--latent-dim", "8", "--log-every", "1",
         "--eval-every", "100000", "--sample-every", "100000", "--eval-samples", "16", "--workers", "0",
         "--device", "cpu"]

@@ -16,7 +16,7 @@ from latentct.generators.interface import load_generator
 from latentct.util.settings import UserError, parse_settings
 from Training import TrainDirections
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "monai_autoencoder.py"
 TINY = ["--directions-count", "6", "--batch-size", "8", "--log-every", "1", "--eval-every", "4", "--rca-batches", "2",
         "--sample-every", "1000", "--reconstructor-width", "1", "--device", "cpu"]
