@@ -20,16 +20,17 @@ import torch
 from tqdm import tqdm
 
 from latentct.data.phantom import FACTORS
-from latentct.data.slices import CTSlices, has_factors, parse_window, read_index, unit_to_hu
+from latentct.data.slices import has_factors, held_out, is_dataset, parse_window, read_index, unit_to_hu
 from latentct.discover.baselines import random_orthonormal
 from latentct.discover.directions import Directions, load_directions
 from latentct.generators.embed import embed
-from latentct.generators.interface import KINDS, load_encoder, sample_latents
-from latentct.score.report import describe, fold_axes, realism, sweep
+from latentct.generators.interface import KINDS, load_encoder, output_size, sample_latents
+from latentct.score.report import STRONG, describe, fold_axes, is_strong, realism, sweep
 from latentct.score.scoring import effect_dci, line_effects, match_factors, null_summary, recovered_curve
 from latentct.show.gallery import write_gallery
 from latentct.show.images import display, make_grid, save_grid, save_png
 from latentct.show.render import chart, direction_gif, grid_gif, heatmap, recovered_plot, sweep_plan
+from latentct.train.runtime import Runtime, memory_format
 from latentct.util.io import atomic_write_json
 from latentct.util.settings import UserError, check, run_cli, save_settings, setting
 
@@ -71,7 +72,8 @@ class Settings:
                                 "off, or only (add it to the report an earlier run wrote)", choices=("auto", "off", "only"))
     seed: int = setting(0, "seed for the samples")
     device: str = setting("cpu", "cpu or cuda")
-    channels_last: bool = setting(True, "run the generator channels_last (1.5x faster on CPU: bench/eval.py)")
+    channels_last: str = setting("auto", "run the generator channels_last: auto (on for a CPU, where it measured 1.5x "
+                                 "faster: bench/eval.py; off for a GPU), on or off", choices=("auto", "on", "off"))
 
     def __post_init__(self):
         check(self.frames >= 3, "frames", "needs at least 3 frames")
@@ -80,6 +82,27 @@ class Settings:
         check(self.report_shifts >= 3, "report_shifts", "needs at least 3 shifts for a line fit")
         check(self.report_samples >= 2, "report_samples", "needs at least 2 samples")
         check(self.null_sets == 0 or self.null_sets >= 2, "null_sets", "needs 0 (off) or at least 2 sets")
+
+
+@dataclass
+class Subject:
+    """What is evaluated: the directions, the generator they move, its HU window (None: undeclared, no anatomy),
+    the dataset it was trained on (None: unknown) and the sweep's half-range in latent units."""
+
+    directions: Directions
+    G: torch.nn.Module
+    generator_file: str
+    window: tuple[float, float] | None
+    dataset: str | None
+    scale: float
+
+
+def load_subject(cfg: Settings) -> Subject:
+    directions, G = load_directions(cfg.directions, cfg.generator)
+    layout = memory_format(cfg.channels_last, Runtime(torch.device(cfg.device)))
+    G = G.to(cfg.device, memory_format=layout)
+    return Subject(directions, G, cfg.generator or directions.generator_ref(), G.window, cfg.dataset or G.dataset,
+                   cfg.shift_scale or directions.shift_scale)
 
 
 def dataset_spacing(dataset: str | None) -> tuple[float, str | None]:
@@ -95,48 +118,105 @@ def dataset_spacing(dataset: str | None) -> tuple[float, str | None]:
 
 
 def main(cfg: Settings) -> dict:
-    # Setup: the directions, their generator, its window, units and the samples every part draws from.
+    # Setup: the directions, their generator, and the samples every part draws from.
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
-    directions, G = load_directions(cfg.directions, cfg.generator)
-    G = G.to(cfg.device, memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
-    generator_file = cfg.generator or directions.generator_ref()
-    window = G.window  # None: the generator declares no HU window, and anatomy is not measured
-    dataset = cfg.dataset or G.dataset
-    scale = cfg.shift_scale or directions.shift_scale
-    ks = list(cfg.which) or list(range(directions.count))
-    bad = [k for k in ks if not 0 <= k < directions.count]
+    subject = load_subject(cfg)
+    ks = list(cfg.which) or list(range(subject.directions.count))
+    bad = [k for k in ks if not 0 <= k < subject.directions.count]
     if bad:
-        raise UserError(f"--which: directions {bad} do not exist (K = {directions.count})")
+        raise UserError(f"--which: directions {bad} do not exist (K = {subject.directions.count})")
     gen = torch.Generator().manual_seed(cfg.seed)
-    grid_z = sample_latents(G, cfg.grid_samples, gen)
-    report_z = sample_latents(G, cfg.report_samples, gen)
-    report_eps = torch.linspace(-scale, scale, cfg.report_shifts)
+    grid_z = sample_latents(subject.G, cfg.grid_samples, gen)
+    report_z = sample_latents(subject.G, cfg.report_samples, gen)
+    report_eps = torch.linspace(-subject.scale, subject.scale, cfg.report_shifts)
 
-    # What each direction does (GIFs, measurements, real slices), or the report an earlier run wrote.
+    # What each direction does: measurements, GIFs, samples and real slices (or the report an earlier run wrote).
     if cfg.ground_truth == "only":
         save_settings(cfg, out / "ground_truth" / "config.json")
         report, report_images = _read_report(out, cfg.directions), None
     else:
         save_settings(cfg, out / "config.json")
-        report, report_images = animate(cfg, directions, G, generator_file, window, dataset, scale, ks,
-                                         gen, grid_z, report_z, report_eps, out)
+        spacing, spacing_note = dataset_spacing(subject.dataset)
+        if spacing_note:
+            print(f"note: {spacing_note}")
+        rows, report_images, anatomy_note = measure(subject, ks, report_z, report_eps, spacing)
+        groups = animate(cfg, subject, ks, rows, grid_z, out)
+        with torch.no_grad():
+            samples = subject.G(sample_latents(subject.G, 32, gen, cfg.device)).float()
+        save_grid(display(samples, subject.window, cfg.display_window), out / "samples.png")
+        directions, G = subject.directions, subject.G
+        report = {"name": out.name, "generator": str(subject.generator_file), "generator_kind": G.reference["kind"],
+                  "generator_note": G.reference["note"], "volume": G.volume, "anatomy": anatomy_note,
+                  "window": list(subject.window) if subject.window is not None else None,
+                  "directions_file": str(cfg.directions), "method": directions.method,
+                  "directions_count": directions.count, "rca": directions.rca, "shift_scale": subject.scale,
+                  "display_window": list(parse_window(cfg.display_window)), "spacing_mm": spacing,
+                  "spacing_note": spacing_note, "directions": rows, "groups": groups, "samples": "samples.png",
+                  "ground_truth": None, "axes": fold_axes(rows)}
+        report["distinct_effects"] = len(report["axes"])
+        report["real"] = real_slices(cfg, subject, rows, out)
 
     # Ground truth on the phantom: this method beside every --compare file.
     if cfg.ground_truth != "off":
-        all_shown = ks == list(range(directions.count))
-        report["ground_truth"] = ground_truth(cfg, directions, G, generator_file, window, dataset, report_z,
-                                              report_eps, report_images if all_shown else None, out / "ground_truth")
-        atomic_write_json(out / "ground_truth" / "ground_truth.json",
-                          report["ground_truth"] or {"available": False, "reason": "no phantom factors in the data"})
+        all_shown = ks == list(range(subject.directions.count))
+        table, why = ground_truth(cfg, subject, report_z, report_eps, report_images if all_shown else None,
+                                  out / "ground_truth")
+        if why:
+            print(f"note: no ground truth: {why}")
+        report["ground_truth"] = table
+        atomic_write_json(out / "ground_truth" / "ground_truth.json", table or {"available": False, "reason": why})
     report["summary"] = {"labels": {r["direction"]: r["label"] for r in report["directions"]},
                          "recovered": (report.get("ground_truth") or {}).get("main", {}).get("recovered")}
     atomic_write_json(out / "report.json", report)
     page = write_gallery(out, report)
-    rows = report["directions"]
-    strong = sum(1 for r in rows if r["r2"][r["dominant"]] >= 0.8 and r["score"] > 0.5)
-    print(f"evaluated {len(rows)} directions ({strong} with a measurement R2 >= 0.8); gallery: {page}")
+    print(f"evaluated {len(report['directions'])} directions; {summary_line(out)}; gallery: {page}")
     return report
+
+
+def summary_line(output: Path) -> str:
+    """How an evaluation went, in one line, from its report (the pipeline prints it per stage)."""
+    rows = json.loads((Path(output) / "report.json").read_text())["directions"]
+    return f"{sum(map(is_strong, rows))} strong ({STRONG})"
+
+
+def measure(subject: Subject, ks: list[int], z, eps, spacing: float) -> tuple[list[dict], torch.Tensor, str]:
+    """Sweeps of the directions ``ks`` at shifts ``eps`` from latents ``z``: per direction the anatomy
+    measurements' slopes, R2 and label, and how far the sweep stays realistic; also the sweep's axial images
+    (the ground truth reads the same ones) and a note on how the anatomy was measured. A volume is measured on its
+    axial mid-plane."""
+    images = sweep(subject.G, subject.directions, ks, eps, z)[:, :, :, :1]
+    if subject.window is None:
+        note = "not measured: the generator declares no output_window (the HU of its output range)"
+        return unmeasured(images, ks, note), images, note
+    note = "measured on the axial mid-plane of each volume" if subject.G.volume else "measured"
+    rows = describe(images, eps, subject.window, spacing, ks)
+    split = held_out(subject.dataset, subject.window)
+    if split is not None and len(split) >= 4:  # how far each sweep stays realistic, against real slices
+        picks = torch.linspace(0, len(split) - 1, min(2 * z.shape[0], len(split))).round().long().tolist()
+        for row, item in zip(rows, realism(images, eps, torch.stack([split[i] for i in picks]))):
+            row["realism"] = item
+    return rows, images, note
+
+
+def animate(cfg: Settings, subject: Subject, ks: list[int], rows: list[dict], z, out: Path) -> list[dict]:
+    """A back-and-forth GIF per direction (its file name goes into its row), grid GIFs and charts of ``group``
+    directions at a time; every frame comes from batched generator calls. Returns the groups."""
+    unique, frame_index = sweep_plan(subject.scale, cfg.frames)
+    eps = unique[frame_index]
+    images = display(sweep(subject.G, subject.directions, ks, unique, z), subject.window, cfg.display_window)
+    for i, (k, row) in enumerate(zip(ks, rows)):
+        row["gif"] = f"direction_{k:03d}.gif"
+        direction_gif(images[i, frame_index, 0], eps, subject.scale, out / row["gif"], cfg.frame_ms)
+    groups = []
+    every = max(len(unique) // 8, 1)
+    for start in range(0, len(ks), cfg.group):
+        part = slice(start, start + cfg.group)
+        name = f"{ks[part][0]}-{ks[part][-1]}"
+        grid_gif(images[part][:, frame_index], eps, subject.scale, out / f"directions{name}.gif", cfg.frame_ms)
+        chart(images[part][:, ::every, 0], out / f"chart{name}.png")
+        groups.append({"title": f"directions {name}", "gif": f"directions{name}.gif", "chart": f"chart{name}.png"})
+    return groups
 
 
 def unmeasured(images: torch.Tensor, ks: list[int], why: str) -> list[dict]:
@@ -146,20 +226,6 @@ def unmeasured(images: torch.Tensor, ks: list[int], why: str) -> list[dict]:
     return [{"direction": k, "slope": {}, "r2": {"none": 0.0}, "effect": {}, "dominant": "none",
              "score": float(change[i]), "label": why, "disentanglement": 0.0, "image_change": float(change[i])}
             for i, k in enumerate(ks)]
-
-
-def _real_reference(dataset, window, count: int) -> torch.Tensor | None:
-    """Up to ``count`` evenly spread test slices (train split when there is no test split) in the generator's
-    window, the reference the sweeps' realism is measured against; None without a dataset."""
-    if not dataset or not Path(dataset, "manifest.json").is_file():
-        return None
-    split = CTSlices(dataset, "test", window=window)
-    if len(split) < 4:
-        split = CTSlices(dataset, "train", window=window)
-    if len(split) < 4:
-        return None
-    picks = torch.linspace(0, len(split) - 1, min(count, len(split))).round().long().tolist()
-    return torch.stack([split[i] for i in picks])
 
 
 def _read_report(out: Path, directions_file: str) -> dict:
@@ -172,66 +238,24 @@ def _read_report(out: Path, directions_file: str) -> dict:
     return report
 
 
-def animate(cfg: Settings, directions, G, generator_file: str, window, dataset, scale: float,
-            ks: list[int], gen, grid_z, report_z, report_eps, out: Path) -> tuple[dict, torch.Tensor]:
-    """GIFs, charts, samples, the per-direction measurements and the real-slice edits; returns the report and
-    the measurement sweep's axial images (the ground truth reads the same images). A volume is shown as its
-    three mid-planes side by side and measured on the axial one."""
-    spacing, spacing_note = dataset_spacing(dataset)
-    if spacing_note:
-        print(f"note: {spacing_note}")
-
-    # Animations: every frame of every direction in batched generator calls.
-    unique, frame_index = sweep_plan(scale, cfg.frames)
-    eps = unique[frame_index]
-    images = display(sweep(G, directions, ks, unique, grid_z), window, cfg.display_window)
-    report_images = sweep(G, directions, ks, report_eps, report_z)[:, :, :, :1]  # the axial plane of a volume
-    if window is None:
-        anatomy = "not measured: the generator declares no output_window (the HU of its output range)"
-        rows = unmeasured(report_images, ks, anatomy)
-    else:
-        anatomy = "measured on the axial mid-plane of each volume" if G.volume else "measured"
-        rows = describe(report_images, report_eps, window, spacing, ks)
-    real = _real_reference(dataset, window, 2 * cfg.report_samples) if window is not None else None
-    if real is not None:  # how far each sweep stays realistic
-        for row, item in zip(rows, realism(report_images, report_eps, real)):
-            row["realism"] = item
-    for i, (k, row) in enumerate(zip(ks, rows)):
-        row["gif"] = f"direction_{k:03d}.gif"
-        direction_gif(images[i, frame_index, 0], eps, scale, out / row["gif"], cfg.frame_ms)
-    groups = []
-    every = max(len(unique) // 8, 1)
-    for start in range(0, len(ks), cfg.group):
-        part = slice(start, start + cfg.group)
-        name = f"{ks[part][0]}-{ks[part][-1]}"
-        grid_gif(images[part][:, frame_index], eps, scale, out / f"directions{name}.gif", cfg.frame_ms)
-        chart(images[part][:, ::every, 0], out / f"chart{name}.png")
-        groups.append({"title": f"directions {name}", "gif": f"directions{name}.gif", "chart": f"chart{name}.png"})
-    with torch.no_grad():
-        samples = G(sample_latents(G, 32, gen, cfg.device)).float()
-    save_grid(display(samples, window, cfg.display_window), out / "samples.png")
-
-    report = {"name": out.name, "generator": str(generator_file), "generator_kind": G.reference["kind"],
-              "generator_note": G.reference["note"], "volume": G.volume, "anatomy": anatomy,
-              "window": list(window) if window is not None else None,
-              "directions_file": str(cfg.directions), "method": directions.method, "directions_count": directions.count,
-              "rca": directions.rca, "shift_scale": scale, "display_window": list(parse_window(cfg.display_window)),
-              "spacing_mm": spacing, "spacing_note": spacing_note, "directions": rows,
-              "groups": groups, "samples": "samples.png", "ground_truth": None, "axes": fold_axes(rows)}
-    report["distinct_effects"] = len(report["axes"])
-    report["real"] = [] if G.volume or window is None else real_slices(cfg, G, directions, rows, window, dataset,
-                                                                        generator_file, scale, out)
-    return report, report_images
-
-
-def ground_truth(cfg: Settings, directions, G, generator_file: Path, window, dataset, z, eps, main_images,
-                 out: Path) -> dict | None:
+def ground_truth(cfg: Settings, subject: Subject, z, eps, main_images, out: Path) -> tuple[dict | None, str | None]:
     """On the phantom: the direction x factor table of this method and of every --compare file (the supervised
-    ceiling among them), the random null, effect-DCI and the scorer's own validation; files in ``out``."""
-    if not dataset or not Path(dataset, "manifest.json").is_file() or not has_factors(dataset) or window is None \
-            or G.volume:
-        return None
-    oracle = _oracle(cfg, G, window)
+    ceiling among them), the random null, effect-DCI and the scorer's own validation; files in ``out``. Returns
+    (table, None), or (None, why there is none)."""
+    G, window = subject.G, subject.window
+    if not is_dataset(subject.dataset) or not has_factors(subject.dataset):
+        return None, "no phantom factors in the data"
+    if window is None or G.volume:
+        return None, "the ground truth reads 2D slices in a declared HU window"
+    oracle_file = _oracle_file(cfg, G, window)
+    if not oracle_file.is_file():
+        how = (f"train the factor oracle with python -m latentct.score.oracle --image-size {output_size(G)} "
+               f"--window {','.join(f'{v:g}' for v in window)}, or pass --oracle")
+        if cfg.ground_truth == "only" or cfg.oracle:
+            raise UserError(f"--oracle: {oracle_file} does not exist; {how}")
+        return None, f"no factor oracle at {oracle_file}: {how}"
+    from latentct.score.oracle import load_oracle
+    oracle = load_oracle(oracle_file)
     validation = json.loads(Path(cfg.validation).read_text()) if cfg.validation else None
     limits = (validation or {}).get("thresholds", {})
     r2_min = cfg.r2_min if cfg.r2_min is not None else limits.get("r2_min", 0.5)
@@ -245,7 +269,7 @@ def ground_truth(cfg: Settings, directions, G, generator_file: Path, window, dat
 
     methods, main = {}, None
     for i, file in enumerate([cfg.directions, *cfg.compare]):
-        dirs = directions if i == 0 else load_directions(file, generator_file)[0]
+        dirs = subject.directions if i == 0 else load_directions(file, subject.generator_file)[0]
         ks = list(range(dirs.count))
         images = main_images if i == 0 and main_images is not None else sweep(G, dirs, ks, eps, z)
         r2, effect = line_effects(read(images), eps)
@@ -261,7 +285,8 @@ def ground_truth(cfg: Settings, directions, G, generator_file: Path, window, dat
             recovered = {v["direction"]: FACTORS.index(f) for f, v in table["factors"].items() if v["recovered"]}
             heatmap(effect, [f"k={k}" for k in ks], list(FACTORS), "effect of each direction on each factor "
                     "(std units; red: recovered)", out / "effect_matrix.png", list(recovered.items()))
-    null = random_null(cfg, G, directions.count, eps, read, r2_min, leakage_max, floor) if cfg.null_sets else None
+    null = random_null(cfg, G, subject.directions.count, eps, read, r2_min, leakage_max, floor) \
+        if cfg.null_sets else None
     recoverable = methods["supervised"]["recovered"] if "supervised" in methods else None
     for table in methods.values():
         table["recoverable"] = recoverable
@@ -272,20 +297,17 @@ def ground_truth(cfg: Settings, directions, G, generator_file: Path, window, dat
             "thresholds_from": (validation or {}).get("thresholds_from", "known-answer sweeps")
             if limits and cfg.r2_min is None and cfg.leakage_max is None else "settings", "noise_floor": None if floor is None else dict(zip(FACTORS, floor.tolist())),
             "heatmap": f"{out.name}/effect_matrix.png", "curve": f"{out.name}/recovered_curve.png",
-            "main": main, "methods": methods, "null": null, "recoverable": recoverable}
+            "main": main, "methods": methods, "null": null, "recoverable": recoverable}, None
 
 
-def _oracle(cfg: Settings, G, window):
-    """The oracle given, or the cached one for this image size and window; a clear error when there is none."""
+def _oracle_file(cfg: Settings, G, window) -> Path:
+    """The oracle given, or where the cached one for this image size and window lives."""
     from latentct.score import oracle as oracle_stage
 
-    size = int(G(torch.zeros(1, G.latent_dim, device=next(G.parameters()).device)).shape[-1])
-    path = Path(cfg.oracle) if cfg.oracle else oracle_stage.folder_for(oracle_stage.Settings(
-        image_size=size, window=",".join(map(str, window)), root=cfg.root)) / "oracle.pt"
-    if not path.is_file():
-        raise UserError(f"--oracle: {path} does not exist; train it with python -m latentct.score.oracle --image-size "
-                        f"{size} (or pass --ground-truth off)")
-    return oracle_stage.load_oracle(path)
+    if cfg.oracle:
+        return Path(cfg.oracle)
+    return oracle_stage.folder_for(oracle_stage.Settings(image_size=output_size(G), window=",".join(map(str, window)),
+                                                         root=cfg.root)) / "oracle.pt"
 
 
 def random_null(cfg: Settings, G, count: int, eps, read, r2_min: float, leakage_max: float, floor) -> dict:
@@ -309,30 +331,31 @@ def _validation_summary(validation: dict | None) -> dict | None:
     return {k: validation[k] for k in ("checks", "thresholds", "oracle", "sweeps", "seed") if k in validation}
 
 
-def real_slices(cfg: Settings, G, directions, rows, window, dataset, generator_file: Path, scale: float,
-                out: Path) -> list[dict]:
-    """Test slices embedded in the latent space and moved along the strongest directions."""
-    if cfg.real_slices <= 0 or not dataset or not Path(dataset, "manifest.json").is_file():
+def real_slices(cfg: Settings, subject: Subject, rows: list[dict], out: Path) -> list[dict]:
+    """Held-out slices embedded in the latent space and moved along the strongest directions."""
+    G, window = subject.G, subject.window
+    if G.volume or window is None or cfg.real_slices <= 0:
         return []
-    test = CTSlices(dataset, "test", window=window)
-    if len(test) == 0:
-        test = CTSlices(dataset, "train", window=window)
-    picks = torch.linspace(0, len(test) - 1, cfg.real_slices + 2)[1:-1].round().long().tolist()
-    x = torch.stack([test[i] for i in picks]).to(cfg.device)
-    if x.shape[-1] != G(torch.zeros(1, G.latent_dim, device=cfg.device)).shape[-1]:
-        raise UserError(f"--dataset: {dataset} holds {x.shape[-1]} px slices, the generator makes a different size")
-    encoder = load_encoder(generator_file, cfg.device) if G.reference["kind"] in KINDS else None
+    split = held_out(subject.dataset, window)
+    if split is None:
+        return []
+    picks = torch.linspace(0, len(split) - 1, cfg.real_slices + 2)[1:-1].round().long().tolist()
+    x = torch.stack([split[i] for i in picks]).to(cfg.device)
+    size = output_size(G)
+    if x.shape[-1] != size:
+        raise UserError(f"--dataset: {subject.dataset} holds {x.shape[-1]} px slices, the generator makes {size} px")
+    encoder = load_encoder(subject.generator_file, cfg.device) if G.reference["kind"] in KINDS else None
     z, mse = embed(G, x, encoder=encoder, steps=0 if encoder is not None else cfg.embed_steps, seed=cfg.seed)
     top = [r["direction"] for r in sorted(rows, key=lambda r: -r["score"])[: cfg.real_directions]]
-    unique, frame_index = sweep_plan(scale, cfg.frames)
+    unique, frame_index = sweep_plan(subject.scale, cfg.frames)
     eps = unique[frame_index]
-    index = read_index(dataset, test.split)
+    index = read_index(subject.dataset, split.split)
     items = []
     with torch.no_grad():
         recon = G(z).float()
     for i, pick in enumerate(picks):
-        images = sweep(G, directions, top, unique, z[i:i + 1])[:, frame_index]  # (directions, frames, 1, 1, H, W)
-        grid_gif(display(images, window, cfg.display_window), eps, scale, out / f"real_{i}.gif", cfg.frame_ms)
+        images = sweep(G, subject.directions, top, unique, z[i:i + 1])[:, frame_index]  # (dirs, frames, 1, 1, H, W)
+        grid_gif(display(images, window, cfg.display_window), eps, subject.scale, out / f"real_{i}.gif", cfg.frame_ms)
         pair = display(torch.stack([x[i].cpu(), recon[i].cpu()]), window, cfg.display_window)
         save_png(make_grid(pair, nrow=2), out / f"real_{i}_pair.png")
         mae = float((unit_to_hu(recon[i].cpu(), window) - unit_to_hu(x[i].cpu(), window)).abs().mean())
@@ -341,6 +364,15 @@ def real_slices(cfg: Settings, G, directions, rows, window, dataset, generator_f
                       "gif": f"real_{i}.gif", "pair": f"real_{i}_pair.png", "mse": float(mse[i]), "mae_hu": mae,
                       "directions": top, "embedding": "encoder" if encoder is not None else "optimised z"})
     return items
+
+
+def ground_truth_line(output: Path) -> str:
+    """The ground-truth stage's one line for the pipeline."""
+    gt = json.loads((Path(output) / "ground_truth.json").read_text())
+    if not gt.get("main"):
+        return gt.get("reason", "")
+    of = f" of {gt['recoverable']} recoverable" if gt.get("recoverable") is not None else "/6"
+    return f"{gt['main']['recovered']}{of} factors recovered"
 
 
 if __name__ == "__main__":

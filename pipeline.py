@@ -35,8 +35,19 @@ from latentct.util.io import atomic_write_json
 from latentct.util.settings import UserError, check, make_settings, run_cli, setting, settings_dict
 from Training import TrainDirections, TrainDisCo, TrainGAN, TrainLatentCLR, TrainVAE
 
-STAGES = ("phantom", "preprocess", "train_gan", "train_vae", "oracle", "validate", "directions", "evaluate",
-          "ground_truth", "disentanglement")
+# The one ordering table: every kind of job in the order it runs, with its stage (the name --from-stage takes and
+# the summary shows). The main lane runs first, alone with every core, generator by generator in this order; the
+# pool then starts its ready jobs in this order, --parallel at a time.
+ORDER = {
+    "phantom": "phantom", "preprocess": "preprocess", "train_gan": "train_gan", "train_vae": "train_vae",
+    "oracle": "oracle", "validate": "validate",
+    "learned": "directions",       # the first preset's learned directions: the first gallery shows them
+    "evaluate": "evaluate",        # GIFs, report and gallery
+    "more_learned": "directions",  # the other presets' learned directions (the study's grid)
+    "baselines": "directions",     # closed-form methods, DisCo and LatentCLR, the supervised ceiling
+    "ground_truth": "ground_truth", "disentanglement": "disentanglement",
+}
+STAGES = tuple(dict.fromkeys(ORDER.values()))  # in pipeline order: --from-stage reruns one and every later one
 BASELINES = ("sefa", "pca", "random", "coordinate", "spectral")  # closed form: Training/TrainDirections.py
 TRAINED = {"disco": TrainDisCo, "latentclr": TrainLatentCLR}         # their own trainers, then RCA on the result
 METHODS = BASELINES + tuple(TRAINED)
@@ -121,23 +132,34 @@ PRESETS = {
 
 # ------------------------------------------------------------------------------------------ stage plans
 
-@dataclass
+@dataclass(kw_only=True)
 class Job:
-    """One run of one script: its module, settings, the file that says it finished and the config file that
-    says with which settings."""
+    """One run of one script: its module, settings, the file that says it finished (its config file says with
+    which settings), where it runs and the one line that says how it went."""
 
-    stage: str
+    kind: str  # a key of ORDER
     name: str
     module: object
     cfg: object
     output: Path
     done_file: str
     inputs: tuple = ()  # names of the jobs whose outputs this one reads
-    lane: str = "pool"  # "main": alone in this process with every core, before the rest; "pool": the rest
-    rank: tuple = ()  # position in the main lane
+    main_lane: bool = False  # alone in this process with every core, before the pool
+    generator: int = -1  # which generator's part of the main lane (-1: before every generator)
+    summary: object = None  # output folder -> one line; None: the module's summary_line
+
+    @property
+    def stage(self) -> str:
+        return ORDER[self.kind]
 
     def done(self) -> bool:
         return (self.output / self.done_file).is_file() and _same_settings(self)
+
+    def summary_line(self) -> str:
+        try:
+            return (self.summary or self.module.summary_line)(self.output)
+        except (OSError, KeyError, IndexError, ValueError):
+            return ""
 
 
 def _comparable(values: dict) -> dict:
@@ -153,10 +175,10 @@ def _with(module, base: dict, preset: str | None = None):
 
 
 def plan(cfg: Settings) -> list[Job]:
-    """Every job in the order it runs. The main lane runs alone with every core: first what the first gallery
-    needs (the DCGAN, its learned directions, their GIFs and report), then the other trainings (the VAE and its
-    learned directions), whose results must not depend on how many jobs share the machine. The pool runs the
-    rest side by side: galleries, closed-form baselines, the oracle, and the ground truth once every method
+    """Every job in the order it runs (ORDER). The main lane runs alone with every core: first what the first
+    gallery needs (the DCGAN, its learned directions, their GIFs and report), then the other trainings (the VAE
+    and its learned directions), whose results must not depend on how many jobs share the machine. The pool runs
+    the rest side by side: galleries, closed-form baselines, the oracle, and the ground truth once every method
     is there."""
     if cfg.generator:
         return plan_own_generator(cfg)
@@ -166,83 +188,97 @@ def plan(cfg: Settings) -> list[Job]:
     slices = data / f"slices_{cfg.image_size}"
     jobs = []
     if not cfg.lidc:
-        jobs.append(Job("phantom", "phantom", phantom, phantom.Settings(
+        jobs.append(Job(kind="phantom", name="phantom", module=phantom, cfg=phantom.Settings(
             output=str(dicom), patients=cfg.phantom_patients, slices=cfg.phantom_slices, size=cfg.phantom_size,
-            seed=cfg.seed, workers=cfg.workers, overwrite=True), dicom, "phantom_factors.csv", lane="main", rank=(-1, 0)))
-    jobs.append(Job("preprocess", "preprocess", preprocess, preprocess.Settings(
+            seed=cfg.seed, workers=cfg.workers, overwrite=True), output=dicom, done_file="phantom_factors.csv",
+            main_lane=True))
+    jobs.append(Job(kind="preprocess", name="preprocess", module=preprocess, cfg=preprocess.Settings(
         input=str(dicom), output=str(slices), size=cfg.image_size, seed=cfg.seed, workers=cfg.workers,
-        overwrite=True), slices, "manifest.json", ("phantom",), lane="main", rank=(-1, 1)))
+        overwrite=True), output=slices, done_file="manifest.json", inputs=("phantom",), main_lane=True))
     common = dict(data=str(slices), seed=cfg.seed, device=cfg.device)
     trainers = {"dcgan": ("train_gan", TrainGAN, cfg.gan_steps, cfg.gan_preset),
                 "vae": ("train_vae", TrainVAE, cfg.vae_steps, cfg.vae_preset)}
     first_preset = cfg.direction_presets[0]
     phantom_run = not cfg.lidc  # the oracle, validation, supervised ceiling and ground truth need the phantom
     if phantom_run:
-        ocfg = _with(oracle, dict(image_size=cfg.image_size, root=cfg.root, steps=cfg.oracle_steps,
-                                  train_slices=cfg.oracle_slices, test_slices=cfg.oracle_test_slices,
-                                  render_size=cfg.phantom_size, seed=cfg.seed))
-        oracle_file = oracle.folder_for(ocfg) / "oracle.pt"
-        jobs.append(Job("oracle", "oracle", oracle, ocfg, oracle_file.parent, "oracle.pt"))
-        jobs.append(Job("validate", "validate", validate, _with(validate, dict(
+        oracle_cfg = _with(oracle, dict(image_size=cfg.image_size, root=cfg.root, steps=cfg.oracle_steps,
+                                        train_slices=cfg.oracle_slices, test_slices=cfg.oracle_test_slices,
+                                        render_size=cfg.phantom_size, seed=cfg.seed))
+        oracle_file = oracle.folder_for(oracle_cfg) / "oracle.pt"
+        jobs.append(Job(kind="oracle", name="oracle", module=oracle, cfg=oracle_cfg, output=oracle_file.parent,
+                        done_file="oracle.pt"))
+        jobs.append(Job(kind="validate", name="validate", module=validate, cfg=_with(validate, dict(
             output=str(anim / "validation"), seed=cfg.seed, image_size=cfg.image_size, oracle=str(oracle_file),
             vae=str(runs / "vae" / "generator.pt"), patients=cfg.validate_patients, render_size=cfg.phantom_size,
-            pair_patients=cfg.validate_patients)), anim / "validation", "validation.json", ("oracle", "vae")))
-    galleries, ground_truths = [], []
+            pair_patients=cfg.validate_patients)), output=anim / "validation", done_file="validation.json",
+            inputs=("oracle", "vae")))
     for g, gen in enumerate(GENERATORS):
-        stage, module, steps, preset = trainers[gen]
-        jobs.append(Job(stage, gen, module, _with(module, dict(common, output=str(runs / gen), steps=steps), preset),
-                        runs / gen, "generator.pt", ("preprocess",), lane="main", rank=(g, 0)))
+        kind, module, steps, preset = trainers[gen]
+        jobs.append(Job(kind=kind, name=gen, module=module, cfg=_with(module, dict(common, output=str(runs / gen),
+                        steps=steps), preset), output=runs / gen, done_file="generator.pt", inputs=("preprocess",),
+                        main_lane=True, generator=g))
         shared = dict(generator=str(runs / gen / "generator.pt"), seed=cfg.seed, device=cfg.device,
                       steps=cfg.direction_steps, batch_size=cfg.direction_batch)
         methods = getattr(cfg, f"{gen}_methods")
-        variants = [(p, p, "learned") for p in cfg.direction_presets] + \
-                   [(m, first_preset, m) for m in methods if m in BASELINES]
-        for tag, preset, method in variants:
-            out = runs / f"{gen}_{tag}"
-            jobs.append(Job("directions", out.name, TrainDirections,
-                            _with(TrainDirections, dict(shared, output=str(out), method=method), preset),
-                            out, "directions.pt", (gen,), lane="main" if method == "learned" else "pool",
-                            rank=(g, 1 if tag == first_preset else 3)))
+        for preset in cfg.direction_presets:  # the learned directions: in the main lane
+            out = runs / f"{gen}_{preset}"
+            jobs.append(Job(kind="learned" if preset == first_preset else "more_learned", name=out.name,
+                            module=TrainDirections, cfg=_with(TrainDirections, dict(shared, output=str(out),
+                            method="learned"), preset), output=out, done_file="directions.pt", inputs=(gen,),
+                            main_lane=True, generator=g))
+        for m in (m for m in methods if m in BASELINES):
+            out = runs / f"{gen}_{m}"
+            jobs.append(Job(kind="baselines", name=out.name, module=TrainDirections, cfg=_with(TrainDirections, dict(
+                shared, output=str(out), method=m), first_preset), output=out, done_file="directions.pt",
+                inputs=(gen,)))
         compared = [f"{gen}_{m}" for m in methods if m in BASELINES]
         for m in (m for m in methods if m in TRAINED):  # train, then measure RCA on the frozen result
             trained, measured = runs / f"{gen}_{m}", runs / f"{gen}_{m}_rca"
-            jobs.append(Job("directions", trained.name, TRAINED[m], _with(TRAINED[m], dict(
+            jobs.append(Job(kind="baselines", name=trained.name, module=TRAINED[m], cfg=_with(TRAINED[m], dict(
                 generator=shared["generator"], seed=cfg.seed, device=cfg.device, output=str(trained),
-                steps=cfg.method_steps or cfg.direction_steps), "demo"), trained, "directions.pt", (gen,)))
-            jobs.append(Job("directions", measured.name, TrainDirections, _with(TrainDirections, dict(
-                shared, output=str(measured), method="file", directions_file=str(trained / "directions.pt")),
-                first_preset), measured, "directions.pt", (trained.name,)))
+                steps=cfg.method_steps or cfg.direction_steps), "demo"), output=trained, done_file="directions.pt",
+                inputs=(gen,)))
+            jobs.append(Job(kind="baselines", name=measured.name, module=TrainDirections, cfg=_with(TrainDirections,
+                dict(shared, output=str(measured), method="file", directions_file=str(trained / "directions.pt")),
+                first_preset), output=measured, done_file="directions.pt", inputs=(trained.name,)))
             compared.append(measured.name)
         if phantom_run:  # the supervised ceiling: its directions only, no reconstructor
             out = runs / f"{gen}_supervised"
-            jobs.append(Job("directions", out.name, TrainDirections, _with(TrainDirections, dict(
+            jobs.append(Job(kind="baselines", name=out.name, module=TrainDirections, cfg=_with(TrainDirections, dict(
                 shared, output=str(out), method="supervised", oracle=str(oracle_file), rca=False), first_preset),
-                out, "directions.pt", (gen, "oracle")))
+                output=out, done_file="directions.pt", inputs=(gen, "oracle")))
             compared.append(out.name)
         for preset in cfg.direction_presets:
             gallery = anim / (gen if len(cfg.direction_presets) == 1 else f"{gen}_{preset}")
             common_eval = dict(directions=str(runs / f"{gen}_{preset}" / "directions.pt"), output=str(gallery),
                                report_samples=cfg.eval_samples, seed=cfg.seed)
-            galleries.append(Job("evaluate", f"eval_{gallery.name}", EvalDirections, EvalDirections.Settings(
-                **common_eval, ground_truth="off"), gallery, "index.html", (f"{gen}_{preset}",),
-                lane="main" if g == 0 and preset == first_preset else "pool", rank=(g, 2)))
+            jobs.append(Job(kind="evaluate", name=f"eval_{gallery.name}", module=EvalDirections,
+                            cfg=EvalDirections.Settings(**common_eval, ground_truth="off"), output=gallery,
+                            done_file="index.html", inputs=(f"{gen}_{preset}",),
+                            main_lane=g == 0 and preset == first_preset, generator=g))
             if phantom_run:
-                ground_truths.append(Job("ground_truth", f"truth_{gallery.name}", EvalDirections, EvalDirections.Settings(
-                    **common_eval, ground_truth="only", compare=[str(runs / c / "directions.pt") for c in compared],
-                    oracle=str(oracle_file), validation=str(anim / "validation" / "validation.json"),
-                    null_sets=cfg.null_sets), gallery / "ground_truth", "ground_truth.json",
-                    (f"eval_{gallery.name}", "oracle", "validate", *compared)))
+                jobs.append(Job(kind="ground_truth", name=f"truth_{gallery.name}", module=EvalDirections,
+                                cfg=EvalDirections.Settings(**common_eval, ground_truth="only",
+                                compare=[str(runs / c / "directions.pt") for c in compared], oracle=str(oracle_file),
+                                validation=str(anim / "validation" / "validation.json"), null_sets=cfg.null_sets),
+                                output=gallery / "ground_truth", done_file="ground_truth.json",
+                                inputs=(f"eval_{gallery.name}", "oracle", "validate", *compared),
+                                summary=EvalDirections.ground_truth_line))
             if phantom_run and cfg.disentanglement and preset == first_preset:
                 files = [str(runs / name / "directions.pt") for name in (f"{gen}_{preset}", *compared)]
-                ground_truths.append(Job("disentanglement", f"mig_{gen}", disentanglement, disentanglement.Settings(
-                    generator=str(runs / gen / "generator.pt"), directions=files, seed=cfg.seed,
-                    output=str(anim / f"{gen}_disentanglement"), render_size=cfg.phantom_size),
-                    anim / f"{gen}_disentanglement", "disentanglement.json", (f"{gen}_{preset}", *compared)))
-    ordered = jobs + galleries + ground_truths
-    # main lane: phantom, preprocessing, then per generator its training, first learned directions, (for the
-    # first generator) their gallery, then its other learned directions
-    main = sorted((j for j in ordered if j.lane == "main"), key=lambda j: j.rank)
-    return main + sorted((j for j in ordered if j.lane == "pool"), key=_priority)
+                jobs.append(Job(kind="disentanglement", name=f"mig_{gen}", module=disentanglement,
+                                cfg=disentanglement.Settings(generator=str(runs / gen / "generator.pt"),
+                                directions=files, seed=cfg.seed, output=str(anim / f"{gen}_disentanglement"),
+                                render_size=cfg.phantom_size), output=anim / f"{gen}_disentanglement",
+                                done_file="disentanglement.json", inputs=(f"{gen}_{preset}", *compared)))
+    return in_order(jobs)
+
+
+def in_order(jobs: list[Job]) -> list[Job]:
+    """The main lane generator by generator, then the pool, each in ORDER."""
+    kinds = list(ORDER)
+    main = sorted((j for j in jobs if j.main_lane), key=lambda j: (j.generator, kinds.index(j.kind)))
+    return main + sorted((j for j in jobs if not j.main_lane), key=lambda j: kinds.index(j.kind))
 
 
 HOOKED = ("sefa", "pca", "spectral", "latentclr")  # methods that read an intermediate layer through a hook
@@ -252,7 +288,7 @@ def plan_own_generator(cfg: Settings) -> list[Job]:
     """A researcher's generator: its learned directions and their gallery first, then the other methods that
     apply to it; with --data on the phantom, the oracle and the ground truth."""
     from latentct.data.slices import has_factors
-    from latentct.generators.interface import load_generator
+    from latentct.generators.interface import load_generator, output_size
 
     root = Path(cfg.root)
     runs, anim = root / "runs" / cfg.run, root / "Animations" / cfg.run
@@ -266,95 +302,50 @@ def plan_own_generator(cfg: Settings) -> list[Job]:
               "generator runs without forward hooks")
     shared = dict(options, steps=cfg.direction_steps, batch_size=cfg.direction_batch)
     preset = cfg.direction_presets[0]
-    jobs = [Job("directions", "model_learned", TrainDirections, _with(TrainDirections, dict(
-        shared, output=str(runs / "model_learned"), method="learned"), preset), runs / "model_learned",
-        "directions.pt", lane="main", rank=(0, 1))]
+    learned = runs / "model_learned"
+    jobs = [Job(kind="learned", name=learned.name, module=TrainDirections, cfg=_with(TrainDirections, dict(
+        shared, output=str(learned), method="learned"), preset), output=learned, done_file="directions.pt",
+        main_lane=True)]
     gallery = anim / "model"
-    jobs.append(Job("evaluate", "eval_model", EvalDirections, EvalDirections.Settings(
-        directions=str(runs / "model_learned" / "directions.pt"), output=str(gallery), dataset=cfg.data,
-        report_samples=cfg.eval_samples, seed=cfg.seed, ground_truth="off"), gallery, "index.html",
-        ("model_learned",), lane="main", rank=(0, 2)))
+    jobs.append(Job(kind="evaluate", name="eval_model", module=EvalDirections, cfg=EvalDirections.Settings(
+        directions=str(learned / "directions.pt"), output=str(gallery), dataset=cfg.data,
+        report_samples=cfg.eval_samples, seed=cfg.seed, ground_truth="off"), output=gallery,
+        done_file="index.html", inputs=(learned.name,), main_lane=True))
     compared = []
     for m in methods:
         out = runs / f"model_{m}"
         if m in TRAINED:
-            jobs.append(Job("directions", out.name, TRAINED[m], _with(TRAINED[m], dict(
-                options, output=str(out), steps=cfg.method_steps or cfg.direction_steps), "demo"), out,
-                "directions.pt"))
+            jobs.append(Job(kind="baselines", name=out.name, module=TRAINED[m], cfg=_with(TRAINED[m], dict(
+                options, output=str(out), steps=cfg.method_steps or cfg.direction_steps), "demo"), output=out,
+                done_file="directions.pt"))
             measured = runs / f"model_{m}_rca"
-            jobs.append(Job("directions", measured.name, TrainDirections, _with(TrainDirections, dict(
-                shared, output=str(measured), method="file", directions_file=str(out / "directions.pt")), preset),
-                measured, "directions.pt", (out.name,)))
+            jobs.append(Job(kind="baselines", name=measured.name, module=TrainDirections, cfg=_with(TrainDirections,
+                dict(shared, output=str(measured), method="file", directions_file=str(out / "directions.pt")),
+                preset), output=measured, done_file="directions.pt", inputs=(out.name,)))
             out = measured
         else:
-            jobs.append(Job("directions", out.name, TrainDirections, _with(TrainDirections, dict(
-                shared, output=str(out), method=m), preset), out, "directions.pt"))
+            jobs.append(Job(kind="baselines", name=out.name, module=TrainDirections, cfg=_with(TrainDirections,
+                dict(shared, output=str(out), method=m), preset), output=out, done_file="directions.pt"))
         compared.append(out.name)
     if cfg.data and G.window is not None and not G.volume and has_factors(cfg.data):
-        size = int(G(torch.zeros(1, G.latent_dim)).shape[-1])
         window = ",".join(f"{v:g}" for v in G.window)
-        ocfg = _with(oracle, dict(image_size=size, window=window, root=cfg.root, steps=cfg.oracle_steps,
-                                  train_slices=cfg.oracle_slices, test_slices=cfg.oracle_test_slices,
-                                  render_size=cfg.phantom_size, seed=cfg.seed))
-        oracle_file = oracle.folder_for(ocfg) / "oracle.pt"
-        jobs.append(Job("oracle", "oracle", oracle, ocfg, oracle_file.parent, "oracle.pt"))
-        jobs.append(Job("ground_truth", "truth_model", EvalDirections, EvalDirections.Settings(
-            directions=str(runs / "model_learned" / "directions.pt"), output=str(gallery), dataset=cfg.data,
+        oracle_cfg = _with(oracle, dict(image_size=output_size(G), window=window, root=cfg.root,
+                                        steps=cfg.oracle_steps, train_slices=cfg.oracle_slices,
+                                        test_slices=cfg.oracle_test_slices, render_size=cfg.phantom_size,
+                                        seed=cfg.seed))
+        oracle_file = oracle.folder_for(oracle_cfg) / "oracle.pt"
+        jobs.append(Job(kind="oracle", name="oracle", module=oracle, cfg=oracle_cfg, output=oracle_file.parent,
+                        done_file="oracle.pt"))
+        jobs.append(Job(kind="ground_truth", name="truth_model", module=EvalDirections, cfg=EvalDirections.Settings(
+            directions=str(learned / "directions.pt"), output=str(gallery), dataset=cfg.data,
             report_samples=cfg.eval_samples, seed=cfg.seed, ground_truth="only", oracle=str(oracle_file),
             compare=[str(runs / c / "directions.pt") for c in compared], null_sets=cfg.null_sets),
-            gallery / "ground_truth", "ground_truth.json", ("eval_model", "oracle", *compared)))
-    main = sorted((j for j in jobs if j.lane == "main"), key=lambda j: j.rank)
-    return main + sorted((j for j in jobs if j.lane == "pool"), key=_priority)
-
-
-def _priority(job: Job) -> int:
-    """Order of the jobs after the first gallery: the long generator training first (the rest waits on it),
-    then learned directions and their galleries, the validation, the baselines, and the ground truth last."""
-    if job.stage == "directions":
-        return 1 if getattr(job.cfg, "method", None) == "learned" else 4
-    return {"train_gan": 0, "oracle": 0, "train_vae": 0, "evaluate": 2, "validate": 3,
-            "ground_truth": 5, "disentanglement": 5}.get(job.stage, 0)
+            output=gallery / "ground_truth", done_file="ground_truth.json", inputs=("eval_model", "oracle", *compared),
+            summary=EvalDirections.ground_truth_line))
+    return in_order(jobs)
 
 
 # ------------------------------------------------------------------------------------------ running
-
-def key_metric(job: Job) -> str:
-    """The one figure that says how a finished stage went."""
-    try:
-        if job.stage in ("train_gan", "train_vae"):
-            evals = [json.loads(line)["eval"] for line in (job.output / "metrics.jsonl").read_text().splitlines()
-                     if '"eval"' in line]
-            return f"SWD {evals[-1]['swd']:.1f}, diversity {evals[-1]['diversity_ratio']:.2f}" if evals else ""
-        if job.stage == "directions":
-            rca = torch.load(job.output / "directions.pt", weights_only=True)["rca"]
-            return "RCA not measured" if rca is None else f"RCA {rca:.3f}"
-        if job.stage == "evaluate":
-            report = json.loads((job.output / "report.json").read_text())
-            strong = sum(1 for r in report["directions"] if r["r2"][r["dominant"]] >= 0.8)
-            return f"{strong} directions labelled with R2 >= 0.8"
-        if job.stage == "ground_truth":
-            gt = json.loads((job.output / "ground_truth.json").read_text())
-            if not gt.get("main"):
-                return gt.get("reason", "")
-            of = f" of {gt['recoverable']} recoverable" if gt.get("recoverable") is not None else "/6"
-            return f"{gt['main']['recovered']}{of} factors recovered"
-        if job.stage == "oracle":
-            r2 = torch.load(job.output / "oracle.pt", weights_only=True)["r2"]
-            return "held-out R2 " + ", ".join(f"{v:.2f}" for v in r2.values())
-        if job.stage == "disentanglement":
-            rows = json.loads((job.output / "disentanglement.json").read_text())["methods"]
-            return ", ".join(f"{r['method']} MIG {r['mig']:.2f}" for r in rows)
-        if job.stage == "validate":
-            c = json.loads((job.output / "validation.json").read_text())["checks"]
-            return (f"{c['attributed']}/6 sweeps attributed, {c['leakage_ok']}/6 clean, {c['labels_ok']}/6 labels, "
-                    f"{c['pairs_ok']}/{c['pairs']} pairs")
-        if job.stage == "preprocess":
-            counts = json.loads((job.output / "manifest.json").read_text())["counts"]["slices"]
-            return f"{counts['train']} train / {counts['test']} test slices"
-    except (OSError, KeyError, IndexError, ValueError):
-        return ""
-    return ""
-
 
 class Runner:
     """Runs the plan: the main lane one job after another in this process with every core, then the rest
@@ -377,14 +368,25 @@ class Runner:
     def ready(self, job: Job) -> bool:
         return all(name in self.rows for name in job.inputs if name in self.names)
 
-    def prepare(self, job: Job) -> bool:
-        """True when the job must run (after clearing stale output); False when its outputs are current."""
-        forced = STAGES.index(job.stage) >= self.first_forced or any(name in self.ran for name in job.inputs)
-        if not forced and job.done():
+    def forced(self, job: Job) -> bool:
+        """--from-stage reaches it, or a job it reads from ran again."""
+        return STAGES.index(job.stage) >= self.first_forced or any(name in self.ran for name in job.inputs)
+
+    def is_current(self, job: Job) -> bool:
+        """Its outputs exist, with the same settings, and nothing forces it to run again."""
+        return not self.forced(job) and job.done()
+
+    def clear_stale(self, job: Job) -> None:
+        """Remove output whose inputs or settings changed, so the job starts afresh; otherwise it resumes."""
+        if job.output.exists() and (self.forced(job) or not _same_settings(job)):
+            shutil.rmtree(job.output)
+
+    def must_run(self, job: Job) -> bool:
+        """True when the job must run (its stale output cleared); a current job is recorded as cached."""
+        if self.is_current(job):
             self.finish(job, 0.0, cached=True)
             return False
-        if job.output.exists() and (forced or not _same_settings(job)):
-            shutil.rmtree(job.output)  # its inputs or settings changed: start afresh; otherwise it resumes
+        self.clear_stale(job)
         return True
 
     def finish(self, job: Job, seconds: float, cached: bool = False) -> None:
@@ -394,7 +396,7 @@ class Runner:
         if job.stage == "evaluate" and self.first_gallery is None:
             self.first_gallery = at
         self.rows[job.name] = {"stage": job.stage, "name": job.name, "seconds": round(seconds, 1), "cached": cached,
-                               "finished_at": at, "output": str(job.output), "metric": key_metric(job)}
+                               "finished_at": at, "output": str(job.output), "metric": job.summary_line()}
         self.bar.set_postfix_str(f"{job.stage}: {job.name} done")
         self.bar.update()
         self.write_summary()
@@ -410,15 +412,15 @@ class Runner:
         return summary
 
     def run_here(self, job: Job) -> None:
-        if self.prepare(job):
+        if self.must_run(job):
             began = time.time()
             self.bar.set_postfix_str(f"{job.stage}: {job.name}")
             job.module.main(dataclasses.replace(job.cfg))
             self.finish(job, time.time() - began)
 
     def run_all(self) -> dict:
-        first = [j for j in self.jobs if j.lane == "main"]
-        rest = [j for j in self.jobs if j.lane == "pool"]
+        first = [j for j in self.jobs if j.main_lane]
+        rest = [j for j in self.jobs if not j.main_lane]
         for job in first:
             self.run_here(job)
         if self.cfg.parallel <= 1:
@@ -441,7 +443,7 @@ class Runner:
                         if len(running) >= self.cfg.parallel:
                             break
                         pending.remove(job)
-                        if self.prepare(job):
+                        if self.must_run(job):
                             log = self.logs / f"{job.name}.log"
                             future = pool.submit(_run_job, job.module.__name__, dataclasses.replace(job.cfg), str(log))
                             running[future] = (job, time.time(), log)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import os
 import platform
 import shutil
@@ -220,6 +221,12 @@ def _print_summary(manifest: dict, final: Path) -> None:
         print(f"  skipped {n} file(s): {reason}", file=sys.stderr)
     if manifest["warnings"]:
         print(f"  {len(manifest['warnings'])} warning(s); see {final / 'preprocess.log'}", file=sys.stderr)
+
+
+def summary_line(output: Path) -> str:
+    """The pipeline's one line for this stage."""
+    counts = json.loads((Path(output) / "manifest.json").read_text())["counts"]["slices"]
+    return f"{counts['train']} train / {counts['test']} test slices"
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from latentct.discover.baselines import baseline_matrix, spectral, supervised
 from latentct.discover.directions import (
     load_directions,
     make_shifts,
+    rca_line,
     reconstructor_accuracy,
     save_directions,
     step_losses,
@@ -31,7 +32,7 @@ from latentct.score.oracle import load_oracle
 from latentct.show.render import direction_chart
 from latentct.train.bookkeeping import LossMeter, TrainerSettings, log_losses, progress_bar, resume, save_state
 from latentct.train.rundir import RunDir
-from latentct.train.runtime import autocast, memory_format, resolve_switch, setup_runtime, unwrap, wrap_ddp
+from latentct.train.runtime import autocast, memory_format, resolve_switch, setup_runtime, wrap_ddp
 from latentct.train.signals import StopSignal
 from latentct.util.io import atomic_torch_save
 from latentct.util.settings import check, run_cli, setting, settings_dict, user_errors
@@ -50,10 +51,10 @@ class Settings(GeneratorOptions, TrainerSettings):
     directions_count: int = setting(32, "K, the number of directions")
     deformator: str = setting("proj", "deformator type", choices=KINDS)
     deformator_bias: bool = setting(False, "a bias in linear/proj deformators (the original's; +eps, -eps not opposite)")
-    random_init: bool = setting(True, "random initialisation of the deformator: the reference code's default "
-                                "(GANLatentDiscovery's run_train.py: type=bool, default True, so it was never off); "
-                                "here a real boolean. Off: the first K coordinate axes, which on the VAE start in "
-                                "dimensions its KL term left unused (RCA 0.58 against 0.79 with random init)")
+    # The reference code always initialised at random (GANLatentDiscovery's run_train.py declares the flag with
+    # type=bool, default True, so it could never be turned off); here it is a real boolean. From the first K
+    # coordinate axes the VAE's directions start in dimensions its KL term left unused (RCA 0.58 against 0.79).
+    random_init: bool = setting(True, "random initialisation of the deformator (off: the first K coordinate axes)")
     reconstructor: str = setting("lenet", "reconstructor network", choices=("lenet", "resnet"))
     reconstructor_width: int | None = setting(None, "reconstructor width (LeNet 2, ResNet 64 when unset)")
     shift_distribution: str = setting("uniform", "distribution of eps", choices=("uniform", "normal"))
@@ -94,106 +95,109 @@ class Settings(GeneratorOptions, TrainerSettings):
         check(self.rca or self.method != "learned", "rca", "the learned method always trains its reconstructor")
 
 
-PRESETS = {  # the study's grid: {unit (proj, K=32), ortho (K=32), 100 (proj, K=100)} x {LeNet, ResNet}
-    "unit-lenet": dict(deformator="proj", directions_count=32, reconstructor="lenet", batch_size=128, steps=3000),
-    "unit-resnet": dict(deformator="proj", directions_count=32, reconstructor="resnet", batch_size=128, steps=3000),
-    "ortho-lenet": dict(deformator="ortho", directions_count=32, reconstructor="lenet", batch_size=128, steps=3000),
-    "ortho-resnet": dict(deformator="ortho", directions_count=32, reconstructor="resnet", batch_size=128, steps=3000),
-    "100-lenet": dict(deformator="proj", directions_count=100, reconstructor="lenet", batch_size=128, steps=3000),
-    "100-resnet": dict(deformator="proj", directions_count=100, reconstructor="resnet", batch_size=128, steps=3000),
-    # CPU-sized: fewer directions and steps, faster learning rates, a wider LeNet.
-    "demo": dict(deformator="proj", directions_count=16, reconstructor="lenet", reconstructor_width=4, batch_size=64,
-                 steps=600, lr_deformator=1e-3, lr_reconstructor=1e-3, eval_every=300, rca_batches=20),
-}
+# The study's grid: {unit (proj, K = 32), ortho (K = 32), 100 (proj, K = 100)} x {LeNet, ResNet}, batch 128,
+# 3,000 steps each.
+STUDY_DEFORMATORS = {"unit": dict(deformator="proj", directions_count=32),
+                     "ortho": dict(deformator="ortho", directions_count=32),
+                     "100": dict(deformator="proj", directions_count=100)}
+PRESETS = {f"{name}-{reconstructor}": dict(deformator_kind, reconstructor=reconstructor, batch_size=128, steps=3000)
+           for name, deformator_kind in STUDY_DEFORMATORS.items() for reconstructor in ("lenet", "resnet")}
+# CPU-sized: fewer directions and steps, faster learning rates, a wider LeNet.
+PRESETS["demo"] = dict(deformator="proj", directions_count=16, reconstructor="lenet", reconstructor_width=4,
+                       batch_size=64, steps=600, lr_deformator=1e-3, lr_reconstructor=1e-3, eval_every=300,
+                       rca_batches=20)
+
+
+def directions_for(cfg: Settings, G, device) -> tuple[torch.nn.Module, dict | None, str, dict]:
+    """The directions the method gives: a trainable deformator (learned) or fixed directions (every other method).
+    Returns them with the deformator's arguments (None when fixed), the method's name in the artifact (a --method
+    file run keeps its source's) and what the method reports beside its directions."""
+    if cfg.method == "learned":
+        deformator_args = dict(directions_count=cfg.directions_count, latent_dim=G.latent_dim,
+                               bias=cfg.deformator_bias, random_init=cfg.random_init, seed=cfg.seed)
+        with user_errors():
+            return Deformator(cfg.deformator, **deformator_args).to(device), deformator_args, "learned", {}
+    method, extra = cfg.method, {}
+    if cfg.method == "supervised":
+        matrix, extra = supervised(G, load_oracle(cfg.oracle), G.window, cfg.supervised_samples, cfg.seed)
+    elif cfg.method == "spectral":
+        matrix, extra = spectral(G, cfg.directions_count, cfg.feature_layer, seed=cfg.seed)
+    elif cfg.method == "file":
+        source, _ = load_directions(cfg.directions_file, cfg.generator)
+        matrix, method = source.matrix, source.method
+        extra = dict(source.extra, trained_by=str(cfg.directions_file), training=source.state.get("settings"))
+    else:  # closed form on the CPU (float64 on one thread: the same directions on every run)
+        matrix = baseline_matrix(cfg.method, G.cpu(), cfg.directions_count, cfg.seed)
+        G.to(device)
+    return FixedDirections(matrix).to(device), None, method, extra
 
 
 def main(cfg: Settings) -> dict:
     # Setup: device, run folder.
-    rt = setup_runtime(cfg.device)
+    runtime = setup_runtime(cfg.device)
     torch.manual_seed(cfg.seed)
-    run = RunDir(cfg.output, cfg, rt)
-    use_bf16, compiled = resolve_switch(cfg.bf16, rt), resolve_switch(cfg.compile, rt)
-    fmt = memory_format(cfg.channels_last, rt, compiled)
+    run = RunDir(cfg.output, cfg, runtime)
+    use_bf16, compiled = resolve_switch(cfg.bf16, runtime), resolve_switch(cfg.compile, runtime)
+    layout = memory_format(cfg.channels_last, runtime, compiled)
 
-    # Models: G frozen (no weight gradients ever), the deformator (or fixed baseline directions), the reconstructor.
-    G = load_generator(cfg.generator, rt.device, **cfg.generator_options()).to(memory_format=fmt)
-    spread = latent_spread(G)  # shifts are given in units of the latents' spread
-    extra, method = {}, cfg.method  # what a method reports beside its directions; its name in the artifact
-    if cfg.method == "learned":
-        d_args = dict(directions_count=cfg.directions_count, latent_dim=G.latent_dim, bias=cfg.deformator_bias,
-                      random_init=cfg.random_init, seed=cfg.seed)
-        with user_errors():
-            deformator = Deformator(cfg.deformator, **d_args).to(rt.device)
-    elif cfg.method in ("supervised", "spectral", "file"):
-        d_args = None
-        if cfg.method == "supervised":
-            matrix, extra = supervised(G, load_oracle(cfg.oracle), G.window, cfg.supervised_samples, cfg.seed)
-        elif cfg.method == "spectral":
-            matrix, extra = spectral(G, cfg.directions_count, cfg.feature_layer, seed=cfg.seed)
-        else:
-            source, _ = load_directions(cfg.directions_file, cfg.generator)
-            matrix, method = source.matrix, source.method
-            extra = dict(source.extra, trained_by=str(cfg.directions_file), training=source.state.get("settings"))
-        deformator = FixedDirections(matrix).to(rt.device)
-    else:
-        d_args = None
-        deformator = FixedDirections(baseline_matrix(cfg.method, G.cpu(), cfg.directions_count, cfg.seed)).to(rt.device)
-        G.to(rt.device)
-    if not cfg.rca and not deformator.trainable:  # the directions alone: nothing to train
-        save_directions(run.path / "directions.pt", method, deformator, G, settings_dict(cfg), None,
+    # Models: G frozen (no weight gradients ever), the deformator (or fixed directions), the reconstructor.
+    raw_G = load_generator(cfg.generator, runtime.device, **cfg.generator_options()).to(memory_format=layout)
+    spread = latent_spread(raw_G)  # shifts are given in units of the latents' spread
+    raw_deformator, deformator_args, method, extra = directions_for(cfg, raw_G, runtime.device)
+    K = raw_deformator.directions_count
+    if not cfg.rca and not raw_deformator.trainable:  # the directions alone: nothing to train
+        save_directions(run.path / "directions.pt", method, raw_deformator, raw_G, settings_dict(cfg), None,
                         extra=extra)
-        print(f"directions ({method}, K={deformator.directions_count}, RCA not measured) -> "
-              f"{run.path / 'directions.pt'}")
+        print(f"directions ({method}, K={K}, RCA not measured) -> {run.path / 'directions.pt'}")
         return {}
-    K = deformator.directions_count
-    reconstructor = make_reconstructor(cfg.reconstructor, K, cfg.reconstructor_width, G.planes).to(rt.device,
-                                                                                                  memory_format=fmt)
-    optimizers = {"reconstructor": torch.optim.Adam(reconstructor.parameters(), lr=cfg.lr_reconstructor)}
-    models = {"reconstructor": reconstructor}
-    if deformator.trainable:
-        optimizers["deformator"] = torch.optim.Adam(deformator.parameters(), lr=cfg.lr_deformator)
-        models["deformator"] = deformator
-    architecture = {"method": cfg.method, "deformator": d_args, "K": K, "R": cfg.reconstructor}
+    raw_reconstructor = make_reconstructor(cfg.reconstructor, K, cfg.reconstructor_width, raw_G.planes).to(
+        runtime.device, memory_format=layout)
+    models = {"reconstructor": raw_reconstructor}
+    optimizers = {"reconstructor": torch.optim.Adam(raw_reconstructor.parameters(), lr=cfg.lr_reconstructor)}
+    if raw_deformator.trainable:
+        models["deformator"] = raw_deformator
+        optimizers["deformator"] = torch.optim.Adam(raw_deformator.parameters(), lr=cfg.lr_deformator)
+    architecture = {"method": cfg.method, "deformator": deformator_args, "K": K, "R": cfg.reconstructor}
     shift_args = dict(shift_scale=cfg.shift_scale * spread, min_shift=cfg.min_shift * spread,
                       distribution=cfg.shift_distribution)
-    chart_z = sample_latents(G, 1, torch.Generator().manual_seed(cfg.seed + 1), rt.device)
-
-    start = resume(run, cfg, rt, models, optimizers, architecture)
-    R, Gc = wrap_ddp(reconstructor, rt), G
+    chart_z = sample_latents(raw_G, 1, torch.Generator().manual_seed(cfg.seed + 1), runtime.device)
+    start = resume(run, cfg, runtime, models, optimizers, architecture)
+    G, reconstructor = raw_G, wrap_ddp(raw_reconstructor, runtime)  # what the loop calls
     if compiled:
-        R, Gc = torch.compile(R), torch.compile(G)
-    deformator_d = wrap_ddp(deformator, rt) if deformator.trainable else deformator
+        G, reconstructor = torch.compile(raw_G), torch.compile(reconstructor)
+    deformator = wrap_ddp(raw_deformator, runtime) if raw_deformator.trainable else raw_deformator
 
     # The loop: sample (z, k, eps), reconstruct k and eps from the image pair, update both networks; the
     # schedule at its end.
     meter, bar, last_eval, done = LossMeter(), progress_bar(run, cfg.steps, start), {}, start
     with StopSignal() as stop:
         for step in range(start, cfg.steps):
-            z = sample_latents(G, cfg.batch_size, device=rt.device)
-            idx, eps, basis = make_shifts(cfg.batch_size, K, device=rt.device, **shift_args)
+            z = sample_latents(raw_G, cfg.batch_size, device=runtime.device)
+            idx, eps, basis = make_shifts(cfg.batch_size, K, device=runtime.device, **shift_args)
             for opt in optimizers.values():
                 opt.zero_grad(set_to_none=True)
-            with autocast(rt, use_bf16):
-                loss, label_loss, shift_loss, logits = step_losses(Gc, deformator_d, R, z, idx, eps, basis,
+            with autocast(runtime, use_bf16):
+                loss, label_loss, shift_loss, logits = step_losses(G, deformator, reconstructor, z, idx, eps, basis,
                                                                    cfg.label_weight, cfg.shift_weight, cfg.step_form)
             loss.backward()
             for opt in optimizers.values():
                 opt.step()
             meter.add({"loss": loss, "label_loss": label_loss, "shift_loss": shift_loss,
-                       "accuracy": (logits.argmax(1) == idx).float().mean()}, cfg.batch_size * rt.world_size)
+                       "accuracy": (logits.argmax(1) == idx).float().mean()}, cfg.batch_size * runtime.world_size)
 
             done = step + 1  # steps completed
             final, stopping = done == cfg.steps, stop.received is not None
             checkpoint_now = done % cfg.checkpoint_every == 0 or final or stopping
             if done % cfg.log_every == 0 or checkpoint_now:  # a checkpoint closes the running means: resumed runs log alike
                 log_losses(run, meter, done, bar)
-            if rt.is_main and (done % cfg.eval_every == 0 or final):
-                with autocast(rt, use_bf16):
-                    last_eval = {"rca": reconstructor_accuracy(G, deformator, reconstructor, cfg.rca_batches,
-                                                               cfg.batch_size, shift_args, rt.device)}
+            if runtime.is_main and (done % cfg.eval_every == 0 or final):
+                with autocast(runtime, use_bf16):
+                    last_eval = {"rca": reconstructor_accuracy(raw_G, raw_deformator, raw_reconstructor,
+                                                               cfg.rca_batches, cfg.batch_size, shift_args,
+                                                               runtime.device)}
                 run.log({"step": done, "eval": last_eval})
-            if rt.is_main and (done % cfg.sample_every == 0 or final):
-                direction_chart(G, deformator, chart_z, cfg.shift_scale * spread, cfg.display_window,
+            if runtime.is_main and (done % cfg.sample_every == 0 or final):
+                direction_chart(raw_G, raw_deformator, chart_z, cfg.shift_scale * spread, cfg.display_window,
                                 run.path / f"directions_{done:06d}.png")
                 run.plot_losses(["loss", "label_loss", "shift_loss", "accuracy"])
             if checkpoint_now:
@@ -201,17 +205,20 @@ def main(cfg: Settings) -> dict:
             if stopping:
                 break
     bar.close()
-    stop.exit_if_stopped(done, rt.is_main)
+    stop.exit_if_stopped(done, cfg.steps, runtime.is_main)
 
     # Save: the directions artifact every later stage reads, and the reconstructor.
-    if rt.is_main:
+    if runtime.is_main:
         rca = last_eval.get("rca")
-        save_directions(run.path / "directions.pt", method, unwrap(deformator), G,
-                        settings_dict(cfg), rca, d_args, extra=extra)
-        atomic_torch_save({k: v.cpu() for k, v in unwrap(reconstructor).state_dict().items()},
+        save_directions(run.path / "directions.pt", method, raw_deformator, raw_G, settings_dict(cfg), rca,
+                        deformator_args, extra=extra)
+        atomic_torch_save({k: v.cpu() for k, v in raw_reconstructor.state_dict().items()},
                           run.path / "reconstructor.pt")
         print(f"directions ({method}, K={K}): RCA {rca} -> {run.path / 'directions.pt'}")
     return last_eval
+
+
+summary_line = rca_line  # the pipeline's one line for this stage
 
 
 if __name__ == "__main__":

@@ -22,8 +22,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from latentct.discover.directions import make_shifts, save_directions
-from latentct.generators.interface import GeneratorOptions, latent_spread, load_generator, sample_latents
+from latentct.discover.directions import make_shifts, rca_line, save_directions
+from latentct.generators.interface import GeneratorOptions, latent_spread, load_generator, output_size, sample_latents
 from latentct.models.deformator import KINDS, Deformator
 from latentct.show.render import direction_chart
 from latentct.train.bookkeeping import LossMeter, TrainerSettings, log_losses, progress_bar, resume, save_state
@@ -136,33 +136,33 @@ def disco_losses(G, navigator, encoder, cfg: Settings, K: int, spread: float, de
 
 def main(cfg: Settings) -> dict:
     # Setup: device, run folder, the frozen generator.
-    rt = setup_runtime(cfg.device)
+    runtime = setup_runtime(cfg.device)
     torch.manual_seed(cfg.seed)
-    run = RunDir(cfg.output, cfg, rt)
-    use_bf16 = resolve_switch(cfg.bf16, rt)
-    G = load_generator(cfg.generator, rt.device, **cfg.generator_options())
+    run = RunDir(cfg.output, cfg, runtime)
+    use_bf16 = resolve_switch(cfg.bf16, runtime)
+    G = load_generator(cfg.generator, runtime.device, **cfg.generator_options())
     spread = latent_spread(G)  # shifts are given in units of the latents' spread
 
     # Models: the navigator (a deformator) and the encoder E.
     K = cfg.directions_count or G.latent_dim
-    d_args = dict(directions_count=K, latent_dim=G.latent_dim, random_init=True, seed=cfg.seed)
+    navigator_args = dict(directions_count=K, latent_dim=G.latent_dim, random_init=True, seed=cfg.seed)
     with user_errors():
-        navigator = Deformator(cfg.deformator, **d_args).to(rt.device)
-    size = int(G(torch.zeros(1, G.latent_dim, device=rt.device)).shape[-1])
-    e_args = dict(image_size=size, code_size=cfg.code_size, width=cfg.encoder_width, channels=G.planes)
-    encoder = VariationEncoder(**e_args).to(rt.device)
+        navigator = Deformator(cfg.deformator, **navigator_args).to(runtime.device)
+    size = output_size(G)
+    encoder_args = dict(image_size=size, code_size=cfg.code_size, width=cfg.encoder_width, channels=G.planes)
+    encoder = VariationEncoder(**encoder_args).to(runtime.device)
     opt = torch.optim.Adam([*navigator.parameters(), *encoder.parameters()], lr=cfg.lr, betas=(0.9, 0.999))
     models, optimizers = {"navigator": navigator, "encoder": encoder}, {"adam": opt}
-    architecture = {"method": "disco", "navigator": d_args, "kind": cfg.deformator, "encoder": e_args}
-    chart_z = sample_latents(G, 1, torch.Generator().manual_seed(cfg.seed + 1), rt.device)
-    start = resume(run, cfg, rt, models, optimizers, architecture)
+    architecture = {"method": "disco", "navigator": navigator_args, "kind": cfg.deformator, "encoder": encoder_args}
+    chart_z = sample_latents(G, 1, torch.Generator().manual_seed(cfg.seed + 1), runtime.device)
+    start = resume(run, cfg, runtime, models, optimizers, architecture)
 
     # The loop: one contrastive step per target direction; the schedule at its end.
     meter, bar, done = LossMeter(), progress_bar(run, cfg.steps, start), start
     with StopSignal() as stop:
         for step in range(start, cfg.steps):
-            with autocast(rt, use_bf16):
-                loss, bce, entropy, flipped = disco_losses(G, navigator, encoder, cfg, K, spread, rt.device)
+            with autocast(runtime, use_bf16):
+                loss, bce, entropy, flipped = disco_losses(G, navigator, encoder, cfg, K, spread, runtime.device)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -174,7 +174,7 @@ def main(cfg: Settings) -> dict:
             checkpoint_now = done % cfg.checkpoint_every == 0 or final or stopping
             if done % cfg.log_every == 0 or checkpoint_now:  # a checkpoint closes the running means: resumed runs log alike
                 log_losses(run, meter, done, bar)
-            if rt.is_main and (done % cfg.sample_every == 0 or final):
+            if runtime.is_main and (done % cfg.sample_every == 0 or final):
                 direction_chart(G, navigator, chart_z, cfg.shift_scale * spread, cfg.display_window,
                                 run.path / f"directions_{done:06d}.png")
                 run.plot_losses(["loss", "contrastive", "entropy"])
@@ -183,16 +183,19 @@ def main(cfg: Settings) -> dict:
             if stopping:
                 break
     bar.close()
-    stop.exit_if_stopped(done, rt.is_main)
+    stop.exit_if_stopped(done, cfg.steps, runtime.is_main)
 
     # Save: the directions (RCA measured afterwards on the frozen directions) and the encoder.
-    if rt.is_main:
-        atomic_torch_save({"args": e_args, "state_dict": {k: v.cpu() for k, v in unwrap(encoder).state_dict().items()}},
+    if runtime.is_main:
+        atomic_torch_save({"args": encoder_args, "state_dict": {k: v.cpu() for k, v in unwrap(encoder).state_dict().items()}},
                           run.path / "encoder.pt")
         save_directions(run.path / "directions.pt", "disco", unwrap(navigator), G, settings_dict(cfg),
-                        None, d_args, extra={"encoder": str(run.path / "encoder.pt")})
+                        None, navigator_args, extra={"encoder": str(run.path / "encoder.pt")})
         print(f"directions (disco, K={K}) -> {run.path / 'directions.pt'}")
     return {"steps": done}
+
+
+summary_line = rca_line  # the pipeline's one line for this stage
 
 
 if __name__ == "__main__":

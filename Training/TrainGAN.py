@@ -21,6 +21,7 @@ from latentct.train.batches import TrainData, steps_per_epoch
 from latentct.train.bookkeeping import (
     ImageTrainerSettings,
     LossMeter,
+    last_evaluation,
     log_ddp_checksums,
     log_losses,
     progress_bar,
@@ -29,7 +30,7 @@ from latentct.train.bookkeeping import (
 )
 from latentct.train.metrics import compare_sets
 from latentct.train.rundir import RunDir
-from latentct.train.runtime import autocast, evaluating, memory_format, resolve_switch, setup_runtime, unwrap, wrap_ddp
+from latentct.train.runtime import autocast, evaluating, memory_format, resolve_switch, setup_runtime, wrap_ddp
 from latentct.train.signals import StopSignal
 from latentct.util.settings import check, run_cli, setting, user_errors
 
@@ -103,91 +104,91 @@ def add_noise(x: torch.Tensor, std: float) -> torch.Tensor:
     return (x + std * torch.randn_like(x)).clamp(-1, 1) if std > 0 else x
 
 
-def generate(G, z: torch.Tensor, rt, use_bf16: bool) -> torch.Tensor:
+def generate(G, z: torch.Tensor, runtime, use_bf16: bool) -> torch.Tensor:
     """G(z) in eval mode, in chunks, as float32."""
-    with evaluating(G), autocast(rt, use_bf16):
-        return torch.cat([G(part.to(rt.device)).float() for part in z.split(256)])
+    with evaluating(G), autocast(runtime, use_bf16):
+        return torch.cat([G(part.to(runtime.device)).float() for part in z.split(256)])
 
 
 def main(cfg: Settings) -> dict:
     # Setup: device, data, run folder.
-    rt = setup_runtime(cfg.device)
+    runtime = setup_runtime(cfg.device)
     torch.manual_seed(cfg.seed)
-    data = TrainData(cfg.data, cfg.window, rt, workers=cfg.workers)
-    epoch_steps = steps_per_epoch(len(data), cfg.batch_size, rt.world_size)
+    data = TrainData(cfg.data, cfg.window, runtime, workers=cfg.workers)
+    epoch_steps = steps_per_epoch(len(data), cfg.batch_size, runtime.world_size)
     if cfg.epochs is not None:
         cfg.steps = math.ceil(cfg.epochs * epoch_steps)
-    run = RunDir(cfg.output, cfg, rt)
-    use_bf16, compiled = resolve_switch(cfg.bf16, rt), resolve_switch(cfg.compile, rt)
-    fmt = memory_format(cfg.channels_last, rt, compiled)
+    run = RunDir(cfg.output, cfg, runtime)
+    use_bf16, compiled = resolve_switch(cfg.bf16, runtime), resolve_switch(cfg.compile, runtime)
+    layout = memory_format(cfg.channels_last, runtime, compiled)
 
     # Models: the generator's args go into generator.pt.
-    g_args = dict(latent_dim=cfg.latent_dim, image_size=data.image_size, ngf=cfg.ngf)
-    d_args = dict(image_size=data.image_size, ndf=cfg.ndf, spectral=cfg.spectral_norm, minibatch_std=cfg.minibatch_std)
+    gen_args = dict(latent_dim=cfg.latent_dim, image_size=data.image_size, ngf=cfg.ngf)
+    disc_args = dict(image_size=data.image_size, ndf=cfg.ndf, spectral=cfg.spectral_norm, minibatch_std=cfg.minibatch_std)
     with user_errors(f"--data {cfg.data}: "):
-        G = Generator(**g_args).apply(weights_init).to(rt.device, memory_format=fmt)
-        D = Discriminator(**d_args).apply(weights_init).to(rt.device, memory_format=fmt)
-    opt_g = torch.optim.Adam(G.parameters(), lr=cfg.lr_g, betas=cfg.betas)
-    opt_d = torch.optim.Adam(D.parameters(), lr=cfg.lr_d, betas=cfg.betas)
-    models, optimizers = {"G": G, "D": D}, {"G": opt_g, "D": opt_d}
-    architecture = {"G": g_args, "D": d_args}
+        raw_G = Generator(**gen_args).apply(weights_init).to(runtime.device, memory_format=layout)
+        raw_D = Discriminator(**disc_args).apply(weights_init).to(runtime.device, memory_format=layout)
+    opt_g = torch.optim.Adam(raw_G.parameters(), lr=cfg.lr_g, betas=cfg.betas)
+    opt_d = torch.optim.Adam(raw_D.parameters(), lr=cfg.lr_d, betas=cfg.betas)
+    models, optimizers = {"G": raw_G, "D": raw_D}, {"G": opt_g, "D": opt_d}
+    architecture = {"G": gen_args, "D": disc_args}
 
     # Evaluation inputs: held-out slices and a fixed z; a real-vs-real split gives the metrics' floor.
-    held_out = data.held_out(cfg.data, cfg.eval_samples).to(rt.device)
+    held_out = data.held_out(cfg.data, cfg.eval_samples).to(runtime.device)
     eval_z = torch.randn(len(held_out), cfg.latent_dim, generator=torch.Generator().manual_seed(cfg.seed + 1))
     fixed_z = eval_z[:64]
-    start = resume(run, cfg, rt, models, optimizers, architecture)
-    if start == 0 and rt.is_main and held_out.shape[0] >= 4:
+    start = resume(run, cfg, runtime, models, optimizers, architecture)
+    if start == 0 and runtime.is_main and held_out.shape[0] >= 4:
         half = held_out.shape[0] // 2
         run.log({"step": 0, "real_vs_real": compare_sets(held_out[:half].cpu(), held_out[half:2 * half].cpu(),
                                                          data.window)})
-    Gd, Dd = wrap_ddp(G, rt), wrap_ddp(D, rt)
+    G, D = wrap_ddp(raw_G, runtime), wrap_ddp(raw_D, runtime)
     if compiled:
-        Gd, Dd = torch.compile(Gd), torch.compile(Dd)
+        G, D = torch.compile(G), torch.compile(D)
 
     # The loop: one D step on real and generated images, then one G step; the schedule at its end.
     meter, bar, last_eval, done = LossMeter(), progress_bar(run, cfg.steps, start), {}, start
     with StopSignal() as stop:
         for step, real in data.batches(cfg.batch_size, start, cfg.steps, cfg.seed, cfg.augment):
-            real = real.contiguous(memory_format=fmt)
+            real = real.contiguous(memory_format=layout)
             noise = instance_noise_std(step / epoch_steps) if cfg.instance_noise else 0.0
-            z = torch.randn(real.shape[0], cfg.latent_dim, device=rt.device)
-            with autocast(rt, use_bf16):
-                fake = Gd(z)
+            z = torch.randn(real.shape[0], cfg.latent_dim, device=runtime.device)
+            with autocast(runtime, use_bf16):
+                fake = G(z)
             opt_d.zero_grad(set_to_none=True)
             real_in = add_noise(real, noise).requires_grad_(cfg.r1_gamma > 0)
-            with autocast(rt, use_bf16):
-                out_real = Dd(real_in)
+            with autocast(runtime, use_bf16):
+                out_real = D(real_in)
             loss_real = d_loss(out_real, True, cfg)
             if cfg.r1_gamma > 0:
                 grad, = torch.autograd.grad(out_real.float().sum(), real_in, create_graph=True)
                 loss_real = loss_real + 0.5 * cfg.r1_gamma * grad.pow(2).flatten(1).sum(1).mean()
             loss_real.backward()
-            with autocast(rt, use_bf16):
-                out_fake = Dd(add_noise(fake.detach(), noise))
+            with autocast(runtime, use_bf16):
+                out_fake = D(add_noise(fake.detach(), noise))
             loss_fake = d_loss(out_fake, False, cfg)
             loss_fake.backward()
             opt_d.step()
 
             opt_g.zero_grad(set_to_none=True)
-            with autocast(rt, use_bf16):
-                out_gen = Dd(add_noise(fake, noise))
+            with autocast(runtime, use_bf16):
+                out_gen = D(add_noise(fake, noise))
             loss_g = g_loss(out_gen, cfg)
             loss_g.backward()
             opt_g.step()
             meter.add({"loss_d": loss_real + loss_fake, "loss_g": loss_g, "d_real": torch.sigmoid(out_real.float()).mean(),
-                       "d_fake": torch.sigmoid(out_fake.float()).mean()}, real.shape[0] * rt.world_size)
+                       "d_fake": torch.sigmoid(out_fake.float()).mean()}, real.shape[0] * runtime.world_size)
 
             done = step + 1  # steps completed
             final, stopping = done == cfg.steps, stop.received is not None
             checkpoint_now = done % cfg.checkpoint_every == 0 or final or stopping
             if done % cfg.log_every == 0 or checkpoint_now:  # a checkpoint closes the running means: resumed runs log alike
                 log_losses(run, meter, done, bar, data)
-            if rt.is_main and (done % cfg.eval_every == 0 or final):
-                last_eval = compare_sets(generate(G, eval_z, rt, use_bf16).cpu(), held_out.cpu(), data.window)
+            if runtime.is_main and (done % cfg.eval_every == 0 or final):
+                last_eval = compare_sets(generate(raw_G, eval_z, runtime, use_bf16).cpu(), held_out.cpu(), data.window)
                 run.log({"step": done, "eval": last_eval})
-            if rt.is_main and (done % cfg.sample_every == 0 or final):
-                grid = display(generate(G, fixed_z, rt, use_bf16), data.window, cfg.display_window)
+            if runtime.is_main and (done % cfg.sample_every == 0 or final):
+                grid = display(generate(raw_G, fixed_z, runtime, use_bf16), data.window, cfg.display_window)
                 save_grid(grid, run.path / f"samples_{done:06d}.png")
                 save_grid(grid, run.path / "samples_latest.png")
                 run.plot_losses(["loss_d", "loss_g"])
@@ -196,14 +197,17 @@ def main(cfg: Settings) -> dict:
             if stopping:
                 break
     bar.close()
-    stop.exit_if_stopped(done, rt.is_main)
-    log_ddp_checksums(run, G, done)
+    stop.exit_if_stopped(done, cfg.steps, runtime.is_main)
+    log_ddp_checksums(run, raw_G, done)
 
     # Save: the generator file every later stage starts from.
-    if rt.is_main:
-        save_generator(run.path / "generator.pt", "dcgan", unwrap(G), g_args, data.window, cfg.data)
+    if runtime.is_main:
+        save_generator(run.path / "generator.pt", "dcgan", raw_G, gen_args, data.window, cfg.data)
         print(f"DCGAN: generator written to {run.path / 'generator.pt'}; last evaluation {last_eval}")
     return last_eval
+
+
+summary_line = last_evaluation  # the pipeline's one line for this stage
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from latentct.discover.directions import save_directions
+from latentct.discover.directions import rca_line, save_directions
 from latentct.generators.features import default_layer, layer_features
 from latentct.generators.interface import GeneratorOptions, latent_spread, load_generator, sample_latents
 from latentct.models.deformator import FixedDirections
@@ -90,11 +90,11 @@ def contrastive_loss(changes: torch.Tensor, count: int, temperature: float) -> t
 
 def main(cfg: Settings) -> dict:
     # Setup: device, run folder, the frozen generator and the layer it is read at.
-    rt = setup_runtime(cfg.device)
+    runtime = setup_runtime(cfg.device)
     torch.manual_seed(cfg.seed)
-    run = RunDir(cfg.output, cfg, rt)
-    use_bf16 = resolve_switch(cfg.bf16, rt)
-    G = load_generator(cfg.generator, rt.device, **cfg.generator_options())
+    run = RunDir(cfg.output, cfg, runtime)
+    use_bf16 = resolve_switch(cfg.bf16, runtime)
+    G = load_generator(cfg.generator, runtime.device, **cfg.generator_options())
     if not G.hookable:
         raise UserError(f"--generator: {cfg.generator} is {G.reference['kind']}, which runs without forward hooks: "
                         "LatentCLR needs an intermediate layer (use the learned method, random or coordinate)")
@@ -104,23 +104,23 @@ def main(cfg: Settings) -> dict:
 
     # Model: the directions, the optimiser and its step schedule.
     K = cfg.directions_count
-    directions = GlobalDirections(K, G.latent_dim, cfg.seed).to(rt.device)
+    directions = GlobalDirections(K, G.latent_dim, cfg.seed).to(runtime.device)
     opt = torch.optim.Adam(directions.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, list(cfg.milestones), gamma=0.2)
     models, optimizers = {"directions": directions}, {"adam": opt, "schedule": sched}
     architecture = {"method": "latentclr", "K": K, "latent_dim": G.latent_dim, "layer": layer}
-    chart_z = sample_latents(G, 1, torch.Generator().manual_seed(cfg.seed + 1), rt.device)
-    start = resume(run, cfg, rt, models, optimizers, architecture)
+    chart_z = sample_latents(G, 1, torch.Generator().manual_seed(cfg.seed + 1), runtime.device)
+    start = resume(run, cfg, runtime, models, optimizers, architecture)
 
     # The loop: every direction on every sample, contrast the normalised changes; the schedule at its end.
     meter, bar, done = LossMeter(), progress_bar(run, cfg.steps, start), start
     with StopSignal() as stop:
         for step in range(start, cfg.steps):
-            z = sample_latents(G, cfg.batch_size, device=rt.device)
-            with torch.no_grad(), autocast(rt, use_bf16):
+            z = sample_latents(G, cfg.batch_size, device=runtime.device)
+            with torch.no_grad(), autocast(runtime, use_bf16):
                 base = F.normalize(features(z).float(), dim=1)
             shifted = (z[None] + cfg.alpha * spread * directions.unit()[:, None]).reshape(K * cfg.batch_size, -1)
-            with autocast(rt, use_bf16):
+            with autocast(runtime, use_bf16):
                 moved = F.normalize(features(shifted).float(), dim=1)
             changes = F.normalize(moved - base.repeat(K, 1), dim=1)
             loss, accuracy = contrastive_loss(changes, K, cfg.temperature)
@@ -135,7 +135,7 @@ def main(cfg: Settings) -> dict:
             checkpoint_now = done % cfg.checkpoint_every == 0 or final or stopping
             if done % cfg.log_every == 0 or checkpoint_now:  # a checkpoint closes the running means: resumed runs log alike
                 log_losses(run, meter, done, bar)
-            if rt.is_main and (done % cfg.sample_every == 0 or final):
+            if runtime.is_main and (done % cfg.sample_every == 0 or final):
                 fixed = FixedDirections(directions.unit().detach())
                 direction_chart(G, fixed, chart_z, cfg.shift_scale * spread, cfg.display_window,
                                 run.path / f"directions_{done:06d}.png")
@@ -145,14 +145,17 @@ def main(cfg: Settings) -> dict:
             if stopping:
                 break
     bar.close()
-    stop.exit_if_stopped(done, rt.is_main)
+    stop.exit_if_stopped(done, cfg.steps, runtime.is_main)
 
     # Save: the unit directions (RCA measured afterwards on them, frozen).
-    if rt.is_main:
+    if runtime.is_main:
         save_directions(run.path / "directions.pt", "latentclr", FixedDirections(directions.unit().detach().cpu()),
                         G, settings_dict(cfg), None, extra={"layer": layer})
         print(f"directions (latentclr, K={K}, layer {layer}) -> {run.path / 'directions.pt'}")
     return {"steps": done}
+
+
+summary_line = rca_line  # the pipeline's one line for this stage
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from latentct.train.batches import TrainData, steps_per_epoch
 from latentct.train.bookkeeping import (
     ImageTrainerSettings,
     LossMeter,
+    last_evaluation,
     log_ddp_checksums,
     log_losses,
     progress_bar,
@@ -74,76 +75,76 @@ def reconstruction_loss(recon: torch.Tensor, target: torch.Tensor, kind: str) ->
     return torch.log(mse) if kind == "logmse" else mse
 
 
-def decode(model: VAE, z: torch.Tensor, rt, use_bf16: bool) -> torch.Tensor:
+def decode(model: VAE, z: torch.Tensor, runtime, use_bf16: bool) -> torch.Tensor:
     """Decoder images of z in eval mode, in chunks, as float32."""
-    with evaluating(model), autocast(rt, use_bf16):
-        return torch.cat([model.decoder(part.to(rt.device)).float() for part in z.split(256)])
+    with evaluating(model), autocast(runtime, use_bf16):
+        return torch.cat([model.decoder(part.to(runtime.device)).float() for part in z.split(256)])
 
 
-def reconstruct(model: VAE, x: torch.Tensor, rt, use_bf16: bool) -> torch.Tensor:
+def reconstruct(model: VAE, x: torch.Tensor, runtime, use_bf16: bool) -> torch.Tensor:
     """Decoder images of the encoder's means of x, in eval mode, as float32."""
-    with evaluating(model), autocast(rt, use_bf16):
+    with evaluating(model), autocast(runtime, use_bf16):
         return model.decoder(model.encoder(x)[0]).float()
 
 
 def main(cfg: Settings) -> dict:
     # Setup: device, data, run folder.
-    rt = setup_runtime(cfg.device)
+    runtime = setup_runtime(cfg.device)
     torch.manual_seed(cfg.seed)
-    data = TrainData(cfg.data, cfg.window, rt, workers=cfg.workers)
-    epoch_steps = steps_per_epoch(len(data), cfg.batch_size, rt.world_size)
+    data = TrainData(cfg.data, cfg.window, runtime, workers=cfg.workers)
+    epoch_steps = steps_per_epoch(len(data), cfg.batch_size, runtime.world_size)
     if cfg.epochs is not None:
         cfg.steps = math.ceil(cfg.epochs * epoch_steps)
-    run = RunDir(cfg.output, cfg, rt)
-    use_bf16, compiled = resolve_switch(cfg.bf16, rt), resolve_switch(cfg.compile, rt)
-    fmt = memory_format(cfg.channels_last, rt, compiled)
+    run = RunDir(cfg.output, cfg, runtime)
+    use_bf16, compiled = resolve_switch(cfg.bf16, runtime), resolve_switch(cfg.compile, runtime)
+    layout = memory_format(cfg.channels_last, runtime, compiled)
 
     # Model: encoder and decoder; their args go into generator.pt.
     args = dict(latent_dim=cfg.latent_dim, image_size=data.image_size, ch=cfg.width)
     with user_errors(f"--data {cfg.data}: "):
-        model = VAE(**args).to(rt.device, memory_format=fmt)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=cfg.betas)
-    models, optimizers, architecture = {"VAE": model}, {"VAE": opt}, {"VAE": args}
+        raw_model = VAE(**args).to(runtime.device, memory_format=layout)
+    opt = torch.optim.Adam(raw_model.parameters(), lr=cfg.lr, betas=cfg.betas)
+    models, optimizers, architecture = {"VAE": raw_model}, {"VAE": opt}, {"VAE": args}
 
     # Evaluation inputs: held-out slices and a fixed z.
-    held_out = data.held_out(cfg.data, cfg.eval_samples).to(rt.device)
+    held_out = data.held_out(cfg.data, cfg.eval_samples).to(runtime.device)
     eval_z = torch.randn(len(held_out), cfg.latent_dim, generator=torch.Generator().manual_seed(cfg.seed + 1))
     fixed_z = eval_z[:64]
-    start = resume(run, cfg, rt, models, optimizers, architecture)
-    trained = wrap_ddp(model, rt)
+    start = resume(run, cfg, runtime, models, optimizers, architecture)
+    model = wrap_ddp(raw_model, runtime)
     if compiled:
-        trained = torch.compile(trained)
+        model = torch.compile(model)
 
     # The loop: reconstruct, add the weighted KL, step; the schedule at its end.
     meter, bar, last_eval, done = LossMeter(), progress_bar(run, cfg.steps, start), {}, start
     with StopSignal() as stop:
         for step, real in data.batches(cfg.batch_size, start, cfg.steps, cfg.seed, cfg.augment):
-            real = real.contiguous(memory_format=fmt)
-            with autocast(rt, use_bf16):
-                recon, mu, logvar = trained(real)
+            real = real.contiguous(memory_format=layout)
+            with autocast(runtime, use_bf16):
+                recon, mu, logvar = model(real)
             rec = reconstruction_loss(recon, real, cfg.loss)
             kl = kl_divergence(mu.float(), logvar.float())
             loss = rec + kl_beta(cfg, step / epoch_steps) * kl
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            meter.add({"loss": loss, "reconstruction": rec, "kl": kl}, real.shape[0] * rt.world_size)
+            meter.add({"loss": loss, "reconstruction": rec, "kl": kl}, real.shape[0] * runtime.world_size)
 
             done = step + 1  # steps completed
             final, stopping = done == cfg.steps, stop.received is not None
             checkpoint_now = done % cfg.checkpoint_every == 0 or final or stopping
             if done % cfg.log_every == 0 or checkpoint_now:  # a checkpoint closes the running means: resumed runs log alike
                 log_losses(run, meter, done, bar, data)
-            if rt.is_main and (done % cfg.eval_every == 0 or final):
-                last_eval = compare_sets(decode(model, eval_z, rt, use_bf16).cpu(), held_out.cpu(), data.window)
-                last_eval["test_reconstruction_mse"] = float(F.mse_loss(reconstruct(model, held_out, rt, use_bf16),
+            if runtime.is_main and (done % cfg.eval_every == 0 or final):
+                last_eval = compare_sets(decode(raw_model, eval_z, runtime, use_bf16).cpu(), held_out.cpu(), data.window)
+                last_eval["test_reconstruction_mse"] = float(F.mse_loss(reconstruct(raw_model, held_out, runtime, use_bf16),
                                                                         held_out))
                 run.log({"step": done, "eval": last_eval})
-            if rt.is_main and (done % cfg.sample_every == 0 or final):
-                grid = display(decode(model, fixed_z, rt, use_bf16), data.window, cfg.display_window)
+            if runtime.is_main and (done % cfg.sample_every == 0 or final):
+                grid = display(decode(raw_model, fixed_z, runtime, use_bf16), data.window, cfg.display_window)
                 save_grid(grid, run.path / f"samples_{done:06d}.png")
                 save_grid(grid, run.path / "samples_latest.png")
-                pairs = torch.cat([held_out[:32], reconstruct(model, held_out[:32], rt, use_bf16)])
+                pairs = torch.cat([held_out[:32], reconstruct(raw_model, held_out[:32], runtime, use_bf16)])
                 save_grid(display(pairs, data.window, cfg.display_window), run.path / "reconstructions_latest.png")
                 run.plot_losses(["loss", "reconstruction", "kl"])
             if checkpoint_now:
@@ -151,16 +152,19 @@ def main(cfg: Settings) -> dict:
             if stopping:
                 break
     bar.close()
-    stop.exit_if_stopped(done, rt.is_main)
-    log_ddp_checksums(run, model, done)
+    stop.exit_if_stopped(done, cfg.steps, runtime.is_main)
+    log_ddp_checksums(run, raw_model, done)
 
     # Save: the decoder is the generator; the encoder is stored beside it.
-    if rt.is_main:
-        vae = unwrap(model)
+    if runtime.is_main:
+        vae = unwrap(raw_model)
         save_generator(run.path / "generator.pt", "vae", vae.decoder, args, data.window, cfg.data,
                        encoder=vae.encoder, encoder_args=args)
         print(f"VAE: generator written to {run.path / 'generator.pt'}; last evaluation {last_eval}")
     return last_eval
+
+
+summary_line = last_evaluation  # the pipeline's one line for this stage
 
 
 if __name__ == "__main__":

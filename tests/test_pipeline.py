@@ -23,6 +23,14 @@ def test_whole_pipeline_at_the_smallest_sizes_then_cached_then_from_a_stage(tmp_
     # DCGAN: learned, 5 closed-form methods, DisCo and LatentCLR each trained then RCA-measured, supervised;
     # VAE: learned, SeFa, random, supervised
     assert stages.count("validate") == 1 and stages.count("directions") == 11 + 4
+    # each stage says in one line how it went, read from its own files
+    metric = {r["name"]: r["metric"] for r in summary["stages"]}
+    assert all(metric.values()), [name for name, m in metric.items() if not m]
+    assert metric["phantom"].endswith(" slices of 6 patients") and metric["preprocess"].endswith("test slices")
+    assert metric["dcgan"].startswith("SWD ") and metric["dcgan_demo"].startswith("RCA 0.")
+    assert metric["dcgan_supervised"] == "RCA not measured" and "strong (a measurement with R2" in metric["eval_dcgan"]
+    assert metric["truth_dcgan"].endswith("factors recovered") and metric["oracle"].startswith("held-out R2")
+    assert metric["validate"].startswith(("0/6", "1/6", "2/6", "3/6", "4/6", "5/6", "6/6"))
     data, runs, anim = tmp_path / "data" / "t", tmp_path / "runs" / "t", tmp_path / "Animations" / "t"
 
     # every artifact exists and loads
@@ -131,3 +139,22 @@ def test_benchmark_block_from_its_files(tmp_path):
     assert "| dcgan | sefa | 0.90 | 0.210 | 0.300 | 0.250 | 0.700 | 0.283 (SeFa) |" in text
     assert "| sefa | 0.50 | 2 of 2 | 0.60 | 0.50 |" in text and "random null (20 sets)" in text
     assert "| dcgan | learned | 300 | 0.60 | 1 of 2 | 0.40 |" in text and "30 min 0 s" in text
+
+
+def test_one_ordering_table_places_every_job(tmp_path):
+    """The main lane (phantom, preprocessing, then per generator its training, learned directions and the first
+    gallery) comes first; the pool follows in ORDER; --from-stage counts stages in the same table."""
+    cfg = parse_settings(pipeline.Settings, ["--preset", "tiny", "--root", str(tmp_path)], presets=pipeline.PRESETS)
+    jobs = pipeline.plan(cfg)
+    main = [j.name for j in jobs if j.main_lane]
+    assert main == ["phantom", "preprocess", "dcgan", "dcgan_demo", "eval_dcgan", "vae", "vae_demo"]
+    assert [j.name for j in jobs[:len(main)]] == main
+    kinds = list(pipeline.ORDER)
+    pool = [kinds.index(j.kind) for j in jobs if not j.main_lane]
+    assert pool == sorted(pool) and jobs[len(main)].kind == "oracle" and jobs[-1].kind == "ground_truth"
+    assert pipeline.STAGES == ("phantom", "preprocess", "train_gan", "train_vae", "oracle", "validate", "directions",
+                               "evaluate", "ground_truth", "disentanglement")
+    with_grid = parse_settings(pipeline.Settings, ["--preset", "tiny", "--root", str(tmp_path), "--direction-presets",
+                                                   "demo", "unit-lenet"], presets=pipeline.PRESETS)
+    main = [j.name for j in pipeline.plan(with_grid) if j.main_lane]
+    assert main[:6] == ["phantom", "preprocess", "dcgan", "dcgan_demo", "eval_dcgan_demo", "dcgan_unit-lenet"]

@@ -546,5 +546,12 @@ def main(cfg: Settings) -> Path:
     return out
 
 
+def summary_line(output: Path) -> str:
+    """The pipeline's one line for this stage."""
+    with open(Path(output) / "phantom_factors.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    return f"{len(rows)} slices of {len({r['patient_id'] for r in rows})} patients"
+
+
 if __name__ == "__main__":
     run_cli(main, Settings, prog="python -m latentct.data.phantom")

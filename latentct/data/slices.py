@@ -60,6 +60,20 @@ def read_index(folder: str | Path, split: str) -> list[dict]:
         return list(csv.DictReader(handle))
 
 
+def is_dataset(folder: str | Path | None) -> bool:
+    """Whether ``folder`` is a finished preprocessing run (it has its manifest)."""
+    return bool(folder) and (Path(folder) / "manifest.json").is_file()
+
+
+def held_out(folder: str | Path | None, window) -> "CTSlices | None":
+    """The real slices an evaluation compares with and embeds: the test split, or the train split where the test
+    split is empty (a dataset preprocessed with --test-fraction 0); None without a dataset."""
+    if not is_dataset(folder):
+        return None
+    split = CTSlices(folder, "test", window=window)
+    return split if len(split) else CTSlices(folder, "train", window=window)
+
+
 def has_factors(folder: str | Path) -> bool:
     """Whether a preprocessed dataset came from the phantom (its index carries the six factors)."""
     from latentct.data.phantom import FACTORS

@@ -166,3 +166,9 @@ def load_directions(path: str | Path, generator: str | Path | None = None) -> tu
         raise UserError(f"{path}: directions were found for generator {directions.generator_ref()} "
                         f"(sha256 {shown}), not for {ref}")
     return directions, G
+
+
+def rca_line(output) -> str:
+    """A directions run's one line for the pipeline: its reconstructor classification accuracy."""
+    rca = torch.load(Path(output) / "directions.pt", weights_only=True)["rca"]
+    return "RCA not measured" if rca is None else f"RCA {rca:.3f}"

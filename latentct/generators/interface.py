@@ -213,3 +213,10 @@ def file_hash(path: str | Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def output_size(G: nn.Module) -> int:
+    """The side in pixels of the images a generator makes: one forward pass at z = 0."""
+    device = next((p.device for p in G.parameters()), torch.device("cpu"))
+    with torch.no_grad():
+        return int(G(torch.zeros(1, G.latent_dim, device=device)).shape[-1])

@@ -17,6 +17,7 @@ preprocessed like the dataset, with their visible factors.
 """
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -224,6 +225,12 @@ def main(cfg: Settings) -> dict:
               "slices": cfg.slices, "methods": rows}
     atomic_write_json(out / "disentanglement.json", result)
     return result
+
+
+def summary_line(output: Path) -> str:
+    """The pipeline's one line for this stage."""
+    rows = json.loads((Path(output) / "disentanglement.json").read_text())["methods"]
+    return ", ".join(f"{r['method']} MIG {r['mig']:.2f}" for r in rows)
 
 
 if __name__ == "__main__":

@@ -219,5 +219,11 @@ def main(cfg: Settings) -> dict:
     return state["r2"]
 
 
+def summary_line(output: Path) -> str:
+    """The pipeline's one line for this stage."""
+    r2 = torch.load(Path(output) / "oracle.pt", weights_only=True)["r2"]
+    return "held-out R2 " + ", ".join(f"{v:.2f}" for v in r2.values())
+
+
 if __name__ == "__main__":
     run_cli(main, Settings, prog="python -m latentct.score.oracle")

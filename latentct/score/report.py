@@ -88,6 +88,14 @@ def describe(images: torch.Tensor, eps: torch.Tensor, window, spacing: float, ks
     return out
 
 
+STRONG = "a measurement with R2 >= 0.8 and effect x R2 x priority > 0.5"
+
+
+def is_strong(row: dict) -> bool:
+    """Whether a direction's dominant measurement moves clearly and along a line (``STRONG`` in words)."""
+    return row["r2"][row["dominant"]] >= 0.8 and row["score"] > 0.5
+
+
 def _num(value) -> float:
     value = float(value)
     return value if math.isfinite(value) else 0.0

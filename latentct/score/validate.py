@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -311,6 +312,13 @@ def main(cfg: Settings) -> dict:
               f"{f} R2 >= {t['r2_min'][f]:.2f} leakage <= {t['leakage_max'][f]:.2f}" for f in FACTORS)
           + f" -> {out / 'validation.json'}")
     return result
+
+
+def summary_line(output: Path) -> str:
+    """The pipeline's one line for this stage."""
+    c = json.loads((Path(output) / "validation.json").read_text())["checks"]
+    return (f"{c['attributed']}/6 sweeps attributed, {c['leakage_ok']}/6 clean, {c['labels_ok']}/6 labels, "
+            f"{c['pairs_ok']}/{c['pairs']} pairs")
 
 
 if __name__ == "__main__":

@@ -3,9 +3,11 @@ guard, throughput, the progress bar. The schedule itself (when to log, evaluate,
 stop) is written in each script's loop."""
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -163,3 +165,10 @@ def log_ddp_checksums(run: RunDir, model: torch.nn.Module, step: int) -> None:
     """Under DDP, every rank's weight checksum in metrics.jsonl: equal numbers mean the ranks stayed in step."""
     if run.runtime.distributed:
         run.log({"step": step, "ddp_weight_checksums": gather_floats(weights_checksum(model), run.runtime)})
+
+
+def last_evaluation(output) -> str:
+    """A generator trainer's one line for the pipeline: its last evaluation's SWD and diversity ratio."""
+    lines = (Path(output) / "metrics.jsonl").read_text().splitlines()
+    evals = [json.loads(line)["eval"] for line in lines if '"eval"' in line]
+    return f"SWD {evals[-1]['swd']:.1f}, diversity {evals[-1]['diversity_ratio']:.2f}" if evals else ""

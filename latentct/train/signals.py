@@ -23,9 +23,11 @@ class StopSignal:
             signal.signal(sig, old)
         self._old = {}
 
-    def exit_if_stopped(self, step: int, is_main: bool = True) -> None:
-        """After the loop: leave with 128 + signal when a signal stopped it (its checkpoint is saved)."""
-        if self.received is None:
+    def exit_if_stopped(self, step: int, total: int, is_main: bool = True) -> None:
+        """After the loop: leave with 128 + signal when a signal stopped it before its last step (its checkpoint
+        is saved). A signal that came during the last step's work (the final evaluation) lets the run finish and
+        write its outputs: stopping then would throw the finished work away."""
+        if self.received is None or step >= total:
             return
         if is_main:
             print(f"stopped by signal {self.received} after step {step}; checkpoint saved, rerun to continue")

@@ -64,3 +64,17 @@ def test_random_affine_identity_rotation_and_fill():
     # the original's bounds: +-1 degree and zoom 1..1.1 move an image only slightly
     mild = random_affine(x, 1.0, (1.0, 1.1), generator=gen)
     assert mild.shape == x.shape and math.isfinite(mild.sum().item())
+
+
+def test_evaluations_use_the_test_split_or_else_the_train_split(phantom_tree, tmp_path):
+    import preprocess
+    from latentct.data.slices import held_out, is_dataset
+
+    assert held_out(None, "default") is None and not is_dataset(tmp_path)
+    both = preprocess.main(preprocess.Settings(input=str(phantom_tree), output=str(tmp_path / "both"), size=32,
+                                               test_fraction=0.4, workers=1))
+    assert is_dataset(both) and held_out(both, "default").split == "test"
+    train_only = preprocess.main(preprocess.Settings(input=str(phantom_tree), output=str(tmp_path / "train"),
+                                                     size=32, test_fraction=0.0, workers=1))
+    split = held_out(train_only, "default")
+    assert split.split == "train" and len(split) == len(CTSlices(train_only, "train"))

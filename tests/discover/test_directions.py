@@ -203,3 +203,35 @@ def test_random_and_coordinate_baselines():
     r = random_orthonormal(8, 5, seed=1)
     assert torch.allclose(r @ r.t(), torch.eye(5), atol=1e-5)
     assert torch.equal(coordinate_axes(8, 3), torch.eye(8)[:3])
+
+
+def test_a_stop_signal_during_the_final_rca_check_still_writes_the_directions(gan_run, tmp_path, monkeypatch):
+    """SIGTERM while the last step's RCA is measured: the run finishes and writes directions.pt (stopping then
+    would throw the finished directions away); a signal before the last step stops the run with 128 + 15."""
+    import os
+    import signal
+
+    measure = TrainDirections.reconstructor_accuracy
+
+    def interrupted(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)  # the handler only sets a flag
+        return measure(*args, **kwargs)
+
+    monkeypatch.setattr(TrainDirections, "reconstructor_accuracy", interrupted)
+    result = run_dirs(gan_run / "generator.pt", tmp_path / "last", "--steps", "3", "--eval-every", "3")
+    assert (tmp_path / "last" / "directions.pt").is_file() and 0 <= result["rca"] <= 1
+    with pytest.raises(SystemExit) as stopped:  # the same signal in step 2 of 6: step 3 checkpoints and exits, no artifact
+        run_dirs(gan_run / "generator.pt", tmp_path / "early", "--steps", "6", "--eval-every", "2")
+    assert stopped.value.code == 128 + signal.SIGTERM and not (tmp_path / "early" / "directions.pt").exists()
+    assert torch.load(tmp_path / "early" / "checkpoint.pt", weights_only=True)["step"] == 3  # the next step ends it
+
+
+def test_directions_for_each_method_kind(gan_run):
+    G = load_generator(gan_run / "generator.pt")
+    cfg = parse_settings(TrainDirections.Settings, ["--generator", str(gan_run / "generator.pt"), *TINY])
+    learned, args, method, extra = TrainDirections.directions_for(cfg, G, "cpu")
+    assert learned.trainable and args["directions_count"] == 8 and method == "learned" and extra == {}
+    cfg.method = "coordinate"
+    fixed, args, method, _ = TrainDirections.directions_for(cfg, G, "cpu")
+    assert not fixed.trainable and args is None and method == "coordinate"
+    assert torch.equal(fixed.matrix, torch.eye(G.latent_dim)[:8])

@@ -11,7 +11,6 @@ import torch.nn as nn
 from latentct.discover.baselines import spectral
 from latentct.discover.directions import load_directions
 from latentct.generators.features import default_layer, layer_features
-from latentct.generators.interface import load_generator
 from latentct.util.settings import UserError, parse_settings
 from Training import TrainDirections, TrainDisCo, TrainLatentCLR
 

@@ -1,6 +1,5 @@
 """MIG and DCI by Khrulkov et al.'s protocol (latentct/score/disentanglement.py) on cases whose answer is known."""
 import numpy as np
-import pytest
 import torch
 
 from latentct.score.disentanglement import coordinates, dci, discretize_codes, discretize_factors, mig

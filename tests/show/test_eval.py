@@ -187,3 +187,26 @@ def test_evaluation_sweeps_the_directions_own_shift_scale(directions_runs, tmp_p
     with pytest.raises(UserError, match="run EvalDirections.py without it first"):
         EvalDirections.main(parse_settings(EvalDirections.Settings, ["--directions", str(scaled), "--output",
                                                                      str(tmp_path / "none"), "--ground-truth", "only"]))
+
+
+def test_ground_truth_auto_goes_on_without_an_oracle(directions_runs, tmp_path, capsys):
+    """On phantom data with no cached oracle, --ground-truth auto still writes the GIFs, the report and the
+    gallery, and says in one line how to get the ground truth; --ground-truth only stops with that line."""
+    out = tmp_path / "gallery"
+    cfg = parse_settings(EvalDirections.Settings, ["--directions", str(directions_runs["learned"]), "--output",
+                                                   str(out), "--root", str(tmp_path / "empty"),
+                                                   "--channels-last", "off", *SMALL])
+    report = EvalDirections.main(cfg)
+    assert report["ground_truth"] is None and (out / "index.html").is_file() and len(list(out.glob("direction_*.gif"))) == 8
+    reason = json.loads((out / "ground_truth" / "ground_truth.json").read_text())["reason"]
+    assert "python -m latentct.score.oracle --image-size 32" in reason
+    assert f"note: no ground truth: {reason}" in capsys.readouterr().out
+    cfg.ground_truth = "only"
+    with pytest.raises(UserError, match="--oracle: .* does not exist; train the factor oracle"):
+        EvalDirections.main(cfg)
+
+
+def test_channels_last_takes_the_trainers_convention():
+    assert parse_settings(EvalDirections.Settings, []).channels_last == "auto"
+    with pytest.raises(UserError, match="--channels-last.*invalid choice: 'yes'"):
+        parse_settings(EvalDirections.Settings, ["--channels-last", "yes"])
