@@ -36,13 +36,14 @@ class Settings:
 
 def time_form(form: str, cfg: Settings, device, channels_last=False, bf16=False, compiled=False) -> float:
     torch.manual_seed(0)
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    G = Generator(32, cfg.image_size, cfg.ngf).apply(weights_init).to(device, memory_format=fmt).eval()
-    G.requires_grad_(form == "naive")
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    raw_G = Generator(32, cfg.image_size, cfg.ngf).apply(weights_init).to(device, memory_format=layout).eval()
+    raw_G.requires_grad_(form == "naive")
     deformator = Deformator("proj", cfg.directions_count, 32).to(device)
-    R = make_reconstructor(cfg.reconstructor, cfg.directions_count).to(device, memory_format=fmt)
-    Gc, Rc = (torch.compile(G), torch.compile(R)) if compiled else (G, R)
-    params = list(deformator.parameters()) + list(R.parameters())
+    raw_reconstructor = make_reconstructor(cfg.reconstructor, cfg.directions_count).to(device, memory_format=layout)
+    G, reconstructor = (torch.compile(raw_G), torch.compile(raw_reconstructor)) if compiled else \
+        (raw_G, raw_reconstructor)
+    params = list(deformator.parameters()) + list(raw_reconstructor.parameters())
     opt = torch.optim.Adam(params, 1e-4)
     ctx = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else torch.autocast("cpu", enabled=False)
 
@@ -51,9 +52,9 @@ def time_form(form: str, cfg: Settings, device, channels_last=False, bf16=False,
         idx, eps, basis = make_shifts(cfg.batch_size, cfg.directions_count, 6.0, 0.5, "uniform", device)
         opt.zero_grad(set_to_none=True)
         if form == "naive":
-            G.zero_grad(set_to_none=True)
+            raw_G.zero_grad(set_to_none=True)
         with ctx:
-            loss, *_ = step_losses(Gc, deformator, Rc, z, idx, eps, basis, 1.0, 0.25, form)
+            loss, *_ = step_losses(G, deformator, reconstructor, z, idx, eps, basis, 1.0, 0.25, form)
         loss.backward()
         opt.step()
 

@@ -73,18 +73,18 @@ class TrainData:
             yield item
 
     def _batches(self, batch: int, start: int, stop: int, seed: int, augment: bool):
-        rt = self.runtime
+        runtime = self.runtime
         if self.resident:
             for step in range(start, stop):
-                idx = step_indices(len(self), batch, step, seed, rt.rank, rt.world_size).to(rt.device)
+                idx = step_indices(len(self), batch, step, seed, runtime.rank, runtime.world_size).to(runtime.device)
                 x = hu_to_unit(self.on_device[idx], self.window)
                 yield step, (random_affine(x) if augment else x)
             return
-        sampler = StepBatchSampler(len(self), batch, seed, start, stop, rt.rank, rt.world_size)
+        sampler = StepBatchSampler(len(self), batch, seed, start, stop, runtime.rank, runtime.world_size)
         loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=sampler, num_workers=self.workers,
                                              generator=torch.Generator(), persistent_workers=False)
         for step, x in zip(range(start, stop), loader):
-            x = x.to(rt.device, non_blocking=True)
+            x = x.to(runtime.device, non_blocking=True)
             yield step, (random_affine(x) if augment else x)
 
     def held_out(self, folder: str, count: int) -> torch.Tensor:

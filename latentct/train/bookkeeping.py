@@ -72,7 +72,7 @@ class TrainingDiverged(UserError):
 
 # ------------------------------------------------------------------------------------------ resume, checkpoint
 
-def resume(run: RunDir, cfg, rt: Runtime, models: dict, optimizers: dict, architecture: dict) -> int:
+def resume(run: RunDir, cfg, runtime: Runtime, models: dict, optimizers: dict, architecture: dict) -> int:
     """Step to start from: 0, or the checkpoint's step with models, optimisers and RNG restored exactly."""
     if not run.checkpoint.is_file() or not cfg.resume:
         return 0
@@ -87,7 +87,7 @@ def resume(run: RunDir, cfg, rt: Runtime, models: dict, optimizers: dict, archit
         opt.load_state_dict(state["optimizers"][name])
     set_rng_state(state["rng"])
     run.truncate_metrics(state["step"])
-    if rt.is_main:
+    if runtime.is_main:
         print(f"resuming {run.path} from step {state['step']}")
     return int(state["step"])
 
