@@ -24,7 +24,7 @@ from latentct.data.slices import CTSlices, has_factors, parse_window, read_index
 from latentct.discover.baselines import random_orthonormal
 from latentct.discover.directions import Directions, load_directions
 from latentct.generators.embed import embed
-from latentct.generators.interface import KINDS, load_encoder, sample_latents
+from latentct.generators.interface import KINDS, load_encoder, place_generator, sample_latents
 from latentct.score.report import describe, fold_axes, realism, sweep
 from latentct.score.scoring import effect_dci, line_effects, match_factors, null_summary, recovered_curve
 from latentct.show.gallery import write_gallery
@@ -99,7 +99,7 @@ def main(cfg: Settings) -> dict:
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
     directions, G = load_directions(cfg.directions, cfg.generator)
-    G = G.to(cfg.device, memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
+    G = place_generator(G, cfg.device, torch.channels_last if cfg.channels_last else torch.contiguous_format)
     generator_file = cfg.generator or directions.generator_ref()
     window = G.window  # None: the generator declares no HU window, and anatomy is not measured
     dataset = cfg.dataset or G.dataset

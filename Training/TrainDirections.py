@@ -116,7 +116,7 @@ def main(cfg: Settings) -> dict:
     fmt = memory_format(cfg.channels_last, rt, compiled)
 
     # Models: G frozen (no weight gradients ever), the deformator (or fixed baseline directions), the reconstructor.
-    G = load_generator(cfg.generator, rt.device, **cfg.generator_options()).to(memory_format=fmt)
+    G = load_generator(cfg.generator, rt.device, memory_format=fmt, **cfg.generator_options())
     spread = latent_spread(G)  # shifts are given in units of the latents' spread
     extra, method = {}, cfg.method  # what a method reports beside its directions; its name in the artifact
     if cfg.method == "learned":

@@ -84,9 +84,10 @@ class GeneratorOptions:
 
 
 def load_generator(ref: str | Path, device="cpu", args: dict | None = None, weights: str | None = None,
-                   latent_shape=None, output_range=None, output_window=None, latents: str | None = None) -> nn.Module:
+                   latent_shape=None, output_range=None, output_window=None, latents: str | None = None,
+                   memory_format=torch.contiguous_format) -> nn.Module:
     """Rebuild a generator, frozen and in eval mode, from a LatentCT generator.pt, a factory (``file.py:name``,
-    ``package.module:name``), a TorchScript file or a torch.export program."""
+    ``package.module:name``), a TorchScript file or a torch.export program; placed with ``place_generator``."""
     from latentct.generators import plugins
 
     ref = str(ref)
@@ -122,7 +123,16 @@ def load_generator(ref: str | Path, device="cpu", args: dict | None = None, weig
         files[str(Path(latents).resolve())] = file_hash(latents)
     model.reference = {"ref": ref, "kind": getattr(model, "kind", "native"), "options": options, "files": files,
                        "note": note}
-    return model.to(device).eval().requires_grad_(False)
+    return place_generator(model, device, memory_format).eval().requires_grad_(False)
+
+
+def place_generator(G: nn.Module, device, memory_format=torch.contiguous_format) -> nn.Module:
+    """G on ``device``, in ``memory_format`` only if it is one of our generators: channels_last was measured
+    faster for them (bench/eval.py, bench/directions.py), never for a user's plug-in, and it fails outright on
+    a volume generator's 5-D weights (ConvTranspose3d). A plug-in keeps its own layout."""
+    if getattr(G, "kind", None) in KINDS:
+        return G.to(device, memory_format=memory_format)
+    return G.to(device)
 
 
 def _native_state(path) -> dict | None:

@@ -208,3 +208,52 @@ def test_bad_plug_ins_get_one_line_each(tmp_path, case, expected):
     with pytest.raises(UserError) as err:
         calls[case]()
     assert expected in str(err.value) and "\n" not in str(err.value)
+
+
+def plug_in(tmp_path, source: str, factory: str) -> str:
+    """``file.py:factory`` for a user's generator written to a temporary file."""
+    path = tmp_path / "user_generator.py"
+    path.write_text(textwrap.dedent(source))
+    return f"{path}:{factory}"
+
+
+CONV3D = '''
+import torch
+import torch.nn as nn
+
+
+class Conv3d(nn.Module):
+    """z (B, 8) -> (B, 1, 32, 32, 32) volumes through ConvTranspose3d layers (5-D weights)."""
+
+    latent_shape = (8,)
+    output_window = (-1000.0, 2000.0)
+
+    def __init__(self):
+        super().__init__()
+        self.map = nn.Linear(8, 2 * 8 * 8 * 8)
+        self.up = nn.Sequential(nn.ConvTranspose3d(2, 2, 4, 2, 1), nn.ReLU(), nn.ConvTranspose3d(2, 1, 4, 2, 1),
+                                nn.Tanh())
+
+    def forward(self, z):
+        return self.up(self.map(z).reshape(-1, 2, 8, 8, 8))
+
+
+def make():
+    torch.manual_seed(0)
+    return Conv3d()
+'''
+
+
+def test_channels_last_leaves_a_conv3d_volume_generator_alone(tmp_path):
+    from latentct.generators.interface import place_generator
+    from latentct.models.dcgan import Generator
+
+    ref = plug_in(tmp_path, CONV3D, "make")
+    result = directions(ref, tmp_path / "learned", "--channels-last", "on")  # was: required rank 4 tensor
+    assert 0.0 <= result["rca"] <= 1.0
+    G = place_generator(load_generator(ref), "cpu", torch.channels_last)
+    assert G(torch.zeros(2, 8)).shape == (2, 3, 32, 32)
+    native = Generator(8, 32, 4)
+    native.kind = "dcgan"
+    weight = place_generator(native, "cpu", torch.channels_last).main[0].weight
+    assert weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
