@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from latentct.generators.interface import load_generator, sample_latents
 from latentct.models.deformator import Deformator, FixedDirections
 from latentct.train.checkpoint import load_file
-from latentct.train.runtime import evaluating
+from latentct.train.runtime import evaluating, unwrap
 from latentct.util.io import atomic_torch_save
 from latentct.util.settings import UserError
 
@@ -57,10 +57,26 @@ def step_losses(G: nn.Module, deformator: nn.Module, reconstructor: nn.Module, z
         base, shifted = G(z), G(z + shift)
     else:
         raise ValueError(f"--step-form: {form!r} is not split, concat or naive")
+    check_image_size(reconstructor, base)
     logits, eps_pred = reconstructor(base, shifted)
     label_loss = label_weight * F.cross_entropy(logits.float(), idx)
     shift_loss = shift_weight * (eps_pred.float() - eps).abs().mean()
     return label_loss + shift_loss, label_loss, shift_loss, logits
+
+
+# The smallest image side each reconstructor accepts (latentct/models/reconstructor.py): the LeNet's three 5 x 5
+# convolutions and two 2 x poolings take 32 -> 28 -> 14 -> 10 -> 5 -> 1; the ResNet's padded strides take any size.
+SMALLEST_SIDE = {"LeNet": 32}
+
+
+def check_image_size(reconstructor: nn.Module, images: torch.Tensor) -> None:
+    """A one-line error for images smaller than the reconstructor's kernels (else: 'Kernel size can't be greater
+    than actual input size' from deep inside it)."""
+    name = type(unwrap(reconstructor)).__name__
+    side = SMALLEST_SIDE.get(name, 1)
+    if min(images.shape[-2:]) < side:
+        raise UserError(f"--reconstructor: the {name} needs images of at least {side} x {side} px and the "
+                        f"generator's are {images.shape[-2]} x {images.shape[-1]}: use --reconstructor resnet")
 
 
 def reconstructor_accuracy(G, deformator, reconstructor, batches: int, batch: int, shift_args: dict,

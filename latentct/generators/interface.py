@@ -121,6 +121,7 @@ def load_generator(ref: str | Path, device="cpu", args: dict | None = None, weig
     model.prior = load_latents(latents, model.latent_shape) if latents else None
     if latents:
         files[str(Path(latents).resolve())] = file_hash(latents)
+    note = "; ".join(n for n in [note, *getattr(model, "notes", [])] if n) or None
     model.reference = {"ref": ref, "kind": getattr(model, "kind", "native"), "options": options, "files": files,
                        "note": note}
     return place_generator(model, device, memory_format).eval().requires_grad_(False)

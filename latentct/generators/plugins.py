@@ -12,7 +12,7 @@ What the module declares (attributes; the flags of the same names override them)
                    anatomy measurements are off and the report says so
 Output (B, C, H, W) with C of 1 or 3 (3 channels are averaged to one for every measurement and for the
 reconstructor), or (B, 1, D, H, W) for a volume: then the axial, coronal and sagittal mid-planes (resized to
-H x W) are the three channels every later stage sees.
+one size, max(D, H) x max(W, H), when the volume is not a cube) are the three channels every later stage sees.
 """
 from __future__ import annotations
 
@@ -134,10 +134,11 @@ class PluginGenerator(nn.Module):
         self.hookable = kind == "factory"  # TorchScript and exported programs run without forward hooks
         if not self.output_range[1] > self.output_range[0]:
             raise UserError(f"--output-range: {self.output_range} is not (low, high) with high > low")
-        self.volume = False
+        self.volume, self.notes = False, []  # notes: what the report should say about how the output was read
         out = self._raw(torch.zeros(1, self.latent_dim))
         if out.ndim == 5 and out.shape[1] == 1:
             self.volume = True
+            self.notes += plane_notes(out.shape[2:])
         elif not (out.ndim == 4 and out.shape[1] in (1, 3)):
             raise UserError(f"--generator: declared latent_shape {self.latent_shape} but its output has shape "
                             f"{tuple(out.shape)}; expected (B, 1 or 3, H, W) or (B, 1, D, H, W)")
@@ -169,15 +170,31 @@ class PluginGenerator(nn.Module):
         return out.mean(1, keepdim=True) if out.shape[1] == 3 else out
 
 
+def plane_size(D: int, H: int, W: int) -> tuple[int, int]:
+    """The one size of the three mid-planes: the axial (H, W), coronal (D, W) and sagittal (D, H) planes are
+    each brought to the larger extent along each side, so no plane loses resolution."""
+    return max(H, D), max(W, H)
+
+
 def mid_planes(volume: torch.Tensor) -> torch.Tensor:
-    """(B, 1, D, H, W) -> (B, 3, H, W): axial, coronal and sagittal mid-planes, the last two resized to H x W."""
+    """(B, 1, D, H, W) -> (B, 3, *plane_size): the axial, coronal and sagittal mid-planes, each resized
+    (bilinear) to the one plane size when the volume is not a cube."""
     B, _, D, H, W = volume.shape
-    axial = volume[:, :, D // 2]
-    coronal = volume[:, :, :, H // 2]
-    sagittal = volume[:, :, :, :, W // 2]
-    resize = lambda x: x if x.shape[-2:] == (H, W) else F.interpolate(x, size=(H, W), mode="bilinear",  # noqa: E731
-                                                                       align_corners=False)
-    return torch.cat([axial, resize(coronal), resize(sagittal)], dim=1)
+    size = plane_size(D, H, W)
+    planes = [volume[:, :, D // 2], volume[:, :, :, H // 2], volume[:, :, :, :, W // 2]]
+    return torch.cat([p if p.shape[-2:] == size else F.interpolate(p, size=size, mode="bilinear", align_corners=False)
+                      for p in planes], dim=1)
+
+
+def plane_notes(shape) -> list[str]:
+    """What the report says of a non-cubic volume's planes: which were resized, from what to what."""
+    D, H, W = (int(s) for s in shape)
+    size = plane_size(D, H, W)
+    resized = [f"{name} {a}x{b}" for name, (a, b) in (("axial", (H, W)), ("coronal", (D, W)), ("sagittal", (D, H)))
+               if (a, b) != size]
+    if not resized:
+        return []
+    return [f"volume {D}x{H}x{W}: mid-planes resized to one size {size[0]}x{size[1]} ({', '.join(resized)})"]
 
 
 def declared(module: nn.Module, name: str, override):

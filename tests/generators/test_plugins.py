@@ -257,3 +257,40 @@ def test_channels_last_leaves_a_conv3d_volume_generator_alone(tmp_path):
     native.kind = "dcgan"
     weight = place_generator(native, "cpu", torch.channels_last).main[0].weight
     assert weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
+
+
+SLAB = '''
+import torch
+import torch.nn as nn
+
+
+class Slab(nn.Module):
+    """z (B, 4) -> (B, 1, depth, side, side): a thin, non-cubic volume."""
+
+    latent_shape = (4,)
+
+    def __init__(self, depth, side):
+        super().__init__()
+        self.shape = (depth, side, side)
+        self.map = nn.Linear(4, depth * side * side)
+
+    def forward(self, z):
+        return torch.tanh(self.map(z)).reshape(-1, 1, *self.shape)
+
+
+def make(depth=8, side=32):
+    torch.manual_seed(0)
+    return Slab(depth, side)
+'''
+
+
+def test_a_non_cubic_volume_gives_planes_of_one_size_and_a_note(tmp_path):
+    ref = plug_in(tmp_path, SLAB, "make")
+    G = load_generator(ref)
+    assert G(torch.zeros(2, 4)).shape == (2, 3, 32, 32)  # coronal and sagittal 8 x 32 brought to 32 x 32
+    assert "coronal 8x32, sagittal 8x32" in G.reference["note"] and "axial" not in G.reference["note"]
+    directions(ref, tmp_path / "slab", "--channels-last", "off")
+    with pytest.raises(UserError, match=r"^--reconstructor: the LeNet needs images of at least 32 x 32 px and the "
+                                        r"generator's are 16 x 16: use --reconstructor resnet$"):
+        directions(ref, tmp_path / "thin", "--generator-args", '{"side": 16}')
+    directions(ref, tmp_path / "resnet", "--generator-args", '{"side": 16}', "--reconstructor", "resnet")
