@@ -163,11 +163,21 @@ class PluginGenerator(nn.Module):
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         out = self.module(z.reshape(z.shape[0], *self.latent_shape)).float()
+        require_finite(out)
         low, high = self.output_range
         out = 2 * (out - low) / (high - low) - 1
         if self.volume:
             return mid_planes(out)
         return out.mean(1, keepdim=True) if out.shape[1] == 3 else out
+
+
+def require_finite(out: torch.Tensor) -> None:
+    """Stop where a generator's output is first seen to be NaN or infinite: downstream it would show as black
+    frames, as a 'diverged' training and as NaN in the report. One reduction per call (a host sync on a GPU)."""
+    bad = ~torch.isfinite(out.detach().flatten(1)).all(1)
+    if bad.any():
+        raise UserError(f"--generator: its output is NaN or infinite for {int(bad.sum())} of {len(out)} latents; "
+                        "the generator (or its weights) fails there, not the direction training")
 
 
 def plane_size(D: int, H: int, W: int) -> tuple[int, int]:

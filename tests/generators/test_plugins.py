@@ -294,3 +294,54 @@ def test_a_non_cubic_volume_gives_planes_of_one_size_and_a_note(tmp_path):
                                         r"generator's are 16 x 16: use --reconstructor resnet$"):
         directions(ref, tmp_path / "thin", "--generator-args", '{"side": 16}')
     directions(ref, tmp_path / "resnet", "--generator-args", '{"side": 16}', "--reconstructor", "resnet")
+
+
+NAN = '''
+import torch
+import torch.nn as nn
+
+
+class FarNaN(nn.Module):
+    """32 x 32 images, NaN for latents far from the origin (|z| > 5: rare under the prior, common once shifted)."""
+
+    latent_shape = (8,)
+    output_window = (-1000.0, 2000.0)
+
+    def __init__(self):
+        super().__init__()
+        self.map = nn.Linear(8, 32 * 32)
+
+    def forward(self, z):
+        out = torch.tanh(self.map(z)).reshape(-1, 1, 32, 32)
+        return torch.where(z.norm(dim=1)[:, None, None, None] > 5, torch.nan, out)
+
+
+def make():
+    torch.manual_seed(0)
+    return FarNaN()
+'''
+
+
+def test_nan_output_is_named_where_it_is_first_seen(tmp_path):
+    ref = plug_in(tmp_path, NAN, "make")
+    expected = r"^--generator: its output is NaN or infinite for \d+ of \d+ latents; the generator"
+    with pytest.raises(UserError, match=expected):  # was: "training diverged. Lower the learning rate"
+        directions(ref, tmp_path / "learned")
+    directions(ref, tmp_path / "random", "--method", "random", "--no-rca")
+    with pytest.raises(UserError, match=expected):  # was: black frames and bare NaN in report.json
+        EvalDirections.main(parse_settings(EvalDirections.Settings, [
+            "--directions", str(tmp_path / "random" / "directions.pt"), "--output", str(tmp_path / "gallery"), *EVAL]))
+    assert not (tmp_path / "gallery" / "report.json").exists()
+
+
+def test_json_files_hold_null_for_nan(tmp_path):
+    import numpy as np
+
+    from latentct.util.io import atomic_write_json
+
+    def strict(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    atomic_write_json(tmp_path / "r.json", {"slope": float("nan"), "swd": [1.5, np.float32("inf")], "n": (2, 3)})
+    assert json.loads((tmp_path / "r.json").read_text(), parse_constant=strict) == {"slope": None,
+                                                                                  "swd": [1.5, None], "n": [2, 3]}
