@@ -119,6 +119,8 @@ def load_generator(ref: str | Path, device="cpu", args: dict | None = None, weig
         raise UserError(f"--generator: {ref} does not exist (a generator.pt, TorchScript or export file, or "
                         "file.py:factory)")
     model.prior = load_latents(latents, model.latent_shape) if latents else None
+    if hasattr(model, "check_batch"):  # a plug-in: its output on real latents, now that its prior is known
+        model.check_batch()
     if latents:
         files[str(Path(latents).resolve())] = file_hash(latents)
     note = "; ".join(n for n in [note, *getattr(model, "notes", [])] if n) or None

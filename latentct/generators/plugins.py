@@ -150,9 +150,29 @@ class PluginGenerator(nn.Module):
             with torch.no_grad():
                 return self.module(z.reshape(z.shape[0], *self.latent_shape))
         except Exception as err:
-            raise UserError(f"--generator: calling it on latents of shape (1, {', '.join(map(str, self.latent_shape))})"
+            raise UserError(f"--generator: calling it on latents of shape {(z.shape[0], *self.latent_shape)}"
                             f" failed ({type(err).__name__}: {str(err).splitlines()[0][:160]}); check "
                             "--latent-shape") from None
+
+    def check_batch(self, count: int = 4) -> None:
+        """What z = 0 at batch 1 cannot show, on ``count`` latents from the prior: an output size that does not
+        change with the batch size (an error), finite values (an error), and values within the output range
+        (a printed note where they lie well outside it: a raw model's -3.5..6.7, or HU)."""
+        from latentct.generators.interface import sample_latents
+
+        z = sample_latents(self, count, torch.Generator().manual_seed(0))
+        with torch.random.fork_rng(devices=[]):  # a sampler's own noise draws nothing from the seeded stream
+            one, out = self._raw(z[:1]), self._raw(z)
+        if out.shape != (count, *one.shape[1:]):
+            raise UserError(f"--generator: its output's shape depends on the batch size: {tuple(one.shape)} for 1 "
+                            f"latent, {tuple(out.shape)} for {count}")
+        require_finite(out)
+        low, high = self.output_range
+        seen = float(out.min()), float(out.max())
+        if seen[0] < low - 0.1 * (high - low) or seen[1] > high + 0.1 * (high - low):
+            print(f"note: --generator: its output spans {seen[0]:.3g}..{seen[1]:.3g} on {count} latents from its "
+                  f"prior, well outside its output range {low:g}..{high:g}: declare output_range (or pass "
+                  "--output-range) so that its images map to [-1, 1]")
 
     def train(self, mode: bool = True):
         """An exported program has no train/eval mode (it was exported in the one it runs in)."""

@@ -345,3 +345,42 @@ def test_json_files_hold_null_for_nan(tmp_path):
     atomic_write_json(tmp_path / "r.json", {"slope": float("nan"), "swd": [1.5, np.float32("inf")], "n": (2, 3)})
     assert json.loads((tmp_path / "r.json").read_text(), parse_constant=strict) == {"slope": None,
                                                                                   "swd": [1.5, None], "n": [2, 3]}
+
+
+BATCH = '''
+import torch
+import torch.nn as nn
+
+
+class Raw(nn.Module):
+    """32 x 32 images in the raw units of a model without a final tanh (about -3.5 to 6.5)."""
+
+    latent_shape = (8,)
+
+    def __init__(self, merge_batch):
+        super().__init__()
+        self.merge_batch = merge_batch
+        self.map = nn.Linear(8, 32 * 32)
+
+    def forward(self, z):
+        out = 5 * torch.tanh(self.map(z)) + 1.5
+        return out.reshape(1, -1, 32, 32) if self.merge_batch else out.reshape(-1, 1, 32, 32)
+
+
+def make(merge_batch=False):
+    torch.manual_seed(0)
+    return Raw(merge_batch)
+'''
+
+
+def test_a_real_batch_is_checked_for_shape_and_range(tmp_path, capsys):
+    ref = plug_in(tmp_path, BATCH, "make")
+    load_generator(ref)
+    note = capsys.readouterr().out.strip()
+    assert note.startswith("note: --generator: its output spans -") and "\n" not in note
+    assert "well outside its output range -1..1" in note
+    load_generator(ref, output_range=(-3.5, 6.5))
+    assert capsys.readouterr().out == ""  # within what it declares: no note
+    with pytest.raises(UserError, match=r"^--generator: its output's shape depends on the batch size: "
+                                        r"\(1, 1, 32, 32\) for 1 latent, \(1, 4, 32, 32\) for 4$"):
+        load_generator(ref, args={"merge_batch": True})
