@@ -42,6 +42,8 @@ class Settings:
     output: str = setting("Animations/demo", "output folder (GIFs, report.json, index.html)")
     compare: list[str] = setting([], "more directions files of the same generator for the ground-truth table")
     generator: str | None = setting(None, "generator file, when not where directions.pt says")
+    generator_weights: str | None = setting(None, "weights of a --generator factory, when not where directions.pt says")
+    generator_args: str | None = setting(None, "a --generator factory's arguments (JSON), when not those recorded")
     dataset: str | None = setting(None, "preprocessed dataset (default: the generator's training data)")
     which: list[int] = setting([], "directions to show (default: all)")
     shift_scale: float | None = setting(None, "sweep from -shift_scale to +shift_scale (default: the scale the "
@@ -98,7 +100,7 @@ def main(cfg: Settings) -> dict:
     # Setup: the directions, their generator, its window, units and the samples every part draws from.
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
-    directions, G = load_directions(cfg.directions, cfg.generator)
+    directions, G = load_directions(cfg.directions, cfg.generator, cfg.generator_weights, cfg.generator_args)
     G = place_generator(G, cfg.device, torch.channels_last if cfg.channels_last else torch.contiguous_format)
     generator_file = cfg.generator or directions.generator_ref()
     window = G.window  # None: the generator declares no HU window, and anatomy is not measured
@@ -245,7 +247,8 @@ def ground_truth(cfg: Settings, directions, G, generator_file: Path, window, dat
 
     methods, main = {}, None
     for i, file in enumerate([cfg.directions, *cfg.compare]):
-        dirs = directions if i == 0 else load_directions(file, generator_file)[0]
+        dirs = directions if i == 0 else \
+            load_directions(file, generator_file, cfg.generator_weights, cfg.generator_args)[0]
         ks = list(range(dirs.count))
         images = main_images if i == 0 and main_images is not None else sweep(G, dirs, ks, eps, z)
         r2, effect = line_effects(read(images), eps)

@@ -161,9 +161,12 @@ class Directions:
         return record.get("ref", record["path"])
 
 
-def load_directions(path: str | Path, generator: str | Path | None = None) -> tuple[Directions, nn.Module]:
-    """The artifact and its generator, rebuilt from the recorded reference (or ``generator`` in its place); a
-    missing generator, or one whose files differ from those the directions were found for, is a clear error."""
+def load_directions(path: str | Path, generator: str | Path | None = None, weights: str | None = None,
+                    args: str | None = None) -> tuple[Directions, nn.Module]:
+    """The artifact and its generator, rebuilt from the recorded reference (or ``generator``, ``weights`` and
+    ``args``, a JSON object of a factory's arguments, in place of the recorded ones); a missing generator, or
+    one whose files differ from those the directions were found for, is a clear error."""
+    from latentct.generators.interface import parse_generator_args
     from latentct.generators.plugins import is_factory
 
     path = Path(path)
@@ -175,7 +178,13 @@ def load_directions(path: str | Path, generator: str | Path | None = None) -> tu
     ref = str(generator) if generator else directions.generator_ref()
     if not is_factory(ref) and not Path(ref).is_file():
         raise UserError(f"{path}: its generator {ref} is missing; pass the generator file explicitly")
-    G = load_generator(ref, **(record.get("options") or {}))
+    options = dict(record.get("options") or {})
+    options["weights"] = weights or options.get("weights")
+    if args is not None:
+        options["args"] = parse_generator_args(args)
+    if options["weights"] and not Path(options["weights"]).is_file():
+        raise UserError(f"{path}: its generator's weights {options['weights']} are missing; pass --generator-weights")
+    G = load_generator(ref, **options)
     expected = record.get("files") or {record["path"]: record["sha256"]}
     if sorted(G.reference["files"].values()) != sorted(expected.values()):
         shown = next(iter(expected.values()))[:12]

@@ -72,15 +72,22 @@ class GeneratorOptions:
         parent = getattr(super(), "__post_init__", None)
         if parent:
             parent()
-        try:
-            check(isinstance(json.loads(self.generator_args), dict), "generator_args", "must be a JSON object")
-        except json.JSONDecodeError as err:
-            check(False, "generator_args", f"is not JSON ({err.msg})")
+        parse_generator_args(self.generator_args)
 
     def generator_options(self) -> dict:
-        return {"args": json.loads(self.generator_args), "weights": self.generator_weights,
+        return {"args": parse_generator_args(self.generator_args), "weights": self.generator_weights,
                 "latent_shape": self.latent_shape, "output_range": self.output_range,
                 "output_window": self.output_window, "latents": self.latents}
+
+
+def parse_generator_args(text: str) -> dict:
+    """--generator-args: a JSON object of the factory's keyword arguments."""
+    try:
+        args = json.loads(text)
+    except json.JSONDecodeError as err:
+        check(False, "generator_args", f"is not JSON ({err.msg})")
+    check(isinstance(args, dict), "generator_args", "must be a JSON object")
+    return args
 
 
 def load_generator(ref: str | Path, device="cpu", args: dict | None = None, weights: str | None = None,
@@ -91,8 +98,10 @@ def load_generator(ref: str | Path, device="cpu", args: dict | None = None, weig
     from latentct.generators import plugins
 
     ref = str(ref)
-    options = {"args": dict(args or {}), "weights": weights, "latent_shape": latent_shape,
-               "output_range": output_range, "output_window": output_window, "latents": latents}
+    absolute = lambda path: str(Path(path).resolve()) if path else None  # noqa: E731
+    # The options are recorded with the directions: absolute paths load from any folder.
+    options = {"args": dict(args or {}), "weights": absolute(weights), "latent_shape": latent_shape,
+               "output_range": output_range, "output_window": output_window, "latents": absolute(latents)}
     note = None
     if plugins.is_factory(ref):
         with torch.random.fork_rng(devices=[]):
@@ -124,8 +133,8 @@ def load_generator(ref: str | Path, device="cpu", args: dict | None = None, weig
     if latents:
         files[str(Path(latents).resolve())] = file_hash(latents)
     note = "; ".join(n for n in [note, *getattr(model, "notes", [])] if n) or None
-    model.reference = {"ref": ref, "kind": getattr(model, "kind", "native"), "options": options, "files": files,
-                       "note": note}
+    model.reference = {"ref": plugins.absolute_ref(ref), "kind": getattr(model, "kind", "native"), "options": options,
+                       "files": files, "note": note}
     return place_generator(model, device, memory_format).eval().requires_grad_(False)
 
 

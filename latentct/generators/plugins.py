@@ -39,6 +39,15 @@ def is_factory(ref: str) -> bool:
     return ":" in ref and not Path(ref).is_file() and ref.rsplit(":", 1)[1].isidentifier()
 
 
+def absolute_ref(ref: str) -> str:
+    """``ref`` with its file made absolute (``file.py:name`` too), so that a record of it works from any
+    folder; ``package.module:name`` is left as it is."""
+    if not is_factory(ref):
+        return str(Path(ref).resolve())
+    target, name = ref.rsplit(":", 1)
+    return f"{Path(target).resolve()}:{name}" if target.endswith(".py") else ref
+
+
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:

@@ -384,3 +384,48 @@ def test_a_real_batch_is_checked_for_shape_and_range(tmp_path, capsys):
     with pytest.raises(UserError, match=r"^--generator: its output's shape depends on the batch size: "
                                         r"\(1, 1, 32, 32\) for 1 latent, \(1, 4, 32, 32\) for 4$"):
         load_generator(ref, args={"merge_batch": True})
+
+
+SCALED = '''
+import torch
+import torch.nn as nn
+
+
+class Scaled(nn.Module):
+    latent_shape = (8,)
+    output_window = (-1000.0, 2000.0)
+
+    def __init__(self, gain):
+        super().__init__()
+        self.gain = gain
+        self.map = nn.Linear(8, 32 * 32)
+
+    def forward(self, z):
+        return torch.tanh(self.gain * self.map(z)).reshape(-1, 1, 32, 32)
+
+
+def make(gain=1.0):
+    return Scaled(gain)
+'''
+
+
+def test_relative_paths_are_recorded_absolute_and_weights_can_be_overridden(tmp_path, monkeypatch):
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    Path("gen.py").write_text(textwrap.dedent(SCALED))
+    torch.save({"map.weight": 0.3 * torch.randn(32 * 32, 8), "map.bias": torch.zeros(32 * 32)}, "w.pt")
+    directions("gen.py:make", Path("run"), "--method", "random", "--no-rca", "--generator-weights", "w.pt")
+    monkeypatch.chdir(tmp_path)  # evaluated from another folder
+    found, G = load_directions("work/run/directions.pt")
+    record = found.state["generator"]
+    assert record["ref"] == f"{tmp_path / 'work' / 'gen.py'}:make"
+    assert record["options"]["weights"] == str(tmp_path / "work" / "w.pt")
+    Path("work/w.pt").rename("moved.pt")
+    with pytest.raises(UserError, match=r"its generator's weights .*w\.pt are missing; pass --generator-weights$"):
+        load_directions("work/run/directions.pt")
+    _, G = load_directions("work/run/directions.pt", weights="moved.pt", args='{"gain": 2.0}')
+    assert G.reference["options"]["args"] == {"gain": 2.0} and G.module.gain == 2.0
+    report = EvalDirections.main(parse_settings(EvalDirections.Settings, [
+        "--directions", "work/run/directions.pt", "--output", "gallery", "--generator-weights", "moved.pt",
+        "--which", "0", *EVAL]))
+    assert len(report["directions"]) == 1
