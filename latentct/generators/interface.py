@@ -148,8 +148,11 @@ def place_generator(G: nn.Module, device, memory_format=torch.contiguous_format)
 
 
 def _native_state(path) -> dict | None:
-    """A LatentCT generator file's contents, or None for any other file (TorchScript, export, ...)."""
+    """A LatentCT generator file's contents, or None for any other file (TorchScript, export, ...); a pickled
+    object (a whole module saved with torch.save) is an error that says what to save instead."""
     import zipfile
+
+    from latentct.generators.plugins import pickled_class
 
     try:
         with zipfile.ZipFile(path) as archive:  # TorchScript: torch.load would warn and dispatch to torch.jit.load
@@ -159,7 +162,11 @@ def _native_state(path) -> dict | None:
         pass
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:
+    except Exception as err:
+        if pickled_class(err):
+            raise UserError(f"--generator: {path} is a pickled {pickled_class(err)} (torch.save of a whole module), "
+                            "which LatentCT does not unpickle: save its state_dict and write a factory that builds "
+                            "it, then pass --generator file.py:name --generator-weights state.pt") from None
         return None
     return state if isinstance(state, dict) and state.get("kind") in KINDS else None
 

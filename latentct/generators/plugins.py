@@ -16,13 +16,18 @@ one size, max(D, H) x max(W, H), when the volume is not a cube) are the three ch
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import importlib.util
 import inspect
 import json
+import logging
 import math
+import re
 import sys
+import textwrap
+import warnings
 from pathlib import Path
 
 import torch
@@ -48,6 +53,19 @@ def absolute_ref(ref: str) -> str:
     return f"{Path(target).resolve()}:{name}" if target.endswith(".py") else ref
 
 
+def one_line(text: str, width: int = 160) -> str:
+    """The first line of an error's text for a one-line message: terminal escape codes (torch's bold) removed,
+    cut at a word boundary."""
+    lines = re.sub(r"\x1b\[[0-9;]*m", "", str(text)).strip().splitlines()
+    return textwrap.shorten(lines[0] if lines else "", width, placeholder=" ...")
+
+
+def pickled_class(err: Exception) -> str | None:
+    """The class a ``weights_only`` load refused (a whole object saved with torch.save), else None."""
+    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
+    return found.group(1) if found else None
+
+
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
@@ -69,7 +87,7 @@ def load_factory(ref: str, args: dict) -> tuple[nn.Module, dict]:
         try:
             spec.loader.exec_module(module)
         except Exception as err:
-            raise UserError(f"--generator: importing {path} failed ({type(err).__name__}: {err})") from None
+            raise UserError(f"--generator: importing {path} failed ({type(err).__name__}: {one_line(err)})") from None
         source = path
     else:
         try:
@@ -81,9 +99,17 @@ def load_factory(ref: str, args: dict) -> tuple[nn.Module, dict]:
     if not callable(factory):
         raise UserError(f"--generator: {target} has no callable {name!r}")
     try:
+        inspect.signature(factory).bind(**args)
+    except TypeError as err:  # a missing or unknown argument: the arguments come from --generator-args
+        raise UserError(f"--generator-args: {ref} {err} (given {json.dumps(args)}); pass its arguments as "
+                        "--generator-args '{\"name\": value}'") from None
+    except ValueError:
+        pass  # no signature to read (a builtin): the call says what is wrong
+    try:
         made = factory(**args)
     except Exception as err:
-        raise UserError(f"--generator: {ref}({json.dumps(args)}) raised {type(err).__name__}: {err}") from None
+        raise UserError(f"--generator: {ref}({json.dumps(args)}) raised {type(err).__name__}: "
+                        f"{one_line(err)}") from None
     if not isinstance(made, nn.Module):
         raise UserError(f"--generator: {ref} returned {type(made).__name__}, not a torch.nn.Module")
     return made, {str(source.resolve()): _sha256(source)}
@@ -97,8 +123,10 @@ def load_weights(module: nn.Module, path: str) -> dict:
     try:
         state = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as err:
-        raise UserError(f"--generator-weights: {file} is not plain weights ({type(err).__name__}: "
-                        f"{str(err).splitlines()[0][:120]}); save a state_dict with torch.save") from None
+        pickled = pickled_class(err)
+        what = f"a pickled {pickled}" if pickled else f"{type(err).__name__}: {one_line(err, 120)}"
+        raise UserError(f"--generator-weights: {file} is not plain weights ({what}); save a state_dict with "
+                        "torch.save(model.state_dict(), path)") from None
     if isinstance(state, dict):
         for key in WEIGHTS_KEYS:
             if isinstance(state.get(key), dict):
@@ -108,23 +136,39 @@ def load_weights(module: nn.Module, path: str) -> dict:
         raise UserError(f"--generator-weights: {file} holds no state dict (nor one under {', '.join(WEIGHTS_KEYS)})")
     try:
         module.load_state_dict(state)
-    except RuntimeError as err:
-        first = str(err).split("\n")[0] + " " + " ".join(str(err).split("\n")[1:2]).strip()
-        raise UserError(f"--generator-weights: {file} does not fit the module: {first[:300]}") from None
+    except RuntimeError as err:  # its first two lines name the module and the first mismatching key
+        first = " ".join(str(err).splitlines()[:2])
+        raise UserError(f"--generator-weights: {file} does not fit the module: {one_line(first, 300)}") from None
     return {str(file.resolve()): _sha256(file)}
 
 
 def load_compiled(path: Path) -> tuple[nn.Module, str]:
     """A TorchScript file or a torch.export program: (module, "torchscript" | "export")."""
+    with quiet_export():
+        try:
+            return torch.jit.load(str(path), map_location="cpu"), "torchscript"
+        except Exception:
+            pass
+        try:
+            return torch.export.load(str(path)).module(), "export"
+        except Exception as err:
+            raise UserError(f"--generator: {path} is neither a LatentCT generator file, nor TorchScript, nor a "
+                            f"torch.export program ({type(err).__name__})") from None
+
+
+@contextlib.contextmanager
+def quiet_export():
+    """No warnings while probing a file's format: torch.export logs a whole traceback for every file that is not
+    one of its programs."""
+    logger = logging.getLogger("torch.export")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
     try:
-        return torch.jit.load(str(path), map_location="cpu"), "torchscript"
-    except Exception:
-        pass
-    try:
-        return torch.export.load(str(path)).module(), "export"
-    except Exception as err:
-        raise UserError(f"--generator: {path} is neither a LatentCT generator file, nor TorchScript, nor a "
-                        f"torch.export program ({type(err).__name__})") from None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
 
 
 class PluginGenerator(nn.Module):
@@ -160,7 +204,7 @@ class PluginGenerator(nn.Module):
                 return self.module(z.reshape(z.shape[0], *self.latent_shape))
         except Exception as err:
             raise UserError(f"--generator: calling it on latents of shape {(z.shape[0], *self.latent_shape)}"
-                            f" failed ({type(err).__name__}: {str(err).splitlines()[0][:160]}); check "
+                            f" failed ({type(err).__name__}: {one_line(err)}); check "
                             "--latent-shape") from None
 
     def check_batch(self, count: int = 4) -> None:

@@ -179,6 +179,10 @@ def ok():
 
 def broken():
     raise ValueError("no weights here")
+
+
+def needs(channels):
+    return Ok()
 '''
 
 
@@ -189,7 +193,11 @@ def broken():
     ("shape", "declared latent_shape (8,) but its output has shape (1, 16)"),
     ("wrong_latent", "check --latent-shape"),
     ("weights_misfit", "does not fit the module"),
-    ("weights_pickle", "is not plain weights"),
+    ("weights_pickle", "is not plain weights (a pickled torch.nn.modules.linear.Linear); save a state_dict"),
+    ("missing_argument", "--generator-args: {plug}:needs missing a required argument: 'channels' (given {{}}); "
+                         "pass its arguments as --generator-args"),
+    ("pickled_module", "--generator: {tmp}/pickled.pt is a pickled torch.nn.modules.linear.Linear (torch.save of a "
+                       "whole module), which LatentCT does not unpickle: save its state_dict and write a factory"),
 ])
 def test_bad_plug_ins_get_one_line_each(tmp_path, case, expected):
     (tmp_path / "plug.py").write_text(textwrap.dedent(BAD))
@@ -204,10 +212,24 @@ def test_bad_plug_ins_get_one_line_each(tmp_path, case, expected):
         "wrong_latent": lambda: load_generator(plug + ":ok", latent_shape=(5,)),
         "weights_misfit": lambda: load_generator(plug + ":ok", weights=str(tmp_path / "misfit.pt")),
         "weights_pickle": lambda: load_generator(plug + ":ok", weights=str(tmp_path / "pickled.pt")),
+        "missing_argument": lambda: load_generator(plug + ":needs"),
+        "pickled_module": lambda: load_generator(tmp_path / "pickled.pt"),
     }
     with pytest.raises(UserError) as err:
         calls[case]()
-    assert expected in str(err.value) and "\n" not in str(err.value)
+    assert expected.format(plug=plug, tmp=tmp_path) in str(err.value) and "\n" not in str(err.value)
+    assert "\x1b" not in str(err.value)  # torch's message carries terminal escape codes
+
+
+def test_probing_a_file_format_is_quiet_and_messages_end_at_a_word(tmp_path, capfd):
+    from latentct.generators.plugins import one_line
+
+    torch.save({"map.weight": torch.zeros(2, 2)}, tmp_path / "plain.pt")  # weights, not a generator
+    with pytest.raises(UserError, match="is neither a LatentCT generator file, nor TorchScript"):
+        load_generator(tmp_path / "plain.pt")
+    assert capfd.readouterr().err == ""  # was: ~19 lines of torch.export's traceback
+    message = one_line("\x1b[1mWeights only load failed\x1b[0m. This file can still be loaded\nsecond line", 40)
+    assert message == "Weights only load failed. This file ..."
 
 
 def plug_in(tmp_path, source: str, factory: str) -> str:
