@@ -13,6 +13,8 @@ What the module declares (attributes; the flags of the same names override them)
 Output (B, C, H, W) with C of 1 or 3 (3 channels are averaged to one for every measurement and for the
 reconstructor), or (B, 1, D, H, W) for a volume: then the axial, coronal and sagittal mid-planes (resized to
 one size, max(D, H) x max(W, H), when the volume is not a cube) are the three channels every later stage sees.
+On loading it is called on 4 latents from its prior: an output size that changes with the batch size, or NaN,
+stops with one line; values well outside output_range get a printed note.
 """
 from __future__ import annotations
 
