@@ -24,7 +24,7 @@ from latentct.data.slices import has_factors, held_out, is_dataset, parse_window
 from latentct.discover.baselines import random_orthonormal
 from latentct.discover.directions import Directions, load_directions
 from latentct.generators.embed import embed
-from latentct.generators.interface import KINDS, load_encoder, output_size, sample_latents
+from latentct.generators.interface import KINDS, load_encoder, output_size, place_generator, sample_latents
 from latentct.score.report import STRONG, describe, fold_axes, is_strong, realism, sweep
 from latentct.score.scoring import effect_dci, line_effects, match_factors, null_summary, recovered_curve
 from latentct.show.gallery import write_gallery
@@ -43,6 +43,8 @@ class Settings:
     output: str = setting("Animations/demo", "output folder (GIFs, report.json, index.html)")
     compare: list[str] = setting([], "more directions files of the same generator for the ground-truth table")
     generator: str | None = setting(None, "generator file, when not where directions.pt says")
+    generator_weights: str | None = setting(None, "weights of a --generator factory, when not where directions.pt says")
+    generator_args: str | None = setting(None, "a --generator factory's arguments (JSON), when not those recorded")
     dataset: str | None = setting(None, "preprocessed dataset (default: the generator's training data)")
     which: list[int] = setting([], "directions to show (default: all)")
     shift_scale: float | None = setting(None, "sweep from -shift_scale to +shift_scale (default: the scale the "
@@ -98,9 +100,8 @@ class Subject:
 
 
 def load_subject(cfg: Settings) -> Subject:
-    directions, G = load_directions(cfg.directions, cfg.generator)
-    layout = memory_format(cfg.channels_last, Runtime(torch.device(cfg.device)))
-    G = G.to(cfg.device, memory_format=layout)
+    directions, G = load_directions(cfg.directions, cfg.generator, cfg.generator_weights, cfg.generator_args)
+    G = place_generator(G, cfg.device, memory_format(cfg.channels_last, Runtime(torch.device(cfg.device))))
     return Subject(directions, G, cfg.generator or directions.generator_ref(), G.window, cfg.dataset or G.dataset,
                    cfg.shift_scale or directions.shift_scale)
 
@@ -269,7 +270,8 @@ def ground_truth(cfg: Settings, subject: Subject, z, eps, main_images, out: Path
 
     methods, main = {}, None
     for i, file in enumerate([cfg.directions, *cfg.compare]):
-        dirs = subject.directions if i == 0 else load_directions(file, subject.generator_file)[0]
+        dirs = subject.directions if i == 0 else \
+            load_directions(file, subject.generator_file, cfg.generator_weights, cfg.generator_args)[0]
         ks = list(range(dirs.count))
         images = main_images if i == 0 and main_images is not None else sweep(G, dirs, ks, eps, z)
         r2, effect = line_effects(read(images), eps)

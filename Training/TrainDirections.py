@@ -141,7 +141,7 @@ def main(cfg: Settings) -> dict:
     layout = memory_format(cfg.channels_last, runtime, compiled)
 
     # Models: G frozen (no weight gradients ever), the deformator (or fixed directions), the reconstructor.
-    raw_G = load_generator(cfg.generator, runtime.device, **cfg.generator_options()).to(memory_format=layout)
+    raw_G = load_generator(cfg.generator, runtime.device, memory_format=layout, **cfg.generator_options())
     spread = latent_spread(raw_G)  # shifts are given in units of the latents' spread
     raw_deformator, deformator_args, method, extra = directions_for(cfg, raw_G, runtime.device)
     K = raw_deformator.directions_count

@@ -1,7 +1,8 @@
 """Closed-form and trivial direction baselines, on the same (K, d) footing as the learned directions.
 
 - SeFa (Shen & Zhou 2021): eigenvectors of A^T A, A the Jacobian of the generator's first linear map of z,
-  taken through autograd (``G.first_layer``, or a forward hook on the first parameterised layer z reaches).
+  taken through autograd (``G.first_layer``, or a forward hook on the first parameterised layer whose output
+  depends on z).
 - PCA of early activations regressed back to z (the GANSpace recipe, Härkönen et al. 2020): PCA of z
   itself is meaningless for a Gaussian z.
 - Random orthonormal directions and coordinate axes.
@@ -21,7 +22,7 @@ from latentct.util.settings import UserError
 
 def _first_layer(G):
     """The first linear map of z: the generator's own ``first_layer`` where it has one (our DCGAN and VAE decoder),
-    else the output of the first parameterised layer z reaches, through a forward hook."""
+    else the output of the first parameterised layer whose output depends on z, through a forward hook."""
     if hasattr(G, "first_layer"):
         return G.first_layer
     from latentct.generators.features import first_layer, layer_features
@@ -159,8 +160,11 @@ def spectral(G, count: int, layer: str | None = None, samples: int = 64, seed: i
         import torch.autograd.forward_ad as fwAD
 
         with torch.no_grad(), fwAD.dual_level():
-            out = features(fwAD.make_dual(points, tangents))
-            return fwAD.unpack_dual(out).tangent.double()
+            tangent = fwAD.unpack_dual(features(fwAD.make_dual(points, tangents))).tangent
+            tangent = None if tangent is None else tangent.double()
+        if tangent is None:  # no derivative flowed: the layer's output is a constant of z
+            raise UserError(f"--feature-layer: the output of {layer!r} does not depend on z; name a layer z reaches")
+        return tangent
 
     def jtj(V: torch.Tensor) -> torch.Tensor:  # (d, p) -> E_z[J^T J V]
         p = V.shape[1]

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from latentct.generators.interface import load_generator, sample_latents
 from latentct.models.deformator import Deformator, FixedDirections
 from latentct.train.checkpoint import load_file
-from latentct.train.runtime import evaluating
+from latentct.train.runtime import evaluating, unwrap
 from latentct.util.io import atomic_torch_save
 from latentct.util.settings import UserError
 
@@ -57,10 +57,26 @@ def step_losses(G: nn.Module, deformator: nn.Module, reconstructor: nn.Module, z
         base, shifted = G(z), G(z + shift)
     else:
         raise ValueError(f"--step-form: {form!r} is not split, concat or naive")
+    check_image_size(reconstructor, base)
     logits, eps_pred = reconstructor(base, shifted)
     label_loss = label_weight * F.cross_entropy(logits.float(), idx)
     shift_loss = shift_weight * (eps_pred.float() - eps).abs().mean()
     return label_loss + shift_loss, label_loss, shift_loss, logits
+
+
+# The smallest image side each reconstructor accepts (latentct/models/reconstructor.py): the LeNet's three 5 x 5
+# convolutions and two 2 x poolings take 32 -> 28 -> 14 -> 10 -> 5 -> 1; the ResNet's padded strides take any size.
+SMALLEST_SIDE = {"LeNet": 32}
+
+
+def check_image_size(reconstructor: nn.Module, images: torch.Tensor) -> None:
+    """A one-line error for images smaller than the reconstructor's kernels (else: 'Kernel size can't be greater
+    than actual input size' from deep inside it)."""
+    name = type(unwrap(reconstructor)).__name__
+    side = SMALLEST_SIDE.get(name, 1)
+    if min(images.shape[-2:]) < side:
+        raise UserError(f"--reconstructor: the {name} needs images of at least {side} x {side} px and the "
+                        f"generator's are {images.shape[-2]} x {images.shape[-1]}: use --reconstructor resnet")
 
 
 def reconstructor_accuracy(G, deformator, reconstructor, batches: int, batch: int, shift_args: dict,
@@ -145,9 +161,12 @@ class Directions:
         return record.get("ref", record["path"])
 
 
-def load_directions(path: str | Path, generator: str | Path | None = None) -> tuple[Directions, nn.Module]:
-    """The artifact and its generator, rebuilt from the recorded reference (or ``generator`` in its place); a
-    missing generator, or one whose files differ from those the directions were found for, is a clear error."""
+def load_directions(path: str | Path, generator: str | Path | None = None, weights: str | None = None,
+                    args: str | None = None) -> tuple[Directions, nn.Module]:
+    """The artifact and its generator, rebuilt from the recorded reference (or ``generator``, ``weights`` and
+    ``args``, a JSON object of a factory's arguments, in place of the recorded ones); a missing generator, or
+    one whose files differ from those the directions were found for, is a clear error."""
+    from latentct.generators.interface import parse_generator_args
     from latentct.generators.plugins import is_factory
 
     path = Path(path)
@@ -159,7 +178,13 @@ def load_directions(path: str | Path, generator: str | Path | None = None) -> tu
     ref = str(generator) if generator else directions.generator_ref()
     if not is_factory(ref) and not Path(ref).is_file():
         raise UserError(f"{path}: its generator {ref} is missing; pass the generator file explicitly")
-    G = load_generator(ref, **(record.get("options") or {}))
+    options = dict(record.get("options") or {})
+    options["weights"] = weights or options.get("weights")
+    if args is not None:
+        options["args"] = parse_generator_args(args)
+    if options["weights"] and not Path(options["weights"]).is_file():
+        raise UserError(f"{path}: its generator's weights {options['weights']} are missing; pass --generator-weights")
+    G = load_generator(ref, **options)
     expected = record.get("files") or {record["path"]: record["sha256"]}
     if sorted(G.reference["files"].values()) != sorted(expected.values()):
         shown = next(iter(expected.values()))[:12]

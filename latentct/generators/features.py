@@ -26,40 +26,72 @@ def require_hooks(G: nn.Module, what: str) -> None:
                         "use the learned method, random or coordinate")
 
 
-def layers_in_call_order(G: nn.Module) -> list[str]:
-    """The modules with parameters of their own, in the order a forward pass calls them."""
-    order, handles = [], []
+def layers_in_call_order(G: nn.Module) -> dict[str, int]:
+    """The modules with parameters of their own whose output depends on z, in the order a forward pass first
+    calls them, each with how many times one forward pass calls it. A layer with parameters may not depend on
+    z at all (a diffusion model's time embedding of a constant t): its output is the same for two latents run
+    from the same random state (a sampler may draw noise of its own), and it is left out."""
+    device = next(G.parameters(), torch.zeros(0)).device
+    z = torch.zeros(2, G.latent_dim, device=device)
+    z[1] = torch.randn(G.latent_dim, generator=torch.Generator().manual_seed(0)).to(device)
+    runs = [_first_outputs(G, latent[None]) for latent in z]
+    (first, calls), (other, _) = runs
+    return {name: calls[name] for name in first
+            if first[name] is not None and other.get(name) is not None and not torch.equal(first[name], other[name])}
+
+
+def _first_outputs(G: nn.Module, z: torch.Tensor) -> tuple[dict, dict]:
+    """({name: first output tensor (or None)}, {name: calls}) of the parameterised modules over one forward
+    pass, in call order, from a fixed random state."""
+    first, calls, handles = {}, {}, []
+
+    def record(name, output):
+        calls[name] = calls.get(name, 0) + 1
+        if name not in first:
+            tensors = [output] if isinstance(output, torch.Tensor) else \
+                [o for o in output if isinstance(o, torch.Tensor)] if isinstance(output, (tuple, list)) else []
+            first[name] = tensors[0].detach().clone() if tensors else None
+
     for name, module in G.named_modules():
         if name and any(True for _ in module.parameters(recurse=False)):
-            handles.append(module.register_forward_hook(lambda m, i, o, name=name: order.append(name)))
+            handles.append(module.register_forward_hook(lambda m, i, o, name=name: record(name, o)))
     try:
-        with torch.no_grad():
-            G(torch.zeros(1, G.latent_dim, device=next(G.parameters(), torch.zeros(0)).device))
+        with torch.no_grad(), torch.random.fork_rng(devices=[z.device] if z.device.type == "cuda" else []):
+            torch.manual_seed(0)
+            G(z)
     finally:
         for handle in handles:
             handle.remove()
-    return list(dict.fromkeys(order))
+    return first, calls
 
 
 def first_layer(G: nn.Module) -> str:
-    """The first parameterised layer z reaches (whose linear map SeFa and PCA read)."""
+    """The first parameterised layer whose output depends on z (whose linear map SeFa and PCA read). Where it
+    runs more than once per forward pass (a diffusion sampler's loop) there is no one first map of z."""
     require_hooks(G, "SeFa and PCA")
-    order = layers_in_call_order(G)
-    if not order:
-        raise UserError(f"{type(G).__name__}: no layer with parameters to hook; pass --feature-layer")
-    return order[0]
+    reached = layers_in_call_order(G)
+    if not reached:
+        raise UserError(f"SeFa and PCA: no layer with parameters of {type(G).__name__} has an output that depends "
+                        "on z; use the learned method, random or coordinate")
+    name, calls = next(iter(reached.items()))
+    if calls > 1:
+        raise UserError(f"SeFa and PCA: {name!r}, the first layer whose output depends on z, runs {calls} times "
+                        "per forward pass (a sampling loop), so there is no one first map of z to read; use the "
+                        "learned method, spectral, random or coordinate")
+    return name
 
 
 def default_layer(G: nn.Module) -> str:
     """The layer LatentCLR and the spectral method read: the named default of our generators, else the second
-    parameterised layer z reaches."""
+    parameterised layer whose output depends on z."""
     require_hooks(G, "This method")
     name = DEFAULT_LAYERS.get(type(G).__name__)
     if name in dict(G.named_modules()):
         return name
-    order = layers_in_call_order(G)
+    order = list(layers_in_call_order(G))
     if len(order) < 2:
-        raise UserError(f"{type(G).__name__}: no intermediate layer to hook; pass --feature-layer")
+        raise UserError(f"{type(G).__name__}: no intermediate layer whose output depends on z to hook; "
+                        "pass --feature-layer")
     return order[1]
 
 

@@ -72,26 +72,36 @@ class GeneratorOptions:
         parent = getattr(super(), "__post_init__", None)
         if parent:
             parent()
-        try:
-            check(isinstance(json.loads(self.generator_args), dict), "generator_args", "must be a JSON object")
-        except json.JSONDecodeError as err:
-            check(False, "generator_args", f"is not JSON ({err.msg})")
+        parse_generator_args(self.generator_args)
 
     def generator_options(self) -> dict:
-        return {"args": json.loads(self.generator_args), "weights": self.generator_weights,
+        return {"args": parse_generator_args(self.generator_args), "weights": self.generator_weights,
                 "latent_shape": self.latent_shape, "output_range": self.output_range,
                 "output_window": self.output_window, "latents": self.latents}
 
 
+def parse_generator_args(text: str) -> dict:
+    """--generator-args: a JSON object of the factory's keyword arguments."""
+    try:
+        args = json.loads(text)
+    except json.JSONDecodeError as err:
+        check(False, "generator_args", f"is not JSON ({err.msg})")
+    check(isinstance(args, dict), "generator_args", "must be a JSON object")
+    return args
+
+
 def load_generator(ref: str | Path, device="cpu", args: dict | None = None, weights: str | None = None,
-                   latent_shape=None, output_range=None, output_window=None, latents: str | None = None) -> nn.Module:
+                   latent_shape=None, output_range=None, output_window=None, latents: str | None = None,
+                   memory_format=torch.contiguous_format) -> nn.Module:
     """Rebuild a generator, frozen and in eval mode, from a LatentCT generator.pt, a factory (``file.py:name``,
-    ``package.module:name``), a TorchScript file or a torch.export program."""
+    ``package.module:name``), a TorchScript file or a torch.export program; placed with ``place_generator``."""
     from latentct.generators import plugins
 
     ref = str(ref)
-    options = {"args": dict(args or {}), "weights": weights, "latent_shape": latent_shape,
-               "output_range": output_range, "output_window": output_window, "latents": latents}
+    absolute = lambda path: str(Path(path).resolve()) if path else None  # noqa: E731
+    # The options are recorded with the directions: absolute paths load from any folder.
+    options = {"args": dict(args or {}), "weights": absolute(weights), "latent_shape": latent_shape,
+               "output_range": output_range, "output_window": output_window, "latents": absolute(latents)}
     note = None
     if plugins.is_factory(ref):
         with torch.random.fork_rng(devices=[]):
@@ -118,16 +128,31 @@ def load_generator(ref: str | Path, device="cpu", args: dict | None = None, weig
         raise UserError(f"--generator: {ref} does not exist (a generator.pt, TorchScript or export file, or "
                         "file.py:factory)")
     model.prior = load_latents(latents, model.latent_shape) if latents else None
+    if hasattr(model, "check_batch"):  # a plug-in: its output on real latents, now that its prior is known
+        model.check_batch()
     if latents:
         files[str(Path(latents).resolve())] = file_hash(latents)
-    model.reference = {"ref": ref, "kind": getattr(model, "kind", "native"), "options": options, "files": files,
-                       "note": note}
-    return model.to(device).eval().requires_grad_(False)
+    note = "; ".join(n for n in [note, *getattr(model, "notes", [])] if n) or None
+    model.reference = {"ref": plugins.absolute_ref(ref), "kind": getattr(model, "kind", "native"), "options": options,
+                       "files": files, "note": note}
+    return place_generator(model, device, memory_format).eval().requires_grad_(False)
+
+
+def place_generator(G: nn.Module, device, memory_format=torch.contiguous_format) -> nn.Module:
+    """G on ``device``, in ``memory_format`` only if it is one of our generators: channels_last was measured
+    faster for them (bench/eval.py, bench/directions.py), never for a user's plug-in, and it fails outright on
+    a volume generator's 5-D weights (ConvTranspose3d). A plug-in keeps its own layout."""
+    if getattr(G, "kind", None) in KINDS:
+        return G.to(device, memory_format=memory_format)
+    return G.to(device)
 
 
 def _native_state(path) -> dict | None:
-    """A LatentCT generator file's contents, or None for any other file (TorchScript, export, ...)."""
+    """A LatentCT generator file's contents, or None for any other file (TorchScript, export, ...); a pickled
+    object (a whole module saved with torch.save) is an error that says what to save instead."""
     import zipfile
+
+    from latentct.generators.plugins import pickled_class
 
     try:
         with zipfile.ZipFile(path) as archive:  # TorchScript: torch.load would warn and dispatch to torch.jit.load
@@ -137,7 +162,11 @@ def _native_state(path) -> dict | None:
         pass
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:
+    except Exception as err:
+        if pickled_class(err):
+            raise UserError(f"--generator: {path} is a pickled {pickled_class(err)} (torch.save of a whole module), "
+                            "which LatentCT does not unpickle: save its state_dict and write a factory that builds "
+                            "it, then pass --generator file.py:name --generator-weights state.pt") from None
         return None
     return state if isinstance(state, dict) and state.get("kind") in KINDS else None
 

@@ -12,17 +12,24 @@ What the module declares (attributes; the flags of the same names override them)
                    anatomy measurements are off and the report says so
 Output (B, C, H, W) with C of 1 or 3 (3 channels are averaged to one for every measurement and for the
 reconstructor), or (B, 1, D, H, W) for a volume: then the axial, coronal and sagittal mid-planes (resized to
-H x W) are the three channels every later stage sees.
+one size, max(D, H) x max(W, H), when the volume is not a cube) are the three channels every later stage sees.
+On loading it is called on 4 latents from its prior: an output size that changes with the batch size, or NaN,
+stops with one line; values well outside output_range get a printed note.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import importlib.util
 import inspect
 import json
+import logging
 import math
+import re
 import sys
+import textwrap
+import warnings
 from pathlib import Path
 
 import torch
@@ -37,6 +44,28 @@ WEIGHTS_KEYS = ("state_dict", "model", "generator", "weights")  # where a checkp
 def is_factory(ref: str) -> bool:
     """``file.py:name`` or ``package.module:name`` (and not a file that exists)."""
     return ":" in ref and not Path(ref).is_file() and ref.rsplit(":", 1)[1].isidentifier()
+
+
+def absolute_ref(ref: str) -> str:
+    """``ref`` with its file made absolute (``file.py:name`` too), so that a record of it works from any
+    folder; ``package.module:name`` is left as it is."""
+    if not is_factory(ref):
+        return str(Path(ref).resolve())
+    target, name = ref.rsplit(":", 1)
+    return f"{Path(target).resolve()}:{name}" if target.endswith(".py") else ref
+
+
+def one_line(text: str, width: int = 160) -> str:
+    """The first line of an error's text for a one-line message: terminal escape codes (torch's bold) removed,
+    cut at a word boundary."""
+    lines = re.sub(r"\x1b\[[0-9;]*m", "", str(text)).strip().splitlines()
+    return textwrap.shorten(lines[0] if lines else "", width, placeholder=" ...")
+
+
+def pickled_class(err: Exception) -> str | None:
+    """The class a ``weights_only`` load refused (a whole object saved with torch.save), else None."""
+    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
+    return found.group(1) if found else None
 
 
 def _sha256(path: Path) -> str:
@@ -60,7 +89,7 @@ def load_factory(ref: str, args: dict) -> tuple[nn.Module, dict]:
         try:
             spec.loader.exec_module(module)
         except Exception as err:
-            raise UserError(f"--generator: importing {path} failed ({type(err).__name__}: {err})") from None
+            raise UserError(f"--generator: importing {path} failed ({type(err).__name__}: {one_line(err)})") from None
         source = path
     else:
         try:
@@ -72,9 +101,17 @@ def load_factory(ref: str, args: dict) -> tuple[nn.Module, dict]:
     if not callable(factory):
         raise UserError(f"--generator: {target} has no callable {name!r}")
     try:
+        inspect.signature(factory).bind(**args)
+    except TypeError as err:  # a missing or unknown argument: the arguments come from --generator-args
+        raise UserError(f"--generator-args: {ref} {err} (given {json.dumps(args)}); pass its arguments as "
+                        "--generator-args '{\"name\": value}'") from None
+    except ValueError:
+        pass  # no signature to read (a builtin): the call says what is wrong
+    try:
         made = factory(**args)
     except Exception as err:
-        raise UserError(f"--generator: {ref}({json.dumps(args)}) raised {type(err).__name__}: {err}") from None
+        raise UserError(f"--generator: {ref}({json.dumps(args)}) raised {type(err).__name__}: "
+                        f"{one_line(err)}") from None
     if not isinstance(made, nn.Module):
         raise UserError(f"--generator: {ref} returned {type(made).__name__}, not a torch.nn.Module")
     return made, {str(source.resolve()): _sha256(source)}
@@ -88,8 +125,10 @@ def load_weights(module: nn.Module, path: str) -> dict:
     try:
         state = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as err:
-        raise UserError(f"--generator-weights: {file} is not plain weights ({type(err).__name__}: "
-                        f"{str(err).splitlines()[0][:120]}); save a state_dict with torch.save") from None
+        pickled = pickled_class(err)
+        what = f"a pickled {pickled}" if pickled else f"{type(err).__name__}: {one_line(err, 120)}"
+        raise UserError(f"--generator-weights: {file} is not plain weights ({what}); save a state_dict with "
+                        "torch.save(model.state_dict(), path)") from None
     if isinstance(state, dict):
         for key in WEIGHTS_KEYS:
             if isinstance(state.get(key), dict):
@@ -99,23 +138,39 @@ def load_weights(module: nn.Module, path: str) -> dict:
         raise UserError(f"--generator-weights: {file} holds no state dict (nor one under {', '.join(WEIGHTS_KEYS)})")
     try:
         module.load_state_dict(state)
-    except RuntimeError as err:
-        first = str(err).split("\n")[0] + " " + " ".join(str(err).split("\n")[1:2]).strip()
-        raise UserError(f"--generator-weights: {file} does not fit the module: {first[:300]}") from None
+    except RuntimeError as err:  # its first two lines name the module and the first mismatching key
+        first = " ".join(str(err).splitlines()[:2])
+        raise UserError(f"--generator-weights: {file} does not fit the module: {one_line(first, 300)}") from None
     return {str(file.resolve()): _sha256(file)}
 
 
 def load_compiled(path: Path) -> tuple[nn.Module, str]:
     """A TorchScript file or a torch.export program: (module, "torchscript" | "export")."""
+    with quiet_export():
+        try:
+            return torch.jit.load(str(path), map_location="cpu"), "torchscript"
+        except Exception:
+            pass
+        try:
+            return torch.export.load(str(path)).module(), "export"
+        except Exception as err:
+            raise UserError(f"--generator: {path} is neither a LatentCT generator file, nor TorchScript, nor a "
+                            f"torch.export program ({type(err).__name__})") from None
+
+
+@contextlib.contextmanager
+def quiet_export():
+    """No warnings while probing a file's format: torch.export logs a whole traceback for every file that is not
+    one of its programs."""
+    logger = logging.getLogger("torch.export")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
     try:
-        return torch.jit.load(str(path), map_location="cpu"), "torchscript"
-    except Exception:
-        pass
-    try:
-        return torch.export.load(str(path)).module(), "export"
-    except Exception as err:
-        raise UserError(f"--generator: {path} is neither a LatentCT generator file, nor TorchScript, nor a "
-                        f"torch.export program ({type(err).__name__})") from None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
 
 
 class PluginGenerator(nn.Module):
@@ -134,10 +189,11 @@ class PluginGenerator(nn.Module):
         self.hookable = kind == "factory"  # TorchScript and exported programs run without forward hooks
         if not self.output_range[1] > self.output_range[0]:
             raise UserError(f"--output-range: {self.output_range} is not (low, high) with high > low")
-        self.volume = False
+        self.volume, self.notes = False, []  # notes: what the report should say about how the output was read
         out = self._raw(torch.zeros(1, self.latent_dim))
         if out.ndim == 5 and out.shape[1] == 1:
             self.volume = True
+            self.notes += plane_notes(out.shape[2:])
         elif not (out.ndim == 4 and out.shape[1] in (1, 3)):
             raise UserError(f"--generator: declared latent_shape {self.latent_shape} but its output has shape "
                             f"{tuple(out.shape)}; expected (B, 1 or 3, H, W) or (B, 1, D, H, W)")
@@ -149,9 +205,29 @@ class PluginGenerator(nn.Module):
             with torch.no_grad():
                 return self.module(z.reshape(z.shape[0], *self.latent_shape))
         except Exception as err:
-            raise UserError(f"--generator: calling it on latents of shape (1, {', '.join(map(str, self.latent_shape))})"
-                            f" failed ({type(err).__name__}: {str(err).splitlines()[0][:160]}); check "
+            raise UserError(f"--generator: calling it on latents of shape {(z.shape[0], *self.latent_shape)}"
+                            f" failed ({type(err).__name__}: {one_line(err)}); check "
                             "--latent-shape") from None
+
+    def check_batch(self, count: int = 4) -> None:
+        """What z = 0 at batch 1 cannot show, on ``count`` latents from the prior: an output size that does not
+        change with the batch size (an error), finite values (an error), and values within the output range
+        (a printed note where they lie well outside it: a raw model's -3.5..6.7, or HU)."""
+        from latentct.generators.interface import sample_latents
+
+        z = sample_latents(self, count, torch.Generator().manual_seed(0))
+        with torch.random.fork_rng(devices=[]):  # a sampler's own noise draws nothing from the seeded stream
+            one, out = self._raw(z[:1]), self._raw(z)
+        if out.shape != (count, *one.shape[1:]):
+            raise UserError(f"--generator: its output's shape depends on the batch size: {tuple(one.shape)} for 1 "
+                            f"latent, {tuple(out.shape)} for {count}")
+        require_finite(out)
+        low, high = self.output_range
+        seen = float(out.min()), float(out.max())
+        if seen[0] < low - 0.1 * (high - low) or seen[1] > high + 0.1 * (high - low):
+            print(f"note: --generator: its output spans {seen[0]:.3g}..{seen[1]:.3g} on {count} latents from its "
+                  f"prior, well outside its output range {low:g}..{high:g}: declare output_range (or pass "
+                  "--output-range) so that its images map to [-1, 1]")
 
     def train(self, mode: bool = True):
         """An exported program has no train/eval mode (it was exported in the one it runs in)."""
@@ -162,6 +238,7 @@ class PluginGenerator(nn.Module):
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         out = self.module(z.reshape(z.shape[0], *self.latent_shape)).float()
+        require_finite(out)
         low, high = self.output_range
         out = 2 * (out - low) / (high - low) - 1
         if self.volume:
@@ -169,15 +246,40 @@ class PluginGenerator(nn.Module):
         return out.mean(1, keepdim=True) if out.shape[1] == 3 else out
 
 
+def require_finite(out: torch.Tensor) -> None:
+    """Stop where a generator's output is first seen to be NaN or infinite: downstream it would show as black
+    frames, as a 'diverged' training and as NaN in the report. One reduction per call (a host sync on a GPU)."""
+    bad = ~torch.isfinite(out.detach().flatten(1)).all(1)
+    if bad.any():
+        raise UserError(f"--generator: its output is NaN or infinite for {int(bad.sum())} of {len(out)} latents; "
+                        "the generator (or its weights) fails there, not the direction training")
+
+
+def plane_size(D: int, H: int, W: int) -> tuple[int, int]:
+    """The one size of the three mid-planes: the axial (H, W), coronal (D, W) and sagittal (D, H) planes are
+    each brought to the larger extent along each side, so no plane loses resolution."""
+    return max(H, D), max(W, H)
+
+
 def mid_planes(volume: torch.Tensor) -> torch.Tensor:
-    """(B, 1, D, H, W) -> (B, 3, H, W): axial, coronal and sagittal mid-planes, the last two resized to H x W."""
+    """(B, 1, D, H, W) -> (B, 3, *plane_size): the axial, coronal and sagittal mid-planes, each resized
+    (bilinear) to the one plane size when the volume is not a cube."""
     B, _, D, H, W = volume.shape
-    axial = volume[:, :, D // 2]
-    coronal = volume[:, :, :, H // 2]
-    sagittal = volume[:, :, :, :, W // 2]
-    resize = lambda x: x if x.shape[-2:] == (H, W) else F.interpolate(x, size=(H, W), mode="bilinear",  # noqa: E731
-                                                                       align_corners=False)
-    return torch.cat([axial, resize(coronal), resize(sagittal)], dim=1)
+    size = plane_size(D, H, W)
+    planes = [volume[:, :, D // 2], volume[:, :, :, H // 2], volume[:, :, :, :, W // 2]]
+    return torch.cat([p if p.shape[-2:] == size else F.interpolate(p, size=size, mode="bilinear", align_corners=False)
+                      for p in planes], dim=1)
+
+
+def plane_notes(shape) -> list[str]:
+    """What the report says of a non-cubic volume's planes: which were resized, from what to what."""
+    D, H, W = (int(s) for s in shape)
+    size = plane_size(D, H, W)
+    resized = [f"{name} {a}x{b}" for name, (a, b) in (("axial", (H, W)), ("coronal", (D, W)), ("sagittal", (D, H)))
+               if (a, b) != size]
+    if not resized:
+        return []
+    return [f"volume {D}x{H}x{W}: mid-planes resized to one size {size[0]}x{size[1]} ({', '.join(resized)})"]
 
 
 def declared(module: nn.Module, name: str, override):

@@ -41,7 +41,20 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 
 def atomic_write_json(path: str | Path, obj) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+    """``obj`` as JSON; NaN and infinities are written as null (JSON has no NaN, and a bare NaN makes the file
+    unreadable to every strict parser)."""
+    atomic_write_text(path, json.dumps(_finite_or_null(obj), indent=2, sort_keys=False, default=str,
+                                       allow_nan=False) + "\n")
+
+
+def _finite_or_null(obj):
+    if isinstance(obj, dict):
+        return {k: _finite_or_null(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite_or_null(v) for v in obj]
+    if isinstance(obj, (float, np.floating)):
+        return float(obj) if np.isfinite(obj) else None
+    return obj
 
 
 def atomic_torch_save(obj, path: str | Path) -> None:

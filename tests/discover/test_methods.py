@@ -32,7 +32,9 @@ class BlobToy(nn.Module):
         self.act = nn.Tanh()
 
     def forward(self, z):
-        c = self.act(self.first(z))                     # coordinates along the planted basis, squashed
+        return self.draw(self.act(self.first(z)))  # coordinates along the planted basis, squashed, drawn
+
+    def draw(self, c):
         yy, xx = torch.meshgrid(torch.arange(32.0), torch.arange(32.0), indexing="ij")
         cx, cy = 16 + 10 * c[:, 0].view(-1, 1, 1), 16 + 10 * c[:, 1].view(-1, 1, 1)
         blob = torch.sigmoid(2 * (5 - torch.maximum((xx - cx).abs(), (yy - cy).abs())))
@@ -168,3 +170,61 @@ def test_frozen_directions_get_their_rca_measured_like_a_baseline(toy_file, tmp_
     assert torch.equal(measured.matrix, source.matrix)
     with pytest.raises(UserError, match="--directions-file"):
         parse_settings(TrainDirections.Settings, ["--method", "file"])
+
+
+class TimeFirstToy(BlobToy):
+    """BlobToy behind a time-embedding MLP of a constant t, as in a diffusion model's UNet: the first two layers
+    with parameters that a forward pass calls do not depend on z. ``mix`` (the identity) follows ``first``."""
+
+    def __init__(self):
+        super().__init__()
+        self.time = nn.Sequential(nn.Linear(1, 8), nn.SiLU(), nn.Linear(8, 8))
+        self.mix = nn.Linear(8, 8)
+        with torch.no_grad():
+            self.mix.weight.copy_(torch.eye(8))
+            self.mix.bias.zero_()
+
+    def forward(self, z):
+        t = self.time(torch.ones(1, 1, device=z.device))
+        return self.draw(self.act(self.mix(self.first(z)) + 0 * t))
+
+
+class ToySampler(nn.Module):
+    """A DDIM-like sampler: z is x_T (1 x 8 x 8), three denoising steps of a small conv net with a time
+    embedding; every layer runs once per step."""
+
+    latent_dim = 64
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.time = nn.Linear(1, 4)
+        self.conv_in, self.conv_out = nn.Conv2d(1, 4, 3, padding=1), nn.Conv2d(4, 1, 3, padding=1)
+
+    def forward(self, z):
+        x = z.reshape(-1, 1, 8, 8)
+        for t in (0.9, 0.5, 0.1):
+            h = torch.relu(self.conv_in(x) + self.time(torch.full((1, 1), t))[:, :, None, None])
+            x = x - 0.1 * self.conv_out(h)
+        return x.tanh()
+
+
+def test_first_layer_methods_hook_the_first_layer_that_depends_on_z():
+    from latentct.discover.baselines import pca, sefa
+
+    toy = TimeFirstToy().eval().requires_grad_(False)
+    assert torch.allclose((sefa(toy, 2) @ toy.basis[:2].t()).abs(), torch.eye(2), atol=1e-4)  # not the axes
+    assert ((pca(toy, 2) @ toy.basis[:2].t()).abs().diagonal() > 0.99).all()
+    directions, info = spectral(toy, 2, samples=8)  # was: 'NoneType' object has no attribute 'double'
+    assert info["layer"] == "mix" and torch.allclose((directions @ toy.basis[:2].t()).abs(), torch.eye(2), atol=1e-4)
+    with pytest.raises(UserError, match="^--feature-layer: the output of 'time.2' does not depend on z"):
+        spectral(toy, 2, layer="time.2", samples=8)
+
+
+def test_first_layer_methods_refuse_a_sampling_loop():
+    from latentct.discover.baselines import sefa
+
+    sampler = ToySampler().eval().requires_grad_(False)
+    with pytest.raises(UserError, match=r"^SeFa and PCA: 'conv_in', the first layer whose output depends on z, "
+                                        r"runs 3 times per forward pass \(a sampling loop\)"):
+        sefa(sampler, 4)

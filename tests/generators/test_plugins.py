@@ -178,6 +178,10 @@ def ok():
 
 def broken():
     raise ValueError("no weights here")
+
+
+def needs(channels):
+    return Ok()
 '''
 
 
@@ -188,7 +192,11 @@ def broken():
     ("shape", "declared latent_shape (8,) but its output has shape (1, 16)"),
     ("wrong_latent", "check --latent-shape"),
     ("weights_misfit", "does not fit the module"),
-    ("weights_pickle", "is not plain weights"),
+    ("weights_pickle", "is not plain weights (a pickled torch.nn.modules.linear.Linear); save a state_dict"),
+    ("missing_argument", "--generator-args: {plug}:needs missing a required argument: 'channels' (given {{}}); "
+                         "pass its arguments as --generator-args"),
+    ("pickled_module", "--generator: {tmp}/pickled.pt is a pickled torch.nn.modules.linear.Linear (torch.save of a "
+                       "whole module), which LatentCT does not unpickle: save its state_dict and write a factory"),
 ])
 def test_bad_plug_ins_get_one_line_each(tmp_path, case, expected):
     (tmp_path / "plug.py").write_text(textwrap.dedent(BAD))
@@ -203,7 +211,242 @@ def test_bad_plug_ins_get_one_line_each(tmp_path, case, expected):
         "wrong_latent": lambda: load_generator(plug + ":ok", latent_shape=(5,)),
         "weights_misfit": lambda: load_generator(plug + ":ok", weights=str(tmp_path / "misfit.pt")),
         "weights_pickle": lambda: load_generator(plug + ":ok", weights=str(tmp_path / "pickled.pt")),
+        "missing_argument": lambda: load_generator(plug + ":needs"),
+        "pickled_module": lambda: load_generator(tmp_path / "pickled.pt"),
     }
     with pytest.raises(UserError) as err:
         calls[case]()
-    assert expected in str(err.value) and "\n" not in str(err.value)
+    assert expected.format(plug=plug, tmp=tmp_path) in str(err.value) and "\n" not in str(err.value)
+    assert "\x1b" not in str(err.value)  # torch's message carries terminal escape codes
+
+
+def test_probing_a_file_format_is_quiet_and_messages_end_at_a_word(tmp_path, capfd):
+    from latentct.generators.plugins import one_line
+
+    torch.save({"map.weight": torch.zeros(2, 2)}, tmp_path / "plain.pt")  # weights, not a generator
+    with pytest.raises(UserError, match="is neither a LatentCT generator file, nor TorchScript"):
+        load_generator(tmp_path / "plain.pt")
+    assert capfd.readouterr().err == ""  # was: ~19 lines of torch.export's traceback
+    message = one_line("\x1b[1mWeights only load failed\x1b[0m. This file can still be loaded\nsecond line", 40)
+    assert message == "Weights only load failed. This file ..."
+
+
+def plug_in(tmp_path, source: str, factory: str) -> str:
+    """``file.py:factory`` for a user's generator written to a temporary file."""
+    path = tmp_path / "user_generator.py"
+    path.write_text(textwrap.dedent(source))
+    return f"{path}:{factory}"
+
+
+CONV3D = '''
+import torch
+import torch.nn as nn
+
+
+class Conv3d(nn.Module):
+    """z (B, 8) -> (B, 1, 32, 32, 32) volumes through ConvTranspose3d layers (5-D weights)."""
+
+    latent_shape = (8,)
+    output_window = (-1000.0, 2000.0)
+
+    def __init__(self):
+        super().__init__()
+        self.map = nn.Linear(8, 2 * 8 * 8 * 8)
+        self.up = nn.Sequential(nn.ConvTranspose3d(2, 2, 4, 2, 1), nn.ReLU(), nn.ConvTranspose3d(2, 1, 4, 2, 1),
+                                nn.Tanh())
+
+    def forward(self, z):
+        return self.up(self.map(z).reshape(-1, 2, 8, 8, 8))
+
+
+def make():
+    torch.manual_seed(0)
+    return Conv3d()
+'''
+
+
+def test_channels_last_leaves_a_conv3d_volume_generator_alone(tmp_path):
+    from latentct.generators.interface import place_generator
+    from latentct.models.dcgan import Generator
+
+    ref = plug_in(tmp_path, CONV3D, "make")
+    result = directions(ref, tmp_path / "learned", "--channels-last", "on")  # was: required rank 4 tensor
+    assert 0.0 <= result["rca"] <= 1.0
+    G = place_generator(load_generator(ref), "cpu", torch.channels_last)
+    assert G(torch.zeros(2, 8)).shape == (2, 3, 32, 32)
+    native = Generator(8, 32, 4)
+    native.kind = "dcgan"
+    weight = place_generator(native, "cpu", torch.channels_last).main[0].weight
+    assert weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
+
+
+SLAB = '''
+import torch
+import torch.nn as nn
+
+
+class Slab(nn.Module):
+    """z (B, 4) -> (B, 1, depth, side, side): a thin, non-cubic volume."""
+
+    latent_shape = (4,)
+
+    def __init__(self, depth, side):
+        super().__init__()
+        self.shape = (depth, side, side)
+        self.map = nn.Linear(4, depth * side * side)
+
+    def forward(self, z):
+        return torch.tanh(self.map(z)).reshape(-1, 1, *self.shape)
+
+
+def make(depth=8, side=32):
+    torch.manual_seed(0)
+    return Slab(depth, side)
+'''
+
+
+def test_a_non_cubic_volume_gives_planes_of_one_size_and_a_note(tmp_path):
+    ref = plug_in(tmp_path, SLAB, "make")
+    G = load_generator(ref)
+    assert G(torch.zeros(2, 4)).shape == (2, 3, 32, 32)  # coronal and sagittal 8 x 32 brought to 32 x 32
+    assert "coronal 8x32, sagittal 8x32" in G.reference["note"] and "axial" not in G.reference["note"]
+    directions(ref, tmp_path / "slab", "--channels-last", "off")
+    with pytest.raises(UserError, match=r"^--reconstructor: the LeNet needs images of at least 32 x 32 px and the "
+                                        r"generator's are 16 x 16: use --reconstructor resnet$"):
+        directions(ref, tmp_path / "thin", "--generator-args", '{"side": 16}')
+    directions(ref, tmp_path / "resnet", "--generator-args", '{"side": 16}', "--reconstructor", "resnet")
+
+
+NAN = '''
+import torch
+import torch.nn as nn
+
+
+class FarNaN(nn.Module):
+    """32 x 32 images, NaN for latents far from the origin (|z| > 5: rare under the prior, common once shifted)."""
+
+    latent_shape = (8,)
+    output_window = (-1000.0, 2000.0)
+
+    def __init__(self):
+        super().__init__()
+        self.map = nn.Linear(8, 32 * 32)
+
+    def forward(self, z):
+        out = torch.tanh(self.map(z)).reshape(-1, 1, 32, 32)
+        return torch.where(z.norm(dim=1)[:, None, None, None] > 5, torch.nan, out)
+
+
+def make():
+    torch.manual_seed(0)
+    return FarNaN()
+'''
+
+
+def test_nan_output_is_named_where_it_is_first_seen(tmp_path):
+    ref = plug_in(tmp_path, NAN, "make")
+    expected = r"^--generator: its output is NaN or infinite for \d+ of \d+ latents; the generator"
+    with pytest.raises(UserError, match=expected):  # was: "training diverged. Lower the learning rate"
+        directions(ref, tmp_path / "learned")
+    directions(ref, tmp_path / "random", "--method", "random", "--no-rca")
+    with pytest.raises(UserError, match=expected):  # was: black frames and bare NaN in report.json
+        EvalDirections.main(parse_settings(EvalDirections.Settings, [
+            "--directions", str(tmp_path / "random" / "directions.pt"), "--output", str(tmp_path / "gallery"), *EVAL]))
+    assert not (tmp_path / "gallery" / "report.json").exists()
+
+
+def test_json_files_hold_null_for_nan(tmp_path):
+    import numpy as np
+
+    from latentct.util.io import atomic_write_json
+
+    def strict(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    atomic_write_json(tmp_path / "r.json", {"slope": float("nan"), "swd": [1.5, np.float32("inf")], "n": (2, 3)})
+    assert json.loads((tmp_path / "r.json").read_text(), parse_constant=strict) == {"slope": None,
+                                                                                  "swd": [1.5, None], "n": [2, 3]}
+
+
+BATCH = '''
+import torch
+import torch.nn as nn
+
+
+class Raw(nn.Module):
+    """32 x 32 images in the raw units of a model without a final tanh (about -3.5 to 6.5)."""
+
+    latent_shape = (8,)
+
+    def __init__(self, merge_batch):
+        super().__init__()
+        self.merge_batch = merge_batch
+        self.map = nn.Linear(8, 32 * 32)
+
+    def forward(self, z):
+        out = 5 * torch.tanh(self.map(z)) + 1.5
+        return out.reshape(1, -1, 32, 32) if self.merge_batch else out.reshape(-1, 1, 32, 32)
+
+
+def make(merge_batch=False):
+    torch.manual_seed(0)
+    return Raw(merge_batch)
+'''
+
+
+def test_a_real_batch_is_checked_for_shape_and_range(tmp_path, capsys):
+    ref = plug_in(tmp_path, BATCH, "make")
+    load_generator(ref)
+    note = capsys.readouterr().out.strip()
+    assert note.startswith("note: --generator: its output spans -") and "\n" not in note
+    assert "well outside its output range -1..1" in note
+    load_generator(ref, output_range=(-3.5, 6.5))
+    assert capsys.readouterr().out == ""  # within what it declares: no note
+    with pytest.raises(UserError, match=r"^--generator: its output's shape depends on the batch size: "
+                                        r"\(1, 1, 32, 32\) for 1 latent, \(1, 4, 32, 32\) for 4$"):
+        load_generator(ref, args={"merge_batch": True})
+
+
+SCALED = '''
+import torch
+import torch.nn as nn
+
+
+class Scaled(nn.Module):
+    latent_shape = (8,)
+    output_window = (-1000.0, 2000.0)
+
+    def __init__(self, gain):
+        super().__init__()
+        self.gain = gain
+        self.map = nn.Linear(8, 32 * 32)
+
+    def forward(self, z):
+        return torch.tanh(self.gain * self.map(z)).reshape(-1, 1, 32, 32)
+
+
+def make(gain=1.0):
+    return Scaled(gain)
+'''
+
+
+def test_relative_paths_are_recorded_absolute_and_weights_can_be_overridden(tmp_path, monkeypatch):
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    Path("gen.py").write_text(textwrap.dedent(SCALED))
+    torch.save({"map.weight": 0.3 * torch.randn(32 * 32, 8), "map.bias": torch.zeros(32 * 32)}, "w.pt")
+    directions("gen.py:make", Path("run"), "--method", "random", "--no-rca", "--generator-weights", "w.pt")
+    monkeypatch.chdir(tmp_path)  # evaluated from another folder
+    found, G = load_directions("work/run/directions.pt")
+    record = found.state["generator"]
+    assert record["ref"] == f"{tmp_path / 'work' / 'gen.py'}:make"
+    assert record["options"]["weights"] == str(tmp_path / "work" / "w.pt")
+    Path("work/w.pt").rename("moved.pt")
+    with pytest.raises(UserError, match=r"its generator's weights .*w\.pt are missing; pass --generator-weights$"):
+        load_directions("work/run/directions.pt")
+    _, G = load_directions("work/run/directions.pt", weights="moved.pt", args='{"gain": 2.0}')
+    assert G.reference["options"]["args"] == {"gain": 2.0} and G.module.gain == 2.0
+    report = EvalDirections.main(parse_settings(EvalDirections.Settings, [
+        "--directions", "work/run/directions.pt", "--output", "gallery", "--generator-weights", "moved.pt",
+        "--which", "0", *EVAL]))
+    assert len(report["directions"]) == 1
