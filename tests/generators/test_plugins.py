@@ -1,6 +1,7 @@
 """Generators a researcher brings (latentct/generators/plugins.py, latentct/generators/interface.py, latentct/generators/latents.py): a MONAI
 autoencoder through a factory with a spatial latent and encoded latents, TorchScript and torch.export files,
 a 3D generator, and one-line errors for bad plug-ins."""
+import json
 import textwrap
 from pathlib import Path
 
