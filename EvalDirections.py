@@ -17,21 +17,33 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 from latentct.data.phantom import FACTORS
 from latentct.data.slices import has_factors, held_out, is_dataset, parse_window, read_index, unit_to_hu
-from latentct.discover.baselines import random_orthonormal
 from latentct.discover.directions import Directions, load_directions
 from latentct.generators.embed import embed
 from latentct.generators.interface import KINDS, load_encoder, output_size, place_generator, sample_latents
 from latentct.score.report import STRONG, describe, fold_axes, is_strong, realism, sweep
-from latentct.score.scoring import effect_dci, line_effects, match_factors, null_summary, recovered_curve
+from latentct.score.scoring import (
+    AREA_TAUS,
+    HEADLINE,
+    R2_MIN,
+    TAUS,
+    area,
+    effect_dci,
+    line_effects,
+    null_sets,
+    score_directions,
+    significance,
+    verdict,
+)
 from latentct.show.gallery import write_gallery
 from latentct.show.images import display, make_grid, save_grid, save_png
 from latentct.show.render import chart, direction_gif, grid_gif, heatmap, recovered_plot, sweep_plan
 from latentct.train.runtime import Runtime, memory_format
-from latentct.util.io import atomic_write_json
+from latentct.util.io import atomic_torch_save, atomic_write_json
 from latentct.util.settings import UserError, check, run_cli, save_settings, setting
 
 
@@ -62,11 +74,12 @@ class Settings:
                                  "window under <root>/runs/oracle/)")
     root: str = setting(".", "folder under which the oracle cache runs/oracle/ lives")
     validation: str | None = setting(None, "validation.json of the known-answer sweeps (python -m latentct.score.validate):"
-                                     " the thresholds and the oracle's noise floor come from it")
-    r2_min: float | None = setting(None, "matched R2 a factor needs to count as recovered (default: --validation's)")
-    leakage_max: float | None = setting(None, "largest leakage of a recovered factor (default: --validation's)")
-    null_sets: int = setting(20, "random direction sets of the null (scored by the oracle, no reconstructor)")
-    null_samples: int = setting(8, "samples per direction in each null set")
+                                     " each factor's noise floor comes from it (the ground truth needs it)")
+    null_pool: int = setting(256, "random directions in the null's pool, scored once on the report's own latents "
+                             "and shifts (0: no null)")
+    null_sets: int = setting(1000, "sets of each method's own direction count drawn from the pool: the p-values")
+    null_cache: str | None = setting(None, "a file that keeps the scored null pool, reused while the generator, "
+                                     "oracle, latents and shifts are the same (bench/budget.py scores many runs)")
     real_slices: int = setting(2, "test slices to embed and move along directions")
     real_directions: int = setting(6, "strongest directions shown for each real slice")
     embed_steps: int = setting(200, "optimisation steps per embedding (DCGAN; the VAE uses its encoder)")
@@ -83,7 +96,8 @@ class Settings:
         parse_window(self.display_window, "--display-window")
         check(self.report_shifts >= 3, "report_shifts", "needs at least 3 shifts for a line fit")
         check(self.report_samples >= 2, "report_samples", "needs at least 2 samples")
-        check(self.null_sets == 0 or self.null_sets >= 2, "null_sets", "needs 0 (off) or at least 2 sets")
+        check(self.null_pool == 0 or self.null_pool >= 8, "null_pool", "needs 0 (off) or at least 8 directions")
+        check(self.null_sets >= 1, "null_sets", "needs at least 1 set")
 
 
 @dataclass
@@ -129,7 +143,7 @@ def main(cfg: Settings) -> dict:
         raise UserError(f"--which: directions {bad} do not exist (K = {subject.directions.count})")
     gen = torch.Generator().manual_seed(cfg.seed)
     grid_z = sample_latents(subject.G, cfg.grid_samples, gen)
-    report_z = sample_latents(subject.G, cfg.report_samples, gen)
+    report_z = sample_latents(subject.G, cfg.report_samples, gen, part="score")
     report_eps = torch.linspace(-subject.scale, subject.scale, cfg.report_shifts)
 
     # What each direction does: measurements, GIFs, samples and real slices (or the report an earlier run wrote).
@@ -241,27 +255,33 @@ def _read_report(out: Path, directions_file: str) -> dict:
 
 def ground_truth(cfg: Settings, subject: Subject, z, eps, main_images, out: Path) -> tuple[dict | None, str | None]:
     """On the phantom: the direction x factor table of this method and of every --compare file (the supervised
-    ceiling among them), the random null, effect-DCI and the scorer's own validation; files in ``out``. Returns
-    (table, None), or (None, why there is none)."""
+    ceiling among them), scored by latentct/score/scoring.py against each factor's noise floor, with p-values
+    against a pooled null of random directions on the same latents; files in ``out``. Returns (table, None), or
+    (None, why there is none)."""
     G, window = subject.G, subject.window
     if not is_dataset(subject.dataset) or not has_factors(subject.dataset):
         return None, "no phantom factors in the data"
     if window is None or G.volume:
         return None, "the ground truth reads 2D slices in a declared HU window"
     oracle_file = _oracle_file(cfg, G, window)
+    missing = None
     if not oracle_file.is_file():
-        how = (f"train the factor oracle with python -m latentct.score.oracle --image-size {output_size(G)} "
-               f"--window {','.join(f'{v:g}' for v in window)}, or pass --oracle")
-        if cfg.ground_truth == "only" or cfg.oracle:
-            raise UserError(f"--oracle: {oracle_file} does not exist; {how}")
-        return None, f"no factor oracle at {oracle_file}: {how}"
+        missing = (f"--oracle: {oracle_file} does not exist; train the factor oracle with python -m "
+                   f"latentct.score.oracle --image-size {output_size(G)} --window "
+                   f"{','.join(f'{v:g}' for v in window)}, or pass --oracle")
+    elif not cfg.validation or not Path(cfg.validation).is_file():
+        missing = (f"--validation: {cfg.validation or 'not given'}; the noise floors come from the known-answer "
+                   f"sweeps: python -m latentct.score.validate --output DIR --image-size {output_size(G)} "
+                   f"--oracle {oracle_file}, then pass --validation DIR/validation.json")
+    if missing:
+        if cfg.ground_truth == "only" or (cfg.oracle and not oracle_file.is_file()):
+            raise UserError(missing)
+        return None, missing
     from latentct.score.oracle import load_oracle
+
     oracle = load_oracle(oracle_file)
-    validation = json.loads(Path(cfg.validation).read_text()) if cfg.validation else None
-    limits = (validation or {}).get("thresholds", {})
-    r2_min = cfg.r2_min if cfg.r2_min is not None else limits.get("r2_min", 0.5)
-    leakage_max = cfg.leakage_max if cfg.leakage_max is not None else limits.get("leakage_max", 0.5)
-    floor = np.array([validation["noise_floor"][f] for f in FACTORS]) if validation else None
+    validation = json.loads(Path(cfg.validation).read_text())
+    floor = np.array([validation["noise_floor"][f] for f in FACTORS])
     out.mkdir(parents=True, exist_ok=True)
 
     def read(images):  # the oracle's standardised factors of (K, E, Z, 1, H, W) images
@@ -275,31 +295,83 @@ def ground_truth(cfg: Settings, subject: Subject, z, eps, main_images, out: Path
         ks = list(range(dirs.count))
         images = main_images if i == 0 and main_images is not None else sweep(G, dirs, ks, eps, z)
         r2, effect = line_effects(read(images), eps)
-        table = match_factors(r2, effect, r2_min, leakage_max)
+        table = score_directions(r2, effect, floor)
         table.update(rca=dirs.rca, effect_dci=effect_dci(effect, floor), directions_count=dirs.count,
-                     curve=recovered_curve(r2, effect, r2_min))
+                     supervision="labels" if dirs.method == "supervised" else "none")
         if dirs.method == "supervised":
             table["supervised"] = dirs.extra
         name = dirs.method if dirs.method not in methods else f"{dirs.method} ({Path(file).parent.name})"
         methods[name] = table
         if i == 0:
             main = dict(table, r2_matrix=r2.round(4).tolist(), effect_matrix=effect.round(4).tolist())
-            recovered = {v["direction"]: FACTORS.index(f) for f, v in table["factors"].items() if v["recovered"]}
+            stands = [(m["direction"], FACTORS.index(m["factor"])) for m in table["matches"][HEADLINE]]
             heatmap(effect, [f"k={k}" for k in ks], list(FACTORS), "effect of each direction on each factor "
-                    "(std units; red: recovered)", out / "effect_matrix.png", list(recovered.items()))
-    null = random_null(cfg, G, subject.directions.count, eps, read, r2_min, leakage_max, floor) \
-        if cfg.null_sets else None
-    recoverable = methods["supervised"]["recovered"] if "supervised" in methods else None
+                    f"(std units; red: recovered at tau {HEADLINE})", out / "effect_matrix.png", stands)
+    supervised = methods.get("supervised")
+    sup_curve = np.asarray(supervised["curve"], dtype=float) if supervised else None
+    pool = cached_null(cfg, G, z, eps, read, oracle.sha256) if cfg.null_pool else None
     for table in methods.values():
-        table["recoverable"] = recoverable
-        table["above_null"] = None if null is None else bool(table["recovered"] > null["recovered"]["p95"])
-    recovered_plot(methods, leakage_max, out / "recovered_curve.png")
-    return {"oracle_sha256": oracle.sha256, "oracle_path": str(oracle.path), "oracle_r2": oracle.r2,
-            "validation": _validation_summary(validation), "r2_min": r2_min, "leakage_max": leakage_max,
-            "thresholds_from": (validation or {}).get("thresholds_from", "known-answer sweeps")
-            if limits and cfg.r2_min is None and cfg.leakage_max is None else "settings", "noise_floor": None if floor is None else dict(zip(FACTORS, floor.tolist())),
+        table["auc"] = area(np.asarray(table["curve"]), sup_curve)
+        table["recoverable_at"] = supervised["recovered_at"] if supervised else None
+        table["recoverable"] = supervised["recovered"] if supervised else None
+        table["p_value"] = None
+        if pool is not None:
+            null = null_sets(*pool, floor, table["directions_count"], cfg.null_sets, seed=cfg.seed)
+            table["p_value"] = significance(table, null, sup_curve)
+            table["null_mean_at"] = {key: float(v.mean()) for key, v in null["at"].items()}
+        headline_p = None if table["p_value"] is None else table["p_value"]["auc"] or table["p_value"][HEADLINE]
+        table["above_null"] = None if headline_p is None else bool(headline_p < 0.05)
+        table["verdict"] = verdict(headline_p)
+        table["per_seed"] = [{"seed": cfg.seed, "recovered_at": table["recovered_at"], "auc": table["auc"],
+                              "p_value": table["p_value"]}]
+    main.update({k: methods[next(iter(methods))][k] for k in ("auc", "recoverable_at", "recoverable", "p_value",
+                                                              "above_null", "verdict", "per_seed")})
+    recovered_plot(methods, AREA_TAUS, TAUS[HEADLINE], out / "recovered_curve.png")
+    fit_oracle = (supervised or {}).get("supervised", {}).get("oracle_sha256")
+    return {"oracles": {"fit": fit_oracle, "score": oracle.sha256}, "oracle_path": str(oracle.path),
+            "oracle_r2": oracle.r2, "validation": _validation_summary(validation),
+            "noise_floor": dict(zip(FACTORS, floor.tolist())), "minimum_effect": validation.get("minimum_effect"),
+            "attainable": validation.get("attainable"), "taus": TAUS, "headline": HEADLINE, "r2_min": R2_MIN,
+            "recoverable_at": supervised["recovered_at"] if supervised else None,
+            "recoverable": supervised["recovered"] if supervised else None,
+            "null": None if pool is None else {"pool": cfg.null_pool, "sets": cfg.null_sets, "samples": int(z.shape[0]),
+                                               "shifts": int(eps.numel()), "latents": "the report's own"},
             "heatmap": f"{out.name}/effect_matrix.png", "curve": f"{out.name}/recovered_curve.png",
-            "main": main, "methods": methods, "null": null, "recoverable": recoverable}, None
+            "main": main, "methods": methods}, None
+
+
+def cached_null(cfg: Settings, G, z, eps, read, oracle_sha: str) -> tuple[np.ndarray, np.ndarray]:
+    """The pooled null, from --null-cache when it was scored with this generator, oracle, latents, shifts and
+    pool; otherwise scored now (and kept there)."""
+    import hashlib
+
+    key = hashlib.sha256(json.dumps([G.reference.get("files"), oracle_sha, cfg.null_pool, cfg.seed]).encode()
+                         + z.numpy().tobytes() + eps.numpy().tobytes()).hexdigest()
+    if cfg.null_cache and Path(cfg.null_cache).is_file():
+        kept = torch.load(cfg.null_cache, weights_only=True)
+        if kept.get("key") == key:
+            return kept["r2"].numpy(), kept["effect"].numpy()
+    r2, effect = pooled_null(cfg, G, z, eps, read)
+    if cfg.null_cache:
+        atomic_torch_save({"key": key, "r2": torch.from_numpy(r2), "effect": torch.from_numpy(effect)}, cfg.null_cache)
+    return r2, effect
+
+
+def pooled_null(cfg: Settings, G, z, eps, read, chunk: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """R2 and effect (pool, F) of ``null_pool`` random unit directions, swept like every method: the same
+    latents, shifts and sample count. Scored once; every method's null sets are drawn from it."""
+    gen = torch.Generator().manual_seed(cfg.seed + 99991)
+    matrix = F.normalize(torch.randn(cfg.null_pool, G.latent_dim, generator=gen), dim=1)
+    r2, effect = [], []
+    for start in tqdm(range(0, cfg.null_pool, chunk), desc="null pool", unit="chunk", leave=False):
+        part = matrix[start:start + chunk]
+        dirs = Directions({"method": "random", "matrix": part, "deformator": None, "generator": {}, "rca": None},
+                          Path("null"))
+        values = read(sweep(G, dirs, list(range(len(part))), eps, z))
+        pr2, peffect = line_effects(values, eps)
+        r2.append(pr2)
+        effect.append(peffect)
+    return np.concatenate(r2), np.concatenate(effect)
 
 
 def _oracle_file(cfg: Settings, G, window) -> Path:
@@ -312,25 +384,9 @@ def _oracle_file(cfg: Settings, G, window) -> Path:
                                                          root=cfg.root)) / "oracle.pt"
 
 
-def random_null(cfg: Settings, G, count: int, eps, read, r2_min: float, leakage_max: float, floor) -> dict:
-    """``null_sets`` random orthonormal direction sets of the same size, scored like any method: what chance
-    alone recovers."""
-    z = sample_latents(G, cfg.null_samples, torch.Generator().manual_seed(cfg.seed + 99991))
-    recovered, dis = [], []
-    for s in tqdm(range(cfg.null_sets), desc="random null", unit="set", leave=False):
-        matrix = random_orthonormal(G.latent_dim, count, seed=10007 + s)
-        dirs = Directions({"method": "random", "matrix": matrix, "deformator": None, "generator": {}, "rca": None},
-                          Path("null"))
-        r2, effect = line_effects(read(sweep(G, dirs, list(range(dirs.count)), eps, z)), eps)
-        recovered.append(match_factors(r2, effect, r2_min, leakage_max)["recovered"])
-        dis.append(effect_dci(effect, floor)["disentanglement"])
-    return null_summary(recovered, dis)
-
-
-def _validation_summary(validation: dict | None) -> dict | None:
-    if not validation:
-        return None
-    return {k: validation[k] for k in ("checks", "thresholds", "oracle", "sweeps", "seed") if k in validation}
+def _validation_summary(validation: dict) -> dict:
+    return {k: validation[k] for k in ("checks", "noise_floor", "minimum_effect", "attainable", "oracle", "sweeps",
+                                       "seed", "samples") if k in validation}
 
 
 def real_slices(cfg: Settings, subject: Subject, rows: list[dict], out: Path) -> list[dict]:
@@ -369,12 +425,13 @@ def real_slices(cfg: Settings, subject: Subject, rows: list[dict], out: Path) ->
 
 
 def ground_truth_line(output: Path) -> str:
-    """The ground-truth stage's one line for the pipeline."""
+    """The ground-truth stage's one line for the pipeline: the headline and its verdict."""
     gt = json.loads((Path(output) / "ground_truth.json").read_text())
     if not gt.get("main"):
         return gt.get("reason", "")
+    main = gt["main"]
     of = f" of {gt['recoverable']} recoverable" if gt.get("recoverable") is not None else "/6"
-    return f"{gt['main']['recovered']}{of} factors recovered"
+    return f"{main['recovered']}{of} recovered at tau 2/3, {main['verdict']}"
 
 
 if __name__ == "__main__":

@@ -84,7 +84,8 @@ class Settings:
     oracle_slices: int | None = setting(None, "factor oracle training slices (None: latentct/score/oracle.py's)")
     oracle_test_slices: int | None = setting(None, "factor oracle held-out slices (None: latentct/score/oracle.py's)")
     validate_patients: int | None = setting(None, "patients per known-answer sweep (None: latentct/score/validate.py's)")
-    null_sets: int = setting(20, "random direction sets of the null in every ground-truth table")
+    null_pool: int = setting(256, "random directions in each generator's pooled null (scored once per table)")
+    null_sets: int = setting(1000, "sets of each method's direction count drawn from the pool: the p-values")
     disentanglement: bool = setting(False, "MIG and DCI of every method by Khrulkov et al.'s protocol (slow)")
     seed: int = setting(0, "seed for every stage")
     workers: int = setting(2, "processes for the DICOM stages")
@@ -119,7 +120,8 @@ PRESETS = {
     "tiny": dict(phantom_patients=6, phantom_slices=12, phantom_size=64, image_size=32, gan_steps=6, vae_steps=6,
                  direction_steps=4, direction_batch=8, eval_samples=3, oracle_steps=20, oracle_slices=200,
                  oracle_test_slices=100,
-                 validate_patients=2, null_sets=2, dcgan_methods=list(METHODS), vae_methods=["sefa", "random"]),
+                 validate_patients=2, null_pool=16, null_sets=50, dcgan_methods=list(METHODS),
+                 vae_methods=["sefa", "random"]),
     # Every baseline beside the learned directions at demo sizes, with MIG and DCI: the README's benchmark table.
     "benchmark": dict(dcgan_methods=list(METHODS), vae_methods=list(METHODS), disentanglement=True),
     # The study on real data: 128 px, its widths and batch, 50 epochs, its direction grid for both generators.
@@ -210,7 +212,8 @@ def plan(cfg: Settings) -> list[Job]:
         jobs.append(Job(kind="validate", name="validate", module=validate, cfg=_with(validate, dict(
             output=str(anim / "validation"), seed=cfg.seed, image_size=cfg.image_size, oracle=str(oracle_file),
             vae=str(runs / "vae" / "generator.pt"), patients=cfg.validate_patients, render_size=cfg.phantom_size,
-            pair_patients=cfg.validate_patients)), output=anim / "validation", done_file="validation.json",
+            pair_patients=cfg.validate_patients, scored_samples=cfg.eval_samples)), output=anim / "validation",
+            done_file="validation.json",
             inputs=("oracle", "vae")))
     for g, gen in enumerate(GENERATORS):
         kind, module, steps, preset = trainers[gen]
@@ -260,7 +263,8 @@ def plan(cfg: Settings) -> list[Job]:
                 jobs.append(Job(kind="ground_truth", name=f"truth_{gallery.name}", module=EvalDirections,
                                 cfg=EvalDirections.Settings(**common_eval, ground_truth="only",
                                 compare=[str(runs / c / "directions.pt") for c in compared], oracle=str(oracle_file),
-                                validation=str(anim / "validation" / "validation.json"), null_sets=cfg.null_sets),
+                                validation=str(anim / "validation" / "validation.json"), null_pool=cfg.null_pool,
+                                null_sets=cfg.null_sets),
                                 output=gallery / "ground_truth", done_file="ground_truth.json",
                                 inputs=(f"eval_{gallery.name}", "oracle", "validate", *compared),
                                 summary=EvalDirections.ground_truth_line))
@@ -336,12 +340,18 @@ def plan_own_generator(cfg: Settings) -> list[Job]:
         oracle_file = oracle.folder_for(oracle_cfg) / "oracle.pt"
         jobs.append(Job(kind="oracle", name="oracle", module=oracle, cfg=oracle_cfg, output=oracle_file.parent,
                         done_file="oracle.pt"))
+        jobs.append(Job(kind="validate", name="validate", module=validate, cfg=_with(validate, dict(
+            output=str(anim / "validation"), seed=cfg.seed, image_size=output_size(G), window=window,
+            oracle=str(oracle_file), patients=cfg.validate_patients, pair_patients=cfg.validate_patients,
+            render_size=cfg.phantom_size, scored_samples=cfg.eval_samples)), output=anim / "validation",
+            done_file="validation.json", inputs=("oracle",)))
         jobs.append(Job(kind="ground_truth", name="truth_model", module=EvalDirections, cfg=EvalDirections.Settings(
             directions=str(learned / "directions.pt"), output=str(gallery), dataset=cfg.data,
             report_samples=cfg.eval_samples, seed=cfg.seed, ground_truth="only", oracle=str(oracle_file),
-            compare=[str(runs / c / "directions.pt") for c in compared], null_sets=cfg.null_sets),
-            output=gallery / "ground_truth", done_file="ground_truth.json", inputs=("eval_model", "oracle", *compared),
-            summary=EvalDirections.ground_truth_line))
+            validation=str(anim / "validation" / "validation.json"),
+            compare=[str(runs / c / "directions.pt") for c in compared], null_pool=cfg.null_pool,
+            null_sets=cfg.null_sets), output=gallery / "ground_truth", done_file="ground_truth.json",
+            inputs=("eval_model", "oracle", "validate", *compared), summary=EvalDirections.ground_truth_line))
     return in_order(jobs)
 
 

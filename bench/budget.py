@@ -3,7 +3,7 @@
     python -m bench.budget --run benchmark [--checkpoints 300 1000 3000 10000] [--methods learned latentclr disco]
 
 Reads a finished pipeline run (``python pipeline.py --preset benchmark --run benchmark``): its generators, its
-oracle, its known-answer validation (the thresholds) and its supervised ceiling (what is recoverable). Each
+oracle, its known-answer validation (the noise floors) and its supervised ceiling (what is recoverable). Each
 method trains once per generator, resuming from its own checkpoint up to each step count; at each one the
 directions are scored like every table's (RCA: the learned method's own; DisCo and LatentCLR: a fresh
 reconstructor on the frozen directions, as their pipeline rows; recovered of recoverable and effect-DCI through
@@ -46,11 +46,12 @@ def score(cfg: Settings, gen: str, directions: Path, out: Path) -> dict:
     oracle = next((Path(cfg.root) / "runs" / "oracle").glob("64px_*/oracle.pt"))
     report = EvalDirections.main(make_settings(EvalDirections.Settings, dict(
         directions=str(directions), output=str(out), compare=[str(runs / f"{gen}_supervised" / "directions.pt")],
-        oracle=str(oracle), validation=str(anim / "validation" / "validation.json"), null_sets=0,
-        real_slices=0, frames=5, ground_truth="auto")))
+        oracle=str(oracle), validation=str(anim / "validation" / "validation.json"),
+        null_cache=str(anim / f"{gen}_null_pool.pt"), real_slices=0, frames=5, ground_truth="auto")))
     gt = report["ground_truth"]
     main = gt["main"]
-    return {"rca": report["rca"], "recovered": main["recovered"], "recoverable": gt["recoverable"],
+    return {"rca": report["rca"], "recovered": main["recovered"], "recovered_at": main["recovered_at"],
+            "recoverable": gt["recoverable"], "auc": main["auc"], "p_value": main["p_value"],
             "effect_disentanglement": main["effect_dci"]["disentanglement"],
             "effect_completeness": main["effect_dci"]["completeness"]}
 

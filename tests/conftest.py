@@ -67,3 +67,14 @@ def tiny_oracle(tmp_path_factory):
                           steps=150, batch_size=64, width=8)
     r2 = oracle.main(cfg)
     return cfg, oracle.folder_for(cfg) / "oracle.pt", r2
+
+
+@pytest.fixture(scope="session")
+def tiny_validation(tiny_oracle, tmp_path_factory):
+    """Known-answer sweeps read by the tiny oracle: the noise floors the ground truth needs (validation.json)."""
+    from latentct.score import validate
+
+    out = tmp_path_factory.mktemp("validation")
+    validate.main(validate.Settings(output=str(out), image_size=32, oracle=str(tiny_oracle[1]), patients=4,
+                                    pair_patients=2, frames=5, render_size=64, scored_samples=4))
+    return out / "validation.json"

@@ -29,7 +29,7 @@ def test_whole_pipeline_at_the_smallest_sizes_then_cached_then_from_a_stage(tmp_
     assert metric["phantom"].endswith(" slices of 6 patients") and metric["preprocess"].endswith("test slices")
     assert metric["dcgan"].startswith("SWD ") and metric["dcgan_demo"].startswith("RCA 0.")
     assert metric["dcgan_supervised"] == "RCA not measured" and "strong (a measurement with R2" in metric["eval_dcgan"]
-    assert metric["truth_dcgan"].endswith("factors recovered") and metric["oracle"].startswith("held-out R2")
+    assert "recoverable recovered at tau 2/3, " in metric["truth_dcgan"] and metric["oracle"].startswith("held-out R2")
     assert metric["validate"].startswith(("0/6", "1/6", "2/6", "3/6", "4/6", "5/6", "6/6"))
     data, runs, anim = tmp_path / "data" / "t", tmp_path / "runs" / "t", tmp_path / "Animations" / "t"
 
@@ -50,9 +50,13 @@ def test_whole_pipeline_at_the_smallest_sizes_then_cached_then_from_a_stage(tmp_
         gt = report["ground_truth"]
         assert set(gt["methods"]) == {"learned", *scored[gen], "supervised"}
         assert report["distinct_effects"] == len(report["axes"]) >= 1
-        assert gt["recoverable"] == gt["methods"]["supervised"]["recovered"] and gt["null"]["sets"] == 2
-        assert gt["validation"]["checks"] and gt["thresholds_from"] == "known-answer sweeps (leakage through the VAE)"
+        assert gt["recoverable"] == gt["methods"]["supervised"]["recovered"] and gt["null"]["sets"] == 50
+        assert gt["recoverable_at"] == gt["methods"]["supervised"]["recovered_at"] and gt["null"]["pool"] == 16
+        assert gt["validation"]["checks"] and set(gt["attainable"]["vae"]) == set(gt["noise_floor"])
+        assert gt["methods"]["supervised"]["supervision"] == "labels"
+        assert gt["oracles"]["fit"] == gt["methods"]["supervised"]["supervised"]["oracle_sha256"]
         assert all("effect_dci" in t and t["recoverable"] == gt["recoverable"] for t in gt["methods"].values())
+        assert all(t["recovered"] == t["recovered_at"]["0.67"] and t["verdict"] for t in gt["methods"].values())
         assert (anim / gen / report["ground_truth"]["heatmap"]).is_file()
         assert "Ground truth on the phantom" in (anim / gen / "index.html").read_text()
         assert len(list((anim / gen).glob("direction_*.gif"))) == 16
@@ -104,7 +108,7 @@ def test_pipeline_on_a_generator_a_researcher_brings(gan_run, dataset, tmp_path)
     stages = [r["stage"] for r in summary["stages"]]
     assert "phantom" not in stages and "train_gan" not in stages and "train_vae" not in stages
     assert [r["name"] for r in summary["stages"]][:2] == ["model_learned", "eval_model"]
-    assert {r["name"] for r in summary["stages"]} >= {"model_sefa", "model_random", "oracle", "truth_model"}
+    assert {r["name"] for r in summary["stages"]} >= {"model_sefa", "model_random", "oracle", "validate", "truth_model"}
     report = json.loads((tmp_path / "Animations" / "own" / "model" / "report.json").read_text())
     assert set(report["ground_truth"]["methods"]) == {"learned", "sefa", "random"}
 
@@ -116,12 +120,14 @@ def test_benchmark_block_from_its_files(tmp_path):
     (anim / "dcgan_disentanglement").mkdir(parents=True)
     gallery = anim / "dcgan"
     gallery.mkdir()
-    factors = {f: {"direction": 0, "r2": 0.9, "leakage": 0.1, "recovered": True} for f in ("z_position", "width")}
-    table = {"factors": factors, "recovered": 2, "recoverable": 2, "above_null": True, "rca": 0.5,
+    found = [{"direction": 3, "factor": "width", "share": 0.91, "effect": 1.2, "r2": 0.9, "also": []}]
+    table = {"matches": {"0.5": found, "0.67": found, "0.8": found}, "recovered_at": {"0.5": 2, "0.67": 1, "0.8": 1},
+             "recovered": 1, "recoverable": 2, "auc": 0.55, "p_value": {"0.5": 0.2, "0.67": 0.04, "0.8": 0.1,
+                                                                          "auc": 0.012},
+             "verdict": "above null, borderline", "above_null": True, "rca": 0.5,
              "effect_dci": {"disentanglement": 0.6, "completeness": 0.5}}
     gt = {"oracle_r2": {"z_position": 0.95, "width": 0.99}, "methods": {"sefa": table},
-          "null": {"sets": 20, "recovered": {"mean": 0.1, "std": 0.3, "p95": 1.0},
-                   "disentanglement": {"mean": 0.2, "std": 0.05, "p95": 0.3}}}
+          "null": {"pool": 256, "sets": 1000, "samples": 16, "shifts": 9, "latents": "the report's own"}}
     (gallery / "report.json").write_text(json.dumps({"ground_truth": gt}))
     (anim / "summary.json").write_text(json.dumps({"wall_seconds": 1800, "stages": [
         {"stage": "train_gan", "name": "dcgan", "output": str(tmp_path / "runs" / "b" / "dcgan")},
@@ -137,7 +143,7 @@ def test_benchmark_block_from_its_files(tmp_path):
     assert (tmp_path / "Animations" / "examples" / "budget.png").read_bytes() == b"png"
     assert "![budget curves](Animations/examples/budget.png)" in text
     assert "| dcgan | sefa | 0.90 | 0.210 | 0.300 | 0.250 | 0.700 | 0.283 (SeFa) |" in text
-    assert "| sefa | 0.50 | 2 of 2 | 0.60 | 0.50 |" in text and "random null (20 sets)" in text
+    assert "| sefa | 0.50 | 2 / 1 / 1 | 1 of 2 | 0.55 | 0.012 | above null, borderline | 0.60 | – | k=3 (0.91) |" in text
     assert "| dcgan | learned | 300 | 0.60 | 1 of 2 | 0.40 |" in text and "30 min 0 s" in text
 
 

@@ -117,7 +117,7 @@ def supervised(G, oracle, window, samples: int = 2048, seed: int = 0) -> tuple[t
     from latentct.show.images import display
 
     gen = torch.Generator().manual_seed(seed * 7919 + 17)
-    z = sample_latents(G, samples + samples // 2, gen)
+    z = sample_latents(G, samples + samples // 2, gen, part="fit")  # never the rows the scorer draws
     device = next(G.parameters(), torch.zeros(0)).device
     with torch.no_grad():
         images = torch.cat([G(part.to(device)).float().cpu() for part in z.split(256)])
@@ -136,7 +136,7 @@ def supervised(G, oracle, window, samples: int = 2048, seed: int = 0) -> tuple[t
     info = {"fit_r2": {f: float(v) for f, v in zip(FACTORS, fit_r2)},
             "condition_number": float(singular.max() / singular.min().clamp_min(1e-12)),
             "per_unit_shift": {f: float((B[i] @ directions[i]).item()) for i, f in enumerate(FACTORS)},
-            "samples": samples}
+            "samples": samples, "oracle_sha256": getattr(oracle, "sha256", None)}
     return directions.float(), info
 
 

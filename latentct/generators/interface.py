@@ -201,14 +201,18 @@ def load_latents(path: str, latent_shape) -> torch.Tensor:
     return flat
 
 
-def sample_latents(G: nn.Module, n: int, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
+def sample_latents(G: nn.Module, n: int, generator: torch.Generator | None = None, device=None,
+                   part: str | None = None) -> torch.Tensor:
     """n latents from G's prior: N(0, I), or rows of its encoded latents. Drawn on the CPU when a generator is
-    given (seeded draws), then moved to ``device``."""
+    given (seeded draws), then moved to ``device``. ``part`` keeps fitting and scoring apart under encoded
+    latents (drawn with replacement): "fit" draws from the even rows, "score" from the odd ones."""
     prior = getattr(G, "prior", None)
     if prior is None:
         if generator is not None:
             return torch.randn(n, G.latent_dim, generator=generator).to(device or "cpu")
         return torch.randn(n, G.latent_dim, device=device)
+    if part is not None:
+        prior = prior[{"fit": 0, "score": 1}[part]::2]
     idx = torch.randint(0, len(prior), (n,), generator=generator)
     return prior[idx].to(device or "cpu")
 

@@ -3,9 +3,18 @@ known-answer sweeps (latentct/score/validate.py), so the scorer is validated by 
 
 Input: factor readings ``values`` (K, E, Z, F) of K directions (or sweeps) at E shifts for Z samples, in units
 of each factor's spread. Per direction and factor a line is fitted against the shift: its R2 says the response
-is smooth, its *effect* (|slope| x shift span) says how much the factor moves. R2 alone does not separate
-methods (random directions reach about 0.8): what does is *leakage*, the share of a direction's effect that
-lands on factors other than its own.
+is smooth, its *effect* (|slope| x shift span) says how much the factor moves.
+
+What "recovered" means. Each factor has a noise floor: what the oracle reports as its effect when it did not
+move (known-answer sweeps that hold it still, at the scorer's sample count). A direction's *share* of factor f
+is its effect above f's floor over the sum of its effects above their floors. A (direction, factor) pair
+*passes* at a threshold tau when the share is above tau (strictly: a 0.5 / 0.5 tie never passes twice), the
+effect is at least twice the floor (a ratio alone would count a change of 0.01 SD) and the line R2 is at least
+0.5. With tau >= 0.5 a direction passes for one factor at most, so the count is the number of factors with a
+passing direction; where several pass for one factor, the one with the largest share stands for it (ties: the
+larger effect) and the others are listed as "also". The headline is the count at tau = 2/3; the area is the
+mean count over tau in [0.5, 1] relative to the supervised directions' own; both are read against a pooled
+null of random directions scored on the same latents (p-values, not a threshold).
 """
 from __future__ import annotations
 
@@ -13,9 +22,13 @@ import math
 
 import numpy as np
 import torch
-from scipy.optimize import linear_sum_assignment
 
 from latentct.data.phantom import FACTORS
+
+TAUS = {"0.5": 0.5, "0.67": 2 / 3, "0.8": 0.8}  # the share a recovered factor needs; "0.67" is the headline
+HEADLINE = "0.67"
+R2_MIN = 0.5  # the line R2 a passing pair needs: the response follows the shift, not noise
+AREA_TAUS = np.linspace(0.5, 1.0, 51)  # the area: mean recovered count over these tau
 
 
 def line_effects(values: torch.Tensor, eps: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
@@ -34,55 +47,127 @@ def line_effects(values: torch.Tensor, eps: torch.Tensor) -> tuple[np.ndarray, n
 
 
 def attribution(effect: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per row: the factor with the largest effect, and the share of the row's effect on the other factors."""
+    """Per row: the factor with the largest effect, and the share of the row's effect on the other factors (the
+    known-answer sweeps' raw leakage, before any noise floor)."""
     own = effect.argmax(1)
     total = effect.sum(1)
     leakage = np.where(total > 0, 1 - effect[np.arange(len(effect)), own] / np.maximum(total, 1e-12), 1.0)
     return own, leakage
 
 
-def _per_factor(limit, factor: str) -> float:
-    """A threshold given for all factors (a number) or per factor (a dict)."""
-    return float(limit[factor]) if isinstance(limit, dict) else float(limit)
+def shares(effect: np.ndarray, floor: np.ndarray) -> np.ndarray:
+    """(K, F): each direction's effect above each factor's noise floor, as a share of its total above the floors
+    (a row of zeros where nothing rises above a floor)."""
+    excess = np.clip(effect - floor[None, :], 0.0, None)
+    total = excess.sum(1, keepdims=True)
+    return np.divide(excess, total, out=np.zeros_like(excess), where=total > 0)
 
 
-def describe_limits(r2_min, leakage_max) -> str:
-    """The thresholds in words: one pair for all factors, or per factor."""
-    if not isinstance(r2_min, dict) and not isinstance(leakage_max, dict):
-        return f"R2 >= {r2_min:.2f} and leakage <= {leakage_max:.2f}"
-    return "; ".join(f"{f}: R2 >= {_per_factor(r2_min, f):.2f}, leakage <= {_per_factor(leakage_max, f):.2f}"
-                     for f in FACTORS)
+def passing(r2: np.ndarray, effect: np.ndarray, floor: np.ndarray, tau: float) -> np.ndarray:
+    """(K, F) bool: share above tau, effect at least twice the floor, line R2 at least R2_MIN."""
+    return (shares(effect, floor) > tau) & (effect >= 2 * floor[None, :]) & (r2 >= R2_MIN)
 
 
-def match_factors(r2: np.ndarray, effect: np.ndarray, r2_min, leakage_max, factors=FACTORS) -> dict:
-    """Directions (rows) matched one-to-one to factors (columns) by the Hungarian method on R2 x effect.
-    Per factor: the matched direction, its R2, effect and leakage (share of its effect on other factors), and
-    whether it counts as recovered (R2 >= r2_min and leakage <= leakage_max; each a number or per factor).
-    Every direction's own dominant factor and leakage are given too, for the gallery: a direction is shown as
-    a factor only where recovered."""
-    rows, cols = linear_sum_assignment(-(r2 * effect))
-    dominant, leak = attribution(effect)
-    per = {}
-    for k, f in zip(rows, cols):
-        total = effect[k].sum()
-        leakage = float((total - effect[k, f]) / total) if total > 0 else 1.0
-        name = factors[f]
-        ok = bool(r2[k, f] >= _per_factor(r2_min, name) and leakage <= _per_factor(leakage_max, name))
-        per[factors[f]] = {"direction": int(k), "r2": float(r2[k, f]), "effect": float(effect[k, f]),
-                           "leakage": leakage, "recovered": ok}
-    return {"factors": per, "recovered": sum(v["recovered"] for v in per.values()),
-            "mean_matched_r2": float(np.mean([v["r2"] for v in per.values()])) if per else 0.0,
-            "directions": [{"direction": k, "largest": factors[int(dominant[k])], "leakage": float(leak[k])}
-                           for k in range(len(effect))]}
+def matches(r2: np.ndarray, effect: np.ndarray, floor: np.ndarray, tau: float, factors=FACTORS) -> list[dict]:
+    """The recovered factors at tau: per factor with a passing direction, the one that stands for it (largest
+    share, ties to the larger effect) and the others that also pass ("also")."""
+    share, ok = shares(effect, floor), passing(r2, effect, floor, tau)
+    out = []
+    for f, name in enumerate(factors):
+        ks = [int(k) for k in np.flatnonzero(ok[:, f])]
+        if not ks:
+            continue
+        ks.sort(key=lambda k: (-share[k, f], -effect[k, f]))
+        k = ks[0]
+        out.append({"direction": k, "factor": name, "share": float(share[k, f]), "effect": float(effect[k, f]),
+                    "r2": float(r2[k, f]), "also": ks[1:]})
+    return out
 
 
-def recovered_curve(r2: np.ndarray, effect: np.ndarray, r2_min, thresholds=None) -> list[tuple]:
-    """Recovered factors as a function of one leakage threshold for all factors (the matching does not depend
-    on it); r2_min as in match_factors."""
-    thresholds = np.linspace(0, 1, 21) if thresholds is None else thresholds
-    table = match_factors(r2, effect, r2_min, 1.0)
-    return [(float(t), sum(v["r2"] >= _per_factor(r2_min, f) and v["leakage"] <= t
-                           for f, v in table["factors"].items())) for t in thresholds]
+def count_curve(r2: np.ndarray, effect: np.ndarray, floor: np.ndarray, taus=AREA_TAUS) -> np.ndarray:
+    """Recovered factors at each tau: a factor counts when any direction passes for it."""
+    return _counts(shares(effect, floor), (effect >= 2 * floor[None, :]) & (r2 >= R2_MIN), taus)
+
+
+def _counts(share: np.ndarray, base: np.ndarray, taus) -> np.ndarray:
+    return np.array([int(((share > tau) & base).any(0).sum()) for tau in taus])
+
+
+def area(curve: np.ndarray, supervised_curve: np.ndarray | None) -> float | None:
+    """Mean recovered count over tau in [0.5, 1] relative to the supervised directions' (None without them or
+    where theirs is 0)."""
+    if supervised_curve is None or float(np.mean(supervised_curve)) <= 0:
+        return None
+    return float(np.mean(curve) / np.mean(supervised_curve))
+
+
+def score_directions(r2: np.ndarray, effect: np.ndarray, floor: np.ndarray, factors=FACTORS) -> dict:
+    """One method's table: recovered_at and matches per tau, the count curve over tau, and per direction its
+    dominant factor and share (what the gallery shows)."""
+    share = shares(effect, floor)
+    at = {key: matches(r2, effect, floor, tau, factors) for key, tau in TAUS.items()}
+    stands = {m["direction"]: m for m in at[HEADLINE]}
+    lost = {k: m for m in at[HEADLINE] for k in m["also"]}
+    directions = []
+    for k in range(len(effect)):
+        f = int(share[k].argmax()) if share[k].sum() > 0 else int(effect[k].argmax())
+        row = {"direction": k, "dominant": factors[f], "share": float(share[k, f]), "effect": float(effect[k, f]),
+               "r2": float(r2[k, f])}
+        if k in stands:
+            row["stands_for"] = factors[f]
+        elif k in lost:
+            row["also_for"], row["stood_for_by"] = lost[k]["factor"], lost[k]["direction"]
+        directions.append(row)
+    return {"recovered_at": {key: len(v) for key, v in at.items()}, "recovered": len(at[HEADLINE]),
+            "matches": at, "curve": count_curve(r2, effect, floor).tolist(), "directions": directions}
+
+
+def direction_mark(row: dict) -> str:
+    """How the gallery names a direction: the factor it stands for, one that another direction stands for, or
+    its largest share, never "not clean" for a direction that passed."""
+    if "stands_for" in row:
+        return f"clean {row['stands_for']}, {row['share']:.2f}"
+    if "also_for" in row:
+        return f"clean {row['also_for']}, {row['share']:.2f} (also: k={row['stood_for_by']} stands for it)"
+    return f"mostly {row['dominant']}, share {row['share']:.2f}"
+
+
+def p_value(observed: float, null: np.ndarray) -> float:
+    """(1 + #null >= observed) / (1 + N): the chance that random directions do at least as well."""
+    null = np.asarray(null, dtype=float)
+    return float((1 + np.sum(null >= observed - 1e-12)) / (1 + len(null)))
+
+
+def null_sets(pool_r2: np.ndarray, pool_effect: np.ndarray, floor: np.ndarray, count: int, sets: int,
+              seed: int = 0) -> dict:
+    """``sets`` random sets of ``count`` directions drawn (without replacement within a set) from one scored pool:
+    their counts at each of TAUS and their count curves over AREA_TAUS, what chance alone recovers with that
+    many directions."""
+    rng = np.random.default_rng(seed)
+    share = shares(pool_effect, floor)
+    base = (pool_effect >= 2 * floor[None, :]) & (pool_r2 >= R2_MIN)
+    taus = [*TAUS.values(), *AREA_TAUS]
+    counts = np.zeros((sets, len(taus)), dtype=int)
+    for s in range(sets):
+        pick = rng.choice(len(pool_effect), size=min(count, len(pool_effect)), replace=False)
+        counts[s] = _counts(share[pick], base[pick], taus)
+    return {"at": {key: counts[:, i] for i, key in enumerate(TAUS)}, "curves": counts[:, len(TAUS):]}
+
+
+def significance(table: dict, null: dict, supervised_curve) -> dict:
+    """p-values of one method's counts at each tau and of its area, against null sets of its own size."""
+    out = {key: p_value(table["recovered_at"][key], null["at"][key]) for key in TAUS}
+    observed = area(np.asarray(table["curve"]), supervised_curve)
+    out["auc"] = None if observed is None else p_value(observed, null["curves"].mean(1) / np.mean(supervised_curve))
+    return out
+
+
+def verdict(p: float | None) -> str:
+    """The printed word for an area p-value."""
+    if p is None:
+        return "no null"
+    word = "above null" if p < 0.05 else "not above null"
+    return f"{word}, borderline" if 0.01 <= p <= 0.2 else word
 
 
 def effect_dci(effect: np.ndarray, floor: np.ndarray | None = None) -> dict:
@@ -110,13 +195,3 @@ def _entropy(p: np.ndarray, base: int) -> np.ndarray:
     with np.errstate(divide="ignore", invalid="ignore"):
         terms = np.where(p > 0, -p * np.log(p), 0.0)
     return terms.sum(1) / math.log(base)
-
-
-def null_summary(recovered: list[int], disentanglement: list[float]) -> dict:
-    """Mean, standard deviation and 95th percentile of the random-direction null."""
-    out = {"sets": len(recovered)}
-    for name, values in (("recovered", recovered), ("disentanglement", disentanglement)):
-        arr = np.asarray(values, dtype=float)
-        out[name] = {"mean": float(arr.mean()), "std": float(arr.std(ddof=1)) if len(arr) > 1 else 0.0,
-                     "p95": float(np.percentile(arr, 95))}
-    return out

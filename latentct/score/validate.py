@@ -13,11 +13,13 @@ scorer that scores a generator's directions (latentct/score/scoring.py) scores t
 - the anatomy report (the labels used on real LIDC, where there is no oracle) should name the expected
   measurement for each factor (EXPECTED_LABELS); the confusion table shows what it names per patient.
 
-The sweeps also give the scorer's thresholds (the worst leakage a perfectly clean factor change shows through
-the oracle, and the line R2 the oracle reads on a factor that did not move: the floor a direction's own factor
-must beat) and the oracle's noise floor per factor (the effect it reports on a factor that did not
-move), which effect-DCI subtracts. The oracle's held-out R2 is reported beside its R2 on VAE reconstructions of
-held-out slices (how it reads generated-looking images) when a VAE is given.
+The sweeps also give each factor's noise floor: the effect the oracle reports on a factor that a sweep held
+still, measured at the scorer's own sample count over disjoint groups of patients (mean + 2 SD; effects shrink
+with the square root of the sample count, so a floor measured on 50 patients at once would be too low for 16).
+The scorer subtracts it before the shares and asks a recovered factor to move by at least twice it. Through a
+VAE (--vae) the sweeps also say what share a perfectly clean change keeps after the VAE's encode-decode: the
+attainable level, reported beside the counts, not used as a threshold. The oracle's held-out R2 is reported
+beside its R2 on VAE reconstructions of held-out slices (how it reads generated-looking images).
 """
 from __future__ import annotations
 
@@ -33,7 +35,7 @@ import torch
 from latentct.data import phantom
 from latentct.data.phantom import FACTOR_RANGES, FACTORS
 from latentct.data.slices import hu_to_unit, parse_window
-from latentct.score.scoring import attribution, line_effects
+from latentct.score.scoring import attribution, line_effects, shares
 from latentct.util.io import atomic_write_json
 from latentct.util.parallel import pool_map, worker_pool
 from latentct.util.settings import UserError, check, run_cli, save_settings, setting
@@ -47,6 +49,9 @@ SWEEP_RANGES = {"z_position": (0.1, 0.9), **FACTOR_RANGES, "breast_size": (0.0, 
 EXPECTED_LABELS = {"z_position": "lung_area", "y_offset": "centroid_y", "rotation": "orientation",
                    "thickness": "thickness", "width": "width", "breast_size": "anterior_tissue"}
 LEAKAGE_TARGET = 0.15
+# The factors' own units, for the smallest effect a recovered factor needs (z and breast are fractions of range).
+UNITS = {"z_position": "of its range", "y_offset": "mm", "rotation": "deg", "thickness": "mm", "width": "mm",
+         "breast_size": "of its range"}
 
 
 @dataclass
@@ -66,7 +71,7 @@ class Settings:
     render_size: int = setting(128, "matrix size the phantom is rendered at")
     workers: int = setting(1, "processes that render sweeps")
     scored_samples: int = setting(16, "samples a direction is scored on (EvalDirections --report-samples): the "
-                                  "thresholds are what a clean change scores on that many")
+                                  "noise floors are what an unmoved factor scores on that many")
 
     def __post_init__(self):
         for name in ("patients", "pair_patients", "workers"):
@@ -133,12 +138,11 @@ def factor_spread(seed: int = 0, count: int = 20000) -> tuple[torch.Tensor, torc
 # ------------------------------------------------------------------------------------------ scoring
 
 def score_single(values: torch.Tensor, eps: torch.Tensor) -> dict:
-    """Single-factor sweeps (6, E, P, 6) of standardised readings: per sweep the attributed factor, leakage and
-    own-factor R2 (all patients together), and the noise floor per factor."""
+    """Single-factor sweeps (6, E, P, 6) of standardised readings: per sweep the attributed factor, its raw
+    leakage and the own-factor R2 (all patients together)."""
     r2, effect = line_effects(values, eps)
     own, leakage = attribution(effect)
-    off = np.where(np.eye(len(effect), dtype=bool), np.nan, effect)
-    return {"r2": r2, "effect": effect, "attributed": own, "leakage": leakage, "noise_floor": np.nanmax(off, axis=0)}
+    return {"r2": r2, "effect": effect, "attributed": own, "leakage": leakage}
 
 
 def score_pairs(values: torch.Tensor, eps: torch.Tensor) -> np.ndarray:
@@ -146,36 +150,35 @@ def score_pairs(values: torch.Tensor, eps: torch.Tensor) -> np.ndarray:
     return line_effects(values, eps)[1]
 
 
-def thresholds(values: torch.Tensor, eps: torch.Tensor, moved: torch.Tensor, samples: int = 16, draws: int = 200,
-               seed: int = 0, r2_values: torch.Tensor | None = None) -> dict:
-    """The scorer's two thresholds, from the single-factor sweeps scored on ``samples`` samples (the report's
-    default), over ``draws`` bootstrap draws of that many patients:
+def noise_floors(groups: list[tuple[torch.Tensor, torch.Tensor]], eps: torch.Tensor, samples: int) -> dict:
+    """Per factor, mean + 2 SD of its effect in sweeps that held it still, each sweep scored on disjoint groups
+    of ``samples`` patients (no resampling; one group of all patients where a sweep has fewer).
+    ``groups``: (values (sweeps, E, P, F), moved (sweeps, F) bool) for the single- and the two-factor sweeps."""
+    effects = [[] for _ in FACTORS]
+    for values, moved in groups:
+        P = values.shape[2]
+        size = min(samples, P)
+        for g in range(P // size):
+            effect = line_effects(values[:, :, g * size:(g + 1) * size], eps)[1]
+            for s, f in zip(*np.nonzero(~moved.numpy())):
+                effects[f].append(effect[s, f])
+    floor = {f: float(np.mean(v) + 2 * np.std(v, ddof=1)) if len(v) > 1 else float(np.mean(v))
+             for f, v in zip(FACTORS, effects)}
+    return {"noise_floor": floor, "floor_values": {f: len(v) for f, v in zip(FACTORS, effects)},
+            "samples": samples}
 
-    - ``leakage_max``: how clean a perfectly clean change of the factor looks (95th percentile of its sweep's
-      leakage in ``values``);
-    - ``r2_min``: the detection floor, the line R2 the oracle reads on the factor in sweeps that did not move it
-      (95th percentile of the largest such R2, in ``r2_values``, default ``values``). A direction's own factor
-      must change more consistently than that. The clean sweeps' own R2 is about 1 because the phantom moves a
-      factor along a line; a generator moves it along a curve, which is as clean but less straight, so their
-      R2 is no floor.
 
-    ``moved``: (sweeps, factors) bool, which factors each sweep changes (from the renderer's exact values)."""
-    r2_values = values if r2_values is None else r2_values
-    rng = np.random.default_rng(seed)
+def attainable(values: torch.Tensor, eps: torch.Tensor, floor: np.ndarray, samples: int) -> dict:
+    """The median share a single-factor sweep keeps on its own factor (after the floors), over disjoint groups of
+    ``samples`` patients: what a perfectly clean change looks like through whatever made ``values``."""
     P = values.shape[2]
-    still = ~moved.numpy()
-    leak, floor = [], []
-    for _ in range(draws):
-        pick = torch.from_numpy(rng.integers(0, P, min(samples, P)))
-        r2, effect = line_effects(values[:, :, pick], eps)
-        if r2_values is not values:
-            r2 = line_effects(r2_values[:, :, pick], eps)[0]
-        leak.append(attribution(effect)[1])
-        floor.append(np.where(still, r2, 0.0).max(0))
-    leak, floor = np.array(leak), np.array(floor)
-    return {"leakage_max": {f: float(np.percentile(leak[:, k], 95)) for k, f in enumerate(FACTORS)},
-            "r2_min": {f: float(np.percentile(floor[:, k], 95)) for k, f in enumerate(FACTORS)},
-            "samples": samples, "draws": draws}
+    size = min(samples, P)
+    kept = [[] for _ in FACTORS]
+    for g in range(P // size):
+        share = shares(line_effects(values[:, :, g * size:(g + 1) * size], eps)[1], floor)
+        for k in range(len(FACTORS)):
+            kept[k].append(share[k, k])
+    return {f: float(np.median(v)) for f, v in zip(FACTORS, kept)}
 
 
 def anatomy_labels(hu: torch.Tensor, window, spacing: float) -> tuple[dict, dict]:
@@ -224,13 +227,12 @@ def generated_r2(oracle, vae_path: str, cfg: Settings, count: int = 500) -> dict
     return {f: float(v) for f, v in zip(FACTORS, r_squared(oracle.read(recon), targets))}
 
 
-def validate(cfg: Settings, reader=None, through=None) -> dict:
+def validate(cfg: Settings, reader=None, through=None, spread=None) -> dict:
     """Render the sweeps, read them (``reader``: images -> standardised factors; None: the renderer's exact
-    factors, which the scorer's tests use) and score them. With ``through`` (images -> images, a VAE's
-    reconstruction) the leakage threshold is what the clean changes score after passing through it: directions
-    are scored on generated slices, which the oracle reads less sharply than rendered ones. The R2 floor stays
-    the rendered sweeps' own: through the VAE a factor the sweep held still moves in the reconstruction (the
-    VAE couples them), so its R2 there is no noise floor."""
+    factors, which the scorer's tests use) and score them; the noise floors come from the rendered sweeps. With
+    ``through`` (images -> images, a VAE's reconstruction) also the attainable level: the share a clean change
+    keeps through it. ``spread``: each factor's standard deviation in the reader's units (the oracle's), to
+    state the smallest recovered effect in the factor's own units."""
     window = parse_window(cfg.window)
     eps = torch.linspace(-1, 1, cfg.frames)
     singles = [(f,) for f in FACTORS]
@@ -249,8 +251,7 @@ def validate(cfg: Settings, reader=None, through=None) -> dict:
     sweeps = {}
     for k, f in enumerate(FACTORS):
         sweeps[f] = {"attributed": FACTORS[int(single["attributed"][k])], "leakage": float(single["leakage"][k]),
-                     "r2": float(single["r2"][k, k]), "label": labels[f], "expected_label": EXPECTED_LABELS[f],
-                     "noise_floor": float(single["noise_floor"][k])}
+                     "r2": float(single["r2"][k, k]), "label": labels[f], "expected_label": EXPECTED_LABELS[f]}
     pair_rows = []
     for (a, b), row in zip(pairs, pair_effect):
         top = [FACTORS[i] for i in np.argsort(-row)[:2]]
@@ -262,17 +263,19 @@ def validate(cfg: Settings, reader=None, through=None) -> dict:
     checks["passed"] = bool(checks["attributed"] == 6 and checks["leakage_ok"] == 6 and checks["labels_ok"] >= 5
                             and checks["pairs_ok"] == len(pair_rows))
     moved = (exact.amax(1) - exact.amin(1)).amax(1) > 1e-6                 # (sweeps, factors)
-    limits = thresholds(single_values, eps, moved, cfg.scored_samples)
-    clean, source = limits, "known-answer sweeps"
-    if through is not None and reader is not None:  # leakage as generated slices show it; R2 floor as rendered
-        limits = thresholds(_read(lambda x: reader(through(x)), hu, window), eps, moved, cfg.scored_samples,
-                            r2_values=single_values)
-        source = "known-answer sweeps (leakage through the VAE)"
-    return {"image_size": cfg.image_size, "seed": cfg.seed, "sweeps": sweeps, "pairs": pair_rows,
-            "thresholds": limits, "thresholds_clean": clean, "thresholds_from": source,
-            "noise_floor": {f: sweeps[f]["noise_floor"] for f in FACTORS},
-            "confusion": confusion, "effect_matrix": np.round(single["effect"], 4).tolist(),
-            "leakage_target": LEAKAGE_TARGET, "checks": checks}
+    pair_moved = (pair_exact.amax(1) - pair_exact.amin(1)).amax(1) > 1e-6
+    floors = noise_floors([(single_values, moved), (pair_values, pair_moved)], eps, cfg.scored_samples)
+    floor = np.array([floors["noise_floor"][f] for f in FACTORS])
+    std = np.asarray(spread) if spread is not None else factor_spread()[1].numpy()
+    minimum = {f: {"value": float(2 * floor[k] * std[k]), "unit": UNITS[f]} for k, f in enumerate(FACTORS)}
+    result = {"image_size": cfg.image_size, "seed": cfg.seed, "sweeps": sweeps, "pairs": pair_rows,
+              **floors, "minimum_effect": minimum, "confusion": confusion,
+              "effect_matrix": np.round(single["effect"], 4).tolist(), "leakage_target": LEAKAGE_TARGET,
+              "checks": checks}
+    if through is not None and reader is not None:
+        result["attainable"] = {"vae": attainable(_read(lambda x: reader(through(x)), hu, window), eps, floor,
+                                                  cfg.scored_samples)}
+    return result
 
 
 def _read(reader, hu: torch.Tensor, window) -> torch.Tensor:
@@ -299,18 +302,17 @@ def main(cfg: Settings) -> dict:
         raise UserError(f"--oracle: {path} reads {oracle.image_size} px in window {oracle.window}, not "
                         f"{cfg.image_size} px in {parse_window(cfg.window)}")
     through = reconstruction(cfg.vae, oracle) if cfg.vae else None
-    result = validate(cfg, oracle.read_std, through)
+    result = validate(cfg, oracle.read_std, through, oracle.std.numpy())
     generated = generated_r2(oracle, cfg.vae, cfg) if cfg.vae else {}
     result = {"image_size": cfg.image_size, "seed": cfg.seed, "oracle_sha256": oracle.sha256,
               "oracle_path": str(path),
               "oracle": {f: {"r2": oracle.r2[f], "r2_generated": generated.get(f)} for f in FACTORS}, **result}
     atomic_write_json(out / "validation.json", result)
-    c, t = result["checks"], result["thresholds"]
+    c, m = result["checks"], result["minimum_effect"]
     print(f"validation: {c['attributed']}/6 sweeps attributed to their factor, {c['leakage_ok']}/6 with leakage "
           f"<= {LEAKAGE_TARGET}, {c['labels_ok']}/6 labelled as expected, {c['pairs_ok']}/{c['pairs']} pairs; "
-          f"thresholds ({result['thresholds_from']}): " + ", ".join(
-              f"{f} R2 >= {t['r2_min'][f]:.2f} leakage <= {t['leakage_max'][f]:.2f}" for f in FACTORS)
-          + f" -> {out / 'validation.json'}")
+          f"smallest recovered effect at {cfg.scored_samples} samples: " + ", ".join(
+              f"{f} {m[f]['value']:.3g} {m[f]['unit']}" for f in FACTORS) + f" -> {out / 'validation.json'}")
     return result
 
 

@@ -6,7 +6,6 @@ import html
 import json
 from pathlib import Path
 
-from latentct.score.scoring import describe_limits
 from latentct.util.io import atomic_write_text
 
 STYLE = """
@@ -117,32 +116,34 @@ def _realistic(row: dict) -> str:
 
 
 def matched_factors(gt: dict | None) -> dict[int, str]:
-    """Per direction, the factor cell of the directions table: a factor's name only where the direction is that
-    factor's recovered match; otherwise the factor it moves most, with its leakage, marked as not clean. No
-    direction is presented as a factor it does not move."""
+    """Per direction, the factor cell of the directions table at the headline tau: the factor it stands for, a
+    factor another direction stands for ("also"), or its largest share. A direction that passed is never called
+    unclean, and none is presented as a factor it does not mainly move."""
+    from latentct.score.scoring import direction_mark
+
     main = (gt or {}).get("main") or {}
-    recovered = {v["direction"]: f for f, v in main.get("factors", {}).items() if v["recovered"]}
-    out = {}
-    for row in main.get("directions", []):
-        k = row["direction"]
-        out[k] = (f"<span class='ok'>{_esc(recovered[k])} &#10003;</span>" if k in recovered else
-                  f"<span class='no'>mostly {_esc(row['largest'])}, leakage {row['leakage']:.2f}: not clean</span>")
-    return out
+    return {row["direction"]: f"<span class='{'ok' if 'stands_for' in row or 'also_for' in row else 'no'}'>"
+            f"{_esc(direction_mark(row))}</span>" for row in main.get("directions", [])}
 
 
 def _recovered_cell(table: dict) -> str:
     of = f" of {table['recoverable']} recoverable" if table.get("recoverable") is not None else " / 6"
-    mark = "" if table.get("above_null") is not False else " <span class='no'>(not above the random null)</span>"
-    return f"{table['recovered']}{of}{mark}"
+    p = table.get("p_value") or {}
+    sig = "" if not p else (f"; area {_fmt(table.get('auc'))}, p {_fmt(p.get('auc') or p.get('0.67'), 3)}: "
+                            f"<span class='{'ok' if table.get('above_null') else 'no'}'>{_esc(table['verdict'])}</span>")
+    return f"{table['recovered']}{of}{sig}"
 
 
 def ground_truth_section(gt: dict) -> list[str]:
     """The phantom's ground truth: how far to trust it, then every method against the supervised ceiling and
-    the random null, with effect-DCI."""
+    the pooled random null, with effect-DCI."""
     parts = ["<h2>Ground truth on the phantom</h2>", "<h3>How far to trust these numbers</h3>"]
     oracle = ", ".join(f"{_esc(f)} {v:.3f}" for f, v in gt["oracle_r2"].items())
-    parts.append(f"<p class='note'>Factor oracle <code>{_esc(gt.get('oracle_path'))}</code> (sha256 "
-                 f"{_esc((gt.get('oracle_sha256') or '')[:16])}); held-out R2 on fresh phantom slices: {oracle}.</p>")
+    oracles = gt.get("oracles") or {}
+    parts.append(f"<p class='note'>Score oracle <code>{_esc(gt.get('oracle_path'))}</code> (sha256 "
+                 f"{_esc((oracles.get('score') or '')[:16])}); held-out R2 on fresh phantom slices: {oracle}. "
+                 f"The supervised ceiling was fitted with the oracle sha256 {_esc((oracles.get('fit') or '?')[:16])}."
+                 "</p>")
     val = gt.get("validation")
     if val:
         c = val["checks"]
@@ -154,43 +155,42 @@ def ground_truth_section(gt: dict) -> list[str]:
                      f"two-factor sweeps with their two factors on top. "
                      + (f"The oracle on VAE reconstructions of held-out slices: R2 {generated}. " if generated else "")
                      + "</p>")
-    parts.append(f"<p class='note'>A factor counts as recovered when its matched direction (Hungarian matching on "
-                 f"R2 &times; effect) moves it more consistently than the oracle reads a factor that did not move "
-                 f"(R2 floor) and leaks no more than a perfectly clean change of it: "
-                 f"{_esc(describe_limits(gt['r2_min'], gt['leakage_max']))} "
-                 f"(thresholds from the {_esc(gt['thresholds_from'])}). "
-                 "<i>Effect-D/C</i>: DCI's disentanglement and completeness computed on the direction &times; factor "
-                 "effect matrix minus the oracle's noise floor (not Eastwood &amp; Williams' predictive DCI).</p>")
+    minimum = gt.get("minimum_effect") or {}
+    smallest = ", ".join(f"{_esc(f)} {v['value']:.3g} {_esc(v['unit'])}" for f, v in minimum.items())
+    attainable = ((gt.get("attainable") or {}).get("vae")) or {}
+    parts.append(f"<p class='note'>A factor counts as recovered at tau when a direction's effect on it, above the "
+                 f"factor's noise floor (what the oracle reports for a factor that did not move), is more than tau of "
+                 f"the direction's whole effect above the floors, at least twice the floor ({smallest}), with a line "
+                 f"R2 of at least {gt['r2_min']}. The headline is tau = 2/3; <i>area</i>: the mean count over tau in "
+                 "[0.5, 1] relative to the supervised directions'; p: the share of random direction sets of the "
+                 f"same size, drawn from a pool of {(gt.get('null') or {}).get('pool', '–')} scored on the same latents, "
+                 "that do at least as well."
+                 + (" A perfectly clean change keeps a median share of "
+                    + ", ".join(f"{_esc(f)} {v:.2f}" for f, v in attainable.items()) + " through the VAE." if attainable
+                    else "")
+                 + " <i>Effect-D/C</i>: DCI's disentanglement and completeness computed on the direction &times; factor"
+                 " effect matrix minus the noise floors (not Eastwood &amp; Williams' predictive DCI).</p>")
     parts.append(f"<img class='wide' src='{_esc(gt['heatmap'])}' alt='direction by factor effect'> "
-                 f"<img class='wide' src='{_esc(gt['curve'])}' alt='recovered factors against the threshold'>")
+                 f"<img class='wide' src='{_esc(gt['curve'])}' alt='recovered factors against tau'>")
     factors = list(gt["oracle_r2"])
-    parts.append("<table id='methods'><thead><tr><th>method</th><th>RCA</th><th>factors recovered</th>"
-                 "<th>effect-D</th><th>effect-C</th><th>mean matched R2</th>"
+    parts.append("<table id='methods'><thead><tr><th>method</th><th>RCA</th><th>recovered at 0.5 / 2/3 / 0.8</th>"
+                 "<th>at tau 2/3 (of recoverable); significance</th><th>effect-D</th><th>effect-C</th>"
                  + "".join(f"<th>{_esc(f)}</th>" for f in factors) + "</tr></thead><tbody>")
     for method, table in gt["methods"].items():
-        cells = "".join(
-            f"<td class='{'ok' if table['factors'][f]['recovered'] else 'no'}'>{table['factors'][f]['r2']:.2f} "
-            f"(k={table['factors'][f]['direction']}, leak {table['factors'][f]['leakage']:.2f})</td>"
-            if f in table["factors"] else "<td>–</td>" for f in factors)
-        dci = table["effect_dci"]
+        found = {m["factor"]: m for m in table["matches"]["0.67"]}
+        cells = "".join(f"<td class='ok'>k={found[f]['direction']}, share {found[f]['share']:.2f}</td>"
+                        if f in found else "<td>–</td>" for f in factors)
+        dci, at = table["effect_dci"], table["recovered_at"]
         parts.append(f"<tr class='method'><td>{_esc(method)}</td><td>{_fmt(table.get('rca'))}</td>"
-                     f"<td>{_recovered_cell(table)}</td><td>{dci['disentanglement']:.2f}</td>"
-                     f"<td>{dci['completeness']:.2f}</td><td>{table['mean_matched_r2']:.2f}</td>{cells}</tr>")
-    null = gt.get("null")
-    if null:
-        r, d = null["recovered"], null["disentanglement"]
-        parts.append(f"<tr class='method'><td>random null ({null['sets']} sets)</td><td>–</td>"
-                     f"<td>{r['mean']:.2f} &plusmn; {r['std']:.2f} (95th pct {r['p95']:.1f})</td>"
-                     f"<td>{d['mean']:.2f} &plusmn; {d['std']:.2f}</td><td>–</td><td>–</td>"
-                     + "<td>–</td>" * len(factors) + "</tr>")
+                     f"<td>{at['0.5']} / {at['0.67']} / {at['0.8']}</td><td>{_recovered_cell(table)}</td>"
+                     f"<td>{dci['disentanglement']:.2f}</td><td>{dci['completeness']:.2f}</td>{cells}</tr>")
     parts.append("</tbody></table>")
     sup = (gt["methods"].get("supervised") or {}).get("supervised")
     if sup:
-        parts.append("<p class='note'>Supervised ceiling (a linear fit F ~ B z + c of the oracle's readings of G(z); "
-                     "each direction moves its factor and holds the others): fit R2 on held-out latents "
-                     + ", ".join(f"{_esc(f)} {v:.2f}" for f, v in sup["fit_r2"].items())
-                     + f"; condition number of B {sup['condition_number']:.1f}. The same oracle defines and scores it, "
-                     "so the ceiling can be optimistic.</p>")
+        parts.append("<p class='note'>Supervised ceiling (a linear fit F ~ B z + c of the fit oracle's readings of "
+                     "G(z) on latents the scorer never draws; each direction moves its factor and holds the others): "
+                     "fit R2 on held-out latents " + ", ".join(f"{_esc(f)} {v:.2f}" for f, v in sup["fit_r2"].items())
+                     + f"; condition number of B {sup['condition_number']:.1f}.</p>")
     return parts
 
 

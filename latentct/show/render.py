@@ -88,8 +88,9 @@ def heatmap(matrix: np.ndarray, rows: list[str], cols: list[str], title: str, pa
     plt.close(fig)
 
 
-def recovered_plot(methods: dict, threshold: float, path) -> None:
-    """Recovered factors against the leakage threshold, one line per method; the threshold in use marked."""
+def recovered_plot(methods: dict, taus, headline: float, path) -> None:
+    """Recovered factors against the share a recovered factor needs (tau), one line per method; the headline
+    tau marked."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -97,17 +98,12 @@ def recovered_plot(methods: dict, threshold: float, path) -> None:
 
     fig, ax = plt.subplots(figsize=(4.6, 2.8))
     for name, table in methods.items():
-        xs, ys = zip(*table["curve"])
-        ax.step(xs, ys, where="post", label=name, lw=1.2)
-    if isinstance(threshold, dict):  # per-factor thresholds: their range
-        low, high = min(threshold.values()), max(threshold.values())
-        ax.axvspan(low, high, color="red", alpha=0.15, label=f"per-factor thresholds {low:.2f}-{high:.2f}")
-    else:
-        ax.axvline(threshold, color="red", lw=1, ls="--", label=f"threshold {threshold:.2f}")
-    ax.set_xlabel("leakage threshold")
+        ax.step(taus, table["curve"], where="post", label=name, lw=1.2)
+    ax.axvline(headline, color="red", lw=1, ls="--", label=f"tau = {headline:.2f}")
+    ax.set_xlabel("share of the direction's effect (tau)")
     ax.set_ylabel("factors recovered")
     ax.set_ylim(-0.2, 6.2)
-    ax.legend(fontsize=6, loc="upper left")
+    ax.legend(fontsize=6, loc="upper right")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     with atomic_path(path) as tmp:

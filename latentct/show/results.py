@@ -14,7 +14,6 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from latentct.score.scoring import describe_limits
 from latentct.util.io import atomic_write_text
 from latentct.util.settings import UserError, run_cli, setting
 
@@ -77,28 +76,27 @@ def generator_table(runs: Path, names: list[str]) -> str:
     return _table(["generator", "steps", "SWD", "real-vs-real SWD", "diversity ratio", "anatomy distance"], rows)
 
 
+def _p(value) -> str:
+    return "–" if value is None else f"{value:.3f}"
+
+
 def ground_truth_table(gt: dict) -> str:
-    """Per method: RCA, factors recovered (of those the supervised ceiling recovers), effect-DCI and per factor
-    the matched direction's R2 / leakage; the random null as the last row."""
+    """Per method: RCA, recovered at tau 0.5 / 2/3 / 0.8, the headline (at 2/3, of recoverable) with its area and
+    p-value against the pooled null, effect-DCI and, per factor, the direction that stands for it at tau 2/3."""
     factors = list(gt["oracle_r2"])
     rows = []
     for method, table in gt["methods"].items():
-        cells = []
-        for f in factors:
-            v = table["factors"].get(f)
-            cells.append("–" if v is None else f"{v['r2']:.2f} / {v['leakage']:.2f}{' ✓' if v['recovered'] else ''}")
+        found = {m["factor"]: m for m in table["matches"]["0.67"]}
+        cells = [f"k={found[f]['direction']} ({found[f]['share']:.2f})" if f in found else "–" for f in factors]
         rca = "–" if table.get("rca") is None else f"{table['rca']:.2f}"
         of = f" of {table['recoverable']}" if table.get("recoverable") is not None else "/6"
-        mark = " (not above null)" if table.get("above_null") is False else ""
-        dci = table["effect_dci"]
-        rows.append([method, rca, f"{table['recovered']}{of}{mark}", f"{dci['disentanglement']:.2f}",
-                     f"{dci['completeness']:.2f}", *cells])
-    null = gt.get("null")
-    if null:
-        r, d = null["recovered"], null["disentanglement"]
-        rows.append([f"random null ({null['sets']} sets)", "–", f"{r['mean']:.2f} ± {r['std']:.2f} (p95 {r['p95']:.1f})",
-                     f"{d['mean']:.2f} ± {d['std']:.2f}", "–", *["–"] * len(factors)])
-    return _table(["method", "RCA", "recovered (of recoverable)", "effect-D", "effect-C", *factors], rows)
+        at, p, dci = table["recovered_at"], table.get("p_value") or {}, table["effect_dci"]
+        auc = "–" if table.get("auc") is None else f"{table['auc']:.2f}"
+        rows.append([method, rca, f"{at['0.5']} / {at['0.67']} / {at['0.8']}", f"{at['0.67']}{of}", auc,
+                     _p(p.get("auc") if p.get("auc") is not None else p.get("0.67")), table.get("verdict", "–"),
+                     f"{dci['disentanglement']:.2f}", *cells])
+    return _table(["method", "RCA", "recovered at 0.5 / 2/3 / 0.8", "at 2/3 (of recoverable)", "area", "p",
+                   "verdict", "effect-D", *factors], rows)
 
 
 def validation_table(validation: dict) -> str:
@@ -193,21 +191,22 @@ def render(cfg: Settings) -> str:
     validation = anim / "validation" / "validation.json"
     if validation.is_file():
         v = _read_json(validation)
-        c, t = v["checks"], v["thresholds"]
+        c, m = v["checks"], v["minimum_effect"]
         parts += ["", f"Known-answer sweeps (seed {v['seed']}; `python -m latentct.score.validate`): {c['attributed']}/6 "
                   f"attributed, {c['leakage_ok']}/6 with leakage <= {v['leakage_target']}, {c['labels_ok']}/6 labels as "
-                  f"expected, {c['pairs_ok']}/{c['pairs']} pairs with their factors on top; thresholds from them: "
-                  f"{describe_limits(t['r2_min'], t['leakage_max'])} ({v.get('thresholds_from', 'known-answer sweeps')}).",
+                  f"expected, {c['pairs_ok']}/{c['pairs']} pairs with their factors on top. Noise floors from them at "
+                  f"{v['samples']} samples; the smallest effect a recovered factor needs: "
+                  + ", ".join(f"{f} {x['value']:.3g} {x['unit']}" for f, x in m.items()) + ".",
                   "", validation_table(v)]
     for row in galleries:
         report = _read_json(Path(row["output"]) / "report.json")
         if report.get("ground_truth"):
-            gt = report["ground_truth"]
-            parts += ["", f"**{Path(row['output']).name}**: each factor cell is the matched direction's R2 / leakage; "
-                      "✓ = recovered (its R2 above what an unmoved factor reads, its leakage as low as a clean change of the "
-                      "factor shows: the thresholds above); effect-D/C: "
-                      "DCI's formulas on the effect matrix minus the oracle's noise floor.", "",
-                      ground_truth_table(gt)]
+            parts += ["", f"**{Path(row['output']).name}**: a factor is recovered at tau when a direction's effect on "
+                      "it, above its noise floor, is more than tau of the direction's whole effect, at least twice the "
+                      "floor, with line R2 >= 0.5; each factor cell names the direction that stands for it at tau 2/3 "
+                      "(its share). Area: the mean count over tau in [0.5, 1] relative to the supervised row's; p: "
+                      "against random direction sets of the same size from a pooled null.", "",
+                      ground_truth_table(report["ground_truth"])]
     return "\n".join(parts) + "\n"
 
 

@@ -12,81 +12,42 @@ from latentct.data.phantom import FACTORS
 from latentct.discover.baselines import supervised
 from latentct.score import oracle as oracle_stage
 from latentct.score import validate
-from latentct.score.scoring import attribution, effect_dci, line_effects, match_factors, null_summary, recovered_curve
+from latentct.score.scoring import line_effects
 from latentct.util.settings import UserError, parse_settings
 
-# ------------------------------------------------------------------------------------------ the scorer
+# ------------------------------------------------------------------------------------------ noise floors
 
-def test_leakage_and_attribution_on_a_constructed_response():
-    eps = torch.linspace(-1, 1, 5)
-    values = torch.zeros(2, 5, 3, 6)
-    values[0, :, :, 1] = 3 * eps[:, None]        # direction 0 moves factor 1 by 6 over the span ...
-    values[0, :, :, 4] = -1 * eps[:, None]       # ... and factor 4 by 2: leakage 2 / 8
-    values[1, :, :, 0] = 0.5 * eps[:, None]      # direction 1 moves factor 0 alone
-    r2, effect = line_effects(values, eps)
-    assert np.allclose(effect[0], [0, 6, 0, 0, 2, 0]) and np.allclose(effect[1], [1, 0, 0, 0, 0, 0])
-    own, leakage = attribution(effect)
-    assert own.tolist() == [1, 0] and np.allclose(leakage, [0.25, 0.0])
-    table = match_factors(r2, effect, r2_min=0.5, leakage_max=0.2)
-    assert table["factors"]["y_offset"]["direction"] == 0 and not table["factors"]["y_offset"]["recovered"]
-    assert table["factors"]["z_position"]["recovered"] and table["recovered"] == 1
-    assert table["directions"][0] == {"direction": 0, "largest": "y_offset", "leakage": 0.25}
-    curve = dict(recovered_curve(r2, effect, 0.5, [0.1, 0.3]))
-    assert curve == {0.1: 1, 0.3: 2}  # a looser threshold also counts direction 0
-
-
-def test_effect_dci_on_known_matrices():
-    perfect = effect_dci(np.diag([2.0, 1.0, 3.0, 1.0, 1.0, 1.0]))
-    assert perfect["disentanglement"] == pytest.approx(1) and perfect["completeness"] == pytest.approx(1)
-    flat = effect_dci(np.ones((6, 6)))
-    assert flat["disentanglement"] == pytest.approx(0) and flat["completeness"] == pytest.approx(0)
-    # every direction moves two factors equally: half the entropy of six
-    two = np.zeros((6, 6))
-    for k in range(6):
-        two[k, k] = two[k, (k + 1) % 6] = 1.0
-    assert effect_dci(two)["disentanglement"] == pytest.approx(1 - np.log(2) / np.log(6))
-    # a noise floor removes small spurious effects before the entropies
-    noisy = np.eye(6) * 2 + 0.1
-    assert effect_dci(noisy, floor=np.full(6, 0.1))["disentanglement"] == pytest.approx(1)
-    assert effect_dci(noisy)["disentanglement"] < 0.9
-
-
-def test_per_factor_thresholds():
-    eps = torch.linspace(-1, 1, 5)
-    values = torch.zeros(2, 5, 3, 6)
-    values[0, :, :, 0] = eps[:, None]
-    values[0, :, :, 1] = 0.3 * eps[:, None]   # leakage 0.6 / 2.6 = 0.23
-    values[1, :, :, 1] = eps[:, None]
-    r2, effect = line_effects(values, eps)
-    strict = {f: 0.05 for f in FACTORS}
-    assert match_factors(r2, effect, 0.5, strict)["recovered"] == 1        # z_position leaks too much for 0.05
-    assert match_factors(r2, effect, 0.5, dict(strict, z_position=0.25))["recovered"] == 2
-
-
-def test_r2_floor_is_what_an_unmoved_factor_reads():
-    """r2_min is the line R2 the reader shows on factors a sweep held still (noise here), not the own-factor R2
-    of the straight sweeps: a direction that moves its factor along a curve (R2 < 1) still clears it."""
+def test_noise_floors_are_mean_plus_two_sd_over_disjoint_groups_of_unmoved_factors():
+    """Readings with a known noise level: a factor a sweep held still reads pure noise of SD 0.05 per sample.
+    The floor is computed on disjoint groups of the scorer's sample count, never on factors the sweep moved."""
     gen = torch.Generator().manual_seed(0)
     eps = torch.linspace(-1, 1, 5)
-    values = 0.02 * torch.randn(6, 5, 40, 6, generator=gen)
+    values = 0.05 * torch.randn(6, 5, 48, 6, generator=gen)
     moved = torch.eye(6, dtype=torch.bool)
     for k in range(6):
-        values[k, :, :, k] += eps[:, None]
-    values[0, :, :, 1] += eps[:, None]          # sweep 0 also moves factor 1: not part of factor 1's floor
+        values[k, :, :, k] += 3 * eps[:, None]
+    values[0, :, :, 1] += 3 * eps[:, None]     # sweep 0 also moves factor 1: not part of factor 1's floor
     moved[0, 1] = True
-    limits = validate.thresholds(values, eps, moved, samples=16, draws=50)
-    floors = np.array(list(limits["r2_min"].values()))
-    assert 0.05 < floors.min() and floors.max() < 0.7, limits["r2_min"]
-    curve = torch.zeros(1, 5, 16, 6)
-    curve[0, :, :, 2] = (eps ** 3)[:, None]
-    r2, effect = line_effects(curve, eps)
-    assert r2[0, 2] < 0.9 and match_factors(r2, effect, limits["r2_min"], 0.1)["recovered"] == 1
+    out = validate.noise_floors([(values, moved)], eps, samples=16)
+    assert out["floor_values"]["y_offset"] == 4 * 3 and out["floor_values"]["z_position"] == 5 * 3  # 48 / 16 groups
+    by_hand = []
+    for s in range(1, 6):                                               # factor 0 held still in sweeps 1-5
+        for g in range(3):
+            by_hand.append(line_effects(values[s:s + 1, :, g * 16:(g + 1) * 16], eps)[1][0, 0])
+    assert out["noise_floor"]["z_position"] == pytest.approx(np.mean(by_hand) + 2 * np.std(by_hand, ddof=1))
+    assert all(0 < v < 0.2 for v in out["noise_floor"].values())       # noise, not the moved factor's 6
+    fewer = validate.noise_floors([(values, moved)], eps, samples=4)   # fewer samples: noisier slopes, higher floor
+    assert fewer["noise_floor"]["width"] > out["noise_floor"]["width"]
 
 
-def test_null_summary():
-    out = null_summary([0, 1, 1, 2, 0, 1], [0.1, 0.2, 0.3, 0.2, 0.1, 0.3])
-    assert out["sets"] == 6 and out["recovered"]["mean"] == pytest.approx(5 / 6)
-    assert out["recovered"]["p95"] == pytest.approx(np.percentile([0, 1, 1, 2, 0, 1], 95))
+def test_attainable_level_is_the_median_share_a_clean_sweep_keeps():
+    eps = torch.linspace(-1, 1, 5)
+    values = torch.zeros(6, 5, 32, 6)
+    for k in range(6):
+        values[k, :, :, k] = eps[:, None]
+    values[2, :, :, 3] = eps[:, None]            # through a blurring generator rotation drags thickness along
+    kept = validate.attainable(values, eps, np.zeros(6), samples=16)
+    assert kept["rotation"] == pytest.approx(0.5) and kept["width"] == pytest.approx(1.0)
 
 
 # ------------------------------------------------------------------------------------------ known-answer sweeps
@@ -106,10 +67,9 @@ def test_known_answer_sweeps_score_right_with_exact_factors(seed):
     assert result["checks"]["labels_ok"] >= 5, {f: s["label"] for f, s in result["sweeps"].items()}
     assert result["checks"]["passed"]
     assert sum(result["confusion"]["rotation"].values()) == 6
-    # exact factors move only their own factor: a clean change scores leakage 0, and a factor a sweep held
-    # still reads as a flat line, so the R2 floor a direction must beat is 0
-    assert max(result["thresholds"]["leakage_max"].values()) < 1e-6
-    assert max(result["thresholds"]["r2_min"].values()) == 0
+    # exact factors move only their own factor: a factor a sweep held still reads as a flat line, floor 0
+    assert max(result["noise_floor"].values()) < 1e-6 and result["samples"] == 16
+    assert result["minimum_effect"]["rotation"]["unit"] == "deg"
 
 
 def test_a_sweep_moves_only_its_factor():
@@ -158,8 +118,11 @@ def test_validate_command_writes_the_schema(tiny_oracle, tmp_path):
     assert set(out["sweeps"]) == set(FACTORS)
     assert {"attributed", "leakage", "label", "expected_label"} <= set(out["sweeps"]["rotation"])
     assert all(set(p) >= {"factors", "top_two"} for p in out["pairs"])
-    assert all(0 <= v <= 1 for v in out["thresholds"]["leakage_max"].values()) and set(out["noise_floor"]) == set(FACTORS)
-    assert set(out["thresholds"]["r2_min"]) == set(FACTORS) and out["thresholds_from"] == "known-answer sweeps"
+    assert set(out["noise_floor"]) == set(FACTORS) and all(v > 0 for v in out["noise_floor"].values())
+    oracle = oracle_stage.load_oracle(tiny_oracle[1])
+    k = FACTORS.index("width")                    # the smallest recovered effect, in mm: 2 floors x the width's SD
+    assert out["minimum_effect"]["width"] == {"value": pytest.approx(2 * out["noise_floor"]["width"] *
+                                                                     float(oracle.std[k])), "unit": "mm"}
 
 
 # ------------------------------------------------------------------------------------------ supervised ceiling

@@ -6,7 +6,6 @@ import subprocess
 from pathlib import Path
 
 import imageio.v3 as iio
-import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -17,12 +16,11 @@ from latentct.discover.directions import Directions
 from latentct.generators.embed import embed
 from latentct.generators.interface import load_generator
 from latentct.score.report import describe, sweep
-from latentct.score.scoring import match_factors
 from latentct.show.render import direction_gif, grid_gif, sweep_shifts
 from latentct.util.settings import UserError, parse_settings
 
 SMALL = ["--frames", "9", "--report-samples", "4", "--report-shifts", "5", "--null-sets", "3",
-         "--null-samples", "2", "--real-slices", "1", "--real-directions", "3", "--embed-steps", "5",
+         "--null-pool", "16", "--real-slices", "1", "--real-directions", "3", "--embed-steps", "5",
          "--grid-samples", "2", "--group", "5"]
 
 
@@ -76,19 +74,43 @@ def test_gifs_have_the_frames_and_sizes_asked_for(tmp_path):
     assert iio.imread(tmp_path / "g.gif", index=None).shape[0] == 33
 
 
-def test_hungarian_matching_on_a_constructed_effect_matrix():
-    rng = np.random.default_rng(0)
-    r2 = rng.uniform(0.0, 0.3, (8, 6))
-    effect = rng.uniform(0.0, 0.1, (8, 6))
-    planted = [5, 0, 7, 2, 3, 6]  # factor f lives in direction planted[f]
-    for f, k in enumerate(planted):
-        r2[k, f], effect[k, f] = 0.9, 2.0
-    effect[6, :] += 1.0  # direction 6 (breast_size) moves everything: leaky
-    table = match_factors(r2, effect, r2_min=0.5, leakage_max=0.5)
-    assert [table["factors"][f]["direction"] for f in FACTORS] == planted
-    assert table["recovered"] == 5 and not table["factors"]["breast_size"]["recovered"]
-    assert table["factors"]["breast_size"]["leakage"] > 0.5
-    assert table["directions"][6]["leakage"] > 0.5  # the gallery shows direction 6 as not clean
+def test_the_null_uses_the_methods_latents_shifts_and_direction_count(directions_runs, tiny_oracle,
+                                                                     tiny_validation, tmp_path, monkeypatch):
+    """Every pooled-null direction is swept from the very latents and shifts the methods are, and each method's
+    null sets hold its own number of directions."""
+    swept, drawn = [], []
+    real_sweep, real_sets = EvalDirections.sweep, EvalDirections.null_sets
+
+    def recording_sweep(G, dirs, ks, eps, z, *args, **kwargs):
+        swept.append((dirs.method, len(ks), eps.clone(), z.clone()))
+        return real_sweep(G, dirs, ks, eps, z, *args, **kwargs)
+
+    def recording_sets(r2, effect, floor, count, sets, seed=0):
+        drawn.append((len(r2), count, sets))
+        return real_sets(r2, effect, floor, count, sets, seed)
+
+    monkeypatch.setattr(EvalDirections, "sweep", recording_sweep)
+    monkeypatch.setattr(EvalDirections, "null_sets", recording_sets)
+    cfg = parse_settings(EvalDirections.Settings, [
+        "--directions", str(directions_runs["learned"]), "--compare", str(directions_runs["sefa"]), "--oracle",
+        str(tiny_oracle[1]), "--validation", str(tiny_validation), "--output", str(tmp_path / "g"), "--null-pool", "40",
+        "--null-sets", "30", "--ground-truth", "auto", "--real-slices", "0", "--null-cache",
+        str(tmp_path / "pool.pt"), *SMALL[:6]])
+    gt = EvalDirections.main(cfg)["ground_truth"]
+    methods = [s for s in swept if s[0] != "random"]
+    pool = [s for s in swept if s[0] == "random"]
+    reference = next(s for s in methods if s[2].numel() == cfg.report_shifts)
+    assert sum(s[1] for s in pool) == 40 and all(torch.equal(s[3], reference[3]) and torch.equal(s[2], reference[2])
+                                                 for s in pool)
+    assert drawn == [(40, 8, 30), (40, 8, 30)]  # learned and SeFa: K = 8 each, from the one pool
+    assert gt["null"] == {"pool": 40, "sets": 30, "samples": 4, "shifts": 5, "latents": "the report's own"}
+    for table in gt["methods"].values():
+        assert set(table["p_value"]) == {"0.5", "0.67", "0.8", "auc"} and table["supervision"] == "none"
+        assert all(1 / 31 <= table["p_value"][k] <= 1 for k in ("0.5", "0.67", "0.8"))
+    swept.clear()  # a second evaluation with the same generator, oracle and latents reuses the scored pool
+    again = EvalDirections.main(cfg)["ground_truth"]
+    assert not [s for s in swept if s[0] == "random"] and again["methods"]["sefa"]["p_value"] == \
+        gt["methods"]["sefa"]["p_value"]
 
 
 def test_embedding_reconstructs_generated_slices(gan_run):
@@ -123,12 +145,13 @@ def _chromium():
     pytest.skip("chromium is not installed here (CI installs it)")
 
 
-def test_evaluation_end_to_end_and_the_gallery_in_a_real_browser(directions_runs, tiny_oracle, tmp_path):
+def test_evaluation_end_to_end_and_the_gallery_in_a_real_browser(directions_runs, tiny_oracle, tiny_validation,
+                                                                  tmp_path):
     out = tmp_path / "Animations" / "tiny"
     cfg = parse_settings(EvalDirections.Settings, ["--directions", str(directions_runs["learned"]),
                                                    "--compare", str(directions_runs["sefa"]),
-                                                   "--oracle", str(tiny_oracle[1]),
-                                                   "--output", str(out), *SMALL])
+                                                   "--oracle", str(tiny_oracle[1]), "--validation",
+                                                   str(tiny_validation), "--output", str(out), *SMALL])
     report = EvalDirections.main(cfg)
     assert len(report["directions"]) == 8 and all(r["label"] for r in report["directions"])
     assert sorted(p.name for p in out.glob("direction_*.gif")) == [f"direction_{k:03d}.gif" for k in range(8)]
@@ -136,10 +159,12 @@ def test_evaluation_end_to_end_and_the_gallery_in_a_real_browser(directions_runs
     assert (out / "chart0-4.png").is_file() and (out / "ground_truth" / "effect_matrix.png").is_file()
     gt = report["ground_truth"]
     assert set(gt["methods"]) == {"learned", "sefa"} and set(gt["oracle_r2"]) == set(FACTORS)
-    assert gt["null"]["sets"] == 3 and gt["thresholds_from"] == "settings" and gt["recoverable"] is None
-    assert {"disentanglement", "completeness"} <= set(gt["main"]["effect_dci"]) and len(gt["main"]["curve"]) == 21
-    assert (out / gt["curve"]).is_file() and gt["oracle_sha256"]
-    assert 0 <= gt["main"]["recovered"] <= 6 and len(gt["main"]["r2_matrix"]) == 8
+    assert gt["null"]["sets"] == 3 and gt["recoverable"] is None and gt["main"]["auc"] is None  # no supervised row
+    assert {"disentanglement", "completeness"} <= set(gt["main"]["effect_dci"]) and len(gt["main"]["curve"]) == 51
+    assert (out / gt["curve"]).is_file() and len(gt["oracles"]["score"]) == 64 and gt["oracles"]["fit"] is None
+    assert gt["main"]["recovered"] == gt["main"]["recovered_at"]["0.67"] == len(gt["main"]["matches"]["0.67"])
+    assert gt["main"]["recovered_at"]["0.5"] >= gt["main"]["recovered_at"]["0.67"] >= gt["main"]["recovered_at"]["0.8"]
+    assert len(gt["main"]["r2_matrix"]) == 8 and gt["noise_floor"] == json.loads(tiny_validation.read_text())["noise_floor"]
     assert report["real"] and report["real"][0]["mse"] >= 0 and report["real"][0]["embedding"] == "optimised z"
 
     browser = _chromium()
