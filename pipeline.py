@@ -83,6 +83,9 @@ class Settings:
     oracle_steps: int | None = setting(None, "factor oracle training steps (None: latentct/score/oracle.py's)")
     oracle_slices: int | None = setting(None, "factor oracle training slices (None: latentct/score/oracle.py's)")
     oracle_test_slices: int | None = setting(None, "factor oracle held-out slices (None: latentct/score/oracle.py's)")
+    probe_slices: int | None = setting(None, "VAE reconstructions the readability probe trains on (None: "
+                                       "latentct/score/validate.py's)")
+    probe_steps: int | None = setting(None, "that probe's steps (None: latentct/score/validate.py's)")
     validate_patients: int | None = setting(None, "patients per known-answer sweep (None: latentct/score/validate.py's)")
     null_pool: int = setting(256, "random directions in each generator's pooled null (scored once per table)")
     null_sets: int = setting(1000, "sets of each method's direction count drawn from the pool: the p-values")
@@ -119,7 +122,7 @@ PRESETS = {
     # The smallest sizes: the end-to-end test.
     "tiny": dict(phantom_patients=6, phantom_slices=12, phantom_size=64, image_size=32, gan_steps=6, vae_steps=6,
                  direction_steps=4, direction_batch=8, eval_samples=3, oracle_steps=20, oracle_slices=200,
-                 oracle_test_slices=100,
+                 oracle_test_slices=100, probe_slices=100, probe_steps=10,
                  validate_patients=2, null_pool=16, null_sets=50, dcgan_methods=list(METHODS),
                  vae_methods=["sefa", "random"]),
     # Every baseline beside the learned directions at demo sizes, with MIG and DCI: the README's benchmark table.
@@ -203,18 +206,15 @@ def plan(cfg: Settings) -> list[Job]:
     first_preset = cfg.direction_presets[0]
     phantom_run = not cfg.lidc  # the oracle, validation, supervised ceiling and ground truth need the phantom
     if phantom_run:
-        oracle_cfg = _with(oracle, dict(image_size=cfg.image_size, root=cfg.root, steps=cfg.oracle_steps,
-                                        train_slices=cfg.oracle_slices, test_slices=cfg.oracle_test_slices,
-                                        render_size=cfg.phantom_size, seed=cfg.seed))
-        oracle_file = oracle.folder_for(oracle_cfg) / "oracle.pt"
-        jobs.append(Job(kind="oracle", name="oracle", module=oracle, cfg=oracle_cfg, output=oracle_file.parent,
-                        done_file="oracle.pt"))
+        oracle_jobs = oracles(cfg, cfg.image_size, "default")
+        jobs += oracle_jobs
+        oracle_file, fit_file = (job.output / "oracle.pt" for job in oracle_jobs)
         jobs.append(Job(kind="validate", name="validate", module=validate, cfg=_with(validate, dict(
             output=str(anim / "validation"), seed=cfg.seed, image_size=cfg.image_size, oracle=str(oracle_file),
-            vae=str(runs / "vae" / "generator.pt"), patients=cfg.validate_patients, render_size=cfg.phantom_size,
-            pair_patients=cfg.validate_patients, scored_samples=cfg.eval_samples)), output=anim / "validation",
-            done_file="validation.json",
-            inputs=("oracle", "vae")))
+            fit_oracle=str(fit_file), vae=str(runs / "vae" / "generator.pt"), patients=cfg.validate_patients,
+            render_size=cfg.phantom_size, pair_patients=cfg.validate_patients, scored_samples=cfg.eval_samples,
+            probe_slices=cfg.probe_slices, probe_steps=cfg.probe_steps)), output=anim / "validation",
+            done_file="validation.json", inputs=("oracle", "oracle_fit", "vae")))
     for g, gen in enumerate(GENERATORS):
         kind, module, steps, preset = trainers[gen]
         jobs.append(Job(kind=kind, name=gen, module=module, cfg=_with(module, dict(common, output=str(runs / gen),
@@ -248,8 +248,8 @@ def plan(cfg: Settings) -> list[Job]:
         if phantom_run:  # the supervised ceiling: its directions only, no reconstructor
             out = runs / f"{gen}_supervised"
             jobs.append(Job(kind="baselines", name=out.name, module=TrainDirections, cfg=_with(TrainDirections, dict(
-                shared, output=str(out), method="supervised", oracle=str(oracle_file), rca=False), first_preset),
-                output=out, done_file="directions.pt", inputs=(gen, "oracle")))
+                shared, output=str(out), method="supervised", oracle=str(fit_file), rca=False), first_preset),
+                output=out, done_file="directions.pt", inputs=(gen, "oracle_fit")))
             compared.append(out.name)
         for preset in cfg.direction_presets:
             gallery = anim / (gen if len(cfg.direction_presets) == 1 else f"{gen}_{preset}")
@@ -276,6 +276,20 @@ def plan(cfg: Settings) -> list[Job]:
                                 render_size=cfg.phantom_size), output=anim / f"{gen}_disentanglement",
                                 done_file="disentanglement.json", inputs=(f"{gen}_{preset}", *compared)))
     return in_order(jobs)
+
+
+def oracles(cfg: Settings, image_size: int, window: str) -> list[Job]:
+    """Two independent factor oracles: the score oracle reads every sweep and direction; the fit oracle (another
+    seed, so other slices, and another width) only fits the supervised ceiling, so "recoverable" is not what one
+    oracle can be steered to read."""
+    jobs = []
+    for name, seed, width in (("oracle", cfg.seed, 16), ("oracle_fit", cfg.seed + 1, 24)):
+        job_cfg = _with(oracle, dict(image_size=image_size, window=window, root=cfg.root, steps=cfg.oracle_steps,
+                                     train_slices=cfg.oracle_slices, test_slices=cfg.oracle_test_slices,
+                                     render_size=cfg.phantom_size, seed=seed, width=width))
+        jobs.append(Job(kind="oracle", name=name, module=oracle, cfg=job_cfg, output=oracle.folder_for(job_cfg),
+                        done_file="oracle.pt"))
+    return jobs
 
 
 def in_order(jobs: list[Job]) -> list[Job]:
@@ -333,18 +347,14 @@ def plan_own_generator(cfg: Settings) -> list[Job]:
         compared.append(out.name)
     if cfg.data and G.window is not None and not G.volume and has_factors(cfg.data):
         window = ",".join(f"{v:g}" for v in G.window)
-        oracle_cfg = _with(oracle, dict(image_size=output_size(G), window=window, root=cfg.root,
-                                        steps=cfg.oracle_steps, train_slices=cfg.oracle_slices,
-                                        test_slices=cfg.oracle_test_slices, render_size=cfg.phantom_size,
-                                        seed=cfg.seed))
-        oracle_file = oracle.folder_for(oracle_cfg) / "oracle.pt"
-        jobs.append(Job(kind="oracle", name="oracle", module=oracle, cfg=oracle_cfg, output=oracle_file.parent,
-                        done_file="oracle.pt"))
+        oracle_jobs = oracles(cfg, output_size(G), window)
+        jobs += oracle_jobs
+        oracle_file, fit_file = (job.output / "oracle.pt" for job in oracle_jobs)
         jobs.append(Job(kind="validate", name="validate", module=validate, cfg=_with(validate, dict(
             output=str(anim / "validation"), seed=cfg.seed, image_size=output_size(G), window=window,
-            oracle=str(oracle_file), patients=cfg.validate_patients, pair_patients=cfg.validate_patients,
-            render_size=cfg.phantom_size, scored_samples=cfg.eval_samples)), output=anim / "validation",
-            done_file="validation.json", inputs=("oracle",)))
+            oracle=str(oracle_file), fit_oracle=str(fit_file), patients=cfg.validate_patients,
+            pair_patients=cfg.validate_patients, render_size=cfg.phantom_size, scored_samples=cfg.eval_samples)),
+            output=anim / "validation", done_file="validation.json", inputs=("oracle", "oracle_fit")))
         jobs.append(Job(kind="ground_truth", name="truth_model", module=EvalDirections, cfg=EvalDirections.Settings(
             directions=str(learned / "directions.pt"), output=str(gallery), dataset=cfg.data,
             report_samples=cfg.eval_samples, seed=cfg.seed, ground_truth="only", oracle=str(oracle_file),

@@ -19,7 +19,7 @@ def test_whole_pipeline_at_the_smallest_sizes_then_cached_then_from_a_stage(tmp_
     assert [r["name"] for r in summary["stages"]][3:5] == ["dcgan_demo", "eval_dcgan"]
     assert summary["first_gallery_seconds"] == summary["stages"][4]["finished_at"] <= summary["wall_seconds"]
     assert stages.count("evaluate") == 2
-    assert stages.count("ground_truth") == 2 and stages.count("oracle") == 1 and not summary["pending"]
+    assert stages.count("ground_truth") == 2 and stages.count("oracle") == 2 and not summary["pending"]
     # DCGAN: learned, 5 closed-form methods, DisCo and LatentCLR each trained then RCA-measured, supervised;
     # VAE: learned, SeFa, random, supervised
     assert stages.count("validate") == 1 and stages.count("directions") == 11 + 4
@@ -158,6 +158,11 @@ def test_one_ordering_table_places_every_job(tmp_path):
     kinds = list(pipeline.ORDER)
     pool = [kinds.index(j.kind) for j in jobs if not j.main_lane]
     assert pool == sorted(pool) and jobs[len(main)].kind == "oracle" and jobs[-1].kind == "ground_truth"
+    fit, score = (next(j for j in jobs if j.name == name) for name in ("oracle_fit", "oracle"))
+    assert (fit.cfg.seed, fit.cfg.width) != (score.cfg.seed, score.cfg.width) and fit.output != score.output
+    supervised = next(j for j in jobs if j.name == "dcgan_supervised")
+    truth = next(j for j in jobs if j.name == "truth_dcgan")
+    assert supervised.cfg.oracle == str(fit.output / "oracle.pt") and truth.cfg.oracle == str(score.output / "oracle.pt")
     assert pipeline.STAGES == ("phantom", "preprocess", "train_gan", "train_vae", "oracle", "validate", "directions",
                                "evaluate", "ground_truth", "disentanglement")
     with_grid = parse_settings(pipeline.Settings, ["--preset", "tiny", "--root", str(tmp_path), "--direction-presets",

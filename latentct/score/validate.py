@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from latentct.data import phantom
 from latentct.data.phantom import FACTOR_RANGES, FACTORS
@@ -65,6 +66,11 @@ class Settings:
     oracle: str | None = setting(None, "oracle.pt to use (default: train or reuse the cached one for this size)")
     root: str = setting(".", "folder under which the oracle cache runs/oracle/ lives")
     vae: str | None = setting(None, "a VAE generator.pt: the oracle is also scored on its reconstructions")
+    fit_oracle: str | None = setting(None, "the other oracle (the one the supervised ceiling is fitted with): each "
+                                     "factor's agreement between the two is reported")
+    probe_slices: int = setting(3000, "with --vae: reconstructions a probe is trained on, labelled with their "
+                                "inputs' factors; its held-out R2 bounds what the VAE leaves readable")
+    probe_steps: int = setting(1500, "training steps of that probe")
     patients: int = setting(50, "patients per single-factor sweep")
     pair_patients: int = setting(20, "patients per two-factor sweep")
     frames: int = setting(9, "frames per sweep")
@@ -216,15 +222,45 @@ def reconstruction(vae_path: str, oracle):
     return through
 
 
-def generated_r2(oracle, vae_path: str, cfg: Settings, count: int = 500) -> dict:
-    """The oracle's R2 on VAE reconstructions of fresh held-out slices whose factors are known."""
-    from latentct.score.oracle import r_squared, render_slices
+def generated_r2(oracle, vae_path: str, cfg: Settings, count: int = 500) -> tuple[dict, dict]:
+    """The oracle's R2 on VAE reconstructions of fresh held-out slices whose factors are known, and the bound: the
+    held-out R2 of a probe trained on reconstructions of other slices (what the VAE leaves readable at all)."""
+    from latentct.score.oracle import OracleNet, r_squared, render_slices
 
     through = reconstruction(vae_path, oracle)
     hu, targets = render_slices(count, cfg.image_size, cfg.seed, 3, cfg.render_size, cfg.workers,
                                 "held-out slices for the VAE")
     recon = through(hu_to_unit(hu, oracle.window))
-    return {f: float(v) for f, v in zip(FACTORS, r_squared(oracle.read(recon), targets))}
+    r2 = {f: float(v) for f, v in zip(FACTORS, r_squared(oracle.read(recon), targets))}
+    train_hu, train_y = render_slices(cfg.probe_slices, cfg.image_size, cfg.seed, 5, cfg.render_size, cfg.workers,
+                                      "slices for the VAE probe")
+    train_x = through(hu_to_unit(train_hu, oracle.window))
+    mean, std = train_y.mean(0), train_y.std(0).clamp_min(1e-6)
+    torch.manual_seed(cfg.seed)
+    probe = OracleNet(cfg.image_size, oracle.state["args"]["width"])
+    opt = torch.optim.Adam(probe.parameters(), lr=2e-3)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, 2e-3, total_steps=cfg.probe_steps, pct_start=0.3)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    for _ in range(cfg.probe_steps):
+        idx = torch.randint(0, len(train_x), (64,), generator=gen)
+        loss = F.smooth_l1_loss(probe(train_x[idx]), (train_y[idx] - mean) / std, beta=0.1)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+    with torch.no_grad():
+        bound = r_squared(probe.eval()(recon) * std + mean, targets)
+    return r2, {f: float(v) for f, v in zip(FACTORS, bound)}
+
+
+def agreement(score_oracle, fit_oracle, cfg: Settings, count: int = 500) -> dict:
+    """Per factor, the R2 of the fit oracle's readings on the score oracle's, on fresh slices of new patients:
+    how far two independently trained oracles read the same thing."""
+    from latentct.score.oracle import r_squared, render_slices
+
+    hu, _ = render_slices(count, cfg.image_size, cfg.seed, 6, cfg.render_size, cfg.workers, "slices both oracles read")
+    x = hu_to_unit(hu, score_oracle.window)
+    return {f: float(v) for f, v in zip(FACTORS, r_squared(fit_oracle.read(x), score_oracle.read(x)))}
 
 
 def validate(cfg: Settings, reader=None, through=None, spread=None) -> dict:
@@ -303,10 +339,12 @@ def main(cfg: Settings) -> dict:
                         f"{cfg.image_size} px in {parse_window(cfg.window)}")
     through = reconstruction(cfg.vae, oracle) if cfg.vae else None
     result = validate(cfg, oracle.read_std, through, oracle.std.numpy())
-    generated = generated_r2(oracle, cfg.vae, cfg) if cfg.vae else {}
+    generated, bound = generated_r2(oracle, cfg.vae, cfg) if cfg.vae else ({}, {})
+    agree = agreement(oracle, oracle_stage.load_oracle(cfg.fit_oracle), cfg) if cfg.fit_oracle else {}
     result = {"image_size": cfg.image_size, "seed": cfg.seed, "oracle_sha256": oracle.sha256,
               "oracle_path": str(path),
-              "oracle": {f: {"r2": oracle.r2[f], "r2_generated": generated.get(f)} for f in FACTORS}, **result}
+              "oracle": {f: {"r2": oracle.r2[f], "r2_generated": generated.get(f), "bound": bound.get(f),
+                             "agreement": agree.get(f)} for f in FACTORS}, **result}
     atomic_write_json(out / "validation.json", result)
     c, m = result["checks"], result["minimum_effect"]
     print(f"validation: {c['attributed']}/6 sweeps attributed to their factor, {c['leakage_ok']}/6 with leakage "

@@ -86,7 +86,7 @@ def test_a_sweep_moves_only_its_factor():
 
 def test_oracle_learns_cached_and_named_by_hash(tiny_oracle, capsys):
     cfg, path, r2 = tiny_oracle
-    assert path.parent.name == "32px_hu-1000_2000_render64_phantom1" and set(r2) == set(FACTORS)
+    assert path.parent.name == "32px_hu-1000_2000_render64_phantom1_seed0_w8" and set(r2) == set(FACTORS)
     assert r2["width"] > 0.5 and r2["y_offset"] > 0.5  # even 150 tiny steps read the body's size and height
     oracle = oracle_stage.load_oracle(path)
     before = path.stat().st_mtime_ns
@@ -97,6 +97,34 @@ def test_oracle_learns_cached_and_named_by_hash(tiny_oracle, capsys):
     assert read.shape == (8, 6) and torch.isfinite(read).all()
     with pytest.raises(UserError, match="32 px"):
         oracle.read(torch.zeros(1, 1, 64, 64))
+
+
+def test_the_fit_and_the_score_oracle_differ_in_weights_slices_and_cache_key(tiny_oracle, tmp_path):
+    score_cfg, score_path, _ = tiny_oracle
+    fit_cfg = oracle_stage.Settings(image_size=32, root=score_cfg.root, render_size=64, train_slices=200,
+                                    test_slices=100, steps=20, batch_size=32, width=12, seed=1)
+    oracle_stage.main(fit_cfg)
+    fit_path = oracle_stage.folder_for(fit_cfg) / "oracle.pt"
+    assert fit_path.parent != score_path.parent and fit_path.parent.name.endswith("_seed1_w12")
+    score, fit = oracle_stage.load_oracle(score_path), oracle_stage.load_oracle(fit_path)
+    assert score.sha256 != fit.sha256 and fit.model.features[0].out_channels == 12
+    assert score.model.features[0].out_channels == 8
+    hu_score, _ = oracle_stage.render_slices(4, 32, seed=score_cfg.seed, stream=1, render_size=64)
+    hu_fit, _ = oracle_stage.render_slices(4, 32, seed=fit_cfg.seed, stream=1, render_size=64)
+    assert not torch.equal(hu_score, hu_fit)  # another seed: other training slices
+    agree = validate.agreement(score, fit, validate.Settings(image_size=32, render_size=64), count=40)
+    assert set(agree) == set(FACTORS) and all(v <= 1 for v in agree.values())
+
+
+def test_augmentation_looks_generated_and_keeps_the_slice():
+    hu, _ = oracle_stage.render_slices(6, 32, seed=2, stream=1, render_size=64)
+    x = oracle_stage.hu_to_unit(hu, "default")
+    y = oracle_stage.augment(x, torch.Generator().manual_seed(0))
+    assert y.shape == x.shape and y.min() >= -1 and y.max() <= 1 and not torch.equal(x, y)
+    body = x > -0.6                              # the body stays where it was: the factors are geometry
+    assert (y[body] > y[~body].mean()).float().mean() > 0.9
+    sharp = lambda im: (im[..., 1:, :] - im[..., :-1, :]).abs().mean()  # noqa: E731
+    assert sharp(y) < sharp(x)                   # on average blurred, as a VAE draws
 
 
 def test_oracle_from_another_phantom_version_is_refused(tiny_oracle, tmp_path):
@@ -114,7 +142,7 @@ def test_validate_command_writes_the_schema(tiny_oracle, tmp_path):
     validate.main(cfg)
     out = json.loads((tmp_path / "v" / "validation.json").read_text())
     assert out["image_size"] == 32 and out["seed"] == 0 and len(out["oracle_sha256"]) == 64
-    assert set(out["oracle"]) == set(FACTORS) and all("r2_generated" in v for v in out["oracle"].values())
+    assert set(out["oracle"]) == set(FACTORS) and all({"r2_generated", "bound", "agreement"} <= set(v) for v in out["oracle"].values())
     assert set(out["sweeps"]) == set(FACTORS)
     assert {"attributed", "leakage", "label", "expected_label"} <= set(out["sweeps"]["rotation"])
     assert all(set(p) >= {"factors", "top_two"} for p in out["pairs"])
