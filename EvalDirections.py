@@ -25,7 +25,7 @@ from latentct.data.slices import has_factors, held_out, is_dataset, parse_window
 from latentct.discover.directions import Directions, load_directions
 from latentct.generators.embed import embed
 from latentct.generators.interface import KINDS, load_encoder, output_size, place_generator, sample_latents
-from latentct.score.report import STRONG, describe, fold_axes, is_strong, realism, sweep
+from latentct.score.report import STRONG, describe, fold_axes, is_strong, real_spreads, realism, sweep
 from latentct.score.scoring import (
     AREA_TAUS,
     HEADLINE,
@@ -205,11 +205,13 @@ def measure(subject: Subject, ks: list[int], z, eps, spacing: float) -> tuple[li
         note = "not measured: the generator declares no output_window (the HU of its output range)"
         return unmeasured(images, ks, note), images, note
     note = "measured on the axial mid-plane of each volume" if subject.G.volume else "measured"
-    rows = describe(images, eps, subject.window, spacing, ks)
     split = held_out(subject.dataset, subject.window)
-    if split is not None and len(split) >= 4:  # how far each sweep stays realistic, against real slices
-        picks = torch.linspace(0, len(split) - 1, min(2 * z.shape[0], len(split))).round().long().tolist()
-        for row, item in zip(rows, realism(images, eps, torch.stack([split[i] for i in picks]))):
+    real = None if split is None or len(split) < 4 else lambda n: torch.stack(  # n evenly spread real slices
+        [split[i] for i in torch.linspace(0, len(split) - 1, min(n, len(split))).round().long().tolist()])
+    spreads = None if real is None else real_spreads(real(256), subject.window, spacing)
+    rows = describe(images, eps, subject.window, spacing, ks, spreads)
+    if real is not None:  # how far each sweep stays realistic
+        for row, item in zip(rows, realism(images, eps, real(2 * z.shape[0]))):
             row["realism"] = item
     return rows, images, note
 

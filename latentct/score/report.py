@@ -57,8 +57,13 @@ def disentanglement(importance: np.ndarray) -> float:
     return float(1 - h / math.log(len(p)))
 
 
-def describe(images: torch.Tensor, eps: torch.Tensor, window, spacing: float, ks: list[int]) -> list[dict]:
-    """Per direction: slope per unit shift and R2 of every measurement, the dominant one and a label."""
+def describe(images: torch.Tensor, eps: torch.Tensor, window, spacing: float, ks: list[int],
+             spreads: dict[str, float] | None = None) -> list[dict]:
+    """Per direction: slope per unit shift and R2 of every measurement, the dominant one, each measurement's share
+    of the direction's change and a label. A change is normalised by the measurement's spread across real slices
+    (``spreads``, from anatomy.measure on them) or, without real slices, across the sweep's unshifted samples.
+    The label names one measurement only where it holds more than 2/3 of the change with R2 >= 0.5; otherwise it
+    names the mixture (on real CT there is no oracle: a mixture must read as one)."""
     K, E, Z = images.shape[:3]
     hu = unit_to_hu(images.reshape(K * E * Z, *images.shape[3:]), window)
     values = {name: v.reshape(K, E, Z) for name, v in anatomy.measure(hu, spacing).items()}
@@ -67,9 +72,12 @@ def describe(images: torch.Tensor, eps: torch.Tensor, window, spacing: float, ks
     out = [{"direction": k, "slope": {}, "r2": {}, "effect": {}} for k in ks]
     for name, v in values.items():
         slope, r2 = fit_lines(v, eps)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            spread = float(np.nanstd(v[:, centre].numpy()))  # natural variation across samples
+        if spreads is not None and math.isfinite(spreads.get(name, math.nan)):
+            spread = spreads[name]
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                spread = float(np.nanstd(v[:, centre].numpy()))  # natural variation across samples
         spread = max(_num(spread), anatomy.min_spread(name, spacing))
         for i in range(K):
             out[i]["slope"][name] = _num(slope[i])
@@ -79,13 +87,37 @@ def describe(images: torch.Tensor, eps: torch.Tensor, window, spacing: float, ks
     for i, row in enumerate(out):
         score = {m: row["effect"][m] * row["r2"][m] * anatomy.PRIORITY[m] for m in values}
         dominant = max(score, key=lambda m: score[m])
-        label, unit = anatomy.MEASURES[dominant]
         row["dominant"] = dominant
         row["score"] = score[dominant]
-        row["label"] = f"{label} {row['slope'][dominant]:+.3g} {unit} per unit (R2 {row['r2'][dominant]:.2f})"
+        row["shares"] = measurement_shares(row["effect"])
+        row["label"] = label(row)
         row["disentanglement"] = disentanglement(np.array(list(score.values())))
         row["image_change"] = float(change[i])
     return out
+
+
+def measurement_shares(effect: dict[str, float]) -> dict[str, float]:
+    total = sum(effect.values())
+    return {m: (e / total if total > 0 else 0.0) for m, e in effect.items()}
+
+
+def label(row: dict, single: float = 2 / 3, r2_min: float = 0.5) -> str:
+    """One measurement's name where it holds more than ``single`` of the change on a line; else the mixture."""
+    top = max(row["shares"], key=lambda m: row["shares"][m])
+    if row["shares"][top] > single and row["r2"][top] >= r2_min:
+        name, unit = anatomy.MEASURES[top]
+        return f"{name} {row['slope'][top]:+.3g} {unit} per unit (R2 {row['r2'][top]:.2f})"
+    parts = sorted(((s, m) for m, s in row["shares"].items() if s >= 0.1), reverse=True)[:3]
+    if not parts:
+        return "no measurement changes"
+    return "mixture: " + ", ".join(f"{anatomy.MEASURES[m][0]} {s:.2f}" for s, m in parts)
+
+
+def real_spreads(real: torch.Tensor, window, spacing: float) -> dict[str, float]:
+    """Each measurement's spread across real slices (N, 1, S, S) in [-1, 1] of ``window``."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return {m: float(np.nanstd(v.numpy())) for m, v in anatomy.measure(unit_to_hu(real, window), spacing).items()}
 
 
 STRONG = "a measurement with R2 >= 0.8 and effect x R2 x priority > 0.5"

@@ -1,0 +1,90 @@
+"""Stability of the ground-truth headline: the ground truth of a finished pipeline run scored again with one and
+two threads and with two draws of report latents, each in its own process.
+
+    python -m bench.stability --run demo [--seeds 0 1] [--threads 1 2]
+
+Target (issue "Counts that hold on any machine"): no count moves by more than 1 between runs, and no verdict
+whose p-value is below 0.01 or above 0.2 flips. Prints one row per (generator, method, run) and the spread of
+each method's counts, and writes Animations/<run>/stability.json.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from latentct.util.io import atomic_write_json
+from latentct.util.settings import parse_settings, setting
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class Settings:
+    """Score a finished run's ground truth again under other thread counts and report latents."""
+
+    run: str = setting("demo", "the pipeline run whose ground-truth stages to repeat")
+    root: str = setting(".", "folder under which Animations/<run>/ lives")
+    seeds: list[int] = setting([0, 1], "report-latent seeds (EvalDirections --seed)")
+    threads: list[int] = setting([1, 2], "OMP_NUM_THREADS of each repeat")
+
+
+def repeat(config: dict, report: Path, seed: int, threads: int) -> dict:
+    """One ground-truth stage in a fresh process: its ground_truth.json."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "gallery"
+        out.mkdir()
+        shutil.copy(report, out / "report.json")
+        flags = []
+        for key, value in dict(config, output=str(out), seed=seed, ground_truth="only").items():
+            if value is None or value == [] or key in ("null_cache",):
+                continue
+            flag = "--" + key.replace("_", "-")
+            if isinstance(value, bool):
+                flags.append(flag if value else f"--no-{key.replace('_', '-')}")
+            elif isinstance(value, list):
+                flags += [flag, *map(str, value)]
+            else:
+                flags += [flag, str(value)]
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TQDM_DISABLE": "1"}
+        subprocess.run([sys.executable, str(ROOT / "EvalDirections.py"), *flags], check=True, env=env, cwd=ROOT,
+                       stdout=subprocess.DEVNULL)
+        return json.loads((out / "ground_truth" / "ground_truth.json").read_text())
+
+
+def main(cfg: Settings) -> list[dict]:
+    anim = Path(cfg.root) / "Animations" / cfg.run
+    rows = []
+    for gallery in sorted(p.parent.parent for p in anim.glob("*/ground_truth/config.json")):
+        config = json.loads((gallery / "ground_truth" / "config.json").read_text())
+        for seed in cfg.seeds:
+            for threads in cfg.threads:
+                gt = repeat(config, gallery / "report.json", seed, threads)
+                for method, table in gt["methods"].items():
+                    p = table["p_value"] or {}
+                    rows.append({"generator": gallery.name, "method": method, "seed": seed, "threads": threads,
+                                 "recovered_at": table["recovered_at"], "auc": table["auc"],
+                                 "p": p.get("auc") if p.get("auc") is not None else p.get("0.67"),
+                                 "verdict": table["verdict"]})
+                    print(f"{gallery.name:8s} {method:22s} seed {seed} threads {threads}: recovered "
+                          f"{table['recovered_at']['0.5']}/{table['recovered_at']['0.67']}/"
+                          f"{table['recovered_at']['0.8']} at tau 0.5/0.67/0.8, p {rows[-1]['p']}, {table['verdict']}")
+    spread = {}
+    for r in rows:
+        key = f"{r['generator']} {r['method']}"
+        spread.setdefault(key, {t: [] for t in r["recovered_at"]})
+        for t, n in r["recovered_at"].items():
+            spread[key][t].append(n)
+    moved = {k: max(max(v) - min(v) for v in s.values()) for k, s in spread.items()}
+    print("largest move of a count across the repeats: " + ", ".join(f"{k} {v}" for k, v in moved.items()))
+    atomic_write_json(anim / "stability.json", {"rows": rows, "largest_move": moved})
+    return rows
+
+
+if __name__ == "__main__":
+    main(parse_settings(Settings, sys.argv[1:]))
