@@ -65,17 +65,37 @@ def test_whole_pipeline_at_the_smallest_sizes_then_cached_then_from_a_stage(tmp_
     saved = json.loads((anim / "summary.json").read_text())
     assert [r["stage"] for r in saved["stages"]] == stages and "dcgan/index.html" in (anim / "index.html").read_text()
 
-    # the README's tables come from these files, by a command
+    # the README's short blocks and docs/results.md's tables come from these files, by a command
     from latentct.show import results
 
     block = results.render(results.Settings(run="t", root=str(tmp_path), examples=1))
     assert "| train_gan | dcgan |" in block and "| learned |" in block and "| dcgan | 6 |" in block
     assert len(list((tmp_path / "Animations" / "examples").glob("*.gif"))) == 2
-    readme = tmp_path / "README.md"
-    readme.write_text(f"intro\n{results.BEGIN}\nSTALE-BLOCK\n{results.END}\nrest\n")
-    results.main(results.Settings(run="t", root=str(tmp_path), examples=0, readme=str(readme)))
-    text = readme.read_text()
-    assert text.startswith("intro\n") and text.endswith("rest\n") and "STALE-BLOCK" not in text and "| dcgan |" in text
+    readme, docs = tmp_path / "README.md", tmp_path / "docs" / "results.md"
+    docs.parent.mkdir()
+    blocks = {name: results.markers(name) for name in ("examples", "results")}
+    readme.write_text("intro\n{0}\nSTALE-GIFS\n{1}\nmiddle\n{2}\nSTALE-GLANCE\n{3}\nrest\n".format(
+        *blocks["examples"], *blocks["results"]))
+    docs.write_text("head\n{}\nSTALE-TABLES\n{}\ntail\n".format(*blocks["results"]))
+    results.main(results.Settings(run="t", root=str(tmp_path), examples=1, readme=str(readme), docs=str(docs)))
+    text, full = readme.read_text(), docs.read_text()
+    assert text.startswith("intro\n") and "\nmiddle\n" in text and text.endswith("rest\n")
+    assert "STALE" not in text and "STALE" not in full and full.startswith("head\n") and full.endswith("tail\n")
+    # README: the GIF row linked from the README's folder, and one at-a-glance row per generator and method
+    gifs = sorted(p.name for p in (tmp_path / "Animations" / "examples").glob("*.gif"))
+    assert all(f"![](Animations/examples/{name})" in text for name in gifs) and "| train_gan |" not in text
+    for gen in ("dcgan", "vae"):
+        gt = json.loads((anim / gen / "report.json").read_text())["ground_truth"]
+        for method, t in gt["methods"].items():
+            p = t["p_value"]["auc"] if t["p_value"]["auc"] is not None else t["p_value"]["0.67"]
+            area = "–" if t["auc"] is None else f"{t['auc']:.2f}"
+            row = (f"| {gen} | {method} | {t['recovered_at']['0.67']} of {gt['recoverable']} | {area} | {p:.3f} | "
+                   f"{t['verdict']} |")
+            assert row in text, row
+    assert "[docs/results.md](docs/results.md)" in text
+    # docs/results.md: the full tables, the GIFs linked from docs/
+    assert "| train_gan | dcgan |" in full and "| dcgan | 6 |" in full and "recovered at 0.5 / 2/3 / 0.8" in full
+    assert all(f"![](../Animations/examples/{name})" in full for name in gifs)
 
     # a rerun with the same settings skips every stage
     again = pipeline.main(cfg)
@@ -120,13 +140,20 @@ def test_benchmark_block_from_its_files(tmp_path):
     (anim / "dcgan_disentanglement").mkdir(parents=True)
     gallery = anim / "dcgan"
     gallery.mkdir()
-    found = [{"direction": 3, "factor": "width", "share": 0.91, "effect": 1.2, "r2": 0.9, "also": []}]
-    table = {"matches": {"0.5": found, "0.67": found, "0.8": found}, "recovered_at": {"0.5": 2, "0.67": 1, "0.8": 1},
-             "recovered": 1, "recoverable": 2, "auc": 0.55, "p_value": {"0.5": 0.2, "0.67": 0.04, "0.8": 0.1,
-                                                                          "auc": 0.012},
-             "verdict": "above null, borderline", "above_null": True, "rca": 0.5,
-             "effect_dci": {"disentanglement": 0.6, "completeness": 0.5}}
-    gt = {"oracle_r2": {"z_position": 0.95, "width": 0.99}, "methods": {"sefa": table},
+
+    def table(recovered, auc, p_auc, verdict, supervision="none"):
+        found = [{"direction": 3, "factor": "width", "share": 0.91, "effect": 1.2, "r2": 0.9, "also": []}][:recovered]
+        return {"matches": {"0.5": found, "0.67": found, "0.8": found}, "supervision": supervision,
+                "recovered_at": {"0.5": recovered + 1, "0.67": recovered, "0.8": recovered}, "recovered": recovered,
+                "recoverable": 2, "auc": auc, "p_value": {"0.5": 0.2, "0.67": 0.04, "0.8": 0.1, "auc": p_auc},
+                "verdict": verdict, "above_null": p_auc < 0.05, "rca": 0.5,
+                "effect_dci": {"disentanglement": 0.6, "completeness": 0.5}}
+
+    # sefa and pca tie at 1 at tau 2/3, sefa's area is larger; random recovers more but is the null's kind
+    methods = {"sefa": table(1, 0.55, 0.012, "above null, borderline"), "pca": table(1, 0.30, 0.4, "not above null"),
+               "random": table(2, 0.7, 0.5, "not above null"),
+               "supervised": table(2, 1.0, 0.001, "above null", supervision="labels")}
+    gt = {"oracle_r2": {"z_position": 0.95, "width": 0.99}, "methods": methods, "recoverable": 2,
           "null": {"pool": 256, "sets": 1000, "samples": 16, "shifts": 9, "latents": "the report's own"}}
     (gallery / "report.json").write_text(json.dumps({"ground_truth": gt}))
     (anim / "summary.json").write_text(json.dumps({"wall_seconds": 1800, "stages": [
@@ -139,12 +166,26 @@ def test_benchmark_block_from_its_files(tmp_path):
                                                    "rca": 0.6, "recovered": 1, "recoverable": 2,
                                                    "effect_disentanglement": 0.4}]))
     (anim / "budget.png").write_bytes(b"png")
-    text = results.render_benchmark(results.Settings(run="b", root=str(tmp_path), block="benchmark"))
+    readme, docs = tmp_path / "README.md", tmp_path / "docs" / "results.md"
+    docs.parent.mkdir()
+    begin, end = results.markers("benchmark")
+    readme.write_text(f"intro\n{begin}\nSTALE\n{end}\nrest\n")
+    docs.write_text("{}\nold demo\n{}\n{begin}\nSTALE\n{end}\n".format(*results.markers("results"), begin=begin, end=end))
+    results.main(results.Settings(run="b", root=str(tmp_path), block="benchmark", readme=str(readme), docs=str(docs)))
+    text, short = docs.read_text(), readme.read_text()
     assert (tmp_path / "Animations" / "examples" / "budget.png").read_bytes() == b"png"
-    assert "![budget curves](Animations/examples/budget.png)" in text
+    # docs/results.md: the full tables in the benchmark block, the demo block untouched
+    assert "old demo" in text and "STALE" not in text and "![budget curves](../Animations/examples/budget.png)" in text
     assert "| dcgan | sefa | 0.90 | 0.210 | 0.300 | 0.250 | 0.700 | 0.283 (SeFa) |" in text
     assert "| sefa | 0.50 | 2 / 1 / 1 | 1 of 2 | 0.55 | 0.012 | above null, borderline | 0.60 | – | k=3 (0.91) |" in text
+    assert "| pca | 0.50 | 2 / 1 / 1 | 1 of 2 | 0.30 | 0.400 | not above null | 0.60 | – | k=3 (0.91) |" in text
     assert "| dcgan | learned | 300 | 0.60 | 1 of 2 | 0.40 |" in text and "30 min 0 s" in text
+    # README: at a glance and the first method to try, nothing more
+    assert short.startswith(f"intro\n{begin}\n") and short.endswith(f"{end}\nrest\n") and "STALE" not in short
+    assert "| dcgan | sefa | 1 of 2 | 0.55 | 0.012 | above null, borderline |" in short
+    assert "| dcgan | supervised | 2 of 2 | 1.00 | 0.001 | above null |" in short and "MIG" not in short
+    assert ("On the dcgan, the label-free method with the most factors recovered at tau 2/3 is sefa (closed form: "
+            "1 of 2 recoverable, area 0.55, p 0.012, above null, borderline). The supervised directions (labels) recover 2.") in short
 
 
 def test_one_ordering_table_places_every_job(tmp_path):

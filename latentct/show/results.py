@@ -1,15 +1,21 @@
-"""The README's result tables, produced from a pipeline run's summary.json and reports, never typed by hand.
+"""The result tables, produced from a pipeline run's summary.json and reports, never typed by hand.
 
-    python -m latentct.show.results --run demo                      # print the tables (markdown)
-    python -m latentct.show.results --run demo --readme README.md   # replace the block between the markers
-    python -m latentct.show.results --run benchmark --block benchmark --readme README.md
+    python -m latentct.show.results --run demo                           # after python pipeline.py
+    python -m latentct.show.results --run benchmark --block benchmark    # after --preset benchmark --run benchmark
+    python -m latentct.show.results --run demo --readme none --docs none # print, write nothing
 
-The blocks in the README sit between ``<!-- NAME:begin -->`` and ``<!-- NAME:end -->``: ``results`` (the
-demo), ``benchmark`` (every method with MIG and DCI, and the budget curves when bench/budget.py has run).
+Each call writes two files. ``--docs`` (docs/results.md) gets the full tables of the run, between
+``<!-- NAME:begin -->`` and ``<!-- NAME:end -->`` with NAME the block: ``results`` (the demo: stages, example
+sweeps, generators, known-answer sweeps, every gallery's ground truth) or ``benchmark`` (every method with MIG
+and DCI, and the budget curves when bench/budget.py has run). ``--readme`` (README.md) gets the short blocks:
+from the demo ``examples`` (the example GIF row with captions) and ``results`` (at a glance: per generator and
+method, recovered at tau 2/3 of recoverable, area, p, verdict); from the benchmark ``benchmark`` (the same
+table for every method, and which label-free method to try first on each generator).
 """
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +23,6 @@ from pathlib import Path
 from latentct.util.io import atomic_write_text
 from latentct.util.settings import UserError, run_cli, setting
 
-BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 # Shapes3D MIG of the same direction methods under the same protocol, as the published comparisons report them
 # (Khrulkov et al. 2021; DisCo, ICLR 2022): the reference the benchmark's MIG column stands beside.
 PUBLISHED_SHAPES3D_MIG = {"sefa": 0.283, "pca": 0.116, "learned": 0.177}
@@ -26,16 +31,19 @@ PUBLISHED_NAMES = {"sefa": "SeFa", "pca": "GANSpace", "learned": "Voynov & Baben
 
 @dataclass
 class Settings:
-    """Write the README's result tables from a pipeline run."""
+    """Write a pipeline run's result tables: the full ones into docs/results.md, the short ones into the README."""
 
     run: str = setting("demo", "the pipeline run (Animations/<run>/summary.json)")
     root: str = setting(".", "folder that holds Animations/ and runs/")
-    readme: str | None = setting(None, "a README whose results block is replaced (default: print only)")
+    readme: str | None = setting("README.md", "the README whose short blocks (example GIFs, results at a glance) "
+                                 "are replaced; none: print them instead")
+    docs: str | None = setting("docs/results.md", "the page whose full-table block is replaced; none: print it "
+                               "instead")
     baseline: str | None = setting(None, "summary.json of another run of the same pipeline (an older version on the "
                                    "same machine): a per-stage wall-time comparison")
     examples: int = setting(2, "example GIFs per gallery copied to Animations/examples/ (the strongest directions "
                             "with different labels)")
-    block: str = setting("results", "which README block: results (the demo) or benchmark (every method, MIG/DCI, "
+    block: str = setting("results", "which run kind: results (the demo) or benchmark (every method, MIG/DCI, "
                          "the budget curves)", choices=("results", "benchmark"))
 
 
@@ -80,6 +88,16 @@ def _p(value) -> str:
     return "–" if value is None else f"{value:.3f}"
 
 
+def headline(table: dict) -> list[str]:
+    """One method's headline cells: recovered at tau 2/3 (of recoverable), area, p (of the area, else of the
+    count at 2/3) and the verdict against the pooled null."""
+    of = f" of {table['recoverable']}" if table.get("recoverable") is not None else "/6"
+    p = table.get("p_value") or {}
+    auc = "–" if table.get("auc") is None else f"{table['auc']:.2f}"
+    return [f"{table['recovered_at']['0.67']}{of}", auc, _p(p.get("auc") if p.get("auc") is not None else p.get("0.67")),
+            table.get("verdict", "–")]
+
+
 def ground_truth_table(gt: dict) -> str:
     """Per method: RCA, recovered at tau 0.5 / 2/3 / 0.8, the headline (at 2/3, of recoverable) with its area and
     p-value against the pooled null, effect-DCI and, per factor, the direction that stands for it at tau 2/3."""
@@ -89,14 +107,60 @@ def ground_truth_table(gt: dict) -> str:
         found = {m["factor"]: m for m in table["matches"]["0.67"]}
         cells = [f"k={found[f]['direction']} ({found[f]['share']:.2f})" if f in found else "–" for f in factors]
         rca = "–" if table.get("rca") is None else f"{table['rca']:.2f}"
-        of = f" of {table['recoverable']}" if table.get("recoverable") is not None else "/6"
-        at, p, dci = table["recovered_at"], table.get("p_value") or {}, table["effect_dci"]
-        auc = "–" if table.get("auc") is None else f"{table['auc']:.2f}"
-        rows.append([method, rca, f"{at['0.5']} / {at['0.67']} / {at['0.8']}", f"{at['0.67']}{of}", auc,
-                     _p(p.get("auc") if p.get("auc") is not None else p.get("0.67")), table.get("verdict", "–"),
+        at, dci = table["recovered_at"], table["effect_dci"]
+        rows.append([method, rca, f"{at['0.5']} / {at['0.67']} / {at['0.8']}", *headline(table),
                      f"{dci['disentanglement']:.2f}", *cells])
     return _table(["method", "RCA", "recovered at 0.5 / 2/3 / 0.8", "at 2/3 (of recoverable)", "area", "p",
                    "verdict", "effect-D", *factors], rows)
+
+
+def _ground_truths(summary: dict) -> list[tuple[str, dict]]:
+    """(generator, ground truth) of every gallery that has one, in the run's order."""
+    out = []
+    for row in (r for r in summary["stages"] if r["stage"] == "evaluate"):
+        report = _read_json(Path(row["output"]) / "report.json")
+        if report.get("ground_truth"):
+            out.append((Path(row["output"]).name, report["ground_truth"]))
+    return out
+
+
+def glance_table(truths: list[tuple[str, dict]]) -> str:
+    """Results at a glance: per generator and method, the headline cells of the ground-truth table."""
+    rows = [[gen, method, *headline(table)] for gen, gt in truths for method, table in gt["methods"].items()]
+    return _table(["generator", "method", "recovered at 2/3 (of recoverable)", "area", "p", "verdict"], rows)
+
+
+# References, not methods to pick: random directions (the null's kind) and the supervised ceiling (needs labels).
+REFERENCES = ("random", "supervised")
+CLOSED_FORM = ("sefa", "pca", "spectral", "coordinate")  # computed in seconds to a minute, no training
+
+
+def first_choice(gen: str, gt: dict) -> str:
+    """The label-free method(s) with the most factors recovered at tau 2/3 on one generator (ties: the larger
+    area), with its count, area and verdict, and what the supervised directions recover there."""
+    free = {m: t for m, t in gt["methods"].items()
+            if t.get("supervision", "none") == "none" and m.split(" (")[0] not in REFERENCES}
+    if not free:
+        return f"On the {gen}, no label-free method was scored."
+
+    def key(m):
+        return free[m]["recovered_at"]["0.67"], -1.0 if free[m].get("auc") is None else free[m]["auc"]
+
+    top = max(key(m) for m in free)
+    best = [m for m in free if key(m) == top]
+
+    def said(m):
+        count, auc, p, word = headline(free[m])
+        kind = "closed form" if m in CLOSED_FORM else "trained"
+        return f"{m} ({kind}: {count} recoverable, area {auc}, p {p}, {word})"
+
+    verb = "is" if len(best) == 1 else "are"
+    text = (f"On the {gen}, the label-free method{'s' if len(best) > 1 else ''} with the most factors recovered at "
+            f"tau 2/3 {verb} " + " and ".join(said(m) for m in best) + ".")
+    sup = gt["methods"].get("supervised")
+    if sup is not None:
+        text += f" The supervised directions (labels) recover {sup['recovered_at']['0.67']}."
+    return text
 
 
 def validation_table(validation: dict) -> str:
@@ -142,35 +206,42 @@ def _first_gallery(summary: dict) -> float:
 
 
 def _to_examples(anim: Path, source: Path, name: str) -> str:
-    """Copy a file to Animations/examples/ (committed, so the README shows it); its path as the README links it."""
+    """Copy a file to Animations/examples/ (committed, so the README and docs show it); its name there."""
     folder = anim.parent / "examples"
     folder.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(source, folder / name)
-    return f"Animations/examples/{name}"
+    return name
 
 
-def examples(anim: Path, galleries: list[dict], count: int) -> str:
-    """Copy the strongest directions' GIFs (different labels) to Animations/examples/ and show them."""
+def examples(anim: Path, galleries: list[dict], count: int) -> list[tuple[str, str]]:
+    """Copy the strongest directions' GIFs (different labels) to Animations/examples/: (file name, caption)."""
     folder = anim.parent / "examples"
     folder.mkdir(exist_ok=True)
     for old in folder.glob("*.gif"):
         old.unlink()
-    cells, captions = [], []
+    picked = []
     for row in galleries:
         report = _read_json(Path(row["output"]) / "report.json")
-        picked, seen = [], set()
+        chosen, seen = [], set()
         for d in sorted(report["directions"], key=lambda d: -d["score"]):
-            if d["dominant"] not in seen and len(picked) < count:
-                picked.append(d)
+            if d["dominant"] not in seen and len(chosen) < count:
+                chosen.append(d)
                 seen.add(d["dominant"])
-        for d in picked:
-            name = f"{Path(row['output']).name}_{d['direction']}.gif"
-            cells.append(f"![]({_to_examples(anim, Path(row['output']) / d['gif'], name)})")
-            captions.append(f"{Path(row['output']).name} k={d['direction']}: {d['label']}")
-    return _table(cells, [captions]) if cells else ""
+        for d in chosen:
+            name = _to_examples(anim, Path(row["output"]) / d["gif"], f"{Path(row['output']).name}_{d['direction']}.gif")
+            picked.append((name, f"{Path(row['output']).name} k={d['direction']}: {d['label']}"))
+    return picked
 
 
-def render(cfg: Settings) -> str:
+def examples_row(picked: list[tuple[str, str]], link: str) -> str:
+    """The GIFs in one table row with their captions under them; ``link``: Animations/examples/ as the page
+    that shows them reaches it."""
+    return _table([f"![]({link}/{name})" for name, _ in picked], [[caption for _, caption in picked]]) if picked else ""
+
+
+def render(cfg: Settings, link: str = "Animations/examples", picked: list[tuple[str, str]] | None = None) -> str:
+    """The demo's full tables (docs/results.md): stages, example sweeps, generators, known-answer sweeps and
+    every gallery's ground truth. ``picked``: example GIFs already copied (else they are picked and copied)."""
     root = Path(cfg.root)
     anim, runs = root / "Animations" / cfg.run, root / "runs" / cfg.run
     summary = _read_json(anim / "summary.json")
@@ -184,8 +255,9 @@ def render(cfg: Settings) -> str:
         parts += ["", f"Against `{cfg.baseline}` (the same demo run by an older version on the same machine):", "",
                   baseline_table(summary, _read_json(Path(cfg.baseline)))]
     if cfg.examples:
+        picked = examples(anim, galleries, cfg.examples) if picked is None else picked
         parts += ["", "Example sweeps (the strongest directions with different labels; the strip lights up at 0):", "",
-                  examples(anim, galleries, cfg.examples)]
+                  examples_row(picked, link)]
     parts += ["", "Generators (last evaluation; SWD x1e3 on multi-scale patches):", "",
              generator_table(runs, [r["name"] for r in summary["stages"] if r["stage"].startswith("train_")])]
     validation = anim / "validation" / "validation.json"
@@ -198,15 +270,12 @@ def render(cfg: Settings) -> str:
                   f"{v['samples']} samples; the smallest effect a recovered factor needs: "
                   + ", ".join(f"{f} {x['value']:.3g} {x['unit']}" for f, x in m.items()) + ".",
                   "", validation_table(v)]
-    for row in galleries:
-        report = _read_json(Path(row["output"]) / "report.json")
-        if report.get("ground_truth"):
-            parts += ["", f"**{Path(row['output']).name}**: a factor is recovered at tau when a direction's effect on "
-                      "it, above its noise floor, is more than tau of the direction's whole effect, at least twice the "
-                      "floor, with line R2 >= 0.5; each factor cell names the direction that stands for it at tau 2/3 "
-                      "(its share). Area: the mean count over tau in [0.5, 1] relative to the supervised row's; p: "
-                      "against random direction sets of the same size from a pooled null.", "",
-                      ground_truth_table(report["ground_truth"])]
+    for gen, gt in _ground_truths(summary):
+        parts += ["", f"**{gen}**: a factor is recovered at tau when a direction's effect on "
+                  "it, above its noise floor, is more than tau of the direction's whole effect, at least twice the "
+                  "floor, with line R2 >= 0.5; each factor cell names the direction that stands for it at tau 2/3 "
+                  "(its share). Area: the mean count over tau in [0.5, 1] relative to the supervised row's; p: "
+                  "against random direction sets of the same size from a pooled null.", "", ground_truth_table(gt)]
     return "\n".join(parts) + "\n"
 
 
@@ -228,7 +297,7 @@ def mig_table(anim: Path, generators: list[str]) -> str:
                    "DCI informativeness", "published Shapes3D MIG"], rows)
 
 
-def budget_section(anim: Path) -> list[str]:
+def budget_section(anim: Path, link: str = "Animations/examples") -> list[str]:
     path = anim / "budget.json"
     if not path.is_file():
         return []
@@ -238,35 +307,55 @@ def budget_section(anim: Path) -> list[str]:
     devices = sorted({r.get("device", "not recorded") for r in budget})
     curves = []
     if (anim / "budget.png").is_file():
-        curves = ["", f"![budget curves]({_to_examples(anim, anim / 'budget.png', 'budget.png')})"]
-    return ["", f"A budget that converges (`python bench/budget.py --run {anim.name}`; run on: "
+        curves = ["", f"![budget curves]({link}/{_to_examples(anim, anim / 'budget.png', 'budget.png')})"]
+    return ["", f"A budget that converges (`python -m bench.budget --run {anim.name}`; run on: "
             f"{', '.join(devices)}):", *curves, "",
             _table(["generator", "method", "steps", "RCA", "recovered", "effect-D"], rows)]
 
 
-def render_benchmark(cfg: Settings) -> str:
-    """Every method on both generators: the ground-truth tables, MIG and DCI, the budget curves."""
+def render_benchmark(cfg: Settings, link: str = "Animations/examples") -> str:
+    """Every method on both generators (docs/results.md): the ground-truth tables, MIG and DCI, the budget curves."""
     root = Path(cfg.root)
     anim = root / "Animations" / cfg.run
     summary = _read_json(anim / "summary.json")
     parts = [f"*Generated by `python -m latentct.show.results --run {cfg.run} --block benchmark` from `python pipeline.py "
              f"--preset benchmark --run {cfg.run}` (wall time {_minutes(summary['wall_seconds'])} on the machine that "
              "ran it).*"]
-    for row in (r for r in summary["stages"] if r["stage"] == "evaluate"):
-        report = _read_json(Path(row["output"]) / "report.json")
-        if report.get("ground_truth"):
-            parts += ["", f"**{Path(row['output']).name}**, every method:", "", ground_truth_table(report["ground_truth"])]
+    for gen, gt in _ground_truths(summary):
+        parts += ["", f"**{gen}**, every method:", "", ground_truth_table(gt)]
     parts += ["", "MIG and DCI by Khrulkov et al.'s protocol (phantom slices with known factors; not comparable in "
               "absolute terms with Shapes3D, shown for the methods' order). The code encoder's R2 on held-out "
               "generated images says how far the codes can be read at all: where it is low, MIG and DCI measure the "
               "encoder, not the directions:", "",
               mig_table(anim, [r["name"] for r in summary["stages"] if r["stage"].startswith("train_")])]
-    parts += budget_section(anim)
+    parts += budget_section(anim, link)
     return "\n".join(parts) + "\n"
 
 
+def readme_blocks(cfg: Settings, picked: list[tuple[str, str]] | None, docs_link: str) -> dict[str, str]:
+    """The README's short blocks of this run kind: the demo's example GIF row and results at a glance; the
+    benchmark's results at a glance and which label-free method to try first on each generator."""
+    summary = _read_json(Path(cfg.root) / "Animations" / cfg.run / "summary.json")
+    truths = _ground_truths(summary)
+    command = f"python -m latentct.show.results --run {cfg.run}" + (" --block benchmark" if cfg.block == "benchmark" else "")
+    note = (f"*Generated by `{command}` from the galleries' `report.json`; every table in full in "
+            f"[{docs_link}]({docs_link}).*")
+    if cfg.block == "benchmark":
+        return {"benchmark": "\n".join([note, "", glance_table(truths), "", *(first_choice(gen, gt) + "\n"
+                                                                        for gen, gt in truths)])}
+    blocks = {"results": "\n".join([note, "", glance_table(truths)]) + "\n"}
+    if picked:
+        blocks["examples"] = examples_row(picked, "Animations/examples") + "\n"
+    return blocks
+
+
+def markers(name: str) -> tuple[str, str]:
+    """The two lines a generated block sits between, in the README and in docs/results.md."""
+    return f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+
+
 def replace_block(text: str, block: str, source: str = "README", name: str = "results") -> str:
-    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+    begin, end = markers(name)
     if begin not in text or end not in text:
         raise UserError(f"{source}: no {begin} ... {end} block to replace")
     head, rest = text.split(begin, 1)
@@ -274,15 +363,42 @@ def replace_block(text: str, block: str, source: str = "README", name: str = "re
     return f"{head}{begin}\n{block}{end}{tail}"
 
 
-def main(cfg: Settings) -> str:
-    block = render(cfg) if cfg.block == "results" else render_benchmark(cfg)
-    if cfg.readme:
-        path = Path(cfg.readme)
-        atomic_write_text(path, replace_block(path.read_text(), block, str(path), cfg.block))
-        print(f"{path}: results block replaced from Animations/{cfg.run}")
+def _write(path: str | None, blocks: dict[str, str], run: str) -> None:
+    """Replace each named block in the file at ``path``, or print the blocks where it is None."""
+    if path is None:
+        for name, text in blocks.items():
+            begin, end = markers(name)
+            print(f"{begin}\n{text}{end}")
+        return
+    target = Path(path)
+    if not target.is_file():
+        raise UserError(f"{target}: missing; it must hold the blocks " + ", ".join(markers(n)[0] for n in blocks))
+    text = target.read_text()
+    for name, block in blocks.items():
+        text = replace_block(text, block, str(target), name)
+    atomic_write_text(target, text)
+    print(f"{target}: {', '.join(blocks)} block{'s' if len(blocks) > 1 else ''} replaced from Animations/{run}")
+
+
+def main(cfg: Settings) -> dict[str, dict[str, str]]:
+    """Full tables into --docs, short blocks into --readme; returns both as {"docs": {...}, "readme": {...}}."""
+    root = Path(cfg.root)
+    link, docs_link = "Animations/examples", "docs/results.md"
+    if cfg.docs:
+        link = Path(os.path.relpath(root / "Animations" / "examples", Path(cfg.docs).parent)).as_posix()
+    if cfg.docs and cfg.readme:
+        docs_link = Path(os.path.relpath(cfg.docs, Path(cfg.readme).parent)).as_posix()
+    if cfg.block == "results":
+        summary = _read_json(root / "Animations" / cfg.run / "summary.json")
+        galleries = [r for r in summary["stages"] if r["stage"] == "evaluate"]
+        picked = examples(root / "Animations" / cfg.run, galleries, cfg.examples) if cfg.examples else None
+        full = render(cfg, link, picked)
     else:
-        print(block)
-    return block
+        picked, full = None, render_benchmark(cfg, link)
+    out = {"docs": {cfg.block: full}, "readme": readme_blocks(cfg, picked, docs_link)}
+    _write(cfg.docs, out["docs"], cfg.run)
+    _write(cfg.readme, out["readme"], cfg.run)
+    return out
 
 
 if __name__ == "__main__":
