@@ -31,6 +31,7 @@ from latentct.score.scoring import (
     HEADLINE,
     R2_MIN,
     TAUS,
+    across_seeds,
     area,
     effect_dci,
     line_effects,
@@ -78,6 +79,9 @@ class Settings:
     null_pool: int = setting(256, "random directions in the null's pool, scored once on the report's own latents "
                              "and shifts (0: no null)")
     null_sets: int = setting(1000, "sets of each method's own direction count drawn from the pool: the p-values")
+    seed_runs: list[str] = setting([], "ground_truth.json of the same methods on other seeds (trained methods) or "
+                                   "report-latent draws (the rest): counts and p-values become their medians, and "
+                                   "a method is above the null on more than half of them")
     null_cache: str | None = setting(None, "a file that keeps the scored null pool, reused while the generator, "
                                      "oracle, latents and shifts are the same (bench/budget.py scores many runs)")
     real_slices: int = setting(2, "test slices to embed and move along directions")
@@ -155,7 +159,8 @@ def main(cfg: Settings) -> dict:
         spacing, spacing_note = dataset_spacing(subject.dataset)
         if spacing_note:
             print(f"note: {spacing_note}")
-        rows, report_images, anatomy_note = measure(subject, ks, report_z, report_eps, spacing)
+        rows, report_images, anatomy_note = measure(subject, ks, report_z, report_eps, spacing,
+                                                    spacing_unknown=spacing_note is not None)
         groups = animate(cfg, subject, ks, rows, grid_z, out)
         with torch.no_grad():
             samples = subject.G(sample_latents(subject.G, 32, gen, cfg.device)).float()
@@ -168,8 +173,8 @@ def main(cfg: Settings) -> dict:
                   "directions_count": directions.count, "rca": directions.rca, "shift_scale": subject.scale,
                   "display_window": list(parse_window(cfg.display_window)), "spacing_mm": spacing,
                   "spacing_note": spacing_note, "directions": rows, "groups": groups, "samples": "samples.png",
-                  "ground_truth": None, "axes": fold_axes(rows)}
-        report["distinct_effects"] = len(report["axes"])
+                  "ground_truth": None, "axes": fold_axes(rows) if subject.window is not None else []}
+        report["distinct_effects"] = len(report["axes"]) if subject.window is not None else None  # not measured
         report["real"] = real_slices(cfg, subject, rows, out)
 
     # Ground truth on the phantom: this method beside every --compare file.
@@ -195,7 +200,8 @@ def summary_line(output: Path) -> str:
     return f"{sum(map(is_strong, rows))} strong ({STRONG})"
 
 
-def measure(subject: Subject, ks: list[int], z, eps, spacing: float) -> tuple[list[dict], torch.Tensor, str]:
+def measure(subject: Subject, ks: list[int], z, eps, spacing: float,
+            spacing_unknown: bool = False) -> tuple[list[dict], torch.Tensor, str]:
     """Sweeps of the directions ``ks`` at shifts ``eps`` from latents ``z``: per direction the anatomy
     measurements' slopes, R2 and label, and how far the sweep stays realistic; also the sweep's axial images
     (the ground truth reads the same ones) and a note on how the anatomy was measured. A volume is measured on its
@@ -209,7 +215,7 @@ def measure(subject: Subject, ks: list[int], z, eps, spacing: float) -> tuple[li
     real = None if split is None or len(split) < 4 else lambda n: torch.stack(  # n evenly spread real slices
         [split[i] for i in torch.linspace(0, len(split) - 1, min(n, len(split))).round().long().tolist()])
     spreads = None if real is None else real_spreads(real(256), subject.window, spacing)
-    rows = describe(images, eps, subject.window, spacing, ks, spreads)
+    rows = describe(images, eps, subject.window, spacing, ks, spreads, pixel_units=spacing_unknown)
     if real is not None:  # how far each sweep stays realistic
         for row, item in zip(rows, realism(images, eps, real(2 * z.shape[0]))):
             row["realism"] = item
@@ -314,8 +320,6 @@ def ground_truth(cfg: Settings, subject: Subject, z, eps, main_images, out: Path
     pool = cached_null(cfg, G, z, eps, read, oracle.sha256) if cfg.null_pool else None
     for table in methods.values():
         table["auc"] = area(np.asarray(table["curve"]), sup_curve)
-        table["recoverable_at"] = supervised["recovered_at"] if supervised else None
-        table["recoverable"] = supervised["recovered"] if supervised else None
         table["p_value"] = None
         if pool is not None:
             null = null_sets(*pool, floor, table["directions_count"], cfg.null_sets, seed=cfg.seed)
@@ -326,8 +330,20 @@ def ground_truth(cfg: Settings, subject: Subject, z, eps, main_images, out: Path
         table["verdict"] = verdict(headline_p)
         table["per_seed"] = [{"seed": cfg.seed, "recovered_at": table["recovered_at"], "auc": table["auc"],
                               "p_value": table["p_value"]}]
-    main.update({k: methods[next(iter(methods))][k] for k in ("auc", "recoverable_at", "recoverable", "p_value",
-                                                              "above_null", "verdict", "per_seed")})
+    for path in cfg.seed_runs:  # the same methods on other seeds or report-latent draws: medians and 2 of 3
+        other = json.loads(Path(path).read_text())["methods"]
+        for name in [n for n in methods if n in other]:
+            methods[name]["per_seed"] += other[name]["per_seed"]
+    for name, table in methods.items():
+        if len(table["per_seed"]) > 1:
+            methods[name] = across_seeds([table])
+    supervised = methods.get("supervised")
+    for table in methods.values():
+        table["recoverable_at"] = supervised["recovered_at"] if supervised else None
+        table["recoverable"] = supervised["recovered"] if supervised else None
+    main.update({k: methods[next(iter(methods))][k] for k in ("recovered_at", "recovered", "auc", "recoverable_at",
+                                                              "recoverable", "p_value", "above_null", "verdict",
+                                                              "per_seed")})
     recovered_plot(methods, AREA_TAUS, TAUS[HEADLINE], out / "recovered_curve.png")
     fit_oracle = (supervised or {}).get("supervised", {}).get("oracle_sha256")
     return {"oracles": {"fit": fit_oracle, "score": oracle.sha256}, "oracle_path": str(oracle.path),

@@ -45,7 +45,7 @@ class Settings(GeneratorOptions, TrainerSettings):
     """Find interpretable latent directions of a generator without labels."""
 
     generator: str = setting("runs/demo/dcgan/generator.pt", "generator: a generator.pt, file.py:factory, "
-                             "package.module:factory, a TorchScript or a torch.export file (README: your own generator)")
+                             "package.module:factory, a TorchScript or a torch.export file (docs/own-generator.md)")
     output: str = setting("runs/demo/dcgan_directions", "run folder for directions.pt, checkpoints and charts")
     method: str = setting("learned", "learned (deformator + reconstructor) or a baseline", choices=METHODS)
     directions_count: int = setting(32, "K, the number of directions")

@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -73,9 +74,9 @@ def test_whole_pipeline_at_the_smallest_sizes_then_cached_then_from_a_stage(tmp_
     assert len(list((tmp_path / "Animations" / "examples").glob("*.gif"))) == 2
     readme, docs = tmp_path / "README.md", tmp_path / "docs" / "results.md"
     docs.parent.mkdir()
-    blocks = {name: results.markers(name) for name in ("examples", "results")}
-    readme.write_text("intro\n{0}\nSTALE-GIFS\n{1}\nmiddle\n{2}\nSTALE-GLANCE\n{3}\nrest\n".format(
-        *blocks["examples"], *blocks["results"]))
+    blocks = {name: results.markers(name) for name in ("examples", "runtime", "results")}
+    readme.write_text("intro\n{0}\nSTALE-GIFS\n{1}\n{2}\nSTALE-TIME\n{3}\nmiddle\n{4}\nSTALE-GLANCE\n{5}\nrest\n".format(
+        *blocks["examples"], *blocks["runtime"], *blocks["results"]))
     docs.write_text("head\n{}\nSTALE-TABLES\n{}\ntail\n".format(*blocks["results"]))
     results.main(results.Settings(run="t", root=str(tmp_path), examples=1, readme=str(readme), docs=str(docs)))
     text, full = readme.read_text(), docs.read_text()
@@ -93,6 +94,11 @@ def test_whole_pipeline_at_the_smallest_sizes_then_cached_then_from_a_stage(tmp_
                    f"{t['verdict']} |")
             assert row in text, row
     assert "[docs/results.md](docs/results.md)" in text
+    assert f"The main job took {results._minutes(summary['wall_seconds'])} on the machine that last ran it" in text
+    # the example GIFs are the cleanest directions, captioned with their share of the factor they stand for
+    truth = json.loads((anim / "dcgan" / "report.json").read_text())["ground_truth"]["main"]["directions"]
+    cleanest = max(truth, key=lambda d: ("stands_for" in d, d["share"]))
+    assert f"dcgan k={cleanest['direction']}: " in text and f"{cleanest['share']:.2f}" in text
     # docs/results.md: the full tables, the GIFs linked from docs/
     assert "| train_gan | dcgan |" in full and "| dcgan | 6 |" in full and "recovered at 0.5 / 2/3 / 0.8" in full
     assert all(f"![](../Animations/examples/{name})" in full for name in gifs)
@@ -210,3 +216,22 @@ def test_one_ordering_table_places_every_job(tmp_path):
                                                    "demo", "unit-lenet"], presets=pipeline.PRESETS)
     main = [j.name for j in pipeline.plan(with_grid) if j.main_lane]
     assert main[:6] == ["phantom", "preprocess", "dcgan", "dcgan_demo", "eval_dcgan_demo", "dcgan_unit-lenet"]
+
+
+def test_the_benchmark_scores_every_method_on_three_seeds_or_draws(tmp_path):
+    """--seed-draws 3: learned, DisCo and LatentCLR trained again on seeds 1 and 2, every method scored again on
+    those report-latent draws, and the main table takes their ground truths."""
+    cfg = parse_settings(pipeline.Settings, ["--preset", "benchmark", "--root", str(tmp_path)],
+                         presets=pipeline.PRESETS)
+    jobs = {job.name: job for job in pipeline.plan(cfg)}
+    assert cfg.seed_draws == 3 and jobs["dcgan_demo_seed2"].cfg.seed == 2 and jobs["dcgan_disco_seed1"].cfg.seed == 1
+    draw = jobs["truth_dcgan_seed1"].cfg
+    assert draw.seed == 1 and draw.directions.endswith("dcgan_demo_seed1/directions.pt")
+    assert any(c.endswith("dcgan_sefa/directions.pt") for c in draw.compare)          # seed-free: the same file
+    assert any(c.endswith("dcgan_latentclr_rca_seed1/directions.pt") for c in draw.compare)
+    assert jobs["validate"].cfg.dcgan.endswith("dcgan/generator.pt") and "dcgan" in jobs["validate"].inputs
+    main = jobs["truth_dcgan"]
+    assert [Path(f).parent.parent.name for f in main.cfg.seed_runs] == ["dcgan_seed1", "dcgan_seed2"]
+    assert {"truth_dcgan_seed1", "truth_dcgan_seed2"} <= set(main.inputs) and main.cfg.seed == 0
+    assert "truth_dcgan_seed1" not in {j.name for j in pipeline.plan(parse_settings(
+        pipeline.Settings, ["--root", str(tmp_path)], presets=pipeline.PRESETS))}

@@ -194,7 +194,10 @@ class PluginGenerator(nn.Module):
         if out.ndim == 5 and out.shape[1] == 1:
             self.volume = True
             self.notes += plane_notes(out.shape[2:])
-        elif not (out.ndim == 4 and out.shape[1] in (1, 3)):
+        elif out.ndim == 4 and out.shape[1] == 3:
+            self.notes.append("its 3 output channels (RGB) are averaged to one grey channel for every picture "
+                              "and measurement")
+        elif not (out.ndim == 4 and out.shape[1] == 1):
             raise UserError(f"--generator: declared latent_shape {self.latent_shape} but its output has shape "
                             f"{tuple(out.shape)}; expected (B, 1 or 3, H, W) or (B, 1, D, H, W)")
         self.planes = 3 if self.volume else 1

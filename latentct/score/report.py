@@ -58,12 +58,13 @@ def disentanglement(importance: np.ndarray) -> float:
 
 
 def describe(images: torch.Tensor, eps: torch.Tensor, window, spacing: float, ks: list[int],
-             spreads: dict[str, float] | None = None) -> list[dict]:
+             spreads: dict[str, float] | None = None, pixel_units: bool = False) -> list[dict]:
     """Per direction: slope per unit shift and R2 of every measurement, the dominant one, each measurement's share
     of the direction's change and a label. A change is normalised by the measurement's spread across real slices
     (``spreads``, from anatomy.measure on them) or, without real slices, across the sweep's unshifted samples.
     The label names one measurement only where it holds more than 2/3 of the change with R2 >= 0.5; otherwise it
-    names the mixture (on real CT there is no oracle: a mixture must read as one)."""
+    names the mixture (on real CT there is no oracle: a mixture must read as one). ``pixel_units``: the pixel
+    spacing is unknown, so lengths are in pixels and areas in pixels / 100, and the labels say so."""
     K, E, Z = images.shape[:3]
     hu = unit_to_hu(images.reshape(K * E * Z, *images.shape[3:]), window)
     values = {name: v.reshape(K, E, Z) for name, v in anatomy.measure(hu, spacing).items()}
@@ -90,7 +91,7 @@ def describe(images: torch.Tensor, eps: torch.Tensor, window, spacing: float, ks
         row["dominant"] = dominant
         row["score"] = score[dominant]
         row["shares"] = measurement_shares(row["effect"])
-        row["label"] = label(row)
+        row["label"] = label(row, pixel_units=pixel_units)
         row["disentanglement"] = disentanglement(np.array(list(score.values())))
         row["image_change"] = float(change[i])
     return out
@@ -101,11 +102,15 @@ def measurement_shares(effect: dict[str, float]) -> dict[str, float]:
     return {m: (e / total if total > 0 else 0.0) for m, e in effect.items()}
 
 
-def label(row: dict, single: float = 2 / 3, r2_min: float = 0.5) -> str:
+PIXEL_UNITS = {"mm": "px", "cm2": "px2/100"}  # the units of anatomy.MEASURES when the pixel spacing is unknown
+
+
+def label(row: dict, single: float = 2 / 3, r2_min: float = 0.5, pixel_units: bool = False) -> str:
     """One measurement's name where it holds more than ``single`` of the change on a line; else the mixture."""
     top = max(row["shares"], key=lambda m: row["shares"][m])
     if row["shares"][top] > single and row["r2"][top] >= r2_min:
         name, unit = anatomy.MEASURES[top]
+        unit = PIXEL_UNITS.get(unit, unit) if pixel_units else unit
         return f"{name} {row['slope'][top]:+.3g} {unit} per unit (R2 {row['r2'][top]:.2f})"
     parts = sorted(((s, m) for m, s in row["shares"].items() if s >= 0.1), reverse=True)[:3]
     if not parts:

@@ -195,3 +195,29 @@ def _entropy(p: np.ndarray, base: int) -> np.ndarray:
     with np.errstate(divide="ignore", invalid="ignore"):
         terms = np.where(p > 0, -p * np.log(p), 0.0)
     return terms.sum(1) / math.log(base)
+
+
+def across_seeds(tables: list[dict]) -> dict:
+    """One method scored on several seeds (trained methods) or draws of report latents (seed-free methods):
+    the counts, area and p-values become their medians, and the method is above the null when the area's p (the
+    tau-2/3 p where the area is undefined) is below 0.05 on more than half of them (2 of 3)."""
+    def median(values):
+        values = [v for v in values if v is not None]
+        return float(np.median(values)) if values else None
+
+    per_seed = [s for t in tables for s in t["per_seed"]]
+    first = tables[0]
+    recovered_at = {key: int(round(median([s["recovered_at"][key] for s in per_seed]))) for key in TAUS}
+    p_value = None
+    if all(s["p_value"] for s in per_seed):
+        p_value = {key: median([s["p_value"][key] for s in per_seed]) for key in (*TAUS, "auc")}
+    headline = [None if not s["p_value"] else (s["p_value"]["auc"] if s["p_value"]["auc"] is not None
+                                               else s["p_value"][HEADLINE]) for s in per_seed]
+    above = None if None in headline else sum(p < 0.05 for p in headline) > len(headline) / 2
+    typical = None if p_value is None else (p_value["auc"] if p_value["auc"] is not None else p_value[HEADLINE])
+    word = "no null" if typical is None else ("above null" if above else "not above null")
+    if typical is not None and 0.01 <= typical <= 0.2:
+        word += ", borderline"
+    return dict(first, recovered_at=recovered_at, recovered=recovered_at[HEADLINE],
+                auc=median([s["auc"] for s in per_seed]), p_value=p_value, above_null=above, verdict=word,
+                per_seed=per_seed)

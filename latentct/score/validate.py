@@ -66,6 +66,8 @@ class Settings:
     oracle: str | None = setting(None, "oracle.pt to use (default: train or reuse the cached one for this size)")
     root: str = setting(".", "folder under which the oracle cache runs/oracle/ lives")
     vae: str | None = setting(None, "a VAE generator.pt: the oracle is also scored on its reconstructions")
+    dcgan: str | None = setting(None, "a DCGAN generator.pt: the attainable level through it too (each sweep frame "
+                                "embedded by optimising z, 4 x 300 steps per slice: the benchmark's)")
     fit_oracle: str | None = setting(None, "the other oracle (the one the supervised ceiling is fitted with): each "
                                      "factor's agreement between the two is reported")
     probe_slices: int = setting(3000, "with --vae: reconstructions a probe is trained on, labelled with their "
@@ -222,6 +224,23 @@ def reconstruction(vae_path: str, oracle):
     return through
 
 
+def embedding(dcgan_path: str, oracle):
+    """images -> the DCGAN's images of the latents that reproduce them best (latentct/generators/embed.py)."""
+    from latentct.generators.embed import embed
+    from latentct.generators.interface import generator_info, load_generator
+
+    if tuple(generator_info(dcgan_path)["window"]) != tuple(oracle.window):
+        raise UserError(f"--dcgan: {dcgan_path} was trained in another window than the oracle's {oracle.window}")
+    G = load_generator(dcgan_path)
+
+    def through(x: torch.Tensor) -> torch.Tensor:
+        z = torch.cat([embed(G, part)[0] for part in x.split(256)])
+        with torch.no_grad():
+            return G(z)
+
+    return through
+
+
 def generated_r2(oracle, vae_path: str, cfg: Settings, count: int = 500) -> tuple[dict, dict]:
     """The oracle's R2 on VAE reconstructions of fresh held-out slices whose factors are known, and the bound: the
     held-out R2 of a probe trained on reconstructions of other slices (what the VAE leaves readable at all)."""
@@ -263,11 +282,12 @@ def agreement(score_oracle, fit_oracle, cfg: Settings, count: int = 500) -> dict
     return {f: float(v) for f, v in zip(FACTORS, r_squared(fit_oracle.read(x), score_oracle.read(x)))}
 
 
-def validate(cfg: Settings, reader=None, through=None, spread=None) -> dict:
+def validate(cfg: Settings, reader=None, through=None, spread=None, regenerate=None) -> dict:
     """Render the sweeps, read them (``reader``: images -> standardised factors; None: the renderer's exact
     factors, which the scorer's tests use) and score them; the noise floors come from the rendered sweeps. With
     ``through`` (images -> images, a VAE's reconstruction) also the attainable level: the share a clean change
-    keeps through it. ``spread``: each factor's standard deviation in the reader's units (the oracle's), to
+    keeps through it (``regenerate``: the same through the DCGAN, by embedding). ``spread``: each factor's
+    standard deviation in the reader's units (the oracle's), to
     state the smallest recovered effect in the factor's own units."""
     window = parse_window(cfg.window)
     eps = torch.linspace(-1, 1, cfg.frames)
@@ -308,9 +328,11 @@ def validate(cfg: Settings, reader=None, through=None, spread=None) -> dict:
               **floors, "minimum_effect": minimum, "confusion": confusion,
               "effect_matrix": np.round(single["effect"], 4).tolist(), "leakage_target": LEAKAGE_TARGET,
               "checks": checks}
-    if through is not None and reader is not None:
-        result["attainable"] = {"vae": attainable(_read(lambda x: reader(through(x)), hu, window), eps, floor,
-                                                  cfg.scored_samples)}
+    if reader is not None:  # through the DCGAN on one group of patients only: every frame is an optimisation
+        routes = {"vae": (through, hu), "dcgan": (regenerate, hu[:, :, :cfg.scored_samples])}
+        result["attainable"] = {name: attainable(_read(lambda x, f=f: reader(f(x)), frames, window), eps, floor,
+                                                 cfg.scored_samples)
+                                for name, (f, frames) in routes.items() if f is not None}
     return result
 
 
@@ -338,7 +360,8 @@ def main(cfg: Settings) -> dict:
         raise UserError(f"--oracle: {path} reads {oracle.image_size} px in window {oracle.window}, not "
                         f"{cfg.image_size} px in {parse_window(cfg.window)}")
     through = reconstruction(cfg.vae, oracle) if cfg.vae else None
-    result = validate(cfg, oracle.read_std, through, oracle.std.numpy())
+    regenerate = embedding(cfg.dcgan, oracle) if cfg.dcgan else None
+    result = validate(cfg, oracle.read_std, through, oracle.std.numpy(), regenerate)
     generated, bound = generated_r2(oracle, cfg.vae, cfg) if cfg.vae else ({}, {})
     agree = agreement(oracle, oracle_stage.load_oracle(cfg.fit_oracle), cfg) if cfg.fit_oracle else {}
     result = {"image_size": cfg.image_size, "seed": cfg.seed, "oracle_sha256": oracle.sha256,

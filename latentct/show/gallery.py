@@ -43,7 +43,9 @@ def write_gallery(folder: Path, report: dict) -> Path:
              f"directions <code>{_esc(report['directions_file'])}</code> ({_esc(report['method'])}, "
              f"K = {report['directions_count']}, RCA {_fmt(report.get('rca'))}). Shifts in [-{report['shift_scale']}, "
              f"{report['shift_scale']}] (the directions' own scale); the strip under each GIF shows the shift and "
-             f"lights up at 0. Pictures in the HU window {report['display_window']}.</p>"]
+             f"lights up at 0. " + (f"Pictures in the HU window {report['display_window']}." if report.get("window")
+                                      else "No HU window declared: pictures show the generator's output range as "
+                                      "black to white.") + "</p>"]
     if report.get("spacing_note"):
         parts.append(f"<p class='note no'>Units: {_esc(report['spacing_note'])}.</p>")
     if report.get("volume"):

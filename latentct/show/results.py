@@ -214,7 +214,11 @@ def _to_examples(anim: Path, source: Path, name: str) -> str:
 
 
 def examples(anim: Path, galleries: list[dict], count: int) -> list[tuple[str, str]]:
-    """Copy the strongest directions' GIFs (different labels) to Animations/examples/: (file name, caption)."""
+    """Copy the cleanest directions' GIFs to Animations/examples/: (file name, caption). Cleanest: on the
+    phantom, the directions with the largest share on the factor they stand for at tau 2/3 (one per factor);
+    elsewhere the largest share of one anatomy measurement. The caption gives the share."""
+    from latentct.score.scoring import direction_mark
+
     folder = anim.parent / "examples"
     folder.mkdir(exist_ok=True)
     for old in folder.glob("*.gif"):
@@ -222,14 +226,23 @@ def examples(anim: Path, galleries: list[dict], count: int) -> list[tuple[str, s
     picked = []
     for row in galleries:
         report = _read_json(Path(row["output"]) / "report.json")
+        rows = {d["direction"]: d for d in report["directions"]}
+        truth = ((report.get("ground_truth") or {}).get("main") or {}).get("directions")
+        if truth:  # the factor each direction mainly moves, and its share of the direction's effect
+            ranked = sorted(truth, key=lambda d: (-("stands_for" in d), -d["share"]))
+            candidates = [(d["direction"], d["dominant"], direction_mark(d)) for d in ranked]
+        else:
+            ranked = sorted(rows.values(), key=lambda d: -max(d.get("shares", {"": 0}).values()))
+            candidates = [(d["direction"], max(d["shares"], key=d["shares"].get), "") for d in ranked if d.get("shares")]
         chosen, seen = [], set()
-        for d in sorted(report["directions"], key=lambda d: -d["score"]):
-            if d["dominant"] not in seen and len(chosen) < count:
-                chosen.append(d)
-                seen.add(d["dominant"])
-        for d in chosen:
-            name = _to_examples(anim, Path(row["output"]) / d["gif"], f"{Path(row['output']).name}_{d['direction']}.gif")
-            picked.append((name, f"{Path(row['output']).name} k={d['direction']}: {d['label']}"))
+        for k, what, mark in candidates:
+            if what not in seen and len(chosen) < count:
+                chosen.append((k, mark))
+                seen.add(what)
+        name = Path(row["output"]).name
+        for k, mark in chosen:
+            file = _to_examples(anim, Path(row["output"]) / rows[k]["gif"], f"{name}_{k}.gif")
+            picked.append((file, f"{name} k={k}: " + (f"{mark}; " if mark else "") + rows[k]["label"]))
     return picked
 
 
@@ -343,7 +356,11 @@ def readme_blocks(cfg: Settings, picked: list[tuple[str, str]] | None, docs_link
     if cfg.block == "benchmark":
         return {"benchmark": "\n".join([note, "", glance_table(truths), "", *(first_choice(gen, gt) + "\n"
                                                                         for gen, gt in truths)])}
-    blocks = {"results": "\n".join([note, "", glance_table(truths)]) + "\n"}
+    first = summary.get("first_gallery_seconds")
+    blocks = {"results": "\n".join([note, "", glance_table(truths)]) + "\n",
+              "runtime": f"The main job took {_minutes(summary['wall_seconds'])} on the machine that last ran it (2 CPU "
+                         "cores" + (f"; the first gallery was on disk after {_minutes(first)}" if first else "")
+                         + "); nothing is downloaded.\n"}
     if picked:
         blocks["examples"] = examples_row(picked, "Animations/examples") + "\n"
     return blocks

@@ -140,6 +140,50 @@ def test_a_3d_generator_end_to_end_shows_three_planes(tmp_path):
     frame = iio.imread(tmp_path / "gallery" / report["directions"][0]["gif"], index=0)
     assert frame.shape[1] == 3 * 32  # axial, coronal and sagittal side by side
     assert "mid-planes side by side" in (tmp_path / "gallery" / "index.html").read_text()
+    # no dataset, so no pixel spacing: the labels speak in pixels, as the page says
+    assert report["spacing_note"] and not any(" mm per" in r["label"] or "cm2" in r["label"]
+                                              for r in report["directions"])
+
+
+RGB = '''
+import torch
+import torch.nn as nn
+
+
+class Colour(nn.Module):
+    """z (B, 6) -> (B, 3, 32, 32) RGB blobs, with no output_window: the HU its output stands for is unknown."""
+
+    latent_shape = (6,)
+
+    def __init__(self):
+        super().__init__()
+        self.map = nn.Linear(6, 3)
+
+    def forward(self, z):
+        g = torch.linspace(-1, 1, 32)
+        yy, xx = torch.meshgrid(g, g, indexing="ij")
+        p = torch.tanh(self.map(z))
+        blob = torch.tanh(6 * (0.5 - ((xx - 0.3 * p[:, 0, None, None]) ** 2 + yy ** 2).sqrt()))
+        return torch.stack([blob, blob * p[:, 1, None, None], blob * p[:, 2, None, None]], 1) * 0.8
+
+
+def make():
+    torch.manual_seed(0)
+    return Colour()
+'''
+
+
+def test_an_rgb_generator_without_a_window_is_described_as_it_is(tmp_path):
+    (tmp_path / "rgb.py").write_text(textwrap.dedent(RGB))
+    ref = f"{tmp_path / 'rgb.py'}:make"
+    directions(ref, tmp_path / "learned", "--reconstructor", "resnet", "--reconstructor-width", "4")
+    report = EvalDirections.main(parse_settings(EvalDirections.Settings, [
+        "--directions", str(tmp_path / "learned" / "directions.pt"), "--output", str(tmp_path / "gallery"), *EVAL]))
+    assert "averaged to one grey channel" in report["generator_note"]
+    assert report["axes"] == [] and report["distinct_effects"] is None  # nothing measured, no effects counted
+    page = (tmp_path / "gallery" / "index.html").read_text()
+    assert "No HU window declared" in page and "Pictures in the HU window" not in page
+    assert "distinct effects" not in page
 
 
 BAD = '''

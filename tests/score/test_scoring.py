@@ -7,6 +7,7 @@ from latentct.data.phantom import FACTORS
 from latentct.score.scoring import (
     AREA_TAUS,
     TAUS,
+    across_seeds,
     area,
     attribution,
     direction_mark,
@@ -142,3 +143,17 @@ def test_effect_dci_on_known_matrices():
     noisy = np.eye(6) * 2 + 0.1
     assert effect_dci(noisy, floor=np.full(6, 0.1))["disentanglement"] == pytest.approx(1)
     assert effect_dci(noisy)["disentanglement"] < 0.9
+
+
+def test_across_seeds_takes_medians_and_needs_two_of_three():
+    def seed(s, n, p_auc, auc=0.5):
+        return {"seed": s, "recovered_at": {"0.5": n + 1, "0.67": n, "0.8": n - 1}, "auc": auc,
+                "p_value": {"0.5": p_auc, "0.67": p_auc, "0.8": p_auc, "auc": p_auc}}
+
+    table = {"matches": {}, "per_seed": [seed(0, 3, 0.01), seed(1, 2, 0.3, 0.4), seed(2, 4, 0.002, 0.7)]}
+    out = across_seeds([table])
+    assert out["recovered_at"] == {"0.5": 4, "0.67": 3, "0.8": 2} and out["recovered"] == 3
+    assert out["auc"] == pytest.approx(0.5) and out["p_value"]["auc"] == pytest.approx(0.01)
+    assert out["above_null"] is True and out["verdict"] == "above null, borderline" and len(out["per_seed"]) == 3
+    once = across_seeds([dict(table, per_seed=[seed(0, 3, 0.01), seed(1, 2, 0.3), seed(2, 4, 0.4)])])
+    assert once["above_null"] is False and once["verdict"] == "not above null"  # below 0.05 on 1 of 3 only

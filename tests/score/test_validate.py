@@ -99,6 +99,16 @@ def test_oracle_learns_cached_and_named_by_hash(tiny_oracle, capsys):
         oracle.read(torch.zeros(1, 1, 64, 64))
 
 
+def test_the_attainable_level_through_a_generator(tiny_oracle):
+    """What a clean change keeps through a generator: through the identity it is what the rendered sweeps show."""
+    oracle = oracle_stage.load_oracle(tiny_oracle[1])
+    cfg = validate.Settings(image_size=32, render_size=64, patients=4, pair_patients=1, frames=3, scored_samples=2)
+    result = validate.validate(cfg, oracle.read_std, through=lambda x: x, regenerate=lambda x: x * 0.0)
+    assert set(result["attainable"]) == {"vae", "dcgan"} and set(result["attainable"]["vae"]) == set(FACTORS)
+    assert all(v == 0 for v in result["attainable"]["dcgan"].values())  # a blank image keeps nothing of any factor
+    assert max(result["attainable"]["vae"].values()) > 0
+
+
 def test_the_fit_and_the_score_oracle_differ_in_weights_slices_and_cache_key(tiny_oracle, tmp_path):
     score_cfg, score_path, _ = tiny_oracle
     fit_cfg = oracle_stage.Settings(image_size=32, root=score_cfg.root, render_size=64, train_slices=200,
