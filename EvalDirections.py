@@ -289,6 +289,7 @@ def ground_truth(cfg: Settings, subject: Subject, z, eps, main_images, out: Path
 
     oracle = load_oracle(oracle_file)
     validation = json.loads(Path(cfg.validation).read_text())
+    _check_floors(validation, cfg, oracle)
     floor = np.array([validation["noise_floor"][f] for f in FACTORS])
     out.mkdir(parents=True, exist_ok=True)
 
@@ -317,15 +318,19 @@ def ground_truth(cfg: Settings, subject: Subject, z, eps, main_images, out: Path
                     f"(std units; red: recovered at tau {HEADLINE})", out / "effect_matrix.png", stands)
     supervised = methods.get("supervised")
     sup_curve = np.asarray(supervised["curve"], dtype=float) if supervised else None
+    largest = max(t["directions_count"] for t in methods.values())
+    if cfg.null_pool and cfg.null_pool < 2 * largest:
+        raise UserError(f"--null-pool: {cfg.null_pool} random directions cannot make random sets of {largest} "
+                        f"(the largest method's K); pass at least {2 * largest}")
     pool = cached_null(cfg, G, z, eps, read, oracle.sha256) if cfg.null_pool else None
     for table in methods.values():
         table["auc"] = area(np.asarray(table["curve"]), sup_curve)
         table["p_value"] = None
         if pool is not None:
             null = null_sets(*pool, floor, table["directions_count"], cfg.null_sets, seed=cfg.seed)
-            table["p_value"] = significance(table, null, sup_curve)
+            table["p_value"] = significance(table, null)
             table["null_mean_at"] = {key: float(v.mean()) for key, v in null["at"].items()}
-        headline_p = None if table["p_value"] is None else table["p_value"]["auc"] or table["p_value"][HEADLINE]
+        headline_p = None if table["p_value"] is None else table["p_value"]["auc"]
         table["above_null"] = None if headline_p is None else bool(headline_p < 0.05)
         table["verdict"] = verdict(headline_p)
         table["per_seed"] = [{"seed": cfg.seed, "recovered_at": table["recovered_at"], "auc": table["auc"],
@@ -353,7 +358,8 @@ def ground_truth(cfg: Settings, subject: Subject, z, eps, main_images, out: Path
             "recoverable_at": supervised["recovered_at"] if supervised else None,
             "recoverable": supervised["recovered"] if supervised else None,
             "null": None if pool is None else {"pool": cfg.null_pool, "sets": cfg.null_sets, "samples": int(z.shape[0]),
-                                               "shifts": int(eps.numel()), "latents": "the report's own"},
+                                               "shifts": int(eps.numel()), "latents": "the report's own",
+                                               "weak": cfg.null_pool < 256 or cfg.null_sets < 1000},
             "heatmap": f"{out.name}/effect_matrix.png", "curve": f"{out.name}/recovered_curve.png",
             "main": main, "methods": methods}, None
 
@@ -373,6 +379,19 @@ def cached_null(cfg: Settings, G, z, eps, read, oracle_sha: str) -> tuple[np.nda
     if cfg.null_cache:
         atomic_torch_save({"key": key, "r2": torch.from_numpy(r2), "effect": torch.from_numpy(effect)}, cfg.null_cache)
     return r2, effect
+
+
+def _check_floors(validation: dict, cfg: Settings, oracle) -> None:
+    """The noise floors hold only for what they were measured with: the score oracle, the sample count and the
+    number of shifts of this run (effects shrink with both counts)."""
+    measured = {"oracle": validation.get("oracle_sha256"), "samples": validation.get("samples"),
+                "shifts": validation.get("frames")}
+    here = {"oracle": oracle.sha256, "samples": cfg.report_samples, "shifts": cfg.report_shifts}
+    wrong = [k for k in measured if measured[k] is not None and measured[k] != here[k]]
+    if wrong:
+        raise UserError(f"--validation: {cfg.validation} measured its noise floors with " + ", ".join(
+            f"{k} {measured[k]}" for k in wrong) + "; this run has " + ", ".join(f"{k} {here[k]}" for k in wrong)
+            + " (rerun python -m latentct.score.validate with --scored-samples, --frames and --oracle to match)")
 
 
 def pooled_null(cfg: Settings, G, z, eps, read, chunk: int = 32) -> tuple[np.ndarray, np.ndarray]:

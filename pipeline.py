@@ -129,7 +129,7 @@ PRESETS = {
     "tiny": dict(phantom_patients=6, phantom_slices=12, phantom_size=64, image_size=32, gan_steps=6, vae_steps=6,
                  direction_steps=4, direction_batch=8, eval_samples=3, oracle_steps=20, oracle_slices=200,
                  oracle_test_slices=100, probe_slices=100, probe_steps=10,
-                 validate_patients=2, null_pool=16, null_sets=50, dcgan_methods=list(METHODS),
+                 validate_patients=2, null_pool=64, null_sets=50, dcgan_methods=list(METHODS),
                  vae_methods=["sefa", "random"]),
     # Every baseline beside the learned directions at demo sizes, with MIG and DCI: docs/results.md's benchmark.
     "benchmark": dict(dcgan_methods=list(METHODS), vae_methods=list(METHODS), disentanglement=True, seed_draws=3,

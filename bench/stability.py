@@ -69,7 +69,7 @@ def main(cfg: Settings) -> list[dict]:
                     p = table["p_value"] or {}
                     rows.append({"generator": gallery.name, "method": method, "seed": seed, "threads": threads,
                                  "recovered_at": table["recovered_at"], "auc": table["auc"],
-                                 "p": p.get("auc") if p.get("auc") is not None else p.get("0.67"),
+                                 "p": p.get("auc"),
                                  "verdict": table["verdict"]})
                     print(f"{gallery.name:8s} {method:22s} seed {seed} threads {threads}: recovered "
                           f"{table['recovered_at']['0.5']}/{table['recovered_at']['0.67']}/"

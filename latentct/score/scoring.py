@@ -117,6 +117,9 @@ def score_directions(r2: np.ndarray, effect: np.ndarray, floor: np.ndarray, fact
             row["stands_for"] = factors[f]
         elif k in lost:
             row["also_for"], row["stood_for_by"] = lost[k]["factor"], lost[k]["direction"]
+        else:  # why its largest share does not count
+            row["fails"] = ("under twice the noise floor" if effect[k, f] < 2 * floor[f] else
+                            f"line R2 {r2[k, f]:.2f}" if r2[k, f] < R2_MIN else f"share under {TAUS[HEADLINE]:.2f}")
         directions.append(row)
     return {"recovered_at": {key: len(v) for key, v in at.items()}, "recovered": len(at[HEADLINE]),
             "matches": at, "curve": count_curve(r2, effect, floor).tolist(), "directions": directions}
@@ -129,7 +132,8 @@ def direction_mark(row: dict) -> str:
         return f"clean {row['stands_for']}, {row['share']:.2f}"
     if "also_for" in row:
         return f"clean {row['also_for']}, {row['share']:.2f} (also: k={row['stood_for_by']} stands for it)"
-    return f"mostly {row['dominant']}, share {row['share']:.2f}"
+    fails = f" ({row['fails']})" if row.get("fails") else ""
+    return f"mostly {row['dominant']}, share {row['share']:.2f}{fails}"
 
 
 def p_value(observed: float, null: np.ndarray) -> float:
@@ -154,11 +158,12 @@ def null_sets(pool_r2: np.ndarray, pool_effect: np.ndarray, floor: np.ndarray, c
     return {"at": {key: counts[:, i] for i, key in enumerate(TAUS)}, "curves": counts[:, len(TAUS):]}
 
 
-def significance(table: dict, null: dict, supervised_curve) -> dict:
-    """p-values of one method's counts at each tau and of its area, against null sets of its own size."""
+def significance(table: dict, null: dict) -> dict:
+    """p-values of one method's counts at each tau and of its area, against null sets of its own size. The
+    area's p compares mean counts over tau: dividing both sides by the supervised row's mean would not change it,
+    so it exists even where the area does not (no supervised row, or one that recovers nothing)."""
     out = {key: p_value(table["recovered_at"][key], null["at"][key]) for key in TAUS}
-    observed = area(np.asarray(table["curve"]), supervised_curve)
-    out["auc"] = None if observed is None else p_value(observed, null["curves"].mean(1) / np.mean(supervised_curve))
+    out["auc"] = p_value(float(np.mean(table["curve"])), null["curves"].mean(1))
     return out
 
 
@@ -199,25 +204,27 @@ def _entropy(p: np.ndarray, base: int) -> np.ndarray:
 
 def across_seeds(tables: list[dict]) -> dict:
     """One method scored on several seeds (trained methods) or draws of report latents (seed-free methods):
-    the counts, area and p-values become their medians, and the method is above the null when the area's p (the
-    tau-2/3 p where the area is undefined) is below 0.05 on more than half of them (2 of 3)."""
+    counts, area and p-values become their medians (a count may be a half on an even number), and the method is
+    above the null when the area's p is below 0.05 on more than half of them (2 of 3). The per-direction fields
+    (matches, curve, directions) stay those of the first seed, which ``matches_seed`` names."""
     def median(values):
         values = [v for v in values if v is not None]
-        return float(np.median(values)) if values else None
+        if not values:
+            return None
+        m = float(np.median(values))
+        return int(m) if m.is_integer() else m
 
-    per_seed = [s for t in tables for s in t["per_seed"]]
+    per_seed = list({s["seed"]: s for t in tables for s in reversed(t["per_seed"])}.values())[::-1]  # one a seed
     first = tables[0]
-    recovered_at = {key: int(round(median([s["recovered_at"][key] for s in per_seed]))) for key in TAUS}
+    recovered_at = {key: median([s["recovered_at"][key] for s in per_seed]) for key in TAUS}
     p_value = None
     if all(s["p_value"] for s in per_seed):
         p_value = {key: median([s["p_value"][key] for s in per_seed]) for key in (*TAUS, "auc")}
-    headline = [None if not s["p_value"] else (s["p_value"]["auc"] if s["p_value"]["auc"] is not None
-                                               else s["p_value"][HEADLINE]) for s in per_seed]
-    above = None if None in headline else sum(p < 0.05 for p in headline) > len(headline) / 2
-    typical = None if p_value is None else (p_value["auc"] if p_value["auc"] is not None else p_value[HEADLINE])
-    word = "no null" if typical is None else ("above null" if above else "not above null")
-    if typical is not None and 0.01 <= typical <= 0.2:
+    below = None if p_value is None else sum(s["p_value"]["auc"] < 0.05 for s in per_seed)
+    above = None if below is None else below > len(per_seed) / 2
+    word = "no null" if p_value is None else ("above null" if above else "not above null")
+    if p_value is not None and 0.01 <= p_value["auc"] <= 0.2:
         word += ", borderline"
     return dict(first, recovered_at=recovered_at, recovered=recovered_at[HEADLINE],
                 auc=median([s["auc"] for s in per_seed]), p_value=p_value, above_null=above, verdict=word,
-                per_seed=per_seed)
+                per_seed=per_seed, seeds_below_05=below, matches_seed=per_seed[0]["seed"])

@@ -324,7 +324,7 @@ def validate(cfg: Settings, reader=None, through=None, spread=None, regenerate=N
     floor = np.array([floors["noise_floor"][f] for f in FACTORS])
     std = np.asarray(spread) if spread is not None else factor_spread()[1].numpy()
     minimum = {f: {"value": float(2 * floor[k] * std[k]), "unit": UNITS[f]} for k, f in enumerate(FACTORS)}
-    result = {"image_size": cfg.image_size, "seed": cfg.seed, "sweeps": sweeps, "pairs": pair_rows,
+    result = {"image_size": cfg.image_size, "seed": cfg.seed, "frames": cfg.frames, "sweeps": sweeps, "pairs": pair_rows,
               **floors, "minimum_effect": minimum, "confusion": confusion,
               "effect_matrix": np.round(single["effect"], 4).tolist(), "leakage_target": LEAKAGE_TARGET,
               "checks": checks}

@@ -131,7 +131,7 @@ def matched_factors(gt: dict | None) -> dict[int, str]:
 def _recovered_cell(table: dict) -> str:
     of = f" of {table['recoverable']} recoverable" if table.get("recoverable") is not None else " / 6"
     p = table.get("p_value") or {}
-    sig = "" if not p else (f"; area {_fmt(table.get('auc'))}, p {_fmt(p.get('auc') or p.get('0.67'), 3)}: "
+    sig = "" if not p else (f"; area {_fmt(table.get('auc'))}, p {_fmt(p.get('auc'), 3)}: "
                             f"<span class='{'ok' if table.get('above_null') else 'no'}'>{_esc(table['verdict'])}</span>")
     return f"{table['recovered']}{of}{sig}"
 

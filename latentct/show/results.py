@@ -94,7 +94,7 @@ def headline(table: dict) -> list[str]:
     of = f" of {table['recoverable']}" if table.get("recoverable") is not None else "/6"
     p = table.get("p_value") or {}
     auc = "–" if table.get("auc") is None else f"{table['auc']:.2f}"
-    return [f"{table['recovered_at']['0.67']}{of}", auc, _p(p.get("auc") if p.get("auc") is not None else p.get("0.67")),
+    return [f"{table['recovered_at']['0.67']}{of}", auc, _p(p.get("auc")),
             table.get("verdict", "–")]
 
 
@@ -229,7 +229,7 @@ def examples(anim: Path, galleries: list[dict], count: int) -> list[tuple[str, s
         rows = {d["direction"]: d for d in report["directions"]}
         truth = ((report.get("ground_truth") or {}).get("main") or {}).get("directions")
         if truth:  # the factor each direction mainly moves, and its share of the direction's effect
-            ranked = sorted(truth, key=lambda d: (-("stands_for" in d), -d["share"]))
+            ranked = sorted(truth, key=lambda d: (-("stands_for" in d or "also_for" in d), -d["share"]))
             candidates = [(d["direction"], d["dominant"], direction_mark(d)) for d in ranked]
         else:
             ranked = sorted(rows.values(), key=lambda d: -max(d.get("shares", {"": 0}).values()))

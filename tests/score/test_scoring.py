@@ -97,7 +97,12 @@ def test_the_largest_share_stands_for_the_factor_and_the_other_is_listed_also():
 
 def test_a_mixed_direction_is_marked_by_its_largest_share():
     result = table([row(z_position=0.55, y_offset=0.45)])
-    assert direction_mark(result["directions"][0]) == "mostly z_position, share 0.55"
+    assert direction_mark(result["directions"][0]) == "mostly z_position, share 0.55 (share under 0.67)"
+    floor = np.full(6, 0.2)
+    faint = table([row(y_offset=0.3), row(width=1.0)], floor=floor)  # a share of 1.00, but under twice the floor
+    assert direction_mark(faint["directions"][0]) == "mostly y_offset, share 1.00 (under twice the noise floor)"
+    wavy = table([row(width=1.0)], r2=0.3)
+    assert direction_mark(wavy["directions"][0]) == "mostly width, share 1.00 (line R2 0.30)"
 
 
 def test_area_is_relative_to_the_supervised_curve():
@@ -125,10 +130,13 @@ def test_null_sets_draw_the_methods_own_count_from_one_pool():
     assert null["curves"].shape == (4000, len(AREA_TAUS)) and set(null["at"]) == set(TAUS)
     assert null["at"]["0.67"].mean() == pytest.approx(0.9, abs=0.05)
     method = table([row(z_position=1), row(y_offset=1), row(rotation=1)])
-    sup = np.asarray(method["curve"], dtype=float)
-    p = significance(method, null, sup)
+    sup = np.asarray(method["curve"], dtype=float)  # the method itself as the supervised row: area 1
+    p = significance(method, null)
     exact = 1 / 120  # the one set {0, 1, 2} of C(10, 3) = 120 recovers all three
     assert p["0.67"] == pytest.approx(exact, abs=0.006) and p["auc"] == pytest.approx(exact, abs=0.006)
+    assert area(np.asarray(method["curve"]), sup) == pytest.approx(1.0)
+    # the area's p does not need a supervised row: dividing both sides by its mean would not change it
+    assert significance(method, null)["auc"] == p["auc"]
 
 
 def test_effect_dci_on_known_matrices():
@@ -157,3 +165,7 @@ def test_across_seeds_takes_medians_and_needs_two_of_three():
     assert out["above_null"] is True and out["verdict"] == "above null, borderline" and len(out["per_seed"]) == 3
     once = across_seeds([dict(table, per_seed=[seed(0, 3, 0.01), seed(1, 2, 0.3), seed(2, 4, 0.4)])])
     assert once["above_null"] is False and once["verdict"] == "not above null"  # below 0.05 on 1 of 3 only
+    assert once["seeds_below_05"] == 1 and once["matches_seed"] == 0
+    twice = across_seeds([dict(table, per_seed=[seed(0, 3, 0.01), seed(0, 3, 0.01), seed(1, 2, 0.3)])])
+    assert [s["seed"] for s in twice["per_seed"]] == [0, 1]                     # a seed counts once
+    assert twice["recovered_at"]["0.67"] == 2.5                                 # an even count keeps its half

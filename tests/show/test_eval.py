@@ -103,10 +103,12 @@ def test_the_null_uses_the_methods_latents_shifts_and_direction_count(directions
     assert sum(s[1] for s in pool) == 40 and all(torch.equal(s[3], reference[3]) and torch.equal(s[2], reference[2])
                                                  for s in pool)
     assert drawn == [(40, 8, 30), (40, 8, 30)]  # learned and SeFa: K = 8 each, from the one pool
-    assert gt["null"] == {"pool": 40, "sets": 30, "samples": 4, "shifts": 5, "latents": "the report's own"}
+    assert {k: gt["null"][k] for k in ("pool", "sets", "samples", "shifts")} == {"pool": 40, "sets": 30, "samples": 4,
+                                                                               "shifts": 5}
     for table in gt["methods"].values():
         assert set(table["p_value"]) == {"0.5", "0.67", "0.8", "auc"} and table["supervision"] == "none"
         assert all(1 / 31 <= table["p_value"][k] <= 1 for k in ("0.5", "0.67", "0.8"))
+    assert gt["null"]["weak"] is True  # a pool of 40 and 30 sets: said so, not hidden
     swept.clear()  # a second evaluation with the same generator, oracle and latents reuses the scored pool
     again = EvalDirections.main(cfg)["ground_truth"]
     assert not [s for s in swept if s[0] == "random"] and again["methods"]["sefa"]["p_value"] == \
@@ -235,3 +237,16 @@ def test_channels_last_takes_the_trainers_convention():
     assert parse_settings(EvalDirections.Settings, []).channels_last == "auto"
     with pytest.raises(UserError, match="--channels-last.*invalid choice: 'yes'"):
         parse_settings(EvalDirections.Settings, ["--channels-last", "yes"])
+
+
+def test_noise_floors_measured_for_another_run_are_refused(directions_runs, tiny_oracle, tiny_validation, tmp_path):
+    """Floors measured at 4 samples and 5 shifts do not hold for 3 samples (effects shrink with the count), nor
+    for another oracle; the pool must be able to make random sets of every method's size."""
+    args = ["--directions", str(directions_runs["learned"]), "--oracle", str(tiny_oracle[1]), "--validation",
+            str(tiny_validation), "--output", str(tmp_path / "g"), "--real-slices", "0", "--frames", "3"]
+    with pytest.raises(UserError, match="--validation: .* samples 4; this run has samples 3"):
+        EvalDirections.main(parse_settings(EvalDirections.Settings, [*args, "--report-samples", "3",
+                                                                     "--report-shifts", "5"]))
+    with pytest.raises(UserError, match="--null-pool: 10 random directions cannot make random sets of 8"):
+        EvalDirections.main(parse_settings(EvalDirections.Settings, [*args, "--report-samples", "4",
+                                                                     "--report-shifts", "5", "--null-pool", "10"]))
