@@ -164,15 +164,22 @@ def first_choice(gen: str, gt: dict) -> str:
 
 
 def validation_table(validation: dict) -> str:
-    """The oracle's R2 (held out, and on VAE reconstructions) and what the known-answer sweeps show per factor."""
+    """The score oracle's R2 (held out, on VAE reconstructions, and the bound a probe trained on reconstructions
+    reaches), its agreement with the fit oracle, the attainable share through the VAE, and what the known-answer
+    sweeps show per factor."""
+    def cell(value):
+        return "–" if value is None else f"{value:.3f}"
+
+    attainable = (validation.get("attainable") or {}).get("vae", {})
     rows = []
     for f, sweep in validation["sweeps"].items():
         oracle = validation["oracle"][f]
-        gen = oracle.get("r2_generated")
-        rows.append([f, f"{oracle['r2']:.3f}", "–" if gen is None else f"{gen:.3f}", sweep["attributed"],
+        rows.append([f, cell(oracle["r2"]), cell(oracle.get("r2_generated")), cell(oracle.get("bound")),
+                     cell(oracle.get("agreement")), cell(attainable.get(f)), sweep["attributed"],
                      f"{sweep['leakage']:.3f}", sweep["label"], sweep["expected_label"]])
-    return _table(["factor", "oracle R2 (held out)", "oracle R2 (VAE reconstructions)", "sweep attributed to",
-                   "sweep leakage", "anatomy label", "expected label"], rows)
+    return _table(["factor", "oracle R2 (held out)", "oracle R2 (VAE reconstructions)", "bound (probe on them)",
+                   "agreement of the two oracles", "share a clean change keeps through the VAE",
+                   "sweep attributed to", "sweep leakage", "anatomy label", "expected label"], rows)
 
 
 def baseline_table(summary: dict, baseline: dict) -> str:
@@ -269,7 +276,8 @@ def render(cfg: Settings, link: str = "Animations/examples", picked: list[tuple[
                   baseline_table(summary, _read_json(Path(cfg.baseline)))]
     if cfg.examples:
         picked = examples(anim, galleries, cfg.examples) if picked is None else picked
-        parts += ["", "Example sweeps (the strongest directions with different labels; the strip lights up at 0):", "",
+        parts += ["", "Example sweeps (the cleanest directions, those that count first, with their share; the strip lights "
+                  "up at 0):", "",
                   examples_row(picked, link)]
     parts += ["", "Generators (last evaluation; SWD x1e3 on multi-scale patches):", "",
              generator_table(runs, [r["name"] for r in summary["stages"] if r["stage"].startswith("train_")])]
