@@ -64,7 +64,7 @@ def step_losses(G: nn.Module, deformator: nn.Module, reconstructor: nn.Module, z
     return label_loss + shift_loss, label_loss, shift_loss, logits
 
 
-# The smallest image side each reconstructor accepts (latentct/models/reconstructor.py): the LeNet's three 5 x 5
+# The smallest image side each reconstructor accepts (models/reconstructor.py): the LeNet's three 5 x 5
 # convolutions and two 2 x poolings take 32 -> 28 -> 14 -> 10 -> 5 -> 1; the ResNet's padded strides take any size.
 SMALLEST_SIDE = {"LeNet": 32}
 

@@ -41,7 +41,7 @@ class Settings:
                                "instead")
     baseline: str | None = setting(None, "summary.json of another run of the same pipeline (an older version on the "
                                    "same machine): a per-stage wall-time comparison")
-    examples: int = setting(2, "example GIFs per gallery copied to Animations/examples/ (the strongest directions "
+    examples: int = setting(2, "example GIFs per gallery copied to Animations/examples/ (the cleanest directions "
                             "with different labels)")
     block: str = setting("results", "which run kind: results (the demo) or benchmark (every method, MIG/DCI, "
                          "the budget curves)", choices=("results", "benchmark"))
@@ -249,7 +249,8 @@ def examples(anim: Path, galleries: list[dict], count: int) -> list[tuple[str, s
         name = Path(row["output"]).name
         for k, mark in chosen:
             file = _to_examples(anim, Path(row["output"]) / rows[k]["gif"], f"{name}_{k}.gif")
-            picked.append((file, f"{name} k={k}: " + (f"{mark}; " if mark else "") + rows[k]["label"]))
+            caption = f"{name} k={k}: " + (f"factor: {mark}; " if mark else "") + f"anatomy: {rows[k]['label']}"
+            picked.append((file, caption))
     return picked
 
 

@@ -9,7 +9,7 @@ import time
 
 import torch
 
-from latentct.data.slices import CTSlices, hu_to_unit, parse_window, random_affine
+from latentct.data.slices import CTSlices, held_out, hu_to_unit, parse_window, random_affine
 from latentct.train.runtime import Runtime
 from latentct.util.settings import UserError
 
@@ -88,8 +88,7 @@ class TrainData:
             yield step, (random_affine(x) if augment else x)
 
     def held_out(self, folder: str, count: int) -> torch.Tensor:
-        """Up to ``count`` test-split slices (evenly spread) for quality metrics; train split if no test."""
-        test = CTSlices(folder, "test", window=self.window)
-        source = test if len(test) >= 2 else self.dataset
+        """Up to ``count`` held-out slices (evenly spread) for quality metrics (data.slices.held_out's rule)."""
+        source = held_out(folder, self.window)
         idx = torch.linspace(0, len(source) - 1, min(count, len(source))).round().long().unique()
         return torch.stack([source[int(i)] for i in idx])
