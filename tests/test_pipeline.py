@@ -235,3 +235,18 @@ def test_the_benchmark_scores_every_method_on_three_seeds_or_draws(tmp_path):
     assert {"truth_dcgan_seed1", "truth_dcgan_seed2"} <= set(main.inputs) and main.cfg.seed == 0
     assert "truth_dcgan_seed1" not in {j.name for j in pipeline.plan(parse_settings(
         pipeline.Settings, ["--root", str(tmp_path)], presets=pipeline.PRESETS))}
+
+
+def test_the_readme_reports_the_spread_of_repeated_ground_truths(tmp_path):
+    from latentct.show import results
+
+    anim = tmp_path / "Animations" / "demo"
+    anim.mkdir(parents=True)
+    row = dict(generator="vae", method="sefa", recovered_at={"0.5": 3, "0.67": 0, "0.8": 0}, auc=0.2, p=0.09)
+    rows = [dict(row, seed=s, threads=n, verdict="not above null, borderline") for s in (0, 1) for n in (1, 2)]
+    rows[-1]["verdict"] = "above null, borderline"
+    (anim / "stability.json").write_text(json.dumps({"rows": rows, "largest_move": {"vae sefa": 1}}))
+    assert results.spread_line(anim)[1] == (
+        "Spread: the ground truth repeated with 1 and 2 threads and report-latent seeds 0 and 1 (`python -m "
+        "bench.stability --run demo`): no count moved by more than 1; verdicts that changed: vae sefa.")
+    assert results.spread_line(tmp_path) == []

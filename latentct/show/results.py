@@ -366,13 +366,32 @@ def readme_blocks(cfg: Settings, picked: list[tuple[str, str]] | None, docs_link
         return {"benchmark": "\n".join([note, "", glance_table(truths), "", *(first_choice(gen, gt) + "\n"
                                                                         for gen, gt in truths)])}
     first = summary.get("first_gallery_seconds")
-    blocks = {"results": "\n".join([note, "", glance_table(truths)]) + "\n",
+    blocks = {"results": "\n".join([note, "", glance_table(truths), *spread_line(Path(cfg.root) / "Animations" /
+                                                                                 cfg.run)]) + "\n",
               "runtime": f"The main job took {_minutes(summary['wall_seconds'])} on the machine that last ran it (2 CPU "
                          "cores" + (f"; the first gallery was on disk after {_minutes(first)}" if first else "")
                          + "); nothing is downloaded.\n"}
     if picked:
         blocks["examples"] = examples_row(picked, "Animations/examples") + "\n"
     return blocks
+
+
+def spread_line(anim: Path) -> list[str]:
+    """How far the counts moved when the run's ground truth was repeated (python -m bench.stability), if it was."""
+    path = anim / "stability.json"
+    if not path.is_file():
+        return []
+    stability = _read_json(path)
+    rows = stability["rows"]
+    runs = sorted({(r["seed"], r["threads"]) for r in rows})
+    seeds, threads = sorted({s for s, _ in runs}), sorted({n for _, n in runs})
+    flips = sorted({f"{r['generator']} {r['method']}" for r in rows
+                    if len({x["verdict"] for x in rows if (x["generator"], x["method"]) ==
+                            (r["generator"], r["method"])}) > 1})
+    return ["", f"Spread: the ground truth repeated with {' and '.join(map(str, threads))} threads and report-latent "
+            f"seeds {' and '.join(map(str, seeds))} (`python -m bench.stability --run {anim.name}`): no count moved "
+            f"by more than {max(stability['largest_move'].values())}; verdicts that changed: "
+            + (", ".join(flips) if flips else "none") + "."]
 
 
 def markers(name: str) -> tuple[str, str]:
