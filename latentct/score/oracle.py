@@ -197,18 +197,13 @@ def train_oracle(cfg: Settings) -> dict:
     mean, std = train_y.mean(0), train_y.std(0).clamp_min(1e-6)
     args = dict(image_size=cfg.image_size, width=cfg.width)
     model = OracleNet(**args)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, cfg.lr, total_steps=cfg.steps, pct_start=0.1)
     gen = torch.Generator().manual_seed(cfg.seed)
-    targets = (train_y - mean) / std
-    for _ in tqdm(range(cfg.steps), desc="oracle", unit="step", leave=False):
-        idx = torch.randint(0, len(train_hu), (cfg.batch_size,), generator=gen)
+
+    def batch(idx):
         x = hu_to_unit(train_hu[idx], window)
-        loss = F.smooth_l1_loss(model(augment(x, gen) if cfg.augment else x), targets[idx], beta=0.1)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
+        return augment(x, gen) if cfg.augment else x
+
+    fit_reader(model, batch, (train_y - mean) / std, cfg.steps, cfg.batch_size, cfg.lr, gen, pct_start=0.1)
     model.eval()
     state = {"state_dict": {k: v.detach().clone() for k, v in model.state_dict().items()}, "args": args,
              "factors": list(FACTORS), "mean": mean, "std": std, "window": list(window), "r2": {},
@@ -218,6 +213,21 @@ def train_oracle(cfg: Settings) -> dict:
     pred = Oracle(state).read(hu_to_unit(test_hu, window))
     state["r2"] = {f: float(v) for f, v in zip(FACTORS, r_squared(pred, test_y))}
     return state
+
+
+def fit_reader(model: nn.Module, batch, targets: torch.Tensor, steps: int, batch_size: int, lr: float,
+               gen: torch.Generator, pct_start: float, desc: str = "oracle") -> None:
+    """Train a reader of standardised factors: Adam with a one-cycle schedule on a smooth-L1 loss, batches of
+    rows drawn from ``gen`` (``batch(idx)``: those rows' images). The oracle and the VAE-readability probe."""
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps, pct_start=pct_start)
+    for _ in tqdm(range(steps), desc=desc, unit="step", leave=False):
+        idx = torch.randint(0, len(targets), (batch_size,), generator=gen)
+        loss = F.smooth_l1_loss(model(batch(idx)), targets[idx], beta=0.1)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
 
 
 def load_oracle(path: str | Path) -> Oracle:

@@ -31,7 +31,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from latentct.data import phantom
 from latentct.data.phantom import FACTOR_RANGES, FACTORS
@@ -244,7 +243,7 @@ def embedding(dcgan_path: str, oracle):
 def generated_r2(oracle, vae_path: str, cfg: Settings, count: int = 500) -> tuple[dict, dict]:
     """The oracle's R2 on VAE reconstructions of fresh held-out slices whose factors are known, and the bound: the
     held-out R2 of a probe trained on reconstructions of other slices (what the VAE leaves readable at all)."""
-    from latentct.score.oracle import OracleNet, r_squared, render_slices
+    from latentct.score.oracle import OracleNet, fit_reader, r_squared, render_slices
 
     through = reconstruction(vae_path, oracle)
     hu, targets = render_slices(count, cfg.image_size, cfg.seed, 3, cfg.render_size, cfg.workers,
@@ -257,16 +256,8 @@ def generated_r2(oracle, vae_path: str, cfg: Settings, count: int = 500) -> tupl
     mean, std = train_y.mean(0), train_y.std(0).clamp_min(1e-6)
     torch.manual_seed(cfg.seed)
     probe = OracleNet(cfg.image_size, oracle.state["args"]["width"])
-    opt = torch.optim.Adam(probe.parameters(), lr=2e-3)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, 2e-3, total_steps=cfg.probe_steps, pct_start=0.3)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    for _ in range(cfg.probe_steps):
-        idx = torch.randint(0, len(train_x), (64,), generator=gen)
-        loss = F.smooth_l1_loss(probe(train_x[idx]), (train_y[idx] - mean) / std, beta=0.1)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
+    fit_reader(probe, lambda idx: train_x[idx], (train_y - mean) / std, cfg.probe_steps, 64, 2e-3,
+               torch.Generator().manual_seed(cfg.seed), pct_start=0.3, desc="VAE probe")
     with torch.no_grad():
         bound = r_squared(probe.eval()(recon) * std + mean, targets)
     return r2, {f: float(v) for f, v in zip(FACTORS, bound)}
