@@ -74,6 +74,9 @@ class Settings:
     oracle: str | None = setting(None, "factor oracle (oracle.pt; default: the cached one for this image size and "
                                  "window under <root>/runs/oracle/)")
     root: str = setting(".", "folder under which the oracle cache runs/oracle/ lives")
+    fit_oracle: str | None = setting(None, "the oracle the supervised ceiling was fitted with: the subspace diagnostic "
+                                     "refits the supervised map inside each method's span with it (the span ceiling)"
+                                     "; without it the span ceiling is left out")
     validation: str | None = setting(None, "validation.json of the known-answer sweeps (python -m latentct.score.validate):"
                                      " each factor's noise floor comes from it (the ground truth needs it)")
     null_pool: int = setting(256, "random directions in the null's pool, scored once on the report's own latents "
@@ -297,7 +300,7 @@ def ground_truth(cfg: Settings, subject: Subject, z, eps, main_images, out: Path
         flat = display(images.reshape(-1, *images.shape[3:]), window, oracle.window)
         return oracle.read_std(flat).reshape(*images.shape[:3], -1)
 
-    methods, main = {}, None
+    methods, main, files = {}, None, {}
     for i, file in enumerate([cfg.directions, *cfg.compare]):
         dirs = subject.directions if i == 0 else \
             load_directions(file, subject.generator_file, cfg.generator_weights, cfg.generator_args)[0]
@@ -310,7 +313,7 @@ def ground_truth(cfg: Settings, subject: Subject, z, eps, main_images, out: Path
         if dirs.method == "supervised":
             table["supervised"] = dirs.extra
         name = dirs.method if dirs.method not in methods else f"{dirs.method} ({Path(file).parent.name})"
-        methods[name] = table
+        methods[name], files[name] = table, dirs
         if i == 0:
             main = dict(table, r2_matrix=r2.round(4).tolist(), effect_matrix=effect.round(4).tolist())
             stands = [(m["direction"], FACTORS.index(m["factor"])) for m in table["matches"][HEADLINE]]
@@ -346,6 +349,8 @@ def ground_truth(cfg: Settings, subject: Subject, z, eps, main_images, out: Path
     for table in methods.values():
         table["recoverable_at"] = supervised["recovered_at"] if supervised else None
         table["recoverable"] = supervised["recovered"] if supervised else None
+    if supervised:
+        subspaces(cfg, G, files, methods, z, eps, read, floor)
     main.update({k: methods[next(iter(methods))][k] for k in ("recovered_at", "recovered", "auc", "recoverable_at",
                                                               "recoverable", "p_value", "above_null", "verdict",
                                                               "per_seed")})
@@ -362,6 +367,45 @@ def ground_truth(cfg: Settings, subject: Subject, z, eps, main_images, out: Path
                                                "weak": cfg.null_pool < 256 or cfg.null_sets < 1000},
             "heatmap": f"{out.name}/effect_matrix.png", "curve": f"{out.name}/recovered_curve.png",
             "main": main, "methods": methods}, None
+
+
+def subspaces(cfg: Settings, G, files: dict, methods: dict, z, eps, read, floor) -> None:
+    """Each method's ``subspace`` entry (latentct/score/subspace.py): its span against the supervised directions'
+    and, with --fit-oracle, the span ceiling scored like every direction."""
+    from latentct.discover.baselines import fit_directions, fit_readings
+    from latentct.score import subspace
+
+    def rows(dirs):  # the latent shift of one unit along each direction, for every deformator kind
+        return dirs.shifts(torch.arange(dirs.count), torch.ones(dirs.count)).double()
+
+    sup_dirs = files["supervised"]
+    target = rows(sup_dirs)
+    fit = None
+    if cfg.fit_oracle:
+        from latentct.score.oracle import load_oracle
+
+        fit_oracle = load_oracle(cfg.fit_oracle)
+        wanted = sup_dirs.extra.get("oracle_sha256")
+        if wanted and fit_oracle.sha256 != wanted:
+            raise UserError(f"--fit-oracle: {cfg.fit_oracle} is not the oracle the supervised directions were fitted "
+                            f"with (sha256 {fit_oracle.sha256[:12]}, they name {wanted[:12]})")
+        samples = int(sup_dirs.extra.get("samples", 2048))
+        seed = int((sup_dirs.state.get("settings") or {}).get("seed", cfg.seed))
+        fit = (*fit_readings(G, fit_oracle, G.window, samples, seed), samples)
+    recoverable = methods["supervised"]["recovered_at"][HEADLINE]
+    for name, table in methods.items():
+        if name == "supervised":
+            continue
+        dirs = files[name]
+        k = subspace.span_size(dirs.method, dirs.count, None if recoverable is None else int(recoverable))
+        entry, basis = subspace.diagnose(rows(dirs), target, k, FACTORS)
+        entry["span_ceiling_at"] = None
+        if fit is not None and basis.shape[1]:
+            ceiling, _ = fit_directions(fit[0], fit[1], fit[2], basis)
+            r2, effect = line_effects(read(sweep(G, subspace.Basis(ceiling), list(range(len(ceiling))), eps, z)),
+                                      eps)
+            entry["span_ceiling_at"] = score_directions(r2, effect, floor)["recovered_at"]
+        table["subspace"] = entry
 
 
 def cached_null(cfg: Settings, G, z, eps, read, oracle_sha: str) -> tuple[np.ndarray, np.ndarray]:

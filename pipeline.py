@@ -48,9 +48,12 @@ ORDER = {
     "ground_truth": "ground_truth", "disentanglement": "disentanglement",
 }
 STAGES = tuple(dict.fromkeys(ORDER.values()))  # in pipeline order: --from-stage reruns one and every later one
-BASELINES = ("sefa", "pca", "random", "coordinate", "spectral")  # closed form: Training/TrainDirections.py
+BASELINES = ("sefa", "pca", "random", "coordinate", "spectral", "ica", "spca")  # closed form: TrainDirections.py
 TRAINED = {"disco": TrainDisCo, "latentclr": TrainLatentCLR}         # their own trainers, then RCA on the result
-METHODS = BASELINES + tuple(TRAINED)
+# The span of --unmix-base's top directions unmixed (latentct/discover/unmix.py), and the study's learned
+# deformator started from that unmixed basis.
+UNMIXED = ("unmix", "learned_unmix")
+METHODS = BASELINES + tuple(TRAINED) + UNMIXED
 GENERATORS = ("dcgan", "vae")
 
 
@@ -73,10 +76,16 @@ class Settings:
     direction_steps: int | None = setting(300, "steps of every direction run, baselines included (None: preset's)")
     direction_batch: int | None = setting(48, "batch of every direction run (None: the preset's)")
     # Beside SeFa and random, each generator's best label-free method in the last benchmark run under the
-    # previous scorer (docs/results.md, benchmark block): SeFa on the DCGAN, the spectral method on the VAE.
-    dcgan_methods: list[str] = setting(["sefa", "random"], "methods scored beside the DCGAN's learned directions")
-    vae_methods: list[str] = setting(["sefa", "random", "spectral"],
+    # previous scorer (docs/results.md, benchmark block): SeFa on the DCGAN, the spectral method on the VAE; and
+    # that method's span unmixed (latentct/discover/unmix.py), whose subspace diagnostic says whether the
+    # orthogonal method had the right span.
+    dcgan_methods: list[str] = setting(["sefa", "random", "unmix"], "methods scored beside the DCGAN's learned "
+                                       "directions")
+    vae_methods: list[str] = setting(["sefa", "random", "spectral", "unmix"],
                                      "methods scored beside the VAE's learned directions")
+    dcgan_unmix_base: str = setting("sefa", "the orthogonal method whose top directions' span the DCGAN's unmix and "
+                                    "learned_unmix unmix", choices=("sefa", "spectral", "pca"))
+    vae_unmix_base: str = setting("spectral", "the same for the VAE", choices=("sefa", "spectral", "pca"))
     method_steps: int | None = setting(None, "steps of DisCo and LatentCLR (None: --direction-steps)")
     eval_samples: int = setting(16, "samples per direction for the measurements")
     oracle_steps: int | None = setting(None, "factor oracle training steps (None: latentct/score/oracle.py's)")
@@ -244,6 +253,24 @@ def plan(cfg: Settings) -> list[Job]:
                 shared, output=str(out), method=m), first_preset), output=out, done_file="directions.pt",
                 inputs=(gen,)))
         compared = [f"{gen}_{m}" for m in methods if m in BASELINES]
+        if any(m in UNMIXED for m in methods):
+            base_method = getattr(cfg, f"{gen}_unmix_base")
+            base = runs / f"{gen}_{base_method}"
+            if base_method not in methods:  # the span to unmix: its directions only
+                jobs.append(Job(kind="baselines", name=base.name, module=TrainDirections, cfg=_with(TrainDirections,
+                    dict(shared, output=str(base), method=base_method, rca=False), first_preset), output=base,
+                    done_file="directions.pt", inputs=(gen,)))
+            unmixed = runs / f"{gen}_unmix"
+            jobs.append(Job(kind="baselines", name=unmixed.name, module=TrainDirections, cfg=_with(TrainDirections, dict(
+                shared, output=str(unmixed), method="unmix", unmix_from=str(base / "directions.pt"),
+                rca="unmix" in methods), first_preset), output=unmixed, done_file="directions.pt", inputs=(base.name,)))
+            compared += [unmixed.name] if "unmix" in methods else []
+            if "learned_unmix" in methods:
+                out = runs / f"{gen}_learned_unmix"
+                jobs.append(Job(kind="baselines", name=out.name, module=TrainDirections, cfg=_with(TrainDirections,
+                    dict(shared, output=str(out), method="learned", init_directions=str(unmixed / "directions.pt")),
+                    first_preset), output=out, done_file="directions.pt", inputs=(unmixed.name,)))
+                compared.append(out.name)
         for m in (m for m in methods if m in TRAINED):  # train, then measure RCA on the frozen result
             trained, measured = runs / f"{gen}_{m}", runs / f"{gen}_{m}_rca"
             jobs.append(Job(kind="baselines", name=trained.name, module=TRAINED[m], cfg=_with(TRAINED[m], dict(
@@ -269,8 +296,8 @@ def plan(cfg: Settings) -> list[Job]:
                             done_file="index.html", inputs=(f"{gen}_{preset}",),
                             main_lane=g == 0 and preset == first_preset, generator=g))
             if phantom_run:
-                truth = dict(oracle=str(oracle_file), validation=str(anim / "validation" / "validation.json"),
-                             null_pool=cfg.null_pool, null_sets=cfg.null_sets)
+                truth = dict(oracle=str(oracle_file), fit_oracle=str(fit_file), null_pool=cfg.null_pool,
+                             validation=str(anim / "validation" / "validation.json"), null_sets=cfg.null_sets)
                 draws = other_draws(cfg, gen, preset, methods, shared, truth, runs, anim / gallery.name) \
                     if preset == first_preset else []
                 jobs += draws
@@ -280,7 +307,7 @@ def plan(cfg: Settings) -> list[Job]:
                                 cfg=EvalDirections.Settings(**common_eval, ground_truth="only",
                                 compare=[str(runs / c / "directions.pt") for c in compared], seed_runs=seed_files,
                                 **truth), output=gallery / "ground_truth", done_file="ground_truth.json",
-                                inputs=(f"eval_{gallery.name}", "oracle", "validate", *compared,
+                                inputs=(f"eval_{gallery.name}", "oracle", "oracle_fit", "validate", *compared,
                                         *(j.name for j in draws if j.kind == "ground_truth")),
                                 summary=EvalDirections.ground_truth_line))
             if phantom_run and cfg.disentanglement and preset == first_preset:
@@ -304,7 +331,14 @@ def other_draws(cfg: Settings, gen: str, preset: str, methods: list[str], shared
         jobs.append(Job(kind="baselines", name=learned.name, module=TrainDirections, cfg=_with(TrainDirections, dict(
             shared, output=str(learned), method="learned", seed=seed), preset), output=learned,
             done_file="directions.pt", inputs=(gen,)))
-        compared = [runs / f"{gen}_{m}" for m in methods if m in BASELINES]
+        compared = [runs / f"{gen}_{m}" for m in methods if m in BASELINES or m == "unmix"]
+        if "learned_unmix" in methods:  # trained: again on this seed, from the same unmixed basis
+            out = runs / f"{gen}_learned_unmix_seed{seed}"
+            jobs.append(Job(kind="baselines", name=out.name, module=TrainDirections, cfg=_with(TrainDirections, dict(
+                shared, output=str(out), method="learned", seed=seed,
+                init_directions=str(runs / f"{gen}_unmix" / "directions.pt")), preset), output=out,
+                done_file="directions.pt", inputs=(f"{gen}_unmix",)))
+            compared.append(out)
         for m in (m for m in methods if m in TRAINED):
             trained, measured = runs / f"{gen}_{m}_seed{seed}", runs / f"{gen}_{m}_rca_seed{seed}"
             jobs.append(Job(kind="baselines", name=trained.name, module=TRAINED[m], cfg=_with(TRAINED[m], dict(
@@ -332,7 +366,9 @@ def oracles(cfg: Settings, image_size: int, window: str) -> list[Job]:
     seed, so other slices, and another width) only fits the supervised ceiling, so "recoverable" is not what one
     oracle can be steered to read."""
     jobs = []
-    for name, seed, width in (("oracle", cfg.seed, 16), ("oracle_fit", cfg.seed + 1, 24)):
+    # The fit oracle is the narrower one: it only fits the supervised map (12 channels train in a third of the
+    # time of 24, and a fit over 2,048 latents averages its reading noise away).
+    for name, seed, width in (("oracle", cfg.seed, 16), ("oracle_fit", cfg.seed + 1, 12)):
         job_cfg = _with(oracle, dict(image_size=image_size, window=window, root=cfg.root, steps=cfg.oracle_steps,
                                      train_slices=cfg.oracle_slices, test_slices=cfg.oracle_test_slices,
                                      render_size=cfg.phantom_size, seed=seed, width=width))
@@ -407,10 +443,11 @@ def plan_own_generator(cfg: Settings) -> list[Job]:
         jobs.append(Job(kind="ground_truth", name="truth_model", module=EvalDirections, cfg=EvalDirections.Settings(
             directions=str(learned / "directions.pt"), output=str(gallery), dataset=cfg.data,
             report_samples=cfg.eval_samples, seed=cfg.seed, ground_truth="only", oracle=str(oracle_file),
-            validation=str(anim / "validation" / "validation.json"),
+            fit_oracle=str(fit_file), validation=str(anim / "validation" / "validation.json"),
             compare=[str(runs / c / "directions.pt") for c in compared], null_pool=cfg.null_pool,
             null_sets=cfg.null_sets), output=gallery / "ground_truth", done_file="ground_truth.json",
-            inputs=("eval_model", "oracle", "validate", *compared), summary=EvalDirections.ground_truth_line))
+            inputs=("eval_model", "oracle", "oracle_fit", "validate", *compared),
+            summary=EvalDirections.ground_truth_line))
     return in_order(jobs)
 
 

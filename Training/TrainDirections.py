@@ -3,11 +3,14 @@
     python Training/TrainDirections.py --generator runs/demo/dcgan/generator.pt --output runs/demo/dcgan_dirs
     python Training/TrainDirections.py --preset unit-lenet --generator ... --output ...      # the study's grid
     python Training/TrainDirections.py --method sefa --generator ... --output runs/demo/dcgan_sefa
+    python Training/TrainDirections.py --method unmix --unmix-from runs/demo/dcgan_sefa/directions.pt ...
+    python Training/TrainDirections.py --init-directions runs/demo/dcgan_unmix/directions.pt ...   # learned, from them
 
 A matrix of K directions (the deformator) is trained jointly with a reconstructor that sees
 (G(z), G(z + eps * A e_k)) and predicts k and eps; G stays frozen. With --method sefa | pca | random |
-coordinate the directions are computed and frozen, and a fresh reconstructor is trained on them for the same
-number of steps, so every method's reconstructor classification accuracy (RCA) is measured alike.
+coordinate | spectral | ica | spca | unmix the directions are computed and frozen (ICA, sparse PCA and the
+unmixed span need not be orthogonal: latentct/discover/unmix.py), and a fresh reconstructor is trained on them
+for the same number of steps, so every method's reconstructor classification accuracy (RCA) is measured alike.
 Outputs: directions.pt (the artifact every later stage reads), checkpoint.pt, metrics.jsonl, directions_*.png.
 """
 from __future__ import annotations
@@ -16,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from latentct.discover.baselines import baseline_matrix, spectral, supervised
+from latentct.discover.baselines import baseline_matrix, ica, sparse_pca, spectral, supervised
 from latentct.discover.directions import (
     load_directions,
     make_shifts,
@@ -25,6 +28,7 @@ from latentct.discover.directions import (
     save_directions,
     step_losses,
 )
+from latentct.discover.unmix import unmix
 from latentct.generators.interface import GeneratorOptions, latent_spread, load_generator, sample_latents
 from latentct.models.deformator import KINDS, Deformator, FixedDirections
 from latentct.models.reconstructor import make_reconstructor
@@ -37,7 +41,7 @@ from latentct.train.signals import StopSignal
 from latentct.util.io import atomic_torch_save
 from latentct.util.settings import check, run_cli, setting, settings_dict, user_errors
 
-METHODS = ("learned", "sefa", "pca", "random", "coordinate", "spectral", "supervised", "file")
+METHODS = ("learned", "sefa", "pca", "random", "coordinate", "spectral", "ica", "spca", "unmix", "supervised", "file")
 
 
 @dataclass
@@ -71,11 +75,22 @@ class Settings(GeneratorOptions, TrainerSettings):
     rca: bool = setting(True, "for fixed directions (the baselines): train a fresh reconstructor for --steps to "
                         "measure their RCA like the learned directions'; off: directions only, RCA not measured")
     oracle: str | None = setting(None, "factor oracle (oracle.pt) the supervised method reads G(z) with")
-    feature_layer: str | None = setting(None, "the layer whose Jacobian the spectral method decomposes (default per "
-                                        "generator: latentct/generators/features.py)")
+    feature_layer: str | None = setting(None, "the layer the spectral method decomposes and ICA and sparse PCA read "
+                                        "(default per generator: latentct/generators/features.py)")
     directions_file: str | None = setting(None, "with --method file: a directions.pt (DisCo, LatentCLR) whose frozen "
                                           "directions get a fresh reconstructor, so their RCA is measured like a "
                                           "baseline's")
+    unmix_from: str | None = setting(None, "with --method unmix: the directions.pt of an orthogonal method (SeFa, "
+                                     "spectral) whose top --unmix-size directions span the subspace to unmix")
+    unmix_size: int = setting(8, "m, how many of --unmix-from's top directions span the subspace (label-free: "
+                              "the phantom's six factors need not be known; 8 leaves room for two more)")
+    unmix_by: str = setting("ajd", "ajd (joint diagonalisation of pullback metrics) or ica (FastICA of features)",
+                            choices=("ajd", "ica"))
+    unmix_features: str = setting("layer", "with --unmix-by ica: the features ICA unmixes: layer (the intermediate "
+                                  "layer the spectral method reads), encoder (a VAE's codes), image, or a layer name")
+    init_directions: str | None = setting(None, "with --method learned and a proj or linear deformator: a "
+                                          "directions.pt whose rows start the deformator's first columns (the rest "
+                                          "start at random)")
     supervised_samples: int = setting(2048, "latents the supervised method fits on (half as many more score the fit)")
     batch_size: int = setting(128, "image pairs per step and process")
     steps: int = setting(3000, "optimiser steps")
@@ -93,6 +108,11 @@ class Settings(GeneratorOptions, TrainerSettings):
         check(self.method != "file" or self.directions_file is not None, "directions_file",
               "--method file needs the directions.pt whose RCA to measure")
         check(self.rca or self.method != "learned", "rca", "the learned method always trains its reconstructor")
+        check(self.method != "unmix" or self.unmix_from is not None, "unmix_from",
+              "--method unmix needs the directions.pt of the orthogonal method whose span to unmix")
+        check(self.unmix_size >= 2, "unmix_size", f"must be at least 2, got {self.unmix_size}")
+        check(self.init_directions is None or (self.method == "learned" and self.deformator in ("proj", "linear")),
+              "init_directions", "starts the columns of a learned proj or linear deformator only")
 
 
 # The study's grid: {unit (proj, K = 32), ortho (K = 32), 100 (proj, K = 100)} x {LeNet, ResNet}, batch 128,
@@ -116,12 +136,32 @@ def directions_for(cfg: Settings, G, device) -> tuple[torch.nn.Module, dict | No
         deformator_args = dict(directions_count=cfg.directions_count, latent_dim=G.latent_dim,
                                bias=cfg.deformator_bias, random_init=cfg.random_init, seed=cfg.seed)
         with user_errors():
-            return Deformator(cfg.deformator, **deformator_args).to(device), deformator_args, "learned", {}
+            deformator = Deformator(cfg.deformator, **deformator_args)
+        extra, name = {}, "learned"
+        if cfg.init_directions:  # named for its start, so its rows never merge with the plain learned run's
+            start, _ = load_directions(cfg.init_directions, cfg.generator)
+            m = min(start.count, cfg.directions_count)
+            with torch.no_grad():
+                deformator.linear.weight[:, :m] = start.matrix[:m].t().to(deformator.linear.weight)
+            extra = {"initialised_from": str(cfg.init_directions), "initialised_columns": m,
+                     "initial_method": start.method}
+            name = f"learned_{start.method}"
+        return deformator.to(device), deformator_args, name, extra
     method, extra = cfg.method, {}
     if cfg.method == "supervised":
         matrix, extra = supervised(G, load_oracle(cfg.oracle), G.window, cfg.supervised_samples, cfg.seed)
     elif cfg.method == "spectral":
         matrix, extra = spectral(G, cfg.directions_count, cfg.feature_layer, seed=cfg.seed)
+    elif cfg.method in ("ica", "spca"):
+        solver = ica if cfg.method == "ica" else sparse_pca
+        matrix, extra = solver(G.cpu(), cfg.directions_count, cfg.feature_layer, seed=cfg.seed)
+        G.to(device)
+    elif cfg.method == "unmix":
+        base, _ = load_directions(cfg.unmix_from, cfg.generator)
+        m = min(cfg.unmix_size, base.count)
+        matrix, extra = unmix(G.cpu(), base.matrix[:m], cfg.unmix_by, cfg.unmix_features, seed=cfg.seed)
+        extra.update(unmixed=base.method, unmixed_from=str(cfg.unmix_from), m=m)
+        G.to(device)
     elif cfg.method == "file":
         source, _ = load_directions(cfg.directions_file, cfg.generator)
         matrix, method = source.matrix, source.method

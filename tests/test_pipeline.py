@@ -21,9 +21,9 @@ def test_whole_pipeline_at_the_smallest_sizes_then_cached_then_from_a_stage(tmp_
     assert summary["first_gallery_seconds"] == summary["stages"][4]["finished_at"] <= summary["wall_seconds"]
     assert stages.count("evaluate") == 2
     assert stages.count("ground_truth") == 2 and stages.count("oracle") == 2 and not summary["pending"]
-    # DCGAN: learned, 5 closed-form methods, DisCo and LatentCLR each trained then RCA-measured, supervised;
-    # VAE: learned, SeFa, random, supervised
-    assert stages.count("validate") == 1 and stages.count("directions") == 11 + 4
+    # DCGAN: learned, 7 closed-form methods, the unmixed SeFa span and the learned run started from it, DisCo and
+    # LatentCLR each trained then RCA-measured, supervised; VAE: learned, SeFa, random, supervised
+    assert stages.count("validate") == 1 and stages.count("directions") == 15 + 4
     # each stage says in one line how it went, read from its own files
     metric = {r["name"]: r["metric"] for r in summary["stages"]}
     assert all(metric.values()), [name for name, m in metric.items() if not m]
@@ -37,7 +37,8 @@ def test_whole_pipeline_at_the_smallest_sizes_then_cached_then_from_a_stage(tmp_
     # every artifact exists and loads
     assert (data / "phantom" / "phantom_factors.csv").is_file()
     assert np.load(data / "slices_32" / "train.npy", mmap_mode="r").shape[1:] == (1, 32, 32)
-    scored = {"dcgan": ("sefa", "pca", "random", "coordinate", "spectral", "disco", "latentclr"),
+    scored = {"dcgan": ("sefa", "pca", "random", "coordinate", "spectral", "ica", "spca", "unmix", "learned_unmix",
+                        "disco", "latentclr"),
               "vae": ("sefa", "random")}
     for gen in ("dcgan", "vae"):
         G = load_generator(runs / gen / "generator.pt")
@@ -59,6 +60,19 @@ def test_whole_pipeline_at_the_smallest_sizes_then_cached_then_from_a_stage(tmp_
         assert all("effect_dci" in t and t["recoverable"] == gt["recoverable"] for t in gt["methods"].values())
         assert all(t["recovered"] == t["recovered_at"]["0.67"] and t["verdict"] for t in gt["methods"].values())
         assert (anim / gen / report["ground_truth"]["heatmap"]).is_file()
+        # the subspace diagnostic: every label-free method's span against the supervised one, with its ceiling
+        for method, t in gt["methods"].items():
+            sub = t.get("subspace")
+            assert (sub is None) == (method == "supervised")
+            if sub is not None:
+                k = t["directions_count"] if method not in ("sefa", "pca", "spectral") else \
+                    min(t["directions_count"], gt["recoverable_at"]["0.67"])
+                assert sub["k"] == k and len(sub["angles_deg"]) == min(sub["rank"], 6)
+                assert set(sub["share_in_span"]) == set(gt["noise_floor"])
+                if k:
+                    assert 0 < sub["chance"] <= 1 and set(sub["span_ceiling_at"]) == {"0.5", "0.67", "0.8"}
+                else:
+                    assert sub["span_ceiling_at"] is None and sub["angles_deg"] == []
         assert "Ground truth on the phantom" in (anim / gen / "index.html").read_text()
         assert len(list((anim / gen).glob("direction_*.gif"))) == 16
     assert load_encoder(runs / "vae" / "generator.pt") is not None
@@ -210,6 +224,7 @@ def test_one_ordering_table_places_every_job(tmp_path):
     supervised = next(j for j in jobs if j.name == "dcgan_supervised")
     truth = next(j for j in jobs if j.name == "truth_dcgan")
     assert supervised.cfg.oracle == str(fit.output / "oracle.pt") and truth.cfg.oracle == str(score.output / "oracle.pt")
+    assert truth.cfg.fit_oracle == supervised.cfg.oracle
     assert pipeline.STAGES == ("phantom", "preprocess", "train_gan", "train_vae", "oracle", "validate", "directions",
                                "evaluate", "ground_truth", "disentanglement")
     with_grid = parse_settings(pipeline.Settings, ["--preset", "tiny", "--root", str(tmp_path), "--direction-presets",

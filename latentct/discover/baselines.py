@@ -5,6 +5,9 @@
   depends on z).
 - PCA of early activations regressed back to z (the GANSpace recipe, Härkönen et al. 2020): PCA of z
   itself is meaningless for a Gaussian z.
+- ICA and sparse PCA of a nonlinear layer's activations, regressed back to z (GANSpace's other estimators,
+  harskish/ganspace estimators.py): unlike PCA and SeFa their directions need not be orthogonal. On the first
+  layer (affine in z, so Gaussian) ICA has nothing to find; they read the layer the spectral method reads.
 - Random orthonormal directions and coordinate axes.
 - The supervised ceiling (InterFaceGAN's conditional directions, Shen et al. 2020, for continuous factors):
   a linear model F ~ B z + c of the oracle's readings of G(z); the direction that moves factor f by one unit
@@ -83,6 +86,79 @@ def pca(G, count: int, samples: int = 2048, seed: int = 0) -> torch.Tensor:
     return fix_signs(torch.nn.functional.normalize(coef, dim=1)).float()
 
 
+@torch.no_grad()
+def layer_activations(G, layer: str | None, samples: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """``samples`` latents of the prior and the activations of ``layer`` (default: the layer the spectral method
+    reads, past a nonlinearity), in float64, in the layer's own shape."""
+    from latentct.generators.features import default_layer, layer_features
+
+    layer = layer or default_layer(G)
+    features = layer_features(G, layer)
+    shapes = []
+    handle = dict(G.named_modules())[layer].register_forward_hook(lambda m, i, o: shapes.append(o.shape[1:]))
+    try:
+        z = sample_latents(G, samples, torch.Generator().manual_seed(seed))
+        act = torch.cat([features(part) for part in z.split(256)]).double()
+    finally:
+        handle.remove()
+    return z, act.reshape(len(z), *shapes[0]), layer
+
+
+def regress_to_latent(coords: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """(N, K) coordinates of samples along components -> (K, d) unit latent directions: the least-squares map
+    z ~ coords @ coef (GANSpace's transfer of activation-space components to the latent)."""
+    coords = (coords - coords.mean(0)) / coords.std(0).clamp_min(1e-12)
+    with single_threaded():
+        coef = torch.linalg.lstsq(coords, z.double() - z.double().mean(0)).solution
+    return fix_signs(torch.nn.functional.normalize(coef, dim=1)).float()
+
+
+def ica(G, count: int, layer: str | None = None, samples: int = 2048, seed: int = 0) -> tuple[torch.Tensor, dict]:
+    """(K, d) unit directions: FastICA sources of a nonlinear layer's activations (whitened to K components,
+    logcosh contrast, up to 10,000 iterations, as GANSpace's ICAEstimator), sorted by the spread of the
+    activations along each unmixing row, regressed back to z."""
+    from sklearn.decomposition import FastICA
+
+    z, act, layer = layer_activations(G, layer, samples, seed)
+    act = act.flatten(1)
+    count = min(count, G.latent_dim, samples)
+    with single_threaded():
+        model = FastICA(count, whiten="unit-variance", max_iter=10000, random_state=seed)
+        sources = torch.from_numpy(model.fit_transform(act.numpy()))
+    rows = torch.from_numpy(model.components_)
+    spread = ((act - act.mean(0)) @ torch.nn.functional.normalize(rows, dim=1).t()).std(0)
+    order = torch.argsort(spread, descending=True)
+    return regress_to_latent(sources[:, order], z), {"layer": layer, "samples": samples,
+                                                       "iterations": int(model.n_iter_)}
+
+
+def sparse_pca(G, count: int, layer: str | None = None, samples: int = 1024, seed: int = 0, alpha: float = 1.0,
+               pool: int = 4) -> tuple[torch.Tensor, dict]:
+    """(K, d) unit directions: sparse PCA (sklearn's SparsePCA, ridge 0.01 and 100 iterations as GANSpace's
+    SPCAEstimator) of a nonlinear layer's activations, average-pooled to ``pool`` x ``pool`` per channel so it
+    runs in about a minute on 2 cores; components sorted by the spread of their codes, regressed back to z.
+    ``alpha`` (sparsity) is GANSpace's command-line default (--sparsity 1.0), on activations scaled to unit
+    mean square so it means the same for every generator."""
+    from sklearn.decomposition import SparsePCA
+
+    z, act, layer = layer_activations(G, layer, samples, seed)
+    if act.dim() == 4 and act.shape[-1] > pool:
+        act = torch.nn.functional.adaptive_avg_pool2d(act, pool)
+    act = act.flatten(1)
+    count = min(count, G.latent_dim, samples)
+    centred = act - act.mean(0)
+    centred = (centred / centred.pow(2).mean().sqrt().clamp_min(1e-12)).numpy()  # alpha means the same at any scale
+    model = SparsePCA(count, alpha=alpha, ridge_alpha=0.01, max_iter=100, random_state=seed)
+    codes = torch.from_numpy(model.fit_transform(centred))
+    kept = codes.std(0) > 0  # a component the sparsity emptied moves nothing: left out
+    if not kept.any():
+        raise UserError(f"sparse PCA: alpha {alpha} leaves every component empty on {layer!r}; pass a smaller one")
+    codes = codes[:, kept]
+    order = torch.argsort(codes.std(0), descending=True)
+    return regress_to_latent(codes[:, order], z), {"layer": layer, "samples": samples, "alpha": alpha,
+                                                     "pooled_to": pool, "iterations": int(model.n_iter_)}
+
+
 def random_orthonormal(latent_dim: int, count: int, seed: int = 0) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     q, _ = torch.linalg.qr(torch.randn(latent_dim, latent_dim, generator=gen))
@@ -112,33 +188,47 @@ def supervised(G, oracle, window, samples: int = 2048, seed: int = 0) -> tuple[t
     Returns the directions and what to report beside them: each factor's fit R2 on held-out latents (a factor
     the latent cannot move linearly shows as a low R2), B's condition number, and each direction's change of
     its factor per unit shift (in the factor's units)."""
-    from latentct.data.phantom import FACTORS
-    from latentct.score.oracle import r_squared
+    directions, info = fit_directions(*fit_readings(G, oracle, window, samples, seed), samples)
+    return directions, dict(info, oracle_sha256=getattr(oracle, "sha256", None))
+
+
+def fit_readings(G, oracle, window, samples: int = 2048, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``samples`` + ``samples // 2`` latents of the fit's own seed stream (never the rows the scorer draws) and
+    the oracle's readings of their images: the first ``samples`` fit, the rest test."""
     from latentct.show.images import display
 
     gen = torch.Generator().manual_seed(seed * 7919 + 17)
-    z = sample_latents(G, samples + samples // 2, gen, part="fit")  # never the rows the scorer draws
+    z = sample_latents(G, samples + samples // 2, gen, part="fit")
     device = next(G.parameters(), torch.zeros(0)).device
     with torch.no_grad():
         images = torch.cat([G(part.to(device)).float().cpu() for part in z.split(256)])
-    readings = oracle.read(display(images, window, oracle.window)).double()
-    fit_z, test_z = z[:samples].double(), z[samples:].double()
-    design = torch.cat([fit_z, torch.ones(samples, 1, dtype=torch.float64)], 1)
+    return z, oracle.read(display(images, window, oracle.window)).double()
+
+
+def fit_directions(z: torch.Tensor, readings: torch.Tensor, samples: int,
+                   basis: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+    """The least-squares map B from latents (or, with a (d, k) orthonormal ``basis``, from their coordinates in
+    its span) to the readings; its pseudo-inverse's columns, mapped back to the latent, are the directions."""
+    from latentct.data.phantom import FACTORS
+    from latentct.score.oracle import r_squared
+
+    x = z.double() if basis is None else z.double() @ basis.double()
+    fit_x, test_x = x[:samples], x[samples:]
+    design = torch.cat([fit_x, torch.ones(len(fit_x), 1, dtype=torch.float64)], 1)
     with single_threaded():
-        coef = torch.linalg.lstsq(design, readings[:samples]).solution       # (d + 1, 6)
-        B = coef[:-1].t()                                                    # (6, d)
-        pinv = torch.linalg.pinv(B)                                          # (d, 6)
+        coef = torch.linalg.lstsq(design, readings[:samples]).solution       # (p + 1, 6)
+        B = coef[:-1].t()                                                    # (6, p)
+        pinv = torch.linalg.pinv(B)                                          # (p, 6)
         singular = torch.linalg.svdvals(B)
-    test_pred = torch.cat([test_z, torch.ones(len(test_z), 1, dtype=torch.float64)], 1) @ coef
+    test_pred = torch.cat([test_x, torch.ones(len(test_x), 1, dtype=torch.float64)], 1) @ coef
     fit_r2 = r_squared(test_pred, readings[samples:])
-    norms = pinv.norm(dim=0)
-    directions = pinv.t() / norms[:, None]  # B v_f = e_f: each direction raises its own factor
+    latent = pinv if basis is None else basis.double() @ pinv                 # (d, 6)
+    directions = latent.t() / latent.norm(dim=0).clamp_min(1e-12)[:, None]  # B v_f = e_f: each raises its factor
+    per_unit = (B @ (pinv / latent.norm(dim=0).clamp_min(1e-12))).diagonal()
     info = {"fit_r2": {f: float(v) for f, v in zip(FACTORS, fit_r2)},
             "condition_number": float(singular.max() / singular.min().clamp_min(1e-12)),
-            "per_unit_shift": {f: float((B[i] @ directions[i]).item()) for i, f in enumerate(FACTORS)},
-            "samples": samples, "oracle_sha256": getattr(oracle, "sha256", None)}
+            "per_unit_shift": {f: float(v) for f, v in zip(FACTORS, per_unit)}, "samples": samples}
     return directions.float(), info
-
 
 
 def spectral(G, count: int, layer: str | None = None, samples: int = 64, seed: int = 0, iterations: int = 4,

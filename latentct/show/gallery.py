@@ -187,6 +187,7 @@ def ground_truth_section(gt: dict) -> list[str]:
                      f"<td>{at['0.5']} / {at['0.67']} / {at['0.8']}</td><td>{_recovered_cell(table)}</td>"
                      f"<td>{dci['disentanglement']:.2f}</td><td>{dci['completeness']:.2f}</td>{cells}</tr>")
     parts.append("</tbody></table>")
+    parts += subspace_section(gt)
     sup = (gt["methods"].get("supervised") or {}).get("supervised")
     if sup:
         parts.append("<p class='note'>Supervised ceiling (a linear fit F ~ B z + c of the fit oracle's readings of "
@@ -194,6 +195,20 @@ def ground_truth_section(gt: dict) -> list[str]:
                      "fit R2 on held-out latents " + ", ".join(f"{_esc(f)} {v:.2f}" for f, v in sup["fit_r2"].items())
                      + f"; condition number of B {sup['condition_number']:.1f}.</p>")
     return parts
+
+
+def subspace_section(gt: dict) -> list[str]:
+    """Right subspace, wrong basis? latentct/score/subspace.py's diagnostic for every method that has one."""
+    from latentct.show.results import SUBSPACE_NOTE, subspace_rows
+
+    rows = subspace_rows(gt)
+    if not rows:
+        return []
+    factors = list(gt["oracle_r2"])
+    head = ["method", "k", "principal angles", *(f"{f} in span" for f in factors), "chance", "span ceiling at 0.5 / 2/3 / 0.8"]
+    return [f"<h3>Subspace</h3><p class='note'>{_esc(SUBSPACE_NOTE)}</p>", "<table id='subspace'><thead><tr>"
+            + "".join(f"<th>{_esc(h)}</th>" for h in head) + "</tr></thead><tbody>",
+            *("<tr>" + "".join(f"<td>{_esc(c)}</td>" for c in row) + "</tr>" for row in rows), "</tbody></table>"]
 
 
 def write_index(folder: Path, summary: dict) -> Path:

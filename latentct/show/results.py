@@ -114,6 +114,39 @@ def ground_truth_table(gt: dict) -> str:
                    "verdict", "effect-D", *factors], rows)
 
 
+def subspace_rows(gt: dict) -> list[list[str]]:
+    """Per method with a subspace entry: its span's size k, the principal angles to the supervised span, each
+    factor's share of its supervised direction inside the span (chance beside them) and the span ceiling."""
+    rows = []
+    for method, table in gt["methods"].items():
+        sub = table.get("subspace")
+        if not sub:
+            continue
+        angles = sub["angles_deg"]
+        spread = "–" if not angles else f"{angles[0]:.0f}-{angles[-1]:.0f}°"
+        ceiling = sub.get("span_ceiling_at")
+        rows.append([method, str(sub["k"]), spread, *(f"{v:.2f}" for v in sub["share_in_span"].values()),
+                     f"{sub['chance']:.2f}",
+                     "–" if not ceiling else f"{ceiling['0.5']} / {ceiling['0.67']} / {ceiling['0.8']}"])
+    return rows
+
+
+def subspace_table(gt: dict) -> str:
+    rows = subspace_rows(gt)
+    if not rows:
+        return ""
+    factors = list(gt["oracle_r2"])
+    return _table(["method", "k", "principal angles", *(f"{f} in span" for f in factors), "chance sqrt(k/d)",
+                   "span ceiling at 0.5 / 2/3 / 0.8"], rows)
+
+
+SUBSPACE_NOTE = ("Right subspace, wrong basis? Each method's span (the top k = recoverable at 2/3 of SeFa, PCA and "
+                 "spectral, all directions of the others) against the supervised directions' span: principal angles, "
+                 "the share of each factor's supervised direction inside it (a random span holds about sqrt(k/d)), "
+                 "and the span ceiling, the supervised map refitted inside the span with the fit oracle and scored "
+                 "like every direction: what the method would recover if its basis were right.")
+
+
 def _ground_truths(summary: dict) -> list[tuple[str, dict]]:
     """(generator, ground truth) of every gallery that has one, in the run's order."""
     out = []
@@ -298,6 +331,8 @@ def render(cfg: Settings, link: str = "Animations/examples", picked: list[tuple[
                   "floor, with line R2 >= 0.5; each factor cell names the direction that stands for it at tau 2/3 "
                   "(its share). Area: the mean count over tau in [0.5, 1] relative to the supervised row's; p: "
                   "against random direction sets of the same size from a pooled null.", "", ground_truth_table(gt)]
+        if subspace_rows(gt):
+            parts += ["", SUBSPACE_NOTE, "", subspace_table(gt)]
     return "\n".join(parts) + "\n"
 
 
@@ -345,6 +380,8 @@ def render_benchmark(cfg: Settings, link: str = "Animations/examples") -> str:
              "ran it).*"]
     for gen, gt in _ground_truths(summary):
         parts += ["", f"**{gen}**, every method:", "", ground_truth_table(gt)]
+        if subspace_rows(gt):
+            parts += ["", SUBSPACE_NOTE, "", subspace_table(gt)]
     parts += ["", "MIG and DCI by Khrulkov et al.'s protocol (phantom slices with known factors; not comparable in "
               "absolute terms with Shapes3D, shown for the methods' order). The code encoder's R2 on held-out "
               "generated images says how far the codes can be read at all: where it is low, MIG and DCI measure the "

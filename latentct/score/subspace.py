@@ -1,0 +1,83 @@
+"""Right subspace, wrong basis? A method's count alone cannot tell a method that found the span of the factor
+directions but cut it along the wrong axes from one that missed the span. For each method, against the span of
+the supervised directions:
+
+- the principal angles between the two spans (Björck & Golub 1973, via scipy.linalg.subspace_angles);
+- for each factor, the share of its supervised direction's norm that lies inside the method's span, beside the
+  share a random span of the same size holds on average, about sqrt(k / d);
+- the span ceiling: the supervised map refitted inside the method's span (with the fit oracle, on the fit's
+  own latents) gives the directions V (B_V)^+ e_f, scored like every other direction: "recovered if the basis
+  were right".
+
+Methods that rank their directions (SeFa, PCA and the spectral method, by eigenvalue) are judged on their top
+k = recoverable_at[headline] directions; unordered ones (learned, random, coordinate, DisCo, LatentCLR) on all.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import scipy.linalg
+import torch
+
+RANKED = ("sefa", "pca", "spectral")  # directions come sorted by eigenvalue: the top k are the method's answer
+
+
+def span_size(method: str, count: int, recoverable: int | None) -> int:
+    """How many of a method's directions make its span: the top ``recoverable`` of a ranked method, else all."""
+    if method in RANKED and recoverable is not None:
+        return min(count, recoverable)
+    return count
+
+
+def orthonormal_basis(rows: torch.Tensor) -> torch.Tensor:
+    """(k, d) directions -> (d, r) orthonormal basis of their span (r = their rank)."""
+    a = rows.double().t().numpy()
+    u, s, _ = np.linalg.svd(a, full_matrices=False)
+    rank = int((s > s.max(initial=0.0) * 1e-8).sum()) if s.size else 0
+    return torch.from_numpy(u[:, :rank].copy())
+
+
+def principal_angles(rows: torch.Tensor, other: torch.Tensor) -> list[float]:
+    """Principal angles in degrees, smallest first, between the spans of two sets of (k, d) rows."""
+    if len(rows) == 0 or len(other) == 0:
+        return []
+    angles = scipy.linalg.subspace_angles(rows.double().t().numpy(), other.double().t().numpy())
+    return sorted(float(math.degrees(a)) for a in angles)
+
+
+def share_in_span(basis: torch.Tensor, vectors: torch.Tensor) -> np.ndarray:
+    """For each of the (m, d) ``vectors``, the share of its norm inside the span of the (d, r) orthonormal
+    ``basis``: |P v| / |v|."""
+    v = vectors.double()
+    inside = (v @ basis.double()).norm(dim=1) if basis.shape[1] else torch.zeros(len(v), dtype=torch.float64)
+    return (inside / v.norm(dim=1).clamp_min(1e-12)).numpy()
+
+
+def chance_share(k: int, d: int) -> float:
+    """The norm share a random k-dimensional span of a d-dimensional latent holds of a fixed direction: the root
+    of the expected squared share k / d."""
+    return math.sqrt(k / d) if d else 0.0
+
+
+def diagnose(rows: torch.Tensor, supervised: torch.Tensor, k: int, factors) -> tuple[dict, torch.Tensor]:
+    """The first ``k`` of a method's (K, d) rows against the (F, d) supervised directions: the subspace entry of
+    ground_truth.json (without the span ceiling) and the span's (d, r) orthonormal basis."""
+    top = rows[:k]
+    basis = orthonormal_basis(top) if k else torch.zeros(rows.shape[1], 0, dtype=torch.float64)
+    shares = share_in_span(basis, supervised)
+    return {"k": int(k), "rank": int(basis.shape[1]), "angles_deg": [round(a, 2) for a in
+                                                                      principal_angles(top, supervised)],
+            "chance": round(chance_share(int(basis.shape[1]), rows.shape[1]), 4),
+            "share_in_span": {f: round(float(s), 4) for f, s in zip(factors, shares)}}, basis
+
+
+class Basis:
+    """Fixed unit directions with the ``shifts`` of a loaded directions file, so the scorer's sweep takes them."""
+
+    def __init__(self, rows: torch.Tensor):
+        self.matrix = rows.float()
+        self.count = len(rows)
+
+    def shifts(self, k: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        return eps.float()[:, None] * self.matrix[k]

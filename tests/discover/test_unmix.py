@@ -1,0 +1,133 @@
+"""Label-free methods that can return non-orthogonal directions: unmixing a span (latentct/discover/unmix.py) and
+GANSpace's ICA and sparse PCA (latentct/discover/baselines.py), on a toy whose factor directions are not
+orthogonal, where the orthogonal methods (spectral, PCA) cannot return them."""
+import pytest
+import torch
+import torch.nn as nn
+
+from latentct.discover.baselines import ica, pca, sparse_pca, spectral
+from latentct.discover.unmix import by_ajd, by_ica, pullback_metrics
+
+
+class MixedSquares(nn.Module):
+    """32 x 32 images of three squares whose brightness follows three independent uniform sources s. Its latents
+    (an encoded-latents prior, as a VAE's) are z = M s + faint noise, with M's three unit columns 50-65 degrees
+    apart: moving z along column f changes square f alone, and no orthogonal basis holds the three columns."""
+
+    latent_dim = 6
+
+    def __init__(self):
+        super().__init__()
+        q, _ = torch.linalg.qr(torch.randn(6, 6, generator=torch.Generator().manual_seed(3)))
+        mix = torch.tensor([[1.0, 0.0, 0.0], [0.55, 0.835, 0.0], [0.35, 0.3, 0.887]])  # rows: unit, non-orthogonal
+        M = (mix @ q[:3]).t()                                            # (6, 3) columns: the factor directions
+        self.register_buffer("M", M)
+        self.register_buffer("unmix", torch.linalg.pinv(M))               # (3, 6): s = unmix z
+        gen = torch.Generator().manual_seed(4)
+        s = (torch.rand(4096, 3, generator=gen) * 2 - 1) * 3 ** 0.5
+        self.register_buffer("prior", s @ M.t() + 0.02 * torch.randn(4096, 6, generator=gen))
+        self.first = nn.Linear(6, 3, bias=False)
+        with torch.no_grad():
+            self.first.weight.copy_(self.unmix)
+        self.act = nn.Tanh()
+
+    def forward(self, z):
+        b = self.act(0.6 * self.first(z))                                # (N, 3) brightness of each square
+        img = -torch.ones(len(z), 1, 32, 32)
+        for f, (r, c) in enumerate(((4, 4), (4, 20), (20, 12))):
+            img[:, 0, r:r + 9, c:c + 9] = b[:, f].view(-1, 1, 1)
+        return img
+
+
+def best_cosines(found: torch.Tensor, planted: torch.Tensor) -> torch.Tensor:
+    """For each planted (d,) column, the largest |cosine| with any found row."""
+    return (torch.nn.functional.normalize(found.double(), dim=1) @ torch.nn.functional.normalize(
+        planted.double(), dim=0)).abs().max(0).values
+
+
+@pytest.fixture(scope="module")
+def toy():
+    return MixedSquares().eval().requires_grad_(False)
+
+
+def test_orthogonal_methods_cannot_return_non_orthogonal_factor_directions(toy):
+    sp, _ = spectral(toy, 3, layer="act", samples=64)
+    assert best_cosines(sp, toy.M).min() < 0.95
+    assert best_cosines(pca(toy, 3), toy.M).min() < 0.95
+
+
+@pytest.mark.parametrize("unmixer", ["ajd", "ica"])
+def test_unmixing_the_span_finds_each_planted_direction(toy, unmixer):
+    rows, _ = spectral(toy, 3, layer="act", samples=64)
+    found, info = by_ajd(toy, rows) if unmixer == "ajd" else by_ica(toy, rows, features="image", samples=2048)
+    assert found.shape == (3, 6) and torch.allclose(found.norm(dim=1), torch.ones(3), atol=1e-5)
+    assert best_cosines(found, toy.M).min() > 0.97, best_cosines(found, toy.M)
+    if unmixer == "ica":
+        assert info["linearity"] > 0.9 and info["features"] == "image"
+    else:
+        assert info["latents"] == 24 and info["off_diagonal"] < 0.05
+
+
+def test_pullback_metrics_are_the_jacobians_products(toy):
+    basis = torch.linalg.qr(torch.randn(6, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64))[0].t()
+    z = toy.prior[:3]
+    metrics = pullback_metrics(toy, basis, z)
+    for i in range(3):
+        J = torch.autograd.functional.jacobian(lambda c: toy(z[i:i + 1] + (c.float() @ basis.float())).flatten(),
+                                               torch.zeros(1, 2, dtype=torch.float64)).reshape(-1, 2).double()
+        assert torch.allclose(metrics[i], J.t() @ J, atol=1e-4)
+
+
+def test_unmixing_refuses_too_few_latents(toy):
+    from latentct.util.settings import UserError
+
+    with pytest.raises(UserError, match="at least 4 m"):
+        by_ajd(toy, toy.M.t(), latents=8)
+
+
+def test_ganspace_ica_and_sparse_pca_read_a_nonlinear_layer(toy):
+    found, info = ica(toy, 3, layer="act", samples=2048)
+    assert info["layer"] == "act" and best_cosines(found, toy.M).min() > 0.97
+    sparse, info = sparse_pca(toy, 3, layer="act", samples=512, alpha=0.1)
+    assert sparse.shape == (3, 6) and info["iterations"] >= 1 and best_cosines(sparse, toy.M).min() > 0.9
+
+
+@pytest.fixture
+def mixed_file(tmp_path, monkeypatch):
+    from latentct.generators import interface as generators
+    from latentct.generators.interface import save_generator
+
+    monkeypatch.setitem(generators.KINDS, "mixedsquares", MixedSquares)
+    path = tmp_path / "mixed.pt"
+    save_generator(path, "mixedsquares", MixedSquares(), {}, "default", "")
+    return path
+
+
+def _run(toy_file, out, *extra):
+    from latentct.util.settings import parse_settings
+    from Training import TrainDirections
+
+    cfg = parse_settings(TrainDirections.Settings, ["--generator", str(toy_file), "--output", str(out), "--device",
+                                                    "cpu", "--log-every", "1", "--sample-every", "1000", "--batch-size",
+                                                    "8", "--eval-every", "4", "--rca-batches", "2",
+                                                    "--reconstructor-width", "1", *extra])
+    return TrainDirections.main(cfg)
+
+
+def test_unmix_and_a_learned_deformator_started_from_it_through_the_trainer(mixed_file, tmp_path):
+    from latentct.discover.directions import load_directions
+
+    _run(mixed_file, tmp_path / "spectral", "--method", "spectral", "--feature-layer", "act", "--directions-count",
+         "3", "--rca", "false", "--steps", "1")
+    _run(mixed_file, tmp_path / "unmix", "--method", "unmix", "--unmix-from", str(tmp_path / "spectral" / "directions.pt"),
+         "--unmix-size", "3", "--steps", "4")
+    unmixed, G = load_directions(tmp_path / "unmix" / "directions.pt")
+    assert unmixed.method == "unmix" and unmixed.extra["unmixed"] == "spectral" and unmixed.extra["m"] == 3
+    assert best_cosines(unmixed.matrix, G.M).min() > 0.97 and 0 <= unmixed.rca <= 1
+    # the study's deformator from the unmixed basis: the first columns start there, the rest at random
+    _run(mixed_file, tmp_path / "learned", "--init-directions", str(tmp_path / "unmix" / "directions.pt"),
+         "--directions-count", "5", "--steps", "1", "--lr-deformator", "0")
+    learned, _ = load_directions(tmp_path / "learned" / "directions.pt")
+    rows = learned.shifts(torch.arange(5), torch.ones(5))
+    assert learned.method == "learned_unmix" and learned.extra["initialised_columns"] == 3
+    assert torch.allclose(rows[:3], unmixed.matrix, atol=1e-5) and best_cosines(rows[3:], G.M).max() < 0.99

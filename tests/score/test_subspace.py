@@ -1,0 +1,66 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from latentct.discover.baselines import fit_directions
+from latentct.score import subspace
+
+
+def unit(v):
+    v = torch.as_tensor(v, dtype=torch.float64)
+    return v / v.norm()
+
+
+def test_principal_angles_and_shares_on_a_constructed_pair_of_spans():
+    spans = torch.eye(4, dtype=torch.float64)[:2]                     # e1, e2
+    other = torch.stack([unit([1, 0, 0, 0]), unit([0, 1, 1, 0])])     # e1 and halfway between e2 and e3
+    assert subspace.principal_angles(spans, other) == pytest.approx([0.0, 45.0], abs=1e-6)
+    basis = subspace.orthonormal_basis(spans)
+    shares = subspace.share_in_span(basis, torch.stack([unit([1, 1, 1, 1]), unit([0, 0, 1, 0])]))
+    assert shares == pytest.approx([math.sqrt(0.5), 0.0], abs=1e-9)
+
+
+def test_chance_share_is_what_random_spans_hold():
+    d, k = 64, 8
+    gen = torch.Generator().manual_seed(0)
+    v = unit(torch.randn(d, generator=gen, dtype=torch.float64))[None]
+    shares = [subspace.share_in_span(subspace.orthonormal_basis(torch.randn(k, d, generator=gen,
+                                                                            dtype=torch.float64)), v)[0]
+              for _ in range(400)]
+    assert np.sqrt(np.mean(np.square(shares))) == pytest.approx(subspace.chance_share(k, d), rel=0.05)
+
+
+def test_ranked_methods_keep_their_top_k_and_unordered_ones_all():
+    assert subspace.span_size("sefa", 12, 4) == 4 and subspace.span_size("spectral", 3, 5) == 3
+    assert subspace.span_size("learned", 12, 4) == 12 and subspace.span_size("random", 16, 0) == 16
+
+
+def test_span_ceiling_finds_non_orthogonal_factor_directions_inside_a_rotated_span():
+    """Three factors read linearly off a 10-d latent along non-orthogonal directions. A method that returns an
+    orthogonal basis of the right span (here a rotation of it) has every supervised direction inside its span,
+    and the refit inside the span gives back the factor directions; a span that misses one factor's direction
+    holds less of it and its refit cannot isolate it."""
+    d = 10
+    gen = torch.Generator().manual_seed(1)
+    B = torch.zeros(3, d, dtype=torch.float64)
+    B[0, 0], B[1, 0], B[1, 1], B[2, 2], B[2, 1] = 1.0, 0.8, 0.6, 1.0, 0.9   # rows far from orthogonal
+    z = torch.randn(3000, d, generator=gen, dtype=torch.float64)
+    readings = z @ B.t() + 0.01 * torch.randn(3000, 3, generator=gen, dtype=torch.float64)
+    truth, _ = fit_directions(z, readings, 2000)
+    span = torch.linalg.qr(torch.linalg.pinv(B))[0].t()                         # orthonormal rows of the span
+    rotated = torch.linalg.qr(torch.randn(3, 3, generator=gen, dtype=torch.float64))[0] @ span
+    entry, basis = subspace.diagnose(rotated, truth.double(), 3, ("a", "b", "c"))
+    assert max(entry["angles_deg"]) < 1.0 and min(entry["share_in_span"].values()) > 0.999
+    assert entry["chance"] == pytest.approx(math.sqrt(3 / d), abs=1e-4)
+    ceiling, info = fit_directions(z, readings, 2000, basis)
+    assert (ceiling.double() * truth.double()).sum(1) == pytest.approx([1, 1, 1], abs=1e-3)
+    assert min(info["fit_r2"].values()) > 0.99
+    # the rotated basis itself moves each factor together with others: no row is one factor's direction
+    cosines = (rotated / rotated.norm(dim=1, keepdim=True)) @ truth.double().t()
+    assert cosines.abs().max() < 0.99
+    # a span that misses the third factor's direction
+    missing, _ = subspace.diagnose(torch.stack([span[0], span[1], unit(torch.eye(d)[5])]), truth.double(), 3,
+                                   ("a", "b", "c"))
+    assert missing["share_in_span"]["c"] < 0.95 and max(missing["angles_deg"]) > 10
