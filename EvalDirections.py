@@ -48,6 +48,10 @@ from latentct.util.io import atomic_torch_save, atomic_write_json
 from latentct.util.settings import UserError, check, run_cli, save_settings, setting
 
 
+# What a method used beyond the generator: only "none" methods are label-free and ranked as such.
+SUPERVISION = {"supervised": "labels", "metadata": "patient and slice position"}
+
+
 @dataclass
 class Settings:
     """Animate and measure the directions of one directions file (and score others beside it)."""
@@ -87,6 +91,12 @@ class Settings:
                                    "a method is above the null on more than half of them")
     null_cache: str | None = setting(None, "a file that keeps the scored null pool, reused while the generator, "
                                      "oracle, latents and shifts are the same (bench/budget.py scores many runs)")
+    label_subspace: str = setting("auto", "each method's span (this file's and every --compare file's) against "
+                                  "directions fitted to the dataset's label columns (preprocess.py --labels) on "
+                                  "encoded real slices: auto (where the generator has an encoder), embed (the others "
+                                  "too, every slice embedded by optimising z: minutes) or off",
+                                  choices=("auto", "embed", "off"))
+    label_slices: int = setting(1024, "real training slices the label fit encodes (two thirds fit, a third scores)")
     real_slices: int = setting(2, "test slices to embed and move along directions")
     real_directions: int = setting(6, "strongest directions shown for each real slice")
     embed_steps: int = setting(200, "optimisation steps per embedding (DCGAN; the VAE uses its encoder)")
@@ -189,6 +199,9 @@ def main(cfg: Settings) -> dict:
             print(f"note: no ground truth: {why}")
         report["ground_truth"] = table
         atomic_write_json(out / "ground_truth" / "ground_truth.json", table or {"available": False, "reason": why})
+    report["label_subspace"], why = label_subspace(cfg, subject, report.get("ground_truth"))
+    if why:
+        print(f"note: no label subspace: {why}")
     report["summary"] = {"labels": {r["direction"]: r["label"] for r in report["directions"]},
                          "recovered": (report.get("ground_truth") or {}).get("main", {}).get("recovered")}
     atomic_write_json(out / "report.json", report)
@@ -309,7 +322,7 @@ def ground_truth(cfg: Settings, subject: Subject, z, eps, main_images, out: Path
         r2, effect = line_effects(read(images), eps)
         table = score_directions(r2, effect, floor)
         table.update(rca=dirs.rca, effect_dci=effect_dci(effect, floor), directions_count=dirs.count,
-                     supervision="labels" if dirs.method == "supervised" else "none")
+                     supervision=SUPERVISION.get(dirs.method, "none"))
         if dirs.method == "supervised":
             table["supervised"] = dirs.extra
         name = dirs.method if dirs.method not in methods else f"{dirs.method} ({Path(file).parent.name})"
@@ -468,6 +481,49 @@ def _oracle_file(cfg: Settings, G, window) -> Path:
 def _validation_summary(validation: dict) -> dict:
     return {k: validation[k] for k in ("checks", "noise_floor", "minimum_effect", "attainable", "oracle", "sweeps",
                                        "seed", "samples") if k in validation}
+
+
+def label_subspace(cfg: Settings, subject: Subject, truth: dict | None) -> tuple[dict | None, str | None]:
+    """On data with label columns: directions fitted to them from encoded real slices, and every method's span
+    against theirs (latentct/score/subspace.py); on the phantom also their angles to the oracle's supervised
+    directions. Returns (entry, None) or (None, why there is none)."""
+    from latentct.data.slices import CTSlices, load_manifest
+    from latentct.score import subspace
+
+    G = subject.G
+    if cfg.label_subspace == "off" or not is_dataset(subject.dataset) or G.volume or subject.window is None:
+        return None, None
+    columns = load_manifest(subject.dataset).get("label_columns") or []
+    if not columns:
+        return None, None
+    encoder = load_encoder(subject.generator_file) if G.reference["kind"] in KINDS else None
+    if encoder is None and cfg.label_subspace != "embed":
+        return None, "the generator has no encoder; --label-subspace embed embeds every slice (minutes)"
+    G = G.cpu()
+
+    def encode(x):
+        return encoder(x)[0] if encoder is not None else embed(G, x, steps=cfg.embed_steps, seed=cfg.seed)[0]
+
+    try:
+        slices = CTSlices(subject.dataset, "train", window=subject.window, labels=columns)
+        target, info = subspace.label_directions(encode, slices, columns, cfg.label_slices, cfg.seed)
+    except ValueError as err:
+        return None, f"the label fit needs varying labels on at least 12 slices: {err}"
+    info["encoder"] = "encoder" if encoder is not None else "optimised z"
+    files = [cfg.directions, *cfg.compare]
+    methods = {}
+    for i, file in enumerate(files):
+        dirs = subject.directions if i == 0 else \
+            load_directions(file, subject.generator_file, cfg.generator_weights, cfg.generator_args)[0]
+        rows = dirs.shifts(torch.arange(dirs.count), torch.ones(dirs.count)).double()
+        if dirs.method == "supervised":
+            info["supervised_angles_deg"] = subspace.principal_angles(rows, target.double())
+            continue
+        name = dirs.method if dirs.method not in methods else f"{dirs.method} ({Path(file).parent.name})"
+        k = subspace.span_size(dirs.method, dirs.count, len(columns))
+        methods[name] = subspace.diagnose(rows, target.double(), k, columns)[0]
+    info["methods"] = methods
+    return info, None
 
 
 def real_slices(cfg: Settings, subject: Subject, rows: list[dict], out: Path) -> list[dict]:

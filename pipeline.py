@@ -48,7 +48,9 @@ ORDER = {
     "ground_truth": "ground_truth", "disentanglement": "disentanglement",
 }
 STAGES = tuple(dict.fromkeys(ORDER.values()))  # in pipeline order: --from-stage reruns one and every later one
-BASELINES = ("sefa", "pca", "random", "coordinate", "spectral", "ica", "spca")  # closed form: TrainDirections.py
+# Closed form, by Training/TrainDirections.py; "metadata" is not label-free: it uses each series' patient and slice
+# positions (latentct/discover/metadata.py), and the tables say so.
+BASELINES = ("sefa", "pca", "random", "coordinate", "spectral", "ica", "spca", "metadata")
 TRAINED = {"disco": TrainDisCo, "latentclr": TrainLatentCLR}         # their own trainers, then RCA on the result
 # The span of --unmix-base's top directions unmixed (latentct/discover/unmix.py), and the study's learned
 # deformator started from that unmixed basis.
@@ -138,8 +140,8 @@ PRESETS = {
     "tiny": dict(phantom_patients=6, phantom_slices=12, phantom_size=64, image_size=32, gan_steps=6, vae_steps=6,
                  direction_steps=4, direction_batch=8, eval_samples=3, oracle_steps=20, oracle_slices=200,
                  oracle_test_slices=100, probe_slices=100, probe_steps=10,
-                 validate_patients=2, null_pool=64, null_sets=50, dcgan_methods=list(METHODS),
-                 vae_methods=["sefa", "random"]),
+                 validate_patients=2, null_pool=64, null_sets=50,
+                 dcgan_methods=[m for m in METHODS if m != "metadata"], vae_methods=["sefa", "random", "metadata"]),
     # Every baseline beside the learned directions at demo sizes, with MIG and DCI: docs/results.md's benchmark.
     "benchmark": dict(dcgan_methods=list(METHODS), vae_methods=list(METHODS), disentanglement=True, seed_draws=3,
                       dcgan_attainable=True),

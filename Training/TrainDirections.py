@@ -39,9 +39,10 @@ from latentct.train.rundir import RunDir
 from latentct.train.runtime import autocast, memory_format, resolve_switch, setup_runtime, wrap_ddp
 from latentct.train.signals import StopSignal
 from latentct.util.io import atomic_torch_save
-from latentct.util.settings import check, run_cli, setting, settings_dict, user_errors
+from latentct.util.settings import UserError, check, run_cli, setting, settings_dict, user_errors
 
-METHODS = ("learned", "sefa", "pca", "random", "coordinate", "spectral", "ica", "spca", "unmix", "supervised", "file")
+METHODS = ("learned", "sefa", "pca", "random", "coordinate", "spectral", "ica", "spca", "unmix", "metadata", "supervised",
+           "file")
 
 
 @dataclass
@@ -88,6 +89,10 @@ class Settings(GeneratorOptions, TrainerSettings):
                             choices=("ajd", "ica"))
     unmix_features: str = setting("layer", "with --unmix-by ica: the features ICA unmixes: layer (the intermediate "
                                   "layer the spectral method reads), encoder (a VAE's codes), image, or a layer name")
+    patient_directions: int = setting(5, "with --method metadata: patient-level directions after the slice-position "
+                                      "one (FastICA of the series' mean codes; at most the series count - 1)")
+    metadata_slices: int | None = setting(None, "with --method metadata: about this many training slices, whole series"
+                                          " at random (None: all)")
     init_directions: str | None = setting(None, "with --method learned and a proj or linear deformator: a "
                                           "directions.pt whose rows start the deformator's first columns (the rest "
                                           "start at random)")
@@ -162,6 +167,8 @@ def directions_for(cfg: Settings, G, device) -> tuple[torch.nn.Module, dict | No
         matrix, extra = unmix(G.cpu(), base.matrix[:m], cfg.unmix_by, cfg.unmix_features, seed=cfg.seed)
         extra.update(unmixed=base.method, unmixed_from=str(cfg.unmix_from), m=m)
         G.to(device)
+    elif cfg.method == "metadata":
+        matrix, extra = metadata_method(cfg, G)
     elif cfg.method == "file":
         source, _ = load_directions(cfg.directions_file, cfg.generator)
         matrix, method = source.matrix, source.method
@@ -170,6 +177,23 @@ def directions_for(cfg: Settings, G, device) -> tuple[torch.nn.Module, dict | No
         matrix = baseline_matrix(cfg.method, G.cpu(), cfg.directions_count, cfg.seed)
         G.to(device)
     return FixedDirections(matrix).to(device), None, method, extra
+
+
+def metadata_method(cfg: Settings, G) -> tuple[torch.Tensor, dict]:
+    """latentct/discover/metadata.py on the generator's training data, encoded by its encoder (a VAE) or by
+    optimising z (any other generator: minutes)."""
+    from latentct.data.slices import is_dataset
+    from latentct.discover.metadata import encode_dataset, metadata_directions
+    from latentct.generators.interface import KINDS, load_encoder
+
+    if not is_dataset(G.dataset):
+        raise UserError(f"--method metadata: the generator names no preprocessed dataset ({G.dataset!r}) to encode")
+    encoder = load_encoder(cfg.generator) if G.reference["kind"] in KINDS else None
+    if encoder is None:
+        print("note: no encoder: every slice is embedded by optimising z (minutes)")
+    codes, index = encode_dataset(G.cpu(), G.dataset, G.window, encoder, cfg.metadata_slices, seed=cfg.seed)
+    matrix, extra = metadata_directions(codes, index, cfg.patient_directions + 1, cfg.seed)
+    return matrix, dict(extra, encoder="encoder" if encoder is not None else "optimised z")
 
 
 def main(cfg: Settings) -> dict:

@@ -22,8 +22,8 @@ def test_whole_pipeline_at_the_smallest_sizes_then_cached_then_from_a_stage(tmp_
     assert stages.count("evaluate") == 2
     assert stages.count("ground_truth") == 2 and stages.count("oracle") == 2 and not summary["pending"]
     # DCGAN: learned, 7 closed-form methods, the unmixed SeFa span and the learned run started from it, DisCo and
-    # LatentCLR each trained then RCA-measured, supervised; VAE: learned, SeFa, random, supervised
-    assert stages.count("validate") == 1 and stages.count("directions") == 15 + 4
+    # LatentCLR each trained then RCA-measured, supervised; VAE: learned, SeFa, random, metadata, supervised
+    assert stages.count("validate") == 1 and stages.count("directions") == 15 + 5
     # each stage says in one line how it went, read from its own files
     metric = {r["name"]: r["metric"] for r in summary["stages"]}
     assert all(metric.values()), [name for name, m in metric.items() if not m]
@@ -39,7 +39,7 @@ def test_whole_pipeline_at_the_smallest_sizes_then_cached_then_from_a_stage(tmp_
     assert np.load(data / "slices_32" / "train.npy", mmap_mode="r").shape[1:] == (1, 32, 32)
     scored = {"dcgan": ("sefa", "pca", "random", "coordinate", "spectral", "ica", "spca", "unmix", "learned_unmix",
                         "disco", "latentclr"),
-              "vae": ("sefa", "random")}
+              "vae": ("sefa", "random", "metadata")}
     for gen in ("dcgan", "vae"):
         G = load_generator(runs / gen / "generator.pt")
         assert G(torch.zeros(2, G.latent_dim)).shape == (2, 1, 32, 32)
@@ -56,6 +56,8 @@ def test_whole_pipeline_at_the_smallest_sizes_then_cached_then_from_a_stage(tmp_
         assert gt["recoverable_at"] == gt["methods"]["supervised"]["recovered_at"] and gt["null"]["pool"] == 64
         assert gt["validation"]["checks"] and set(gt["attainable"]["vae"]) == set(gt["noise_floor"])
         assert gt["methods"]["supervised"]["supervision"] == "labels"
+        assert all(t["supervision"] == ("patient and slice position" if m == "metadata" else "labels"
+                                        if m == "supervised" else "none") for m, t in gt["methods"].items())
         assert gt["oracles"]["fit"] == gt["methods"]["supervised"]["supervised"]["oracle_sha256"]
         assert all("effect_dci" in t and t["recoverable"] == gt["recoverable"] for t in gt["methods"].values())
         assert all(t["recovered"] == t["recovered_at"]["0.67"] and t["verdict"] for t in gt["methods"].values())
@@ -75,6 +77,13 @@ def test_whole_pipeline_at_the_smallest_sizes_then_cached_then_from_a_stage(tmp_
                     assert sub["span_ceiling_at"] is None and sub["angles_deg"] == []
         assert "Ground truth on the phantom" in (anim / gen / "index.html").read_text()
         assert len(list((anim / gen).glob("direction_*.gif"))) == 16
+    # the dataset's label columns (the phantom's factors) against every method's span, from VAE-encoded slices
+    labels = json.loads((anim / "vae" / "report.json").read_text())["label_subspace"]
+    assert labels["columns"] == list(gt["noise_floor"]) and labels["encoder"] == "encoder"
+    assert set(labels["methods"]) == {"learned", "sefa", "random", "metadata"}
+    assert len(labels["supervised_angles_deg"]) == 6
+    assert json.loads((anim / "dcgan" / "report.json").read_text())["label_subspace"] is None  # no encoder
+    assert "Against the dataset&#x27;s labels" in (anim / "vae" / "index.html").read_text()
     assert load_encoder(runs / "vae" / "generator.pt") is not None
     assert json.loads((anim / "vae" / "report.json").read_text())["real"][0]["embedding"] == "encoder"
     saved = json.loads((anim / "summary.json").read_text())

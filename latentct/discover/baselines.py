@@ -205,12 +205,15 @@ def fit_readings(G, oracle, window, samples: int = 2048, seed: int = 0) -> tuple
     return z, oracle.read(display(images, window, oracle.window)).double()
 
 
-def fit_directions(z: torch.Tensor, readings: torch.Tensor, samples: int,
-                   basis: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+def fit_directions(z: torch.Tensor, readings: torch.Tensor, samples: int, basis: torch.Tensor | None = None,
+                   names=None) -> tuple[torch.Tensor, dict]:
     """The least-squares map B from latents (or, with a (d, k) orthonormal ``basis``, from their coordinates in
-    its span) to the readings; its pseudo-inverse's columns, mapped back to the latent, are the directions."""
+    its span) to the readings (columns ``names``, default the phantom's factors); its pseudo-inverse's columns,
+    mapped back to the latent, are the directions."""
     from latentct.data.phantom import FACTORS
     from latentct.score.oracle import r_squared
+
+    names = FACTORS if names is None else names
 
     x = z.double() if basis is None else z.double() @ basis.double()
     fit_x, test_x = x[:samples], x[samples:]
@@ -225,9 +228,9 @@ def fit_directions(z: torch.Tensor, readings: torch.Tensor, samples: int,
     latent = pinv if basis is None else basis.double() @ pinv                 # (d, 6)
     directions = latent.t() / latent.norm(dim=0).clamp_min(1e-12)[:, None]  # B v_f = e_f: each raises its factor
     per_unit = (B @ (pinv / latent.norm(dim=0).clamp_min(1e-12))).diagonal()
-    info = {"fit_r2": {f: float(v) for f, v in zip(FACTORS, fit_r2)},
+    info = {"fit_r2": {f: float(v) for f, v in zip(names, fit_r2)},
             "condition_number": float(singular.max() / singular.min().clamp_min(1e-12)),
-            "per_unit_shift": {f: float(v) for f, v in zip(FACTORS, per_unit)}, "samples": samples}
+            "per_unit_shift": {f: float(v) for f, v in zip(names, per_unit)}, "samples": samples}
     return directions.float(), info
 
 

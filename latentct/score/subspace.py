@@ -9,6 +9,11 @@ the supervised directions:
   own latents) gives the directions V (B_V)^+ e_f, scored like every other direction: "recovered if the basis
   were right".
 
+On real data there is no oracle, but a dataset preprocessed with label columns (preprocess.py --labels) gives
+the same diagnostic against directions fitted to those labels from real slices encoded into the latent (the
+VAE's encoder, or the DCGAN's embedding): ``label_directions``. On the phantom, whose factors are such columns,
+the angles between those and the oracle's supervised directions show how far the label fit can be trusted.
+
 Methods that rank their directions (SeFa, PCA and the spectral method, by eigenvalue) are judged on their top
 k = recoverable_at[headline] directions; unordered ones (learned, random, coordinate, DisCo, LatentCLR) on all.
 """
@@ -81,3 +86,27 @@ class Basis:
 
     def shifts(self, k: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         return eps.float()[:, None] * self.matrix[k]
+
+
+def label_directions(encode, slices, columns: list[str], count: int, seed: int = 0) -> tuple[torch.Tensor, dict]:
+    """(L, d) unit directions that move each label column and hold the others, from a least-squares fit of the
+    labels of ``count`` real slices (a seeded draw of ``slices``, a CTSlices with those label columns) on their
+    latents ``encode(images)``; two thirds fit, one third scores the fit (each column's held-out R2)."""
+    from latentct.discover.baselines import fit_directions
+
+    gen = torch.Generator().manual_seed(seed)
+    picked = torch.randperm(len(slices), generator=gen)[: min(count, len(slices))].tolist()
+    images, labels = zip(*(slices[i] for i in picked))
+    images, labels = torch.stack(images), torch.stack(labels).double()
+    keep = torch.isfinite(labels).all(1)
+    images, labels = images[keep], labels[keep]
+    spread = labels.std(0)
+    if len(labels) < 12 or not (spread > 0).all():
+        flat = [c for c, s in zip(columns, spread) if not s > 0]
+        raise ValueError(f"{len(labels)} labelled slices" + (f"; constant column(s) {', '.join(flat)}" if flat else ""))
+    with torch.no_grad():
+        z = torch.cat([encode(part) for part in images.split(256)]).double()
+    fit = 2 * len(z) // 3
+    directions, info = fit_directions(z, labels, fit, names=columns)
+    return directions, {"columns": list(columns), "slices": int(len(z)), "fit_r2": info["fit_r2"],
+                        "condition_number": info["condition_number"]}

@@ -92,6 +92,7 @@ def write_gallery(folder: Path, report: dict) -> Path:
     parts.append("</tbody></table>")
     if gt:
         parts += ground_truth_section(gt)
+    parts += label_section(report.get("label_subspace"))
     parts.append("<h2>Groups of ten directions</h2><p class='note'>Rows: directions; columns: different samples.</p>")
     for group in report["groups"]:
         parts.append(f"<p>{_esc(group['title'])}</p><img class='wide' src='{_esc(group['gif'])}' alt='{_esc(group['title'])}'>"
@@ -139,6 +140,8 @@ def _recovered_cell(table: dict) -> str:
 def ground_truth_section(gt: dict) -> list[str]:
     """The phantom's ground truth: how far to trust it, then every method against the supervised ceiling and
     the pooled random null, with effect-DCI."""
+    from latentct.show.results import shown
+
     parts = ["<h2>Ground truth on the phantom</h2>", "<h3>How far to trust these numbers</h3>"]
     oracle = ", ".join(f"{_esc(f)} {v:.3f}" for f, v in gt["oracle_r2"].items())
     oracles = gt.get("oracles") or {}
@@ -183,7 +186,7 @@ def ground_truth_section(gt: dict) -> list[str]:
         cells = "".join(f"<td class='ok'>k={found[f]['direction']}, share {found[f]['share']:.2f}</td>"
                         if f in found else "<td>–</td>" for f in factors)
         dci, at = table["effect_dci"], table["recovered_at"]
-        parts.append(f"<tr class='method'><td>{_esc(method)}</td><td>{_fmt(table.get('rca'))}</td>"
+        parts.append(f"<tr class='method'><td>{_esc(shown(method, table))}</td><td>{_fmt(table.get('rca'))}</td>"
                      f"<td>{at['0.5']} / {at['0.67']} / {at['0.8']}</td><td>{_recovered_cell(table)}</td>"
                      f"<td>{dci['disentanglement']:.2f}</td><td>{dci['completeness']:.2f}</td>{cells}</tr>")
     parts.append("</tbody></table>")
@@ -199,16 +202,42 @@ def ground_truth_section(gt: dict) -> list[str]:
 
 def subspace_section(gt: dict) -> list[str]:
     """Right subspace, wrong basis? latentct/score/subspace.py's diagnostic for every method that has one."""
-    from latentct.show.results import SUBSPACE_NOTE, subspace_rows
+    from latentct.show.results import SUBSPACE_NOTE, method_subspaces
 
-    rows = subspace_rows(gt)
+    return _subspace_table("Subspace", SUBSPACE_NOTE, method_subspaces(gt), list(gt["oracle_r2"]), "span ceiling at "
+                           "0.5 / 2/3 / 0.8")
+
+
+def label_section(entry: dict | None) -> list[str]:
+    """Every method's span against the directions fitted to the dataset's own label columns."""
+    if not entry or not entry.get("methods"):
+        return []
+    fit = ", ".join(f"{_esc(c)} {v:.2f}" for c, v in entry["fit_r2"].items())
+    note = (f"Directions fitted to the dataset's label columns from {entry['slices']} real slices encoded into the "
+            f"latent ({_esc(entry['encoder'])}), each moving its column and holding the others; held-out R2 of the "
+            f"fit: {fit}. Each method's span (the top k of a ranked method, all directions of the others) against "
+            "them: principal angles and the share of each label direction inside the span (chance beside it).")
+    if entry.get("supervised_angles_deg"):
+        angles = entry["supervised_angles_deg"]
+        note += (f" Against the oracle's supervised directions the label directions' span lies at {angles[0]:.0f}-"
+                 f"{angles[-1]:.0f}°.")
+    return _subspace_table("Against the dataset's labels", note, entry["methods"], entry["columns"], None, raw=True)
+
+
+def _subspace_table(title: str, note: str, entries: dict, columns: list[str], ceiling: str | None,
+                    raw: bool = False) -> list[str]:
+    from latentct.show.results import subspace_rows
+
+    rows = subspace_rows(entries)
     if not rows:
         return []
-    factors = list(gt["oracle_r2"])
-    head = ["method", "k", "principal angles", *(f"{f} in span" for f in factors), "chance", "span ceiling at 0.5 / 2/3 / 0.8"]
-    return [f"<h3>Subspace</h3><p class='note'>{_esc(SUBSPACE_NOTE)}</p>", "<table id='subspace'><thead><tr>"
-            + "".join(f"<th>{_esc(h)}</th>" for h in head) + "</tr></thead><tbody>",
-            *("<tr>" + "".join(f"<td>{_esc(c)}</td>" for c in row) + "</tr>" for row in rows), "</tbody></table>"]
+    head = ["method", "k", "principal angles", *(f"{c} in span" for c in columns), "chance"] + ([ceiling] if ceiling
+                                                                                               else [])
+    body = [row if ceiling else row[:-1] for row in rows]
+    return [f"<h3>{_esc(title)}</h3><p class='note'>{note if raw else _esc(note)}</p>",
+            "<table class='subspace'><thead><tr>" + "".join(f"<th>{_esc(h)}</th>" for h in head)
+            + "</tr></thead><tbody>", *("<tr>" + "".join(f"<td>{_esc(c)}</td>" for c in row) + "</tr>" for row in body),
+            "</tbody></table>"]
 
 
 def write_index(folder: Path, summary: dict) -> Path:

@@ -88,6 +88,12 @@ def _p(value) -> str:
     return "–" if value is None else f"{value:.3f}"
 
 
+def shown(method: str, table: dict) -> str:
+    """A method's name in the tables, with what it used beyond the generator where it is not label-free."""
+    used = table.get("supervision", "none")
+    return method if used in ("none", "labels") else f"{method} (uses {used})"
+
+
 def headline(table: dict) -> list[str]:
     """One method's headline cells: recovered at tau 2/3 (of recoverable), area, p (of the area, else of the
     count at 2/3) and the verdict against the pooled null."""
@@ -108,20 +114,17 @@ def ground_truth_table(gt: dict) -> str:
         cells = [f"k={found[f]['direction']} ({found[f]['share']:.2f})" if f in found else "–" for f in factors]
         rca = "–" if table.get("rca") is None else f"{table['rca']:.2f}"
         at, dci = table["recovered_at"], table["effect_dci"]
-        rows.append([method, rca, f"{at['0.5']} / {at['0.67']} / {at['0.8']}", *headline(table),
+        rows.append([shown(method, table), rca, f"{at['0.5']} / {at['0.67']} / {at['0.8']}", *headline(table),
                      f"{dci['disentanglement']:.2f}", *cells])
     return _table(["method", "RCA", "recovered at 0.5 / 2/3 / 0.8", "at 2/3 (of recoverable)", "area", "p",
                    "verdict", "effect-D", *factors], rows)
 
 
-def subspace_rows(gt: dict) -> list[list[str]]:
-    """Per method with a subspace entry: its span's size k, the principal angles to the supervised span, each
-    factor's share of its supervised direction inside the span (chance beside them) and the span ceiling."""
+def subspace_rows(entries: dict) -> list[list[str]]:
+    """Per method (name -> subspace entry): its span's size k, the principal angles to the reference span, each
+    reference direction's share inside the span (chance beside them) and, where there is one, the span ceiling."""
     rows = []
-    for method, table in gt["methods"].items():
-        sub = table.get("subspace")
-        if not sub:
-            continue
+    for method, sub in entries.items():
         angles = sub["angles_deg"]
         spread = "–" if not angles else f"{angles[0]:.0f}-{angles[-1]:.0f}°"
         ceiling = sub.get("span_ceiling_at")
@@ -131,8 +134,12 @@ def subspace_rows(gt: dict) -> list[list[str]]:
     return rows
 
 
+def method_subspaces(gt: dict) -> dict:
+    return {m: t["subspace"] for m, t in gt["methods"].items() if t.get("subspace")}
+
+
 def subspace_table(gt: dict) -> str:
-    rows = subspace_rows(gt)
+    rows = subspace_rows(method_subspaces(gt))
     if not rows:
         return ""
     factors = list(gt["oracle_r2"])
@@ -159,7 +166,7 @@ def _ground_truths(summary: dict) -> list[tuple[str, dict]]:
 
 def glance_table(truths: list[tuple[str, dict]]) -> str:
     """Results at a glance: per generator and method, the headline cells of the ground-truth table."""
-    rows = [[gen, method, *headline(table)] for gen, gt in truths for method, table in gt["methods"].items()]
+    rows = [[gen, shown(method, table), *headline(table)] for gen, gt in truths for method, table in gt["methods"].items()]
     return _table(["generator", "method", "recovered at 2/3 (of recoverable)", "area", "p", "verdict"], rows)
 
 
@@ -331,7 +338,7 @@ def render(cfg: Settings, link: str = "Animations/examples", picked: list[tuple[
                   "floor, with line R2 >= 0.5; each factor cell names the direction that stands for it at tau 2/3 "
                   "(its share). Area: the mean count over tau in [0.5, 1] relative to the supervised row's; p: "
                   "against random direction sets of the same size from a pooled null.", "", ground_truth_table(gt)]
-        if subspace_rows(gt):
+        if method_subspaces(gt):
             parts += ["", SUBSPACE_NOTE, "", subspace_table(gt)]
     return "\n".join(parts) + "\n"
 
@@ -380,7 +387,7 @@ def render_benchmark(cfg: Settings, link: str = "Animations/examples") -> str:
              "ran it).*"]
     for gen, gt in _ground_truths(summary):
         parts += ["", f"**{gen}**, every method:", "", ground_truth_table(gt)]
-        if subspace_rows(gt):
+        if method_subspaces(gt):
             parts += ["", SUBSPACE_NOTE, "", subspace_table(gt)]
     parts += ["", "MIG and DCI by Khrulkov et al.'s protocol (phantom slices with known factors; not comparable in "
               "absolute terms with Shapes3D, shown for the methods' order). The code encoder's R2 on held-out "

@@ -131,3 +131,29 @@ def test_unmix_and_a_learned_deformator_started_from_it_through_the_trainer(mixe
     rows = learned.shifts(torch.arange(5), torch.ones(5))
     assert learned.method == "learned_unmix" and learned.extra["initialised_columns"] == 3
     assert torch.allclose(rows[:3], unmixed.matrix, atol=1e-5) and best_cosines(rows[3:], G.M).max() < 0.99
+
+
+def test_the_metadata_method_finds_the_slice_direction_and_unmixes_patient_properties():
+    """Codes of slices from 300 series: the slice position moves them along one direction, three independent
+    patient properties (uniform, so ICA can tell them apart) along non-orthogonal ones. Only series, patient and
+    z_mm are given; the method returns the slice direction first, then each patient direction."""
+    from latentct.discover.metadata import metadata_directions
+
+    gen = torch.Generator().manual_seed(5)
+    d = 8
+    slice_dir = torch.nn.functional.normalize(torch.randn(d, generator=gen), dim=0)
+    P = torch.nn.functional.normalize(torch.randn(d, 3, generator=gen), dim=0)
+    P[:, 1] = torch.nn.functional.normalize(P[:, 0] + P[:, 1], dim=0)    # 45 degrees or so from the first
+    codes, index = [], []
+    for s in range(300):
+        props = (torch.rand(3, generator=gen) * 2 - 1) * 3 ** 0.5
+        for z_mm in torch.linspace(-100, 100, 12):
+            codes.append(slice_dir * z_mm / 50 + P @ props + 0.01 * torch.randn(d, generator=gen))
+            index.append({"series_uid": f"s{s}", "patient_id": f"p{s}", "z_mm": f"{float(z_mm):.3f}"})
+    directions, info = metadata_directions(torch.stack(codes), index, count=4)
+    assert directions.shape == (4, d) and info["patients"] == 300 and info["supervision"] == "metadata"
+    assert abs(float(directions[0] @ slice_dir)) > 0.999
+    assert info["slice_position"]["mm_per_unit"] == pytest.approx(50, rel=0.01)
+    assert info["slice_position"]["within_series_share"] > 0.99
+    assert best_cosines(directions[1:], P).min() > 0.97
+    assert torch.linalg.matrix_rank(P) == 3 and (P[:, 0] @ P[:, 1]).abs() > 0.5    # not orthogonal

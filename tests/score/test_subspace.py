@@ -64,3 +64,22 @@ def test_span_ceiling_finds_non_orthogonal_factor_directions_inside_a_rotated_sp
     missing, _ = subspace.diagnose(torch.stack([span[0], span[1], unit(torch.eye(d)[5])]), truth.double(), 3,
                                    ("a", "b", "c"))
     assert missing["share_in_span"]["c"] < 0.95 and max(missing["angles_deg"]) > 10
+
+
+def test_label_directions_recover_the_directions_that_move_each_label_alone():
+    """Slices whose two labels are linear in their latents along non-orthogonal directions: the fit returns the
+    direction that moves each label and holds the other, and scores the fit on held-out slices."""
+    d = 6
+    gen = torch.Generator().manual_seed(2)
+    B = torch.tensor([[1.0, 0.5, 0, 0, 0, 0], [0.6, 0, 1.0, 0, 0, 0]], dtype=torch.float64)
+    z = torch.randn(300, d, generator=gen, dtype=torch.float64)
+    labels = z @ B.t() + 0.01 * torch.randn(300, 2, generator=gen, dtype=torch.float64)
+    slices = [(z[i].float(), labels[i].float()) for i in range(300)]      # the "image" is the latent itself
+
+    directions, info = subspace.label_directions(lambda x: x, slices, ["a", "b"], count=240)
+    assert info["slices"] == 240 and min(info["fit_r2"].values()) > 0.99
+    moved = directions.double() @ B.t()                                   # each direction's change of each label
+    assert moved[0, 1].abs() < 1e-2 and moved[1, 0].abs() < 1e-2 and moved[0, 0] > 0 and moved[1, 1] > 0
+    with pytest.raises(ValueError, match="constant column"):
+        subspace.label_directions(lambda x: x, [(z[i].float(), torch.tensor([1.0, labels[i, 1]])) for i in range(60)],
+                                  ["a", "b"], count=60)

@@ -1,0 +1,122 @@
+"""Directions from what every CT series carries for free: which patient a slice belongs to and where it sits.
+
+No factor label, oracle or anatomy measurement enters, only the DICOM metadata that preprocessing keeps
+(``series_uid``, ``patient_id``, ``z_mm``) and real slices encoded into the latent (the VAE's encoder, or the
+DCGAN's embedding). The grouping makes the factors identifiable where the prior alone does not: pairs that share
+some factors (Locatello et al., ICML 2020) and an auxiliary variable such as the patient (Hyvärinen, Sasaki &
+Turner, AISTATS 2019).
+
+- The slice-position direction: within each series only the slice moves, so the pooled within-series slope of
+  the codes on z_mm is how the latent follows the slice position.
+- The patient-level subspace: the series' mean codes (every series spans the same slice range, so the slice's
+  effect averages out) vary between patients and hold within a series; their top principal components, unmixed
+  by FastICA, give directions that each move one patient-level property.
+
+Tables mark the method "uses patient and slice position" and never rank it among the label-free methods.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+
+from latentct.discover.baselines import fix_signs, single_threaded
+from latentct.util.settings import UserError
+
+
+def series_groups(index: list[dict]) -> dict[str, list[int]]:
+    """Row numbers of the index by series."""
+    groups: dict[str, list[int]] = defaultdict(list)
+    for i, row in enumerate(index):
+        groups[row["series_uid"]].append(i)
+    return dict(groups)
+
+
+def slice_direction(codes: torch.Tensor, z_mm: torch.Tensor, groups: dict[str, list[int]]) -> tuple[torch.Tensor, dict]:
+    """(d,) unit direction: the pooled within-series least-squares slope of the codes on the slice position, and
+    the share of the within-series code variance the line explains."""
+    num = torch.zeros(codes.shape[1], dtype=torch.float64)
+    den, total, explained = 0.0, 0.0, 0.0
+    for rows in groups.values():
+        if len(rows) < 2:
+            continue
+        c, z = codes[rows].double(), z_mm[rows].double()
+        dc, dz = c - c.mean(0), z - z.mean()
+        num += dz @ dc
+        den += float(dz @ dz)
+        total += float((dc ** 2).sum())
+    if den <= 0:
+        raise UserError("the metadata method: no series has two slices at different positions")
+    slope = num / den                                      # code change per mm
+    for rows in groups.values():
+        if len(rows) >= 2:
+            dz = z_mm[rows].double() - z_mm[rows].double().mean()
+            explained += float((dz[:, None] * slope[None]).pow(2).sum())
+    return slope / slope.norm().clamp_min(1e-12), {"mm_per_unit": float(1 / slope.norm().clamp_min(1e-12)),
+                                                   "within_series_share": explained / max(total, 1e-12)}
+
+
+def patient_directions(codes: torch.Tensor, groups: dict[str, list[int]], count: int,
+                       seed: int = 0) -> tuple[torch.Tensor, dict]:
+    """(count, d) unit directions: FastICA of the series' mean codes in their top ``count`` principal
+    components; each direction is a mixing column, the latent change that moves one source."""
+    from sklearn.decomposition import FastICA
+
+    means = torch.stack([codes[rows].double().mean(0) for rows in groups.values()]).numpy()
+    count = min(count, len(means) - 1, codes.shape[1])
+    if count < 1:
+        raise UserError(f"the metadata method: {len(means)} series are too few for a patient-level subspace")
+    with single_threaded():
+        model = FastICA(count, whiten="unit-variance", max_iter=10000, random_state=seed)
+        sources = model.fit_transform(means)
+    mixing = torch.from_numpy(model.mixing_.T.copy())     # (count, d): code change per unit source
+    order = torch.argsort(mixing.norm(dim=1), descending=True)
+    between = means - means.mean(0)
+    return torch.nn.functional.normalize(mixing[order], dim=1), {
+        "series": len(means), "sources_kurtosis": [round(float(k), 3) for k in
+                                                   ((sources ** 4).mean(0) - 3)[order.numpy()]],
+        "between_series_variance": float((between ** 2).sum() / max(len(means) - 1, 1))}
+
+
+def metadata_directions(codes: torch.Tensor, index: list[dict], count: int, seed: int = 0) -> tuple[torch.Tensor, dict]:
+    """(1 + count', d) directions: the slice-position direction first, then the patient-level ones."""
+    if not index or any(key not in index[0] for key in ("series_uid", "z_mm")):
+        raise UserError("the metadata method needs series_uid and z_mm in the dataset's index (preprocess.py keeps them)")
+    groups = series_groups(index)
+    z_mm = torch.tensor([float(row["z_mm"]) for row in index])
+    position, pos_info = slice_direction(codes, z_mm, groups)
+    patients, pat_info = patient_directions(codes, groups, count - 1, seed)
+    return fix_signs(torch.cat([position[None], patients]).float()), {
+        "supervision": "metadata", "slice_position": pos_info, "patient_level": pat_info, "slices": len(index),
+        "patients": len({row.get("patient_id") for row in index})}
+
+
+def encode_dataset(G, folder: str, window, encoder=None, limit: int | None = None, embed_steps: int = 200,
+                   seed: int = 0) -> tuple[torch.Tensor, list[dict]]:
+    """The training split's slices encoded into the latent (the encoder's mean, else optimised z) and their
+    index rows; with ``limit``, whole series drawn at random until about that many slices."""
+    from latentct.data.slices import CTSlices, read_index
+    from latentct.generators.embed import embed
+
+    slices = CTSlices(folder, "train", window=window)
+    index = read_index(folder, "train")
+    rows = list(range(len(index)))
+    if limit is not None and limit < len(rows):
+        groups = list(series_groups(index).values())
+        order = torch.randperm(len(groups), generator=torch.Generator().manual_seed(seed)).tolist()
+        rows = []
+        for g in order:
+            if len(rows) >= limit:
+                break
+            rows += groups[g]
+        rows.sort()
+    codes = []
+    for start in range(0, len(rows), 256):
+        x = torch.stack([slices[i] for i in rows[start:start + 256]])
+        with torch.no_grad():
+            if encoder is not None:
+                codes.append(encoder(x)[0].double())
+                continue
+        codes.append(embed(G, x, steps=embed_steps, seed=seed)[0].double())
+    return torch.cat(codes), [index[i] for i in rows]
+
