@@ -113,7 +113,8 @@ def test_whole_pipeline_at_the_smallest_sizes_then_cached_then_from_a_stage(tmp_
         for method, t in gt["methods"].items():
             p = t["p_value"]["auc"]
             area = "–" if t["auc"] is None else f"{t['auc']:.2f}"
-            row = (f"| {gen} | {method} | {t['recovered_at']['0.67']} of {gt['recoverable']} | {area} | {p:.3f} | "
+            name = f"{method} (uses patient and slice position)" if method == "metadata" else method
+            row = (f"| {gen} | {name} | {t['recovered_at']['0.67']} of {gt['recoverable']} | {area} | {p:.3f} | "
                    f"{t['verdict']} |")
             assert row in text, row
     assert "[docs/results.md](docs/results.md)" in text
