@@ -164,7 +164,12 @@ def directions_for(cfg: Settings, G, device) -> tuple[torch.nn.Module, dict | No
     elif cfg.method == "unmix":
         base, _ = load_directions(cfg.unmix_from, cfg.generator)
         m = min(cfg.unmix_size, base.count)
-        matrix, extra = unmix(G.cpu(), base.matrix[:m], cfg.unmix_by, cfg.unmix_features, seed=cfg.seed)
+        from latentct.generators.interface import KINDS, load_encoder
+
+        encoder = load_encoder(cfg.generator) if cfg.unmix_features == "encoder" and G.reference["kind"] in KINDS \
+            else None
+        matrix, extra = unmix(G.cpu(), base.matrix[:m], cfg.unmix_by, cfg.unmix_features, seed=cfg.seed,
+                              encoder=encoder)
         extra.update(unmixed=base.method, unmixed_from=str(cfg.unmix_from), m=m)
         G.to(device)
     elif cfg.method == "metadata":

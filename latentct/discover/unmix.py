@@ -40,11 +40,10 @@ def orthonormal_rows(rows: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _features(G, kind: str, z: torch.Tensor) -> torch.Tensor:
+def _features(G, kind: str, z: torch.Tensor, encoder=None) -> torch.Tensor:
     if kind == "image":
         return torch.cat([G(part).flatten(1) for part in z.split(256)]).double()
     if kind == "encoder":
-        encoder = getattr(G, "encoder", None)
         if encoder is None:
             raise UserError("--unmix-features encoder: this generator has no encoder (a VAE's has)")
         return torch.cat([encoder(G(part))[0].flatten(1) for part in z.split(256)]).double()
@@ -55,7 +54,8 @@ def _features(G, kind: str, z: torch.Tensor) -> torch.Tensor:
     return torch.cat([features(part).flatten(1) for part in z.split(256)]).double()
 
 
-def by_ica(G, rows: torch.Tensor, features: str = "layer", samples: int = 2048, seed: int = 0) -> tuple[torch.Tensor, dict]:
+def by_ica(G, rows: torch.Tensor, features: str = "layer", samples: int = 2048, seed: int = 0,
+           encoder=None) -> tuple[torch.Tensor, dict]:
     """FastICA of the features' top-m principal components over latents of the prior; the span's coordinates
     regressed on the sources give each source's direction."""
     from sklearn.decomposition import PCA, FastICA
@@ -63,7 +63,7 @@ def by_ica(G, rows: torch.Tensor, features: str = "layer", samples: int = 2048, 
     basis = orthonormal_rows(rows)
     m = len(basis)
     z, coords = span_coordinates(G, basis, samples, seed)
-    feats = _features(G, features, z).numpy()
+    feats = _features(G, features, z, encoder).numpy()
     with single_threaded():
         reduced = PCA(m, random_state=seed).fit_transform(feats)
         # how linear the features are in the span's coordinates: R2 of the reduced features on them
@@ -79,7 +79,8 @@ def by_ica(G, rows: torch.Tensor, features: str = "layer", samples: int = 2048, 
     order = torch.argsort(directions.norm(dim=1), descending=True)
     directions = torch.nn.functional.normalize(directions[order], dim=1)
     return fix_signs(directions).float(), {"unmix_by": "ica", "features": features, "samples": samples,
-                                           "linearity": round(float(linearity), 4), "iterations": int(model.n_iter_)}
+                                           "linearity": round(float(linearity), 4), "iterations": int(model.n_iter_),
+                                           "converged": bool(model.n_iter_ < model.max_iter)}
 
 
 def pullback_metrics(G, basis: torch.Tensor, z: torch.Tensor, chunk: int = 256) -> torch.Tensor:
@@ -129,10 +130,11 @@ def by_ajd(G, rows: torch.Tensor, latents: int | None = None, seed: int = 0) -> 
 
 
 def unmix(G, rows: torch.Tensor, by: str = "ajd", features: str = "layer", samples: int = 2048,
-          seed: int = 0) -> tuple[torch.Tensor, dict]:
-    """(m, d) directions inside the span of the (m, d) ``rows``, by ``ajd`` or ``ica``."""
+          seed: int = 0, encoder=None) -> tuple[torch.Tensor, dict]:
+    """(m, d) directions inside the span of the (m, d) ``rows``, by ``ajd`` or ``ica`` (``encoder``: a VAE's, for
+    ``features="encoder"``)."""
     if by == "ajd":
         return by_ajd(G, rows, seed=seed)
     if by == "ica":
-        return by_ica(G, rows, features, samples, seed)
+        return by_ica(G, rows, features, samples, seed, encoder)
     raise UserError(f"--unmix-by: {by!r} is not one of {', '.join(UNMIX_BY)}")

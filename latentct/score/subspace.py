@@ -89,10 +89,14 @@ class Basis:
 
 
 def label_directions(encode, slices, columns: list[str], count: int, seed: int = 0) -> tuple[torch.Tensor, dict]:
-    """(L, d) unit directions that move each label column and hold the others, from a least-squares fit of the
-    labels of ``count`` real slices (a seeded draw of ``slices``, a CTSlices with those label columns) on their
-    latents ``encode(images)``; two thirds fit, one third scores the fit (each column's held-out R2)."""
-    from latentct.discover.baselines import fit_directions
+    """(L, d) unit directions, each the change of the latent per unit of one label column with the others held
+    (a least-squares fit of the codes on the labels: the pattern, Haufe et al. 2014), from ``count`` real slices
+    (a seeded draw of ``slices``, a CTSlices with those label columns) and their codes ``encode(images)``. Two
+    thirds fit; on the last third each column's R2 from the codes (a fit of the labels on the codes) says how
+    much of it the latent holds. Patterns, not the least-norm inverse of a labels-on-codes fit: codes that hardly
+    vary (latent dimensions the decoder leaves unused) get weights from noise in such a fit, and its inverse
+    points into them; under an isotropic prior the two coincide."""
+    from latentct.discover.baselines import fit_directions, single_threaded
 
     gen = torch.Generator().manual_seed(seed)
     picked = torch.randperm(len(slices), generator=gen)[: min(count, len(slices))].tolist()
@@ -107,6 +111,10 @@ def label_directions(encode, slices, columns: list[str], count: int, seed: int =
     with torch.no_grad():
         z = torch.cat([encode(part) for part in images.split(256)]).double()
     fit = 2 * len(z) // 3
-    directions, info = fit_directions(z, labels, fit, names=columns)
-    return directions, {"columns": list(columns), "slices": int(len(z)), "fit_r2": info["fit_r2"],
-                        "condition_number": info["condition_number"]}
+    _, info = fit_directions(z, labels, fit, names=columns)           # labels on codes: the held-out R2
+    design = torch.cat([labels[:fit], torch.ones(fit, 1, dtype=torch.float64)], 1)
+    with single_threaded():
+        patterns = torch.linalg.lstsq(design, z[:fit]).solution[:-1]     # (L, d): codes on labels
+    directions = patterns / patterns.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    return directions.float(), {"columns": list(columns), "slices": int(len(z)), "fit_r2": info["fit_r2"],
+                                "condition_number": info["condition_number"]}

@@ -340,7 +340,29 @@ def render(cfg: Settings, link: str = "Animations/examples", picked: list[tuple[
                   "against random direction sets of the same size from a pooled null.", "", ground_truth_table(gt)]
         if method_subspaces(gt):
             parts += ["", SUBSPACE_NOTE, "", subspace_table(gt)]
+    unmixing = anim / "unmixing.json"
+    if unmixing.is_file():
+        parts += ["", "Ways to unmix a span, and the other methods that may return non-orthogonal directions, on this "
+                  "run's generators (`python -m bench.unmixing --run " + cfg.run + "`), scored by the same ground truth:",
+                  "", unmixing_table(_read_json(unmixing)["rows"])]
     return "\n".join(parts) + "\n"
+
+
+def unmixing_table(rows: list[dict]) -> str:
+    """bench/unmixing.py's rows: per generator and variant, the counts, area, p, span ceiling and what the
+    variant reports of itself (ICA's linearity, the joint diagonalisation's leftover off-diagonal share)."""
+    def count(at):
+        return "–" if not at else f"{at['0.5']} / {at['0.67']} / {at['0.8']}"
+
+    out = []
+    for r in rows:
+        own = ", ".join([f"{k.replace('_', ' ')} {r[k]:.2f}" for k in ("linearity", "off_diagonal")
+                         if r.get(k) is not None] + (["FastICA did not converge"] if r.get("converged") is False else []))
+        out.append([r["generator"], r["variant"], count(r["recovered_at"]), f"{r['recoverable_at']['0.67']}",
+                    "–" if r["auc"] is None else f"{r['auc']:.2f}", _p(r["p"]), str(r.get("k") or "–"),
+                    count(r.get("span_ceiling_at")), own or "–"])
+    return _table(["generator", "variant", "recovered at 0.5 / 2/3 / 0.8", "recoverable at 2/3", "area", "p", "k",
+                   "span ceiling", "its own check"], out)
 
 
 def mig_table(anim: Path, generators: list[str]) -> str:

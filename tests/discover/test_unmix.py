@@ -157,3 +157,14 @@ def test_the_metadata_method_finds_the_slice_direction_and_unmixes_patient_prope
     assert info["slice_position"]["within_series_share"] > 0.99
     assert best_cosines(directions[1:], P).min() > 0.97
     assert torch.linalg.matrix_rank(P) == 3 and (P[:, 0] @ P[:, 1]).abs() > 0.5    # not orthogonal
+
+
+def test_ica_unmixing_reads_an_encoders_codes_and_needs_one(toy):
+    from latentct.util.settings import UserError
+
+    rows, _ = spectral(toy, 3, layer="act", samples=64)
+    codes = lambda x: (x.flatten(1)[:, ::4], None)  # noqa: E731  a stand-in encoder: every fourth pixel
+    found, info = by_ica(toy, rows, features="encoder", samples=1024, encoder=codes)
+    assert info["features"] == "encoder" and best_cosines(found, toy.M).min() > 0.97
+    with pytest.raises(UserError, match="no encoder"):
+        by_ica(toy, rows, features="encoder", samples=64)

@@ -1,0 +1,118 @@
+"""Which way to unmix a span, by measurement: on a finished pipeline run's generators, the unmix base's span
+(SeFa on the DCGAN, the spectral method on the VAE) unmixed by joint diagonalisation and by FastICA of three kinds
+of label-free features, GANSpace's ICA and sparse PCA, the study's deformator started from the unmixed basis,
+and the metadata method (where the generator has an encoder), each scored by the run's own ground truth (its
+oracle, floors, latents and pooled null) beside the base.
+
+    python -m bench.unmixing --run demo
+
+Prints one row per (generator, variant) and writes Animations/<run>/unmixing.json.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import EvalDirections
+from latentct.util.io import atomic_write_json
+from latentct.util.settings import parse_settings, setting
+from Training import TrainDirections
+
+
+@dataclass
+class Settings:
+    """Unmixing variants on a finished run's generators, scored by its ground truth."""
+
+    run: str = setting("demo", "the pipeline run whose generators, bases and ground truth to use")
+    root: str = setting(".", "folder under which runs/ and Animations/ live")
+    generators: list[str] = setting(["dcgan", "vae"], "generators of the run")
+
+
+def variants(base: Path, has_encoder: bool) -> dict[str, dict]:
+    """Name -> TrainDirections settings of every variant (the unmixed span, m = 8, unless said)."""
+    span = dict(method="unmix", unmix_from=str(base / "directions.pt"))
+    out = {"unmix ajd": dict(span, unmix_by="ajd"),
+           "unmix ica layer": dict(span, unmix_by="ica", unmix_features="layer"),
+           "unmix ica image": dict(span, unmix_by="ica", unmix_features="image"),
+           "ganspace ica": dict(method="ica", directions_count=16),
+           "ganspace spca": dict(method="spca", directions_count=16)}
+    if has_encoder:
+        out["unmix ica encoder"] = dict(span, unmix_by="ica", unmix_features="encoder")
+        out["metadata"] = dict(method="metadata")
+    return out
+
+
+def make(out: Path, settings: dict) -> tuple[Path, float]:
+    """One variant's directions (kept from an earlier run of this benchmark) and the seconds they took."""
+    timing = out / "seconds.json"
+    if not (out / "directions.pt").is_file() or not timing.is_file():
+        began = time.time()
+        TrainDirections.main(replace(TrainDirections.Settings(), **dict(settings, output=str(out))))
+        atomic_write_json(timing, {"seconds": round(time.time() - began, 1)})
+    return out, json.loads(timing.read_text())["seconds"]
+
+
+def main(cfg: Settings) -> list[dict]:
+    from latentct.generators.interface import load_encoder
+
+    root = Path(cfg.root)
+    runs, anim = root / "runs" / cfg.run, root / "Animations" / cfg.run
+    settings = json.loads((anim / "summary.json").read_text())["settings"]
+    rows = []
+    for gen in cfg.generators:
+        generator = runs / gen / "generator.pt"
+        base = runs / f"{gen}_{settings[f'{gen}_unmix_base']}"
+        work = runs / "unmixing"
+        shared = dict(generator=str(generator), seed=settings["seed"], device="cpu", rca=False, steps=1)
+        made = {name: make(work / f"{gen}_{name.replace(' ', '_')}", dict(shared, **extra))
+                for name, extra in variants(base, load_encoder(generator) is not None).items()}
+        # the study's deformator from the unmixed (ajd) basis, trained like the run's learned directions
+        preset = dict(TrainDirections.PRESETS[settings["direction_presets"][0]], steps=settings["direction_steps"],
+                      batch_size=settings["direction_batch"])
+        made["learned from unmix ajd"] = make(work / f"{gen}_learned_from_unmix", dict(
+            preset, generator=str(generator), seed=settings["seed"], device="cpu",
+            init_directions=str(made["unmix ajd"][0] / "directions.pt")))
+
+        gallery = anim / gen
+        config = json.loads((gallery / "ground_truth" / "config.json").read_text())
+        supervised = [c for c in config["compare"] if Path(c).parent.name == f"{gen}_supervised"]
+        with tempfile.TemporaryDirectory() as tmp:
+            shutil.copy(gallery / "report.json", Path(tmp) / "report.json")
+            truth = replace(EvalDirections.Settings(), **dict(
+                config, output=tmp, ground_truth="only", null_cache=str(work / f"{gen}_null.pt"),
+                compare=[str(base / "directions.pt")] + [str(out / "directions.pt") for out, _ in made.values()]
+                + supervised))
+            gt = EvalDirections.main(truth)["ground_truth"]
+        names = ["learned (the run's)", f"{settings[f'{gen}_unmix_base']} (base)", *made]
+        for name, (method, table) in zip(names, gt["methods"].items()):
+            if method == "supervised":
+                continue
+            sub = table.get("subspace") or {}
+            info = {}
+            if name in made:
+                from latentct.discover.directions import load_directions
+
+                extra = load_directions(made[name][0] / "directions.pt")[0].extra
+                info = {k: extra[k] for k in ("linearity", "off_diagonal", "iterations", "converged") if k in extra}
+            rows.append({"generator": gen, "variant": name, "recovered_at": table["recovered_at"],
+                         "recoverable_at": gt["recoverable_at"], "auc": table["auc"],
+                         "p": (table["p_value"] or {}).get("auc"), "verdict": table["verdict"],
+                         "span_ceiling_at": sub.get("span_ceiling_at"), "k": sub.get("k"),
+                         "angles_deg": sub.get("angles_deg"), "seconds": round(made[name][1], 1) if name in made
+                         else None, **info})
+            r = rows[-1]
+            at = r["recovered_at"]
+            print(f"{gen:6s} {name:24s} recovered {at['0.5']}/{at['0.67']}/{at['0.8']} of "
+                  f"{gt['recoverable_at']['0.67']} at 2/3, area {r['auc'] if r['auc'] is None else round(r['auc'], 2)}"
+                  f", p {r['p']}, ceiling {r['span_ceiling_at']}, {info}")
+    atomic_write_json(anim / "unmixing.json", {"rows": rows})
+    return rows
+
+
+if __name__ == "__main__":
+    main(parse_settings(Settings, sys.argv[1:]))
