@@ -163,6 +163,12 @@ def test_pipeline_on_a_generator_a_researcher_brings(gan_run, dataset, tmp_path)
     assert set(report["ground_truth"]["methods"]) == {"learned", "sefa", "random"}
 
 
+def test_wall_times_round_to_whole_seconds_before_the_minutes():
+    from latentct.show import results
+
+    assert [results._minutes(s) for s in (239.5, 885.6, 59.4)] == ["4 min 0 s", "14 min 46 s", "0 min 59 s"]
+
+
 def test_benchmark_block_from_its_files(tmp_path):
     from latentct.show import results
 

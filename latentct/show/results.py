@@ -60,7 +60,8 @@ def _table(header: list[str], rows: list[list]) -> str:
 
 
 def _minutes(seconds: float) -> str:
-    return f"{int(seconds // 60)} min {int(round(seconds % 60))} s"
+    whole = int(round(seconds))  # 239.5 s is 4 min 0 s, not 3 min 60 s
+    return f"{whole // 60} min {whole % 60} s"
 
 
 def stage_table(summary: dict) -> str:
