@@ -185,20 +185,32 @@ def directions_for(cfg: Settings, G, device) -> tuple[torch.nn.Module, dict | No
 
 
 def metadata_method(cfg: Settings, G) -> tuple[torch.Tensor, dict]:
-    """latentct/discover/metadata.py on the generator's training data, encoded by its encoder (a VAE) or by
-    optimising z (any other generator: minutes)."""
-    from latentct.data.slices import is_dataset
+    """latentct/discover/metadata.py on real slices' codes: those of a --latents file (a plug-in autoencoder's,
+    written by python -m latentct.generators.latents, one row per index row of its split), else the generator's
+    training data encoded by its encoder (a VAE) or by optimising z (any other generator: minutes)."""
+    from latentct.data.slices import is_dataset, read_index
     from latentct.discover.metadata import encode_dataset, metadata_directions
     from latentct.generators.interface import KINDS, load_encoder
+    from latentct.train.checkpoint import load_file
 
-    if not is_dataset(G.dataset):
-        raise UserError(f"--method metadata: the generator names no preprocessed dataset ({G.dataset!r}) to encode")
-    encoder = load_encoder(cfg.generator) if G.reference["kind"] in KINDS else None
-    if encoder is None:
-        print("note: no encoder: every slice is embedded by optimising z (minutes)")
-    codes, index = encode_dataset(G.cpu(), G.dataset, G.window, encoder, cfg.metadata_slices, seed=cfg.seed)
+    if cfg.latents:
+        saved = load_file(cfg.latents, "encoded latents")
+        index = read_index(saved["data"], saved["split"])
+        if len(index) != len(saved["latents"]):
+            raise UserError(f"--latents: {cfg.latents} holds {len(saved['latents'])} latents, the index of "
+                            f"{saved['data']} ({saved['split']}) {len(index)} rows")
+        codes, how = saved["latents"].flatten(1).double(), f"encoded latents {cfg.latents}"
+    else:
+        if not is_dataset(G.dataset):
+            raise UserError(f"--method metadata: the generator names no preprocessed dataset ({G.dataset!r}) to "
+                            "encode; pass --latents")
+        encoder = load_encoder(cfg.generator) if G.reference["kind"] in KINDS else None
+        if encoder is None:
+            print("note: no encoder: every slice is embedded by optimising z (minutes)")
+        codes, index = encode_dataset(G.cpu(), G.dataset, G.window, encoder, cfg.metadata_slices, seed=cfg.seed)
+        how = "encoder" if encoder is not None else "optimised z"
     matrix, extra = metadata_directions(codes, index, cfg.patient_directions + 1, cfg.seed)
-    return matrix, dict(extra, encoder="encoder" if encoder is not None else "optimised z")
+    return matrix, dict(extra, encoder=how)
 
 
 def main(cfg: Settings) -> dict:

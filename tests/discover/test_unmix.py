@@ -168,3 +168,31 @@ def test_ica_unmixing_reads_an_encoders_codes_and_needs_one(toy):
     assert info["features"] == "encoder" and best_cosines(found, toy.M).min() > 0.97
     with pytest.raises(UserError, match="no encoder"):
         by_ica(toy, rows, features="encoder", samples=64)
+
+
+def test_the_metadata_method_reads_a_plugin_autoencoders_encoded_latents(gan_run, dataset, tmp_path):
+    """A --latents file (python -m latentct.generators.latents writes one per split row) stands in for an encoder:
+    codes planted to move along one direction with z_mm give that direction first; a file whose rows do not
+    match the index is refused in one line."""
+    from latentct.data.slices import read_index
+    from latentct.discover.directions import load_directions
+    from latentct.generators.interface import load_generator
+    from latentct.util.settings import UserError
+
+    index = read_index(dataset, "train")
+    d = load_generator(gan_run / "generator.pt").latent_dim
+    gen = torch.Generator().manual_seed(0)
+    slice_dir = torch.nn.functional.normalize(torch.randn(d, generator=gen), dim=0)
+    series = {s: torch.randn(d, generator=gen) for s in {row["series_uid"] for row in index}}
+    codes = torch.stack([slice_dir * float(row["z_mm"]) / 20 + series[row["series_uid"]] for row in index])
+    file = tmp_path / "latents.pt"
+    torch.save({"latents": codes, "data": str(dataset), "split": "train", "encoder": "toy", "window": "default"}, file)
+    _run(gan_run / "generator.pt", tmp_path / "meta", "--method", "metadata", "--latents", str(file), "--rca", "false",
+         "--patient-directions", "2", "--steps", "1")
+    found, _ = load_directions(tmp_path / "meta" / "directions.pt")
+    assert found.method == "metadata" and found.extra["encoder"].startswith("encoded latents")
+    assert abs(float(found.matrix[0] @ slice_dir)) > 0.999 and found.matrix.shape == (3, d)
+    torch.save({"latents": codes[:-1], "data": str(dataset), "split": "train"}, file)
+    with pytest.raises(UserError, match="--latents"):
+        _run(gan_run / "generator.pt", tmp_path / "bad", "--method", "metadata", "--latents", str(file), "--rca",
+             "false", "--steps", "1")
