@@ -6,7 +6,9 @@ oracle, floors, latents and pooled null) beside the base.
 
     python -m bench.unmixing --run demo
 
-Prints one row per (generator, variant) and writes Animations/<run>/unmixing.json.
+Prints one row per (generator, variant) and writes Animations/<run>/unmixing.json. Every row is one draw of
+report latents (a benchmark run's other draws are not merged in). The unmixed span is the base's top 8, so its
+span ceiling is the base's at k = 8; the base row itself is judged at k = recoverable.
 """
 from __future__ import annotations
 
@@ -84,7 +86,7 @@ def main(cfg: Settings) -> list[dict]:
         with tempfile.TemporaryDirectory() as tmp:
             shutil.copy(gallery / "report.json", Path(tmp) / "report.json")
             truth = replace(EvalDirections.Settings(), **dict(
-                config, output=tmp, ground_truth="only", null_cache=str(work / f"{gen}_null.pt"),
+                config, output=tmp, ground_truth="only", null_cache=str(work / f"{gen}_null.pt"), seed_runs=[],
                 compare=[str(base / "directions.pt")] + [str(out / "directions.pt") for out, _ in made.values()]
                 + supervised))
             gt = EvalDirections.main(truth)["ground_truth"]

@@ -8,9 +8,9 @@ Turner, AISTATS 2019).
 
 - The slice-position direction: within each series only the slice moves, so the pooled within-series slope of
   the codes on z_mm is how the latent follows the slice position.
-- The patient-level subspace: the series' mean codes (every series spans the same slice range, so the slice's
-  effect averages out) vary between patients and hold within a series; their top principal components, unmixed
-  by FastICA, give directions that each move one patient-level property.
+- The patient-level subspace: the series' mean codes, with the slice's line taken out first (series that cover
+  different slice ranges would otherwise carry it), vary between patients and hold within a series; their top
+  principal components, unmixed by FastICA, give directions that each move one patient-level property.
 
 Tables mark the method "uses patient and slice position" and never rank it among the label-free methods.
 """
@@ -83,9 +83,12 @@ def metadata_directions(codes: torch.Tensor, index: list[dict], count: int, seed
     if not index or any(key not in index[0] for key in ("series_uid", "z_mm")):
         raise UserError("the metadata method needs series_uid and z_mm in the dataset's index (preprocess.py keeps them)")
     groups = series_groups(index)
-    z_mm = torch.tensor([float(row["z_mm"]) for row in index])
+    z_mm = torch.tensor([float(row["z_mm"]) for row in index], dtype=torch.float64)
     position, pos_info = slice_direction(codes, z_mm, groups)
-    patients, pat_info = patient_directions(codes, groups, count - 1, seed)
+    # series that cover different slice ranges would carry the slice into their means: take its line out first
+    slope = position.double() / pos_info["mm_per_unit"]
+    held = codes.double() - (z_mm - z_mm.mean())[:, None] * slope[None]
+    patients, pat_info = patient_directions(held, groups, count - 1, seed)
     return fix_signs(torch.cat([position[None], patients]).float()), {
         "supervision": "metadata", "slice_position": pos_info, "patient_level": pat_info, "slices": len(index),
         "patients": len({row.get("patient_id") for row in index})}

@@ -6,15 +6,19 @@ find a basis inside the span whose directions each move one thing:
 
 - ``ica``: draw latents, read label-free features of G(z) (an intermediate layer of the generator, or the VAE
   encoder's codes), reduce them by PCA to m dimensions and run FastICA; then regress the latents' coordinates in
-  the span on the sources: row j of the map is the span direction that moves source j alone. ICA needs features
-  that respond nearly linearly to the span's coordinates (pixel PCA does not: shifts and sizes are not linear in
-  pixels), so the R2 of that linear fit is reported as ``linearity``.
+  the span on the sources: row j of the map is the span direction that moves source j alone. The span's
+  coordinates are Gaussian under the prior, so features linear in them give Gaussian sources that ICA cannot
+  tell apart: only the generator's nonlinearity leaves it something to separate, and the sources must still
+  map back to the coordinates by a line. The R2 of the features' linear fit on the coordinates is reported as
+  ``linearity``: near 1, ICA has nothing to find (FastICA then tends not to converge, ``converged``); low, the
+  sources do not map back.
 - ``ajd``: approximate joint diagonalisation of the pullback metrics J(z)^T J(z), J the Jacobian of the image
   with respect to the span's coordinates at >= 4m latents (Pham 2000, pyriemann's ``ajd_pham``; no orthogonality
   constraint). If the image changes of the factor directions are orthogonal in pixel space at every latent while
   their sizes vary from latent to latent, the diagonaliser's rows are those directions.
 
-Both return (m, d) unit latent directions, ordered by how much they move the image.
+Both return (m, d) unit latent directions: ``ajd``'s ordered by how much they move the image, ``ica``'s by the
+latent change per unit source.
 """
 from __future__ import annotations
 

@@ -95,7 +95,9 @@ def label_directions(encode, slices, columns: list[str], count: int, seed: int =
     thirds fit; on the last third each column's R2 from the codes (a fit of the labels on the codes) says how
     much of it the latent holds. Patterns, not the least-norm inverse of a labels-on-codes fit: codes that hardly
     vary (latent dimensions the decoder leaves unused) get weights from noise in such a fit, and its inverse
-    points into them; under an isotropic prior the two coincide."""
+    points into them. Under an isotropic prior both span the row space of the labels' linear map, so their
+    principal angles compare like with like; one by one the directions differ where labels are noisy and
+    correlated."""
     from latentct.discover.baselines import fit_directions, single_threaded
 
     gen = torch.Generator().manual_seed(seed)

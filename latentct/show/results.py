@@ -344,7 +344,9 @@ def render(cfg: Settings, link: str = "Animations/examples", picked: list[tuple[
     unmixing = anim / "unmixing.json"
     if unmixing.is_file():
         parts += ["", "Ways to unmix a span, and the other methods that may return non-orthogonal directions, on this "
-                  "run's generators (`python -m bench.unmixing --run " + cfg.run + "`), scored by the same ground truth:",
+                  "run's generators (`python -m bench.unmixing --run " + cfg.run + "`), scored by the same ground truth. "
+                  "Every unmixed variant lies in its base's top-8 span (k = 8), so their span ceiling is the base's "
+                  "at 8; the base row is judged on its top k = recoverable, a random span of 16 on all 16:",
                   "", unmixing_table(_read_json(unmixing)["rows"])]
     return "\n".join(parts) + "\n"
 

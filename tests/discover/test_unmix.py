@@ -134,9 +134,10 @@ def test_unmix_and_a_learned_deformator_started_from_it_through_the_trainer(mixe
 
 
 def test_the_metadata_method_finds_the_slice_direction_and_unmixes_patient_properties():
-    """Codes of slices from 300 series: the slice position moves them along one direction, three independent
-    patient properties (uniform, so ICA can tell them apart) along non-orthogonal ones. Only series, patient and
-    z_mm are given; the method returns the slice direction first, then each patient direction."""
+    """Codes of slices from 300 series that cover different slice ranges: the slice position moves them along one
+    direction, three independent patient properties (uniform, so ICA can tell them apart) along non-orthogonal
+    ones. Only series, patient and z_mm are given; the method returns the slice direction first, then each
+    patient direction (the series' different ranges leave no slice in them)."""
     from latentct.discover.metadata import metadata_directions
 
     gen = torch.Generator().manual_seed(5)
@@ -147,7 +148,8 @@ def test_the_metadata_method_finds_the_slice_direction_and_unmixes_patient_prope
     codes, index = [], []
     for s in range(300):
         props = (torch.rand(3, generator=gen) * 2 - 1) * 3 ** 0.5
-        for z_mm in torch.linspace(-100, 100, 12):
+        start = float(torch.rand(1, generator=gen)) * 100 - 50   # series cover different slice ranges
+        for z_mm in torch.linspace(start - 100, start + 100, 12):
             codes.append(slice_dir * z_mm / 50 + P @ props + 0.01 * torch.randn(d, generator=gen))
             index.append({"series_uid": f"s{s}", "patient_id": f"p{s}", "z_mm": f"{float(z_mm):.3f}"})
     directions, info = metadata_directions(torch.stack(codes), index, count=4)
