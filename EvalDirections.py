@@ -24,7 +24,7 @@ from latentct.data.phantom import FACTORS
 from latentct.data.slices import has_factors, held_out, is_dataset, parse_window, read_index, unit_to_hu
 from latentct.discover.directions import Directions, load_directions
 from latentct.generators.embed import embed
-from latentct.generators.interface import KINDS, load_encoder, output_size, place_generator, sample_latents
+from latentct.generators.interface import output_size, own_encoder, place_generator, sample_latents
 from latentct.score.report import STRONG, describe, fold_axes, is_strong, real_spreads, realism, sweep
 from latentct.score.scoring import (
     AREA_TAUS,
@@ -189,16 +189,17 @@ def main(cfg: Settings) -> dict:
         report["distinct_effects"] = len(report["axes"]) if subject.window is not None else None  # not measured
         report["real"] = real_slices(cfg, subject, rows, out)
 
-    # Ground truth on the phantom: this method beside every --compare file.
+    # Ground truth on the phantom, and the spans against the data's labels: this method beside every --compare file.
+    files = method_files(cfg, subject)
     if cfg.ground_truth != "off":
         all_shown = ks == list(range(subject.directions.count))
-        table, why = ground_truth(cfg, subject, report_z, report_eps, report_images if all_shown else None,
+        table, why = ground_truth(cfg, subject, files, report_z, report_eps, report_images if all_shown else None,
                                   out / "ground_truth")
         if why:
             print(f"note: no ground truth: {why}")
         report["ground_truth"] = table
         atomic_write_json(out / "ground_truth" / "ground_truth.json", table or {"available": False, "reason": why})
-    report["label_subspace"], why = label_subspace(cfg, subject, report.get("ground_truth"))
+    report["label_subspace"], why = label_subspace(cfg, subject, files)
     if why:
         print(f"note: no label subspace: {why}")
     report["summary"] = {"labels": {r["direction"]: r["label"] for r in report["directions"]},
@@ -276,7 +277,19 @@ def _read_report(out: Path, directions_file: str) -> dict:
     return report
 
 
-def ground_truth(cfg: Settings, subject: Subject, z, eps, main_images, out: Path) -> tuple[dict | None, str | None]:
+def method_files(cfg: Settings, subject: Subject) -> dict[str, Directions]:
+    """This file's directions and every --compare file's, loaded once, by the name the tables give them: the
+    method, and for a second of the same method its folder as well."""
+    files = {}
+    for i, file in enumerate([cfg.directions, *cfg.compare]):
+        dirs = subject.directions if i == 0 else \
+            load_directions(file, subject.generator_file, cfg.generator_weights, cfg.generator_args)[0]
+        files[dirs.method if dirs.method not in files else f"{dirs.method} ({Path(file).parent.name})"] = dirs
+    return files
+
+
+def ground_truth(cfg: Settings, subject: Subject, files: dict[str, Directions], z, eps, main_images,
+                 out: Path) -> tuple[dict | None, str | None]:
     """On the phantom: the direction x factor table of this method and of every --compare file (the supervised
     ceiling among them), scored by latentct/score/scoring.py against each factor's noise floor, with p-values
     against a pooled null of random directions on the same latents; files in ``out``. Returns (table, None), or
@@ -312,10 +325,8 @@ def ground_truth(cfg: Settings, subject: Subject, z, eps, main_images, out: Path
         flat = display(images.reshape(-1, *images.shape[3:]), window, oracle.window)
         return oracle.read_std(flat).reshape(*images.shape[:3], -1)
 
-    methods, main, files = {}, None, {}
-    for i, file in enumerate([cfg.directions, *cfg.compare]):
-        dirs = subject.directions if i == 0 else \
-            load_directions(file, subject.generator_file, cfg.generator_weights, cfg.generator_args)[0]
+    methods, main = {}, None
+    for i, (name, dirs) in enumerate(files.items()):
         ks = list(range(dirs.count))
         images = main_images if i == 0 and main_images is not None else sweep(G, dirs, ks, eps, z)
         r2, effect = line_effects(read(images), eps)
@@ -324,8 +335,7 @@ def ground_truth(cfg: Settings, subject: Subject, z, eps, main_images, out: Path
                      supervision=SUPERVISION.get(dirs.method, "none"))
         if dirs.method == "supervised":
             table["supervised"] = dirs.extra
-        name = dirs.method if dirs.method not in methods else f"{dirs.method} ({Path(file).parent.name})"
-        methods[name], files[name] = table, dirs
+        methods[name] = table
         if i == 0:
             main = dict(table, r2_matrix=r2.round(4).tolist(), effect_matrix=effect.round(4).tolist())
             stands = [(m["direction"], FACTORS.index(m["factor"])) for m in table["matches"][HEADLINE]]
@@ -387,11 +397,8 @@ def subspaces(cfg: Settings, G, files: dict, methods: dict, z, eps, read, floor)
     from latentct.discover.baselines import fit_directions, fit_readings
     from latentct.score import subspace
 
-    def rows(dirs):  # the latent shift of one unit along each direction, for every deformator kind
-        return dirs.shifts(torch.arange(dirs.count), torch.ones(dirs.count)).double()
-
     sup_dirs = files["supervised"]
-    target = rows(sup_dirs)
+    target = sup_dirs.unit_rows()
     fit = None
     if cfg.fit_oracle:
         from latentct.score.oracle import load_oracle
@@ -410,7 +417,7 @@ def subspaces(cfg: Settings, G, files: dict, methods: dict, z, eps, read, floor)
             continue
         dirs = files[name]
         k = subspace.span_size(dirs.method, dirs.count, None if recoverable is None else int(recoverable))
-        entry, basis = subspace.diagnose(rows(dirs), target, k, FACTORS)
+        entry, basis = subspace.diagnose(dirs.unit_rows(), target, k, FACTORS)
         entry["span_ceiling_at"] = None
         if fit is not None and basis.shape[1]:
             ceiling, _ = fit_directions(fit[0], fit[1], fit[2], basis)
@@ -482,7 +489,7 @@ def _validation_summary(validation: dict) -> dict:
                                        "seed", "samples") if k in validation}
 
 
-def label_subspace(cfg: Settings, subject: Subject, truth: dict | None) -> tuple[dict | None, str | None]:
+def label_subspace(cfg: Settings, subject: Subject, files: dict[str, Directions]) -> tuple[dict | None, str | None]:
     """On data with label columns: directions fitted to them from encoded real slices, and every method's span
     against theirs (latentct/score/subspace.py); on the phantom also their angles to the oracle's supervised
     directions. Returns (entry, None) or (None, why there is none)."""
@@ -495,7 +502,7 @@ def label_subspace(cfg: Settings, subject: Subject, truth: dict | None) -> tuple
     columns = load_manifest(subject.dataset).get("label_columns") or []
     if not columns:
         return None, None
-    encoder = load_encoder(subject.generator_file) if G.reference["kind"] in KINDS else None
+    encoder = own_encoder(G, subject.generator_file)
     if encoder is None and cfg.label_subspace != "embed":
         return None, "the generator has no encoder; --label-subspace embed embeds every slice (minutes)"
     G = G.cpu()
@@ -509,18 +516,13 @@ def label_subspace(cfg: Settings, subject: Subject, truth: dict | None) -> tuple
     except ValueError as err:
         return None, f"the label fit needs varying labels on at least 12 slices: {err}"
     info["encoder"] = "encoder" if encoder is not None else "optimised z"
-    files = [cfg.directions, *cfg.compare]
     methods = {}
-    for i, file in enumerate(files):
-        dirs = subject.directions if i == 0 else \
-            load_directions(file, subject.generator_file, cfg.generator_weights, cfg.generator_args)[0]
-        rows = dirs.shifts(torch.arange(dirs.count), torch.ones(dirs.count)).double()
+    for name, dirs in files.items():
         if dirs.method == "supervised":
-            info["supervised_angles_deg"] = subspace.principal_angles(rows, target.double())
+            info["supervised_angles_deg"] = subspace.principal_angles(dirs.unit_rows(), target.double())
             continue
-        name = dirs.method if dirs.method not in methods else f"{dirs.method} ({Path(file).parent.name})"
         k = subspace.span_size(dirs.method, dirs.count, len(columns))
-        methods[name] = subspace.diagnose(rows, target.double(), k, columns)[0]
+        methods[name] = subspace.diagnose(dirs.unit_rows(), target.double(), k, columns)[0]
     info["methods"] = methods
     return info, None
 
@@ -538,7 +540,7 @@ def real_slices(cfg: Settings, subject: Subject, rows: list[dict], out: Path) ->
     size = output_size(G)
     if x.shape[-1] != size:
         raise UserError(f"--dataset: {subject.dataset} holds {x.shape[-1]} px slices, the generator makes {size} px")
-    encoder = load_encoder(subject.generator_file, cfg.device) if G.reference["kind"] in KINDS else None
+    encoder = own_encoder(G, subject.generator_file, cfg.device)
     z, mse = embed(G, x, encoder=encoder, steps=0 if encoder is not None else cfg.embed_steps, seed=cfg.seed)
     top = [r["direction"] for r in sorted(rows, key=lambda r: -r["score"])[: cfg.real_directions]]
     unique, frame_index = sweep_plan(subject.scale, cfg.frames)

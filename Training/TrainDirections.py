@@ -29,7 +29,7 @@ from latentct.discover.directions import (
     step_losses,
 )
 from latentct.discover.unmix import unmix
-from latentct.generators.interface import GeneratorOptions, latent_spread, load_generator, sample_latents
+from latentct.generators.interface import GeneratorOptions, latent_spread, load_generator, own_encoder, sample_latents
 from latentct.models.deformator import KINDS, Deformator, FixedDirections
 from latentct.models.reconstructor import make_reconstructor
 from latentct.score.oracle import load_oracle
@@ -41,8 +41,8 @@ from latentct.train.signals import StopSignal
 from latentct.util.io import atomic_torch_save
 from latentct.util.settings import UserError, check, run_cli, setting, settings_dict, user_errors
 
-METHODS = ("learned", "sefa", "pca", "random", "coordinate", "spectral", "ica", "spca", "unmix", "metadata", "supervised",
-           "file")
+METHODS = ("learned", "sefa", "pca", "random", "coordinate", "spectral", "ica", "spca", "unmix", "metadata",
+           "supervised", "file")
 
 
 @dataclass
@@ -164,10 +164,7 @@ def directions_for(cfg: Settings, G, device) -> tuple[torch.nn.Module, dict | No
     elif cfg.method == "unmix":
         base, _ = load_directions(cfg.unmix_from, cfg.generator)
         m = min(cfg.unmix_size, base.count)
-        from latentct.generators.interface import KINDS, load_encoder
-
-        encoder = load_encoder(cfg.generator) if cfg.unmix_features == "encoder" and G.reference["kind"] in KINDS \
-            else None
+        encoder = own_encoder(G, cfg.generator) if cfg.unmix_features == "encoder" else None
         matrix, extra = unmix(G.cpu(), base.matrix[:m], cfg.unmix_by, cfg.unmix_features, seed=cfg.seed,
                               encoder=encoder)
         extra.update(unmixed=base.method, unmixed_from=str(cfg.unmix_from), m=m)
@@ -190,7 +187,6 @@ def metadata_method(cfg: Settings, G) -> tuple[torch.Tensor, dict]:
     training data encoded by its encoder (a VAE) or by optimising z (any other generator: minutes)."""
     from latentct.data.slices import is_dataset, read_index
     from latentct.discover.metadata import encode_dataset, metadata_directions
-    from latentct.generators.interface import KINDS, load_encoder
     from latentct.train.checkpoint import load_file
 
     if cfg.latents:
@@ -204,7 +200,7 @@ def metadata_method(cfg: Settings, G) -> tuple[torch.Tensor, dict]:
         if not is_dataset(G.dataset):
             raise UserError(f"--method metadata: the generator names no preprocessed dataset ({G.dataset!r}) to "
                             "encode; pass --latents")
-        encoder = load_encoder(cfg.generator) if G.reference["kind"] in KINDS else None
+        encoder = own_encoder(G, cfg.generator)
         if encoder is None:
             print("note: no encoder: every slice is embedded by optimising z (minutes)")
         codes, index = encode_dataset(G.cpu(), G.dataset, G.window, encoder, cfg.metadata_slices, seed=cfg.seed)

@@ -156,6 +156,10 @@ class Directions:
         with torch.no_grad():
             return self.module(basis)
 
+    def unit_rows(self) -> torch.Tensor:
+        """(K, d) float64: the latent shift of one unit along each direction, for every deformator kind."""
+        return self.shifts(torch.arange(self.count), torch.ones(self.count)).double()
+
     def generator_ref(self) -> str:
         record = self.state["generator"]
         return record.get("ref", record["path"])

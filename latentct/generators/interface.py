@@ -234,6 +234,11 @@ def load_encoder(path: str | Path, device="cpu") -> nn.Module | None:
     return model.to(device).eval().requires_grad_(False)
 
 
+def own_encoder(G: nn.Module, path: str | Path, device="cpu") -> nn.Module | None:
+    """The encoder stored beside a LatentCT generator.pt (a VAE's); None for other kinds and plug-ins."""
+    return load_encoder(path, device) if G.reference["kind"] in KINDS else None
+
+
 def generator_info(path: str | Path) -> dict:
     """What a LatentCT generator file says of itself (kind, args, window, dataset)."""
     state = _read(path)
