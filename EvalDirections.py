@@ -24,7 +24,14 @@ from latentct.data.phantom import FACTORS
 from latentct.data.slices import has_factors, held_out, is_dataset, parse_window, read_index, unit_to_hu
 from latentct.discover.directions import Directions, load_directions
 from latentct.generators.embed import embed
-from latentct.generators.interface import output_size, own_encoder, place_generator, sample_latents
+from latentct.generators.interface import (
+    direction_block,
+    in_block,
+    output_size,
+    own_encoder,
+    place_generator,
+    sample_latents,
+)
 from latentct.score.report import STRONG, describe, fold_axes, is_strong, real_spreads, realism, sweep
 from latentct.score.scoring import (
     AREA_TAUS,
@@ -62,6 +69,11 @@ class Settings:
     generator_weights: str | None = setting(None, "weights of a --generator factory, when not where directions.pt says")
     generator_args: str | None = setting(None, "a --generator factory's arguments (JSON), when not those recorded")
     dataset: str | None = setting(None, "preprocessed dataset (default: the generator's training data)")
+    diffusion_view: str | None = setting(None, "a diffusion generator's view: read from directions.pt; given, it must "
+                                         "agree", choices=(None, "noise", "h"))
+    ddim_steps: int | None = setting(None, "a diffusion generator's DDIM steps: read from directions.pt; given, it "
+                                     "must agree")
+    t_edit: int | None = setting(None, "the h view's t_edit: read from directions.pt; given, it must agree")
     which: list[int] = setting([], "directions to show (default: all)")
     shift_scale: float | None = setting(None, "sweep from -shift_scale to +shift_scale (default: the scale the "
                                         "directions were trained or scored with, from directions.pt)")
@@ -131,9 +143,26 @@ class Subject:
 
 def load_subject(cfg: Settings) -> Subject:
     directions, G = load_directions(cfg.directions, cfg.generator, cfg.generator_weights, cfg.generator_args)
+    check_view(cfg, directions)
     G = place_generator(G, cfg.device, memory_format(cfg.channels_last, Runtime(torch.device(cfg.device))))
     return Subject(directions, G, cfg.generator or directions.generator_ref(), G.window, cfg.dataset or G.dataset,
                    cfg.shift_scale or directions.shift_scale)
+
+
+def check_view(cfg: Settings, directions: Directions) -> None:
+    """A diffusion generator's view, DDIM steps and t_edit come from directions.pt (they define the latent the
+    directions live in); a flag that contradicts them stops here, in one line."""
+    recorded = directions.state.get("diffusion") or {}
+    given = {"view": cfg.diffusion_view, "ddim_steps": cfg.ddim_steps, "t_edit": cfg.t_edit}
+    for key, value in given.items():
+        if value is None:
+            continue
+        flag_name = "--diffusion-view" if key == "view" else f"--{key.replace('_', '-')}"
+        if not recorded:
+            raise UserError(f"{flag_name}: {cfg.directions} was not found on a diffusion generator")
+        if recorded.get(key) != value:
+            raise UserError(f"{flag_name}: {value} contradicts {cfg.directions}, whose directions were found with "
+                            f"{key} {recorded.get(key)}; leave the flag out (it is read from there)")
 
 
 def dataset_spacing(dataset: str | None) -> tuple[float, str | None]:
@@ -180,6 +209,7 @@ def main(cfg: Settings) -> dict:
         directions, G = subject.directions, subject.G
         report = {"name": out.name, "generator": str(subject.generator_file), "generator_kind": G.reference["kind"],
                   "generator_note": G.reference["note"], "volume": G.volume, "anatomy": anatomy_note,
+                  "diffusion": subject.directions.state.get("diffusion"),
                   "window": list(subject.window) if subject.window is not None else None,
                   "directions_file": str(cfg.directions), "method": directions.method,
                   "directions_count": directions.count, "rca": directions.rca, "shift_scale": subject.scale,
@@ -461,7 +491,8 @@ def pooled_null(cfg: Settings, G, z, eps, read, chunk: int = 32) -> tuple[np.nda
     """R2 and effect (pool, F) of ``null_pool`` random unit directions, swept like every method: the same
     latents, shifts and sample count. Scored once; every method's null sets are drawn from it."""
     gen = torch.Generator().manual_seed(cfg.seed + 99991)
-    matrix = F.normalize(torch.randn(cfg.null_pool, G.latent_dim, generator=gen), dim=1)
+    start, stop = direction_block(G)  # where the methods' directions live (dh only in a diffusion h view)
+    matrix = in_block(G, F.normalize(torch.randn(cfg.null_pool, stop - start, generator=gen), dim=1))
     r2, effect = [], []
     for start in tqdm(range(0, cfg.null_pool, chunk), desc="null pool", unit="chunk", leave=False):
         part = matrix[start:start + chunk]

@@ -42,7 +42,7 @@ from latentct.util.io import atomic_torch_save
 from latentct.util.settings import UserError, check, run_cli, setting, settings_dict, user_errors
 
 METHODS = ("learned", "sefa", "pca", "random", "coordinate", "spectral", "ica", "spca", "unmix", "metadata",
-           "supervised", "file")
+           "supervised", "file", "hpca")
 
 
 @dataclass
@@ -97,6 +97,8 @@ class Settings(GeneratorOptions, TrainerSettings):
                                           "directions.pt whose rows start the deformator's first columns (the rest "
                                           "start at random)")
     supervised_samples: int = setting(2048, "latents the supervised method fits on (half as many more score the fit)")
+    spectral_samples: int = setting(64, "latents the spectral method averages J^T J over (a diffusion model's "
+                                    "Jacobian runs through every DDIM step: fewer there)")
     batch_size: int = setting(128, "image pairs per step and process")
     steps: int = setting(3000, "optimiser steps")
     eval_every: int = setting(500, "steps between RCA measurements")
@@ -138,6 +140,10 @@ def directions_for(cfg: Settings, G, device) -> tuple[torch.nn.Module, dict | No
     Returns them with the deformator's arguments (None when fixed), the method's name in the artifact (a --method
     file run keeps its source's) and what the method reports beside its directions."""
     if cfg.method == "learned":
+        if getattr(G, "view", None) == "h":
+            raise UserError("--method learned: its deformator moves all of z, and in a diffusion h view directions "
+                            "move dh only: use hpca, spectral, random or supervised there (--diffusion-view noise "
+                            "for learned)")
         deformator_args = dict(directions_count=cfg.directions_count, latent_dim=G.latent_dim,
                                bias=cfg.deformator_bias, random_init=cfg.random_init, seed=cfg.seed)
         with user_errors():
@@ -156,7 +162,8 @@ def directions_for(cfg: Settings, G, device) -> tuple[torch.nn.Module, dict | No
     if cfg.method == "supervised":
         matrix, extra = supervised(G, load_oracle(cfg.oracle), G.window, cfg.supervised_samples, cfg.seed)
     elif cfg.method == "spectral":
-        matrix, extra = spectral(G, cfg.directions_count, cfg.feature_layer, seed=cfg.seed)
+        matrix, extra = spectral(G, cfg.directions_count, cfg.feature_layer, samples=cfg.spectral_samples,
+                                 seed=cfg.seed)
     elif cfg.method in ("ica", "spca"):
         solver = ica if cfg.method == "ica" else sparse_pca
         matrix, extra = solver(G.cpu(), cfg.directions_count, cfg.feature_layer, seed=cfg.seed)

@@ -172,15 +172,33 @@ def coordinate_axes(latent_dim: int, count: int) -> torch.Tensor:
 
 
 def baseline_matrix(method: str, G, count: int, seed: int = 0) -> torch.Tensor:
+    """Random and coordinate directions live in G's direction block (all of z, or dh in a diffusion h view)."""
+    from latentct.generators.interface import direction_block, in_block
+
+    start, stop = direction_block(G)
     if method == "sefa":
         return sefa(G, count)
     if method == "pca":
         return pca(G, count, seed=seed)
     if method == "random":
-        return random_orthonormal(G.latent_dim, count, seed)
+        return in_block(G, random_orthonormal(stop - start, count, seed))
     if method == "coordinate":
-        return coordinate_axes(G.latent_dim, count)
-    raise UserError(f"--method: {method!r} is not learned, sefa, pca, random or coordinate")
+        return in_block(G, coordinate_axes(stop - start, count))
+    if method == "hpca":
+        return h_pca(G, count, seed)
+    raise UserError(f"--method: {method!r} is not learned, sefa, pca, random, coordinate or hpca")
+
+
+def h_pca(G, count: int, seed: int = 0) -> torch.Tensor:
+    """(K, d): the principal components of a diffusion model's h over samples and the edit window's steps (Haas et
+    al. 2023), as directions of dh in the h view."""
+    from latentct.generators.diffusion import h_principal_components
+    from latentct.generators.interface import in_block
+
+    if getattr(G, "view", None) != "h":
+        raise UserError("--method hpca: needs a diffusion generator's h view (--diffusion-view h)")
+    components, _ = h_principal_components(G, count, seed=seed)
+    return in_block(G, components.float())
 
 
 def supervised(G, oracle, window, samples: int = 2048, seed: int = 0) -> tuple[torch.Tensor, dict]:
@@ -190,7 +208,11 @@ def supervised(G, oracle, window, samples: int = 2048, seed: int = 0) -> tuple[t
     Returns the directions and what to report beside them: each factor's fit R2 on held-out latents (a factor
     the latent cannot move linearly shows as a low R2), B's condition number, and each direction's change of
     its factor per unit shift (in the factor's units)."""
-    directions, info = fit_directions(*fit_readings(G, oracle, window, samples, seed), samples)
+    fitted = getattr(G, "fit_basis", lambda: None)()
+    basis = None if fitted is None else fitted[0]
+    directions, info = fit_directions(*fit_readings(G, oracle, window, samples, seed), samples, basis=basis)
+    if basis is not None:
+        info["within"] = f"the top {basis.shape[1]} principal components of h"
     return directions, dict(info, oracle_sha256=getattr(oracle, "sha256", None))
 
 
@@ -200,7 +222,10 @@ def fit_readings(G, oracle, window, samples: int = 2048, seed: int = 0) -> tuple
     from latentct.show.images import display
 
     gen = torch.Generator().manual_seed(seed * 7919 + 17)
-    z = sample_latents(G, samples + samples // 2, gen, part="fit")
+    if hasattr(G, "fit_latents"):  # a diffusion generator: dh drawn in h's principal components in the h view
+        z = G.fit_latents(samples + samples // 2, gen)
+    else:
+        z = sample_latents(G, samples + samples // 2, gen, part="fit")
     device = next(G.parameters(), torch.zeros(0)).device
     with torch.no_grad():
         images = torch.cat([G(part.to(device)).float().cpu() for part in z.split(256)])
@@ -211,7 +236,8 @@ def fit_directions(z: torch.Tensor, readings: torch.Tensor, samples: int, basis:
                    names=None) -> tuple[torch.Tensor, dict]:
     """The least-squares map B from latents (or, with a (d, k) orthonormal ``basis``, from their coordinates in
     its span) to the readings (columns ``names``, default the phantom's factors); its pseudo-inverse's columns,
-    mapped back to the latent, are the directions."""
+    mapped back to the latent, are the directions. Where the latent has more than half as many dimensions as
+    there are fit samples (a diffusion model's x_T), B is a ridge regression instead (``ridge_penalty``)."""
     from latentct.data.phantom import FACTORS
     from latentct.score.oracle import r_squared
 
@@ -220,8 +246,12 @@ def fit_directions(z: torch.Tensor, readings: torch.Tensor, samples: int, basis:
     x = z.double() if basis is None else z.double() @ basis.double()
     fit_x, test_x = x[:samples], x[samples:]
     design = torch.cat([fit_x, torch.ones(len(fit_x), 1, dtype=torch.float64)], 1)
+    penalty = ridge_penalty(fit_x, readings[:samples]) if fit_x.shape[1] > samples / 2 else None
     with single_threaded():
-        coef = torch.linalg.lstsq(design, readings[:samples]).solution       # (p + 1, 6)
+        if penalty is None:
+            coef = torch.linalg.lstsq(design, readings[:samples]).solution   # (p + 1, 6)
+        else:
+            coef = ridge(fit_x, readings[:samples], penalty)
         B = coef[:-1].t()                                                    # (6, p)
         pinv = torch.linalg.pinv(B)                                          # (p, 6)
         singular = torch.linalg.svdvals(B)
@@ -232,8 +262,30 @@ def fit_directions(z: torch.Tensor, readings: torch.Tensor, samples: int, basis:
     per_unit = (B @ (pinv / latent.norm(dim=0).clamp_min(1e-12))).diagonal()
     info = {"fit_r2": {f: float(v) for f, v in zip(names, fit_r2)},
             "condition_number": float(singular.max() / singular.min().clamp_min(1e-12)),
-            "per_unit_shift": {f: float(v) for f, v in zip(names, per_unit)}, "samples": samples}
+            "per_unit_shift": {f: float(v) for f, v in zip(names, per_unit)}, "samples": samples,
+            "solver": "least squares" if penalty is None else f"ridge, penalty {penalty:g} x samples"}
     return directions.float(), info
+
+
+def ridge(x: torch.Tensor, y: torch.Tensor, penalty: float) -> torch.Tensor:
+    """(p + 1, m) coefficients (intercept last) of the ridge regression y ~ x, penalty x n on the slopes only."""
+    mean_x, mean_y = x.mean(0), y.mean(0)
+    xc, yc = x - mean_x, y - mean_y
+    gram = xc.t() @ xc + penalty * len(x) * torch.eye(x.shape[1], dtype=x.dtype)
+    slopes = torch.linalg.solve(gram, xc.t() @ yc)
+    return torch.cat([slopes, (mean_y - mean_x @ slopes)[None]])
+
+
+def ridge_penalty(x: torch.Tensor, y: torch.Tensor, grid=(1e-3, 1e-2, 1e-1, 1.0, 10.0)) -> float:
+    """The penalty (per sample) of the grid with the best mean R2 on the last quarter of the fit samples, fitted
+    on the first three quarters (the fit's own held-out test rows stay untouched)."""
+    from latentct.score.oracle import r_squared
+
+    cut = len(x) * 3 // 4
+    with single_threaded():
+        scores = [float(r_squared(torch.cat([x[cut:], torch.ones(len(x) - cut, 1, dtype=x.dtype)], 1)
+                                  @ ridge(x[:cut], y[:cut], p), y[cut:]).mean()) for p in grid]
+    return grid[max(range(len(grid)), key=scores.__getitem__)]
 
 
 def spectral(G, count: int, layer: str | None = None, samples: int = 64, seed: int = 0, iterations: int = 4,
@@ -244,12 +296,21 @@ def spectral(G, count: int, layer: str | None = None, samples: int = 64, seed: i
     exactly, above it a randomised subspace iteration with J^T J products (forward then reverse mode) finds the
     top ``count`` eigenvectors."""
     from latentct.generators.features import default_layer, layer_features
+    from latentct.generators.interface import direction_block
 
-    layer = layer or default_layer(G)
+    layer = default_layer(G) if layer is None else layer
     features = layer_features(G, layer)
-    d = G.latent_dim
+    start, stop = direction_block(G)  # the Jacobian with respect to these coordinates (dh in a diffusion h view)
+    d = stop - start
     gen = torch.Generator().manual_seed(seed * 7919 + 29)
     z = sample_latents(G, samples, gen)
+
+    def full(tangents: torch.Tensor) -> torch.Tensor:  # (n, d) block tangents -> (n, latent_dim)
+        if d == G.latent_dim:
+            return tangents
+        out = torch.zeros(len(tangents), G.latent_dim, dtype=tangents.dtype)
+        out[:, start:stop] = tangents
+        return out
 
     def jvp(points: torch.Tensor, tangents: torch.Tensor) -> torch.Tensor:
         import torch.autograd.forward_ad as fwAD
@@ -266,12 +327,12 @@ def spectral(G, count: int, layer: str | None = None, samples: int = 64, seed: i
         out = torch.zeros(d, p, dtype=torch.float64)
         for zi in z.split(max(1, 256 // p)):
             points = zi.repeat_interleave(p, 0)
-            JV = jvp(points, V.t().float().repeat(len(zi), 1))             # (n * p, m)
+            JV = jvp(points, full(V.t().float().repeat(len(zi), 1)))       # (n * p, m)
             x = points.clone().requires_grad_(True)
             with torch.enable_grad():
                 y = features(x).double()
                 grads, = torch.autograd.grad(y, x, grad_outputs=JV)        # rows: J_i^T (J_i v)
-            out += grads.double().reshape(len(zi), p, d).sum(0).t()
+            out += grads[:, start:stop].double().reshape(len(zi), p, d).sum(0).t()
         return out / len(z)
 
     count = min(count, d)
@@ -280,7 +341,7 @@ def spectral(G, count: int, layer: str | None = None, samples: int = 64, seed: i
             M = torch.zeros(d, d, dtype=torch.float64)
             eye = torch.eye(d)
             for zi in z.split(max(1, 2048 // d)):
-                J = jvp(zi.repeat_interleave(d, 0), eye.repeat(len(zi), 1)).reshape(len(zi), d, -1)
+                J = jvp(zi.repeat_interleave(d, 0), full(eye.repeat(len(zi), 1))).reshape(len(zi), d, -1)
                 M += torch.einsum("nim,njm->ij", J, J)
             values, vectors = torch.linalg.eigh(M / len(z))
             order = torch.argsort(values, descending=True)[:count]
@@ -293,6 +354,7 @@ def spectral(G, count: int, layer: str | None = None, samples: int = 64, seed: i
             values, vectors = torch.linalg.eigh((small + small.t()) / 2)
             order = torch.argsort(values, descending=True)[:count]
             top, top_values = (Q @ vectors[:, order]).t(), values[order]
-    info = {"layer": layer, "samples": samples, "eigenvalues": top_values.tolist(),
+    info = {"layer": layer or "output", "samples": samples, "eigenvalues": top_values.tolist(),
             "solver": "exact" if d <= exact_up_to else f"subspace iteration x{iterations}"}
-    return fix_signs(torch.nn.functional.normalize(top, dim=1)).float().contiguous(), info
+    top = fix_signs(torch.nn.functional.normalize(top, dim=1)).float()
+    return full(top).contiguous(), info

@@ -122,6 +122,7 @@ def save_directions(path: str | Path, method: str, deformator: nn.Module, G: nn.
             "kind": deformator.kind, "args": dict(deformator_args or {}),
             "state_dict": {k: v.detach().cpu() for k, v in deformator.state_dict().items()}},
         "generator": generator, "latent_spread": latent_spread(G),
+        "diffusion": (ref["options"] or {}).get("diffusion"),  # a diffusion generator's view, ddim_steps, t_edit
         "settings": settings, "rca": rca, "extra": dict(extra or {}),
     }
     atomic_torch_save(state, path)

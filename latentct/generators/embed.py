@@ -1,4 +1,5 @@
-"""Embedding a real slice in a generator's latent space: the VAE's encoder, or optimising z for the DCGAN."""
+"""Embedding a real slice in a generator's latent space: the VAE's encoder, DDIM inversion for a diffusion model,
+or optimising z for the DCGAN."""
 from __future__ import annotations
 
 import torch
@@ -17,6 +18,8 @@ def embed(G, x: torch.Tensor, encoder=None, steps: int = 300, restarts: int = 4,
     if encoder is not None:
         with torch.no_grad():
             starts = encoder(x)[0][None]
+    elif hasattr(G, "invert"):  # a diffusion generator: its autoencoder and DDIM inversion give the start
+        starts = G.invert(x)[None]
     else:
         starts = torch.randn(restarts, b, G.latent_dim, generator=gen)
     best_z, best_err = None, None

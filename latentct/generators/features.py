@@ -15,7 +15,9 @@ class _Reached(Exception):
 # The default layer per generator class: an intermediate block, past the first linear map of z (whose Jacobian
 # SeFa already factorises) and early enough to be cheap: the DCGAN's second block (8 x 8), the VAE decoder's
 # second residual block, as LatentCLR contrasts an early BigGAN block (its default generator.layers.0).
-DEFAULT_LAYERS = {"Generator": "main.5", "Decoder": "blocks.1"}
+# A diffusion generator's layers run once per DDIM step, so its methods read the output image ("" is G itself): the
+# spectral method is then the image's pullback metric (Park et al., NeurIPS 2023).
+DEFAULT_LAYERS = {"Generator": "main.5", "Decoder": "blocks.1", "DiffusionGenerator": ""}
 
 
 def require_hooks(G: nn.Module, what: str) -> None:

@@ -17,11 +17,12 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from latentct.generators.diffusion import DEFAULT_VIEW, VIEWS, DiffusionGenerator, load_plugin_weights
 from latentct.models import dcgan, vae
 from latentct.util.io import atomic_torch_save
 from latentct.util.settings import UserError, check, setting
 
-KINDS = {"dcgan": dcgan.Generator, "vae": vae.Decoder}
+KINDS = {"dcgan": dcgan.Generator, "vae": vae.Decoder, "diffusion": DiffusionGenerator}
 
 
 def save_generator(path: str | Path, kind: str, model: nn.Module, args: dict, window, dataset: str,
@@ -67,6 +68,13 @@ class GeneratorOptions:
                                                         "for (default: what it declares; none: no anatomy)")
     latents: str | None = setting(None, "encoded latents (.pt, N x latent_shape) to draw z from instead of N(0, I): "
                                   "for autoencoders (python -m latentct.generators.latents writes one)")
+    diffusion_view: str | None = setting(None, "a diffusion generator's latent: noise (x_T) or h (an offset after "
+                                         "the UNet's middle block from fixed noise) (default: noise)",
+                                         choices=(None, *VIEWS))
+    ddim_steps: int | None = setting(None, "a diffusion generator's deterministic DDIM steps per sample (default: "
+                                     f"{DEFAULT_VIEW['ddim_steps']})")
+    t_edit: int | None = setting(None, "the h view's edit window: the offset is added at every step with t >= "
+                                 f"t_edit (Asyrp's interval; default {DEFAULT_VIEW['t_edit']} of 1,000)")
 
     def __post_init__(self):
         parent = getattr(super(), "__post_init__", None)
@@ -77,7 +85,11 @@ class GeneratorOptions:
     def generator_options(self) -> dict:
         return {"args": parse_generator_args(self.generator_args), "weights": self.generator_weights,
                 "latent_shape": self.latent_shape, "output_range": self.output_range,
-                "output_window": self.output_window, "latents": self.latents}
+                "output_window": self.output_window, "latents": self.latents, "diffusion": self.diffusion_options()}
+
+    def diffusion_options(self) -> dict | None:
+        given = {"view": self.diffusion_view, "ddim_steps": self.ddim_steps, "t_edit": self.t_edit}
+        return {k: v for k, v in given.items() if v is not None} or None
 
 
 def parse_generator_args(text: str) -> dict:
@@ -92,25 +104,36 @@ def parse_generator_args(text: str) -> dict:
 
 def load_generator(ref: str | Path, device="cpu", args: dict | None = None, weights: str | None = None,
                    latent_shape=None, output_range=None, output_window=None, latents: str | None = None,
-                   memory_format=torch.contiguous_format) -> nn.Module:
+                   diffusion: dict | None = None, memory_format=torch.contiguous_format) -> nn.Module:
     """Rebuild a generator, frozen and in eval mode, from a LatentCT generator.pt, a factory (``file.py:name``,
-    ``package.module:name``), a TorchScript file or a torch.export program; placed with ``place_generator``."""
+    ``package.module:name``), a TorchScript file or a torch.export program; placed with ``place_generator``.
+    ``diffusion`` ({view, ddim_steps, t_edit}) sets a diffusion generator's view (latentct/generators/diffusion.py);
+    the view it resolves to is recorded in its reference, so directions rebuild the same one."""
     from latentct.generators import plugins
 
     ref = str(ref)
     absolute = lambda path: str(Path(path).resolve()) if path else None  # noqa: E731
     # The options are recorded with the directions: absolute paths load from any folder.
     options = {"args": dict(args or {}), "weights": absolute(weights), "latent_shape": latent_shape,
-               "output_range": output_range, "output_window": output_window, "latents": absolute(latents)}
+               "output_range": output_range, "output_window": output_window, "latents": absolute(latents),
+               "diffusion": diffusion}
     note = None
     if plugins.is_factory(ref):
         with torch.random.fork_rng(devices=[]):
             module, files = plugins.load_factory(ref, options["args"])
+        diffusion_plugin = isinstance(module, DiffusionGenerator)
         if weights:
-            files.update(plugins.load_weights(module, weights))
+            files.update(load_plugin_weights(module, weights) if diffusion_plugin else plugins.load_weights(module,
+                                                                                                             weights))
         else:
             note = "weights the factory loads by itself are not covered by the recorded hashes"
-        model = _plugin(module.eval(), options, "factory")
+        if diffusion_plugin:  # our sampler around the user's MONAI networks: the native interface, not a wrapper
+            model = module.eval()
+            window = output_window or module.declared_window
+            model.window, model.dataset = (tuple(float(v) for v in window) if window else None), None
+            model.planes, model.volume, model.hookable, model.kind = 1, False, True, "factory"
+        else:
+            model = _plugin(module.eval(), options, "factory")
     elif Path(ref).is_file():
         files = {str(Path(ref).resolve()): file_hash(ref)}
         state = _native_state(ref)
@@ -127,6 +150,14 @@ def load_generator(ref: str | Path, device="cpu", args: dict | None = None, weig
     else:
         raise UserError(f"--generator: {ref} does not exist (a generator.pt, TorchScript or export file, or "
                         "file.py:factory)")
+    diffusion_model = model if isinstance(model, DiffusionGenerator) else getattr(model, "module", None)
+    if isinstance(diffusion_model, DiffusionGenerator):  # ours, or a plug-in's MONAI model wrapped in one
+        with torch.random.fork_rng(devices=[]):
+            diffusion_model.eval().configure(**{**DEFAULT_VIEW, **(diffusion or {})})
+        options["diffusion"] = diffusion_model.view_record()
+        model.latent_shape, model.latent_dim = diffusion_model.latent_shape, diffusion_model.latent_dim
+    elif diffusion:
+        raise UserError(f"--diffusion-view/--ddim-steps/--t-edit: {ref} is not a diffusion generator")
     model.prior = load_latents(latents, model.latent_shape) if latents else None
     if hasattr(model, "check_batch"):  # a plug-in: its output on real latents, now that its prior is known
         model.check_batch()
@@ -141,8 +172,10 @@ def load_generator(ref: str | Path, device="cpu", args: dict | None = None, weig
 def place_generator(G: nn.Module, device, memory_format=torch.contiguous_format) -> nn.Module:
     """G on ``device``, in ``memory_format`` only if it is one of our generators: channels_last was measured
     faster for them (bench/eval.py, bench/directions.py), never for a user's plug-in, and it fails outright on
-    a volume generator's 5-D weights (ConvTranspose3d). A plug-in keeps its own layout."""
-    if getattr(G, "kind", None) in KINDS:
+    a volume generator's 5-D weights (ConvTranspose3d). A plug-in keeps its own layout, and so does a diffusion
+    generator: forward-mode autodiff through MONAI's GroupNorm fails on channels_last tensors (the spectral
+    method's Jacobian-vector products)."""
+    if getattr(G, "kind", None) in ("dcgan", "vae"):
         return G.to(device, memory_format=memory_format)
     return G.to(device)
 
@@ -207,6 +240,8 @@ def sample_latents(G: nn.Module, n: int, generator: torch.Generator | None = Non
     given (seeded draws), then moved to ``device``. ``part`` keeps fitting and scoring apart under encoded
     latents (drawn with replacement): "fit" draws from the even rows, "score" from the odd ones."""
     prior = getattr(G, "prior", None)
+    if prior is None and hasattr(G, "draw_latents"):  # a diffusion generator's h view: dh = 0 in every draw
+        return G.draw_latents(n, generator, device).to(device or "cpu")
     if prior is None:
         if generator is not None:
             return torch.randn(n, G.latent_dim, generator=generator).to(device or "cpu")
@@ -215,6 +250,20 @@ def sample_latents(G: nn.Module, n: int, generator: torch.Generator | None = Non
         prior = prior[{"fit": 0, "score": 1}[part]::2]
     idx = torch.randint(0, len(prior), (n,), generator=generator)
     return prior[idx].to(device or "cpu")
+
+
+def direction_block(G: nn.Module) -> tuple[int, int]:
+    """The latent coordinates directions live in, (start, stop): all of them, except in a diffusion generator's h
+    view, where directions move dh only."""
+    return tuple(getattr(G, "direction_block", (0, G.latent_dim)))
+
+
+def in_block(G: nn.Module, rows: torch.Tensor) -> torch.Tensor:
+    """(K, stop - start) rows in the direction block -> (K, latent_dim) latent directions (zero elsewhere)."""
+    start, stop = direction_block(G)
+    out = torch.zeros(len(rows), G.latent_dim, dtype=rows.dtype)
+    out[:, start:stop] = rows
+    return out
 
 
 def latent_spread(G: nn.Module) -> float:

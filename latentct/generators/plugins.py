@@ -112,8 +112,13 @@ def load_factory(ref: str, args: dict) -> tuple[nn.Module, dict]:
     except Exception as err:
         raise UserError(f"--generator: {ref}({json.dumps(args)}) raised {type(err).__name__}: "
                         f"{one_line(err)}") from None
+    if isinstance(made, dict) and "unet" in made:  # a MONAI diffusion model (latentct/generators/diffusion.py)
+        from latentct.generators.diffusion import diffusion_plugin
+
+        made = diffusion_plugin(made, ref)
     if not isinstance(made, nn.Module):
-        raise UserError(f"--generator: {ref} returned {type(made).__name__}, not a torch.nn.Module")
+        raise UserError(f"--generator: {ref} returned {type(made).__name__}, not a torch.nn.Module (nor a diffusion "
+                        "model's dict with a 'unet')")
     return made, {str(source.resolve()): _sha256(source)}
 
 

@@ -35,6 +35,15 @@ def _fmt(value, digits=2) -> str:
     return f"{value:.{digits}f}" if isinstance(value, (int, float)) and value is not None else "–"
 
 
+def diffusion_view_line(view: dict) -> str:
+    """How a diffusion generator's images were made: which latent the directions move, and the sampler."""
+    steps = f"{view['ddim_steps']} deterministic DDIM steps from fixed starting noise"
+    if view["view"] == "h":
+        return (f"Diffusion model, h view: directions add an offset to the UNet's middle-block output at every step "
+                f"with t >= {view['t_edit']} (Asyrp's edit window); {steps}.")
+    return f"Diffusion model, noise view: directions move the starting noise x_T; {steps}."
+
+
 def write_gallery(folder: Path, report: dict) -> Path:
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>LatentCT: {_esc(report['name'])}</title>",
              f"<style>{STYLE}</style><script>{SCRIPT}</script></head><body>",
@@ -55,6 +64,8 @@ def write_gallery(folder: Path, report: dict) -> Path:
         parts.append(f"<p class='note no'>Anatomy {_esc(report['anatomy'])}.</p>")
     if report.get("generator_note"):
         parts.append(f"<p class='note'>Generator: {_esc(report['generator_note'])}.</p>")
+    if report.get("diffusion"):
+        parts.append(f"<p class='note'>{_esc(diffusion_view_line(report['diffusion']))}</p>")
     rows_by_k = {r["direction"]: r for r in report["directions"]}
     if report.get("axes"):
         parts.append(f"<h2>{len(report['axes'])} distinct effects, strongest first</h2><p class='note'>Directions whose "
