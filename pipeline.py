@@ -33,13 +33,14 @@ from latentct.score import disentanglement, oracle, validate
 from latentct.show.gallery import write_index
 from latentct.util.io import atomic_write_json
 from latentct.util.settings import UserError, check, make_settings, run_cli, setting, settings_dict
-from Training import TrainDirections, TrainDisCo, TrainGAN, TrainLatentCLR, TrainVAE
+from Training import TrainDiffusion, TrainDirections, TrainDisCo, TrainGAN, TrainLatentCLR, TrainVAE
 
 # The one ordering table: every kind of job in the order it runs, with its stage (the name --from-stage takes and
 # the summary shows). The main lane runs first, alone with every core, generator by generator in this order; the
 # pool then starts its ready jobs in this order, --parallel at a time.
 ORDER = {
     "phantom": "phantom", "preprocess": "preprocess", "train_gan": "train_gan", "train_vae": "train_vae",
+    "train_diffusion": "train_diffusion",
     "oracle": "oracle", "validate": "validate",
     "learned": "directions",       # the first preset's learned directions: the first gallery shows them
     "evaluate": "evaluate",        # GIFs, report and gallery
@@ -57,6 +58,11 @@ TRAINED = {"disco": TrainDisCo, "latentclr": TrainLatentCLR}         # their own
 UNMIXED = ("unmix", "learned_unmix")
 METHODS = BASELINES + tuple(TRAINED) + UNMIXED
 GENERATORS = ("dcgan", "vae")
+# A diffusion model is scored in two views of one trained model (latentct/generators/diffusion.py), each its own
+# gallery and table: x_T (noise) and an offset in the UNet's h-space from fixed noise (h). Their methods: those that
+# need only G(z), and in the h view PCA of h; sefa and pca need a first layer a sampler does not have.
+DIFFUSION_VIEWS = ("noise", "h")
+DIFFUSION_METHODS = ("spectral", "random", "coordinate", "unmix", "hpca", "ica")
 
 
 @dataclass
@@ -121,6 +127,22 @@ class Settings:
                                "on the phantom, the ground truth")
     methods: list[str] = setting(["sefa", "random"], "with --generator: the methods scored beside the learned "
                                  "directions (those that need forward hooks are left out for TorchScript/export)")
+    generators: list[str] = setting(list(GENERATORS), "generators to train and score: dcgan, vae, diffusion")
+    diffusion_views: list[str] = setting(list(DIFFUSION_VIEWS), "the diffusion model's views, each scored as its own "
+                                         "generator: noise (x_T) and h (an offset after the UNet's middle block)")
+    diffusion_preset: str = setting("latent", "TrainDiffusion preset", choices=tuple(TrainDiffusion.PRESETS))
+    diffusion_steps: int | None = setting(None, "the diffusion UNet's steps (None: the preset's)")
+    autoencoder_steps: int | None = setting(None, "the latent diffusion autoencoder's steps (None: the preset's)")
+    diffusion_noise_methods: list[str] = setting(["spectral", "random", "unmix"], "methods of the noise view "
+                                                 "(the first one's directions get the view's gallery)")
+    diffusion_h_methods: list[str] = setting(["hpca", "spectral", "random", "unmix"], "methods of the h view")
+    diffusion_directions: int = setting(8, "K of every diffusion method (each scored direction is 16 samples x 9 "
+                                        "shifts of DDIM sampling)")
+    ddim_steps: int = setting(10, "deterministic DDIM steps per diffusion sample (the generator's view; not "
+                              "training steps)")
+    t_edit: int = setting(500, "the h view's edit window: steps with t >= t_edit (Asyrp's interval)")
+    spectral_samples: int = setting(16, "latents the spectral method averages over on the diffusion model (its "
+                                    "Jacobian runs through every DDIM step)")
     from_stage: str | None = setting(None, "rerun from this stage on, even where outputs exist",
                                      choices=(None, *STAGES))
 
@@ -133,6 +155,16 @@ class Settings:
         for flag_name in ("dcgan_methods", "vae_methods"):
             for name in getattr(self, flag_name):
                 check(name in METHODS, flag_name, f"{name!r} is not one of {', '.join(METHODS)}")
+        for name in self.generators:
+            check(name in (*GENERATORS, "diffusion"), "generators", f"{name!r} is not dcgan, vae or diffusion")
+        for name in self.diffusion_views:
+            check(name in DIFFUSION_VIEWS, "diffusion_views", f"{name!r} is not noise or h")
+        for flag_name in ("diffusion_noise_methods", "diffusion_h_methods"):
+            methods = getattr(self, flag_name)
+            check(bool(methods), flag_name, "needs at least one method (the first gets the gallery)")
+            for name in methods:
+                check(name in DIFFUSION_METHODS, flag_name, f"{name!r} is not one of {', '.join(DIFFUSION_METHODS)}")
+        check("hpca" not in self.diffusion_noise_methods, "diffusion_noise_methods", "hpca needs the h view")
 
 
 PRESETS = {
@@ -142,11 +174,17 @@ PRESETS = {
                  direction_steps=4, direction_batch=8, eval_samples=3, oracle_steps=20, oracle_slices=200,
                  oracle_test_slices=100, probe_slices=100, probe_steps=10,
                  validate_patients=2, null_pool=64, null_sets=50, unmix_rca=True,
-                 dcgan_methods=[m for m in METHODS if m != "metadata"], vae_methods=["sefa", "random", "metadata"]),
+                 dcgan_methods=[m for m in METHODS if m != "metadata"], vae_methods=["sefa", "random", "metadata"],
+                 generators=[*GENERATORS, "diffusion"], diffusion_preset="tiny", ddim_steps=3, diffusion_directions=3,
+                 spectral_samples=2),
     # Every baseline beside the learned directions at demo sizes, with MIG and DCI: docs/results.md's benchmark.
     # (The DCGAN has no encoder: the metadata method would optimise z for every training slice.)
     "benchmark": dict(dcgan_methods=[m for m in METHODS if m != "metadata"], vae_methods=list(METHODS),
                       disentanglement=True, seed_draws=3, dcgan_attainable=True, unmix_rca=True),
+    # The diffusion model on the demo's phantom and image size (docs/diffusion.md): latent diffusion trained on 2
+    # CPU cores, both views scored with K = 8 against the pooled null; one draw of report latents. Its own run
+    # name, so the demo's validation and galleries stay as they are (the oracles are shared through their cache).
+    "benchmark-diffusion": dict(run="benchmark-diffusion", generators=["diffusion"]),
     # The study on real data: 128 px, its widths and batch, 50 epochs, its direction grid for both generators.
     "paper": dict(image_size=128, gan_preset="paper", gan_steps=None, vae_preset="paper", vae_steps=None,
                   direction_presets=["unit-lenet", "unit-resnet", "ortho-lenet", "ortho-resnet", "100-lenet",
@@ -231,13 +269,16 @@ def plan(cfg: Settings) -> list[Job]:
         oracle_file, fit_file = (job.output / "oracle.pt" for job in oracle_jobs)
         jobs.append(Job(kind="validate", name="validate", module=validate, cfg=_with(validate, dict(
             output=str(anim / "validation"), seed=cfg.seed, image_size=cfg.image_size, oracle=str(oracle_file),
-            fit_oracle=str(fit_file), vae=str(runs / "vae" / "generator.pt"), patients=cfg.validate_patients,
+            fit_oracle=str(fit_file), vae=str(runs / "vae" / "generator.pt") if "vae" in cfg.generators else None,
+            patients=cfg.validate_patients,
             render_size=cfg.phantom_size, pair_patients=cfg.validate_patients, scored_samples=cfg.eval_samples,
             probe_slices=cfg.probe_slices, probe_steps=cfg.probe_steps,
             dcgan=str(runs / "dcgan" / "generator.pt") if cfg.dcgan_attainable else None)),
             output=anim / "validation", done_file="validation.json",
             inputs=("oracle", "oracle_fit", "vae", *(("dcgan",) if cfg.dcgan_attainable else ()))))
     for g, gen in enumerate(GENERATORS):
+        if gen not in cfg.generators:
+            continue
         kind, module, steps, preset = trainers[gen]
         jobs.append(Job(kind=kind, name=gen, module=module, cfg=_with(module, dict(common, output=str(runs / gen),
                         steps=steps), preset), output=runs / gen, done_file="generator.pt", inputs=("preprocess",),
@@ -322,7 +363,63 @@ def plan(cfg: Settings) -> list[Job]:
                                 directions=files, seed=cfg.seed, output=str(anim / f"{gen}_disentanglement"),
                                 render_size=cfg.phantom_size), output=anim / f"{gen}_disentanglement",
                                 done_file="disentanglement.json", inputs=(f"{gen}_{preset}", *compared)))
+    if "diffusion" in cfg.generators:
+        truth = dict(oracle=str(oracle_file), fit_oracle=str(fit_file), null_pool=cfg.null_pool, null_sets=cfg.null_sets,
+                     validation=str(anim / "validation" / "validation.json")) if phantom_run else None
+        jobs += diffusion_jobs(cfg, common, runs, anim, truth)
     return in_order(jobs)
+
+
+def diffusion_jobs(cfg: Settings, common: dict, runs: Path, anim: Path, truth: dict | None) -> list[Job]:
+    """The diffusion model: trained in the main lane, then each view as a generator of its own: its methods'
+    directions (no reconstructor: an RCA would train one through the DDIM sampler), the gallery of the first
+    method, and on the phantom the supervised ceiling and the ground truth against the pooled null."""
+    out = runs / "diffusion"
+    jobs = [Job(kind="train_diffusion", name="diffusion", module=TrainDiffusion, cfg=_with(TrainDiffusion, dict(
+        common, output=str(out), steps=cfg.diffusion_steps, autoencoder_steps=cfg.autoencoder_steps),
+        cfg.diffusion_preset), output=out, done_file="generator.pt", inputs=("preprocess",), main_lane=True,
+        generator=len(GENERATORS))]
+    for view in cfg.diffusion_views:
+        gen = f"diffusion_{view}"
+        shared = dict(generator=str(out / "generator.pt"), seed=cfg.seed, device=cfg.device, diffusion_view=view,
+                      ddim_steps=cfg.ddim_steps, t_edit=cfg.t_edit, spectral_samples=cfg.spectral_samples,
+                      directions_count=cfg.diffusion_directions, rca=False)
+        methods = getattr(cfg, f"diffusion_{view}_methods")
+        names = []
+        for m in methods:
+            run = runs / f"{gen}_{m}"
+            values = dict(shared, output=str(run), method=m)
+            inputs = ("diffusion",)
+            if m == "unmix":  # the span of the view's spectral directions, unmixed
+                base = runs / f"{gen}_spectral"
+                if "spectral" not in methods:
+                    jobs.append(Job(kind="baselines", name=base.name, module=TrainDirections, cfg=_with(
+                        TrainDirections, dict(shared, output=str(base), method="spectral")), output=base,
+                        done_file="directions.pt", inputs=("diffusion",)))
+                values.update(unmix_from=str(base / "directions.pt"), unmix_size=cfg.diffusion_directions)
+                inputs = (base.name,)
+            jobs.append(Job(kind="baselines", name=run.name, module=TrainDirections, cfg=_with(TrainDirections,
+                            values), output=run, done_file="directions.pt", inputs=inputs))
+            names.append(run.name)
+        if truth is not None:
+            sup = runs / f"{gen}_supervised"
+            jobs.append(Job(kind="baselines", name=sup.name, module=TrainDirections, cfg=_with(TrainDirections, dict(
+                shared, output=str(sup), method="supervised", oracle=truth["fit_oracle"])), output=sup,
+                done_file="directions.pt", inputs=("diffusion", "oracle_fit")))
+            names.append(sup.name)
+        gallery = anim / gen
+        # Real slices by DDIM inversion alone: refining them by optimising z runs back through every step.
+        common_eval = dict(directions=str(runs / names[0] / "directions.pt"), output=str(gallery),
+                           report_samples=cfg.eval_samples, seed=cfg.seed, embed_steps=0)
+        jobs.append(Job(kind="evaluate", name=f"eval_{gen}", module=EvalDirections, cfg=EvalDirections.Settings(
+            **common_eval, ground_truth="off"), output=gallery, done_file="index.html", inputs=(names[0],)))
+        if truth is not None:
+            jobs.append(Job(kind="ground_truth", name=f"truth_{gen}", module=EvalDirections, cfg=EvalDirections.Settings(
+                **common_eval, ground_truth="only", compare=[str(runs / n / "directions.pt") for n in names[1:]],
+                **truth), output=gallery / "ground_truth", done_file="ground_truth.json",
+                inputs=(f"eval_{gen}", "oracle", "oracle_fit", "validate", *names[1:]),
+                summary=EvalDirections.ground_truth_line))
+    return jobs
 
 
 def other_draws(cfg: Settings, gen: str, preset: str, methods: list[str], shared: dict, truth: dict, runs: Path,

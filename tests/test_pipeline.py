@@ -2,12 +2,13 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 import pipeline
 from latentct.discover.directions import load_directions
 from latentct.generators.interface import load_encoder, load_generator
-from latentct.util.settings import parse_settings
+from latentct.util.settings import UserError, parse_settings
 
 
 def test_whole_pipeline_at_the_smallest_sizes_then_cached_then_from_a_stage(tmp_path):
@@ -19,11 +20,12 @@ def test_whole_pipeline_at_the_smallest_sizes_then_cached_then_from_a_stage(tmp_
     assert stages[:5] == ["phantom", "preprocess", "train_gan", "directions", "evaluate"]
     assert [r["name"] for r in summary["stages"]][3:5] == ["dcgan_demo", "eval_dcgan"]
     assert summary["first_gallery_seconds"] == summary["stages"][4]["finished_at"] <= summary["wall_seconds"]
-    assert stages.count("evaluate") == 2
-    assert stages.count("ground_truth") == 2 and stages.count("oracle") == 2 and not summary["pending"]
+    assert stages.count("evaluate") == 4 and stages.count("train_diffusion") == 1
+    assert stages.count("ground_truth") == 4 and stages.count("oracle") == 2 and not summary["pending"]
     # DCGAN: learned, 7 closed-form methods, the unmixed SeFa span and the learned run started from it, DisCo and
-    # LatentCLR each trained then RCA-measured, supervised; VAE: learned, SeFa, random, metadata, supervised
-    assert stages.count("validate") == 1 and stages.count("directions") == 15 + 5
+    # LatentCLR each trained then RCA-measured, supervised; VAE: learned, SeFa, random, metadata, supervised;
+    # diffusion, noise view: spectral, random, unmix, supervised; h view: hpca, spectral, random, unmix, supervised
+    assert stages.count("validate") == 1 and stages.count("directions") == 15 + 5 + 4 + 5
     # each stage says in one line how it went, read from its own files
     metric = {r["name"]: r["metric"] for r in summary["stages"]}
     assert all(metric.values()), [name for name, m in metric.items() if not m]
@@ -58,6 +60,19 @@ def test_whole_pipeline_at_the_smallest_sizes_then_cached_then_from_a_stage(tmp_
         assert gt["methods"]["supervised"]["supervision"] == "labels"
         assert all(t["supervision"] == ("patient and slice position" if m == "metadata" else "labels"
                                         if m == "supervised" else "none") for m, t in gt["methods"].items())
+    # the diffusion model: one training, two views scored like generators of their own
+    assert metric["diffusion"].startswith("SWD ") and (runs / "diffusion" / "samples_latest.png").is_file()
+    for view, methods in (("noise", ("spectral", "random", "unmix")), ("h", ("hpca", "spectral", "random", "unmix"))):
+        report = json.loads((anim / f"diffusion_{view}" / "report.json").read_text())
+        assert report["diffusion"] == {"view": view, "ddim_steps": 3, "t_edit": 500}
+        assert report["method"] == methods[0] and len(report["directions"]) == 3
+        gt = report["ground_truth"]
+        assert set(gt["methods"]) == {*methods, "supervised"} and gt["null"]["pool"] == 64
+        for method in (*methods, "supervised"):
+            directions, G = load_directions(runs / f"diffusion_{view}_{method}" / "directions.pt")
+            assert G.view == view and directions.state["diffusion"]["view"] == view
+            if view == "h":  # every direction moves dh only
+                assert directions.matrix[:, :G.x_dim].abs().max() == 0
         assert gt["oracles"]["fit"] == gt["methods"]["supervised"]["supervised"]["oracle_sha256"]
         assert all("effect_dci" in t and t["recoverable"] == gt["recoverable"] for t in gt["methods"].values())
         assert all(t["recovered"] == t["recovered_at"]["0.67"] and t["verdict"] for t in gt["methods"].values())
@@ -230,7 +245,7 @@ def test_one_ordering_table_places_every_job(tmp_path):
     cfg = parse_settings(pipeline.Settings, ["--preset", "tiny", "--root", str(tmp_path)], presets=pipeline.PRESETS)
     jobs = pipeline.plan(cfg)
     main = [j.name for j in jobs if j.main_lane]
-    assert main == ["phantom", "preprocess", "dcgan", "dcgan_demo", "eval_dcgan", "vae", "vae_demo"]
+    assert main == ["phantom", "preprocess", "dcgan", "dcgan_demo", "eval_dcgan", "vae", "vae_demo", "diffusion"]
     assert [j.name for j in jobs[:len(main)]] == main
     kinds = list(pipeline.ORDER)
     pool = [kinds.index(j.kind) for j in jobs if not j.main_lane]
@@ -241,8 +256,8 @@ def test_one_ordering_table_places_every_job(tmp_path):
     truth = next(j for j in jobs if j.name == "truth_dcgan")
     assert supervised.cfg.oracle == str(fit.output / "oracle.pt") and truth.cfg.oracle == str(score.output / "oracle.pt")
     assert truth.cfg.fit_oracle == supervised.cfg.oracle
-    assert pipeline.STAGES == ("phantom", "preprocess", "train_gan", "train_vae", "oracle", "validate", "directions",
-                               "evaluate", "ground_truth", "disentanglement")
+    assert pipeline.STAGES == ("phantom", "preprocess", "train_gan", "train_vae", "train_diffusion", "oracle",
+                               "validate", "directions", "evaluate", "ground_truth", "disentanglement")
     with_grid = parse_settings(pipeline.Settings, ["--preset", "tiny", "--root", str(tmp_path), "--direction-presets",
                                                    "demo", "unit-lenet"], presets=pipeline.PRESETS)
     main = [j.name for j in pipeline.plan(with_grid) if j.main_lane]
@@ -281,3 +296,21 @@ def test_the_readme_reports_the_spread_of_repeated_ground_truths(tmp_path):
         "Spread: the ground truth repeated with 1 and 2 threads and report-latent seeds 0 and 1 (`python -m "
         "bench.stability --run demo`): no count moved by more than 1; verdicts that changed: vae sefa.")
     assert results.spread_line(tmp_path) == []
+
+
+def test_the_diffusion_benchmark_plans_both_views_and_leaves_the_demo_run_alone(tmp_path):
+    cfg = parse_settings(pipeline.Settings, ["--preset", "benchmark-diffusion", "--root", str(tmp_path)],
+                         presets=pipeline.PRESETS)
+    jobs = {job.name: job for job in pipeline.plan(cfg)}
+    assert cfg.run == "benchmark-diffusion" and "dcgan" not in jobs and "vae" not in jobs
+    assert jobs["validate"].cfg.vae is None and jobs["diffusion"].main_lane
+    assert jobs["diffusion"].cfg.space == "latent" and jobs["diffusion"].cfg.autoencoder_steps == 2000
+    for view, first in (("noise", "spectral"), ("h", "hpca")):
+        truth = jobs[f"truth_diffusion_{view}"].cfg
+        assert truth.directions.endswith(f"diffusion_{view}_{first}/directions.pt") and truth.null_pool == 256
+        assert truth.compare[-1].endswith(f"diffusion_{view}_supervised/directions.pt")
+        method = jobs[f"diffusion_{view}_spectral"].cfg
+        assert (method.diffusion_view, method.ddim_steps, method.directions_count, method.rca) == (view, 10, 8, False)
+    assert jobs["diffusion_h_unmix"].cfg.unmix_from.endswith("diffusion_h_spectral/directions.pt")
+    with pytest.raises(UserError, match="--diffusion-noise-methods: hpca needs the h view"):
+        parse_settings(pipeline.Settings, ["--diffusion-noise-methods", "hpca"], presets=pipeline.PRESETS)
