@@ -209,8 +209,9 @@ def supervised(G, oracle, window, samples: int = 2048, seed: int = 0) -> tuple[t
     the latent cannot move linearly shows as a low R2), B's condition number, and each direction's change of
     its factor per unit shift (in the factor's units)."""
     fitted = getattr(G, "fit_basis", lambda: None)()
-    basis = None if fitted is None else fitted[0]
-    directions, info = fit_directions(*fit_readings(G, oracle, window, samples, seed), samples, basis=basis)
+    basis, scales = (None, None) if fitted is None else fitted
+    directions, info = fit_directions(*fit_readings(G, oracle, window, samples, seed), samples, basis=basis,
+                                      scales=scales)
     if basis is not None:
         info["within"] = f"the top {basis.shape[1]} principal components of h"
     return directions, dict(info, oracle_sha256=getattr(oracle, "sha256", None))
@@ -233,17 +234,23 @@ def fit_readings(G, oracle, window, samples: int = 2048, seed: int = 0) -> tuple
 
 
 def fit_directions(z: torch.Tensor, readings: torch.Tensor, samples: int, basis: torch.Tensor | None = None,
-                   names=None) -> tuple[torch.Tensor, dict]:
+                   names=None, scales: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
     """The least-squares map B from latents (or, with a (d, k) orthonormal ``basis``, from their coordinates in
     its span) to the readings (columns ``names``, default the phantom's factors); its pseudo-inverse's columns,
     mapped back to the latent, are the directions. Where the latent has more than half as many dimensions as
-    there are fit samples (a diffusion model's x_T), B is a ridge regression instead (``ridge_penalty``)."""
+    there are fit samples (a diffusion model's x_T), B is a ridge regression instead (``ridge_penalty``).
+    ``scales`` (one per basis column: the spread the latents were drawn with along it) fits on standardised
+    coordinates, so the least-norm directions favour the columns that vary, not the noisy slopes of the ones that
+    barely do (h's trailing principal components)."""
     from latentct.data.phantom import FACTORS
     from latentct.score.oracle import r_squared
 
     names = FACTORS if names is None else names
 
     x = z.double() if basis is None else z.double() @ basis.double()
+    scales = None if scales is None else scales.double().clamp_min(1e-12)
+    if scales is not None:
+        x = x / scales
     fit_x, test_x = x[:samples], x[samples:]
     design = torch.cat([fit_x, torch.ones(len(fit_x), 1, dtype=torch.float64)], 1)
     penalty = ridge_penalty(fit_x, readings[:samples]) if fit_x.shape[1] > samples / 2 else None
@@ -257,7 +264,8 @@ def fit_directions(z: torch.Tensor, readings: torch.Tensor, samples: int, basis:
         singular = torch.linalg.svdvals(B)
     test_pred = torch.cat([test_x, torch.ones(len(test_x), 1, dtype=torch.float64)], 1) @ coef
     fit_r2 = r_squared(test_pred, readings[samples:])
-    latent = pinv if basis is None else basis.double() @ pinv                 # (d, 6)
+    unscaled = pinv if scales is None else pinv * scales[:, None]             # back to the basis' own units
+    latent = unscaled if basis is None else basis.double() @ unscaled         # (d, 6)
     directions = latent.t() / latent.norm(dim=0).clamp_min(1e-12)[:, None]  # B v_f = e_f: each raises its factor
     per_unit = (B @ (pinv / latent.norm(dim=0).clamp_min(1e-12))).diagonal()
     info = {"fit_r2": {f: float(v) for f, v in zip(names, fit_r2)},

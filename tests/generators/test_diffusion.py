@@ -189,3 +189,19 @@ def test_a_monai_diffusion_plugin_loads_and_a_bad_one_gets_one_line(diffusion_ru
                           f"{factory}:make", "--generator-args", '{"broken": "shape"}', "--method", "random",
                           "--output", str(tmp_path / "r")], capture_output=True, text=True, cwd=ROOT)
     assert cli.returncode != 0 and len(cli.stderr.strip().splitlines()) == 1 and "sample_shape" in cli.stderr
+
+
+def test_a_fit_in_standardised_coordinates_ignores_the_noisy_slopes_of_columns_that_barely_vary():
+    """h's trailing principal components barely vary: their fitted slopes are noise divided by a tiny spread, and
+    a least-norm direction on raw coordinates runs along them. Standardised, it follows the column that moves."""
+    gen = torch.Generator().manual_seed(7)
+    n, k = 600, 10
+    spread = torch.tensor([1.0] * 6 + [1e-3] * 4, dtype=torch.float64)
+    coords = torch.randn(n + n // 2, k, generator=gen, dtype=torch.float64) * spread
+    readings = coords[:, :6] + 0.05 * torch.randn(len(coords), 6, generator=gen, dtype=torch.float64)
+    basis = torch.eye(k, dtype=torch.float64)
+    raw, raw_info = fit_directions(coords, readings, n, basis=basis)
+    scaled, info = fit_directions(coords, readings, n, basis=basis, scales=spread)
+    assert torch.all(scaled[:, :6].double().diagonal().abs() > 0.99)
+    assert raw[:, :6].double().diagonal().abs().min() < 0.5  # raw: half a direction spent on the still columns
+    assert info["condition_number"] < 1.1 < 4 < raw_info["condition_number"]
