@@ -447,7 +447,8 @@ def subspaces(cfg: Settings, G, files: dict, methods: dict, z, eps, read, floor)
             continue
         dirs = files[name]
         k = subspace.span_size(dirs.method, dirs.count, None if recoverable is None else int(recoverable))
-        entry, basis = subspace.diagnose(dirs.unit_rows(), target, k, FACTORS)
+        start, stop = direction_block(G)
+        entry, basis = subspace.diagnose(dirs.unit_rows(), target, k, FACTORS, dim=stop - start)
         entry["span_ceiling_at"] = None
         if fit is not None and basis.shape[1]:
             ceiling, _ = fit_directions(fit[0], fit[1], fit[2], basis)

@@ -65,15 +65,17 @@ def chance_share(k: int, d: int) -> float:
     return math.sqrt(k / d) if d else 0.0
 
 
-def diagnose(rows: torch.Tensor, supervised: torch.Tensor, k: int, factors) -> tuple[dict, torch.Tensor]:
+def diagnose(rows: torch.Tensor, supervised: torch.Tensor, k: int, factors, dim: int | None = None
+             ) -> tuple[dict, torch.Tensor]:
     """The first ``k`` of a method's (K, d) rows against the (F, d) supervised directions: the subspace entry of
-    ground_truth.json (without the span ceiling) and the span's (d, r) orthonormal basis."""
+    ground_truth.json (without the span ceiling) and the span's (d, r) orthonormal basis. ``dim``: how many
+    dimensions directions can live in, for the chance level (default d; a diffusion h view's dh block is less)."""
     top = rows[:k]
     basis = orthonormal_basis(top) if k else torch.zeros(rows.shape[1], 0, dtype=torch.float64)
     shares = share_in_span(basis, supervised)
     return {"k": int(k), "rank": int(basis.shape[1]), "angles_deg": [round(a, 2) for a in
                                                                       principal_angles(top, supervised)],
-            "chance": round(chance_share(int(basis.shape[1]), rows.shape[1]), 4),
+            "chance": round(chance_share(int(basis.shape[1]), dim or rows.shape[1]), 4),
             "share_in_span": {f: round(float(s), 4) for f, s in zip(factors, shares)}}, basis
 
 
