@@ -314,6 +314,10 @@ def method_files(cfg: Settings, subject: Subject) -> dict[str, Directions]:
     for i, file in enumerate([cfg.directions, *cfg.compare]):
         dirs = subject.directions if i == 0 else \
             load_directions(file, subject.generator_file, cfg.generator_weights, cfg.generator_args)[0]
+        view, main_view = dirs.state.get("diffusion"), subject.directions.state.get("diffusion")
+        if view != main_view:  # swept in the main file's view, they would be scored in a latent they do not live in
+            raise UserError(f"--compare: {file} was found in the diffusion view {view}, {cfg.directions} in "
+                            f"{main_view}; compare files of one view")
         files[dirs.method if dirs.method not in files else f"{dirs.method} ({Path(file).parent.name})"] = dirs
     return files
 
@@ -440,7 +444,8 @@ def subspaces(cfg: Settings, G, files: dict, methods: dict, z, eps, read, floor)
                             f"with (sha256 {fit_oracle.sha256[:12]}, they name {wanted[:12]})")
         samples = int(sup_dirs.extra.get("samples", 2048))
         seed = int((sup_dirs.state.get("settings") or {}).get("seed", cfg.seed))
-        fit = (*fit_readings(G, fit_oracle, G.window, samples, seed), samples)
+        h_view = getattr(G, "view", None) == "h"  # each span then draws its own fit latents (span_fit)
+        fit = (None, None, samples) if h_view else (*fit_readings(G, fit_oracle, G.window, samples, seed), samples)
     recoverable = methods["supervised"]["recovered_at"][HEADLINE]
     for name, table in methods.items():
         if name == "supervised":
@@ -451,11 +456,23 @@ def subspaces(cfg: Settings, G, files: dict, methods: dict, z, eps, read, floor)
         entry, basis = subspace.diagnose(dirs.unit_rows(), target, k, FACTORS, dim=stop - start)
         entry["span_ceiling_at"] = None
         if fit is not None and basis.shape[1]:
-            ceiling, _ = fit_directions(fit[0], fit[1], fit[2], basis)
+            in_span = span_fit(G, fit_oracle, basis, fit[2], seed) if h_view else fit
+            ceiling, _ = fit_directions(in_span[0], in_span[1], in_span[2], basis)
             r2, effect = line_effects(read(sweep(G, subspace.Basis(ceiling), list(range(len(ceiling))), eps, z)),
                                       eps)
             entry["span_ceiling_at"] = score_directions(r2, effect, floor)["recovered_at"]
         table["subspace"] = entry
+
+
+def span_fit(G, oracle, basis: torch.Tensor, samples: int, seed: int) -> tuple:
+    """The span ceiling's fit latents where the prior cannot give them (a diffusion h view: dh = 0 in every draw,
+    and the supervised fit's draws in h's principal components are not isotropic in another span, so the slopes
+    on a span's coordinates would take up the rest): x_T from the prior, dh drawn isotropically inside the span."""
+    from latentct.discover.baselines import readings_of
+
+    gen = torch.Generator().manual_seed(seed * 7919 + 23)
+    z = G.fit_in_span(samples + samples // 2, basis, gen)
+    return z, readings_of(G, oracle, G.window, z), samples
 
 
 def cached_null(cfg: Settings, G, z, eps, read, oracle_sha: str) -> tuple[np.ndarray, np.ndarray]:
@@ -463,7 +480,8 @@ def cached_null(cfg: Settings, G, z, eps, read, oracle_sha: str) -> tuple[np.nda
     pool; otherwise scored now (and kept there)."""
     import hashlib
 
-    key = hashlib.sha256(json.dumps([G.reference.get("files"), oracle_sha, cfg.null_pool, cfg.seed]).encode()
+    key = hashlib.sha256(json.dumps([G.reference.get("files"), G.reference.get("options", {}).get("diffusion"),
+                                     oracle_sha, cfg.null_pool, cfg.seed]).encode()
                          + z.numpy().tobytes() + eps.numpy().tobytes()).hexdigest()
     if cfg.null_cache and Path(cfg.null_cache).is_file():
         kept = torch.load(cfg.null_cache, weights_only=True)

@@ -165,6 +165,8 @@ class Settings:
             for name in methods:
                 check(name in DIFFUSION_METHODS, flag_name, f"{name!r} is not one of {', '.join(DIFFUSION_METHODS)}")
         check("hpca" not in self.diffusion_noise_methods, "diffusion_noise_methods", "hpca needs the h view")
+        check("ica" not in self.diffusion_h_methods, "diffusion_h_methods", "ica regresses on prior draws, whose dh "
+              "is 0: it belongs to the noise view")
 
 
 PRESETS = {

@@ -113,6 +113,9 @@ PRESETS = {
 }
 
 
+SCALE_SLICES = 256  # held-out slices whose encodings set LatentDiffusionInferer's scale factor
+
+
 def own_autoencoder(path: str) -> tuple[dict, dict]:
     """(AutoencoderKL arguments, state dict) from a LatentCT diffusion generator.pt or an {args, state_dict} file."""
     state = load_file(path, "autoencoder file")
@@ -177,7 +180,8 @@ def main(cfg: Settings) -> dict:
         raise UserError(f"--ae-channels: {len(args['autoencoder']['channels']) - 1} halvings do not divide the "
                         f"{data.image_size} px slices of --data {cfg.data}")
     with user_errors(f"--data {cfg.data}: "):
-        model = DiffusionGenerator(**args, scale_factor=1.0).to(runtime.device, memory_format=layout)
+        model = DiffusionGenerator(**args, scale_factor=1.0).configure(ddim_steps=cfg.ddim_steps)
+        model = model.to(runtime.device, memory_format=layout)
     if brought:
         model.autoencoder.load_state_dict(brought[1])
     ae, unet = model.autoencoder, model.unet
@@ -193,11 +197,13 @@ def main(cfg: Settings) -> dict:
 
     # Evaluation inputs: held-out slices and fixed starting noise.
     held_out = data.held_out(cfg.data, cfg.eval_samples).to(runtime.device)
+    # The scale factor's slices: a fixed set, so a run resumed with another --eval-samples scales alike.
+    scale_slices = data.held_out(cfg.data, SCALE_SLICES).to(runtime.device)
     eval_z = torch.randn(len(held_out), model.x_dim, generator=torch.Generator().manual_seed(cfg.seed + 1))
     fixed_z = eval_z[:64]
     start = resume(run, cfg, runtime, models, optimizers, architecture)
     if ae is not None and start >= ae_steps:  # the autoencoder is done: its scale factor follows from its weights
-        model.scale_factor = latent_scale(ae, held_out)
+        model.scale_factor = latent_scale(ae, scale_slices)
     ae_train = wrap_ddp(ae, runtime) if ae is not None and ae_steps else None
     unet_train = wrap_ddp(unet, runtime)
     if compiled:
@@ -223,7 +229,7 @@ def main(cfg: Settings) -> dict:
                 meter.add({"ae_loss": loss, "ae_l1": rec, "ae_kl": kl}, real.shape[0] * runtime.world_size)
             else:
                 if ae is not None and step == ae_steps:
-                    model.scale_factor = latent_scale(ae, held_out)
+                    model.scale_factor = latent_scale(ae, scale_slices)
                     run.log({"step": step, "scale_factor": model.scale_factor})
                 with torch.no_grad():
                     latent = real if ae is None else ae.eval().encode_stage_2_inputs(real) * model.scale_factor

@@ -43,6 +43,9 @@ from latentct.util.settings import UserError, check, run_cli, setting, settings_
 
 METHODS = ("learned", "sefa", "pca", "random", "coordinate", "spectral", "ica", "spca", "unmix", "metadata",
            "supervised", "file", "hpca")
+# Methods that learn or regress their directions from prior draws of the whole latent: in a diffusion h view those
+# draws have dh = 0, and the directions must move dh only.
+H_VIEW_REFUSED = ("learned", "ica", "spca", "metadata", "sefa", "pca")
 
 
 @dataclass
@@ -139,11 +142,13 @@ def directions_for(cfg: Settings, G, device) -> tuple[torch.nn.Module, dict | No
     """The directions the method gives: a trainable deformator (learned) or fixed directions (every other method).
     Returns them with the deformator's arguments (None when fixed), the method's name in the artifact (a --method
     file run keeps its source's) and what the method reports beside its directions."""
+    if getattr(G, "view", None) == "h" and (cfg.method in H_VIEW_REFUSED or (cfg.method == "unmix" and
+                                                                         cfg.unmix_by == "ica")):
+        method = "unmix --unmix-by ica" if cfg.method == "unmix" else cfg.method
+        raise UserError(f"--method {method}: in a diffusion h view directions move dh only, and draws of the prior "
+                        "have dh = 0, so this method's directions would move x_T (or nothing): use hpca, spectral, "
+                        "unmix (ajd), random, coordinate or supervised there, or --diffusion-view noise")
     if cfg.method == "learned":
-        if getattr(G, "view", None) == "h":
-            raise UserError("--method learned: its deformator moves all of z, and in a diffusion h view directions "
-                            "move dh only: use hpca, spectral, random or supervised there (--diffusion-view noise "
-                            "for learned)")
         deformator_args = dict(directions_count=cfg.directions_count, latent_dim=G.latent_dim,
                                bias=cfg.deformator_bias, random_init=cfg.random_init, seed=cfg.seed)
         with user_errors():

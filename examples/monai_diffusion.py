@@ -8,7 +8,7 @@
         --dataset data/demo/slices_64
 
 The factory returns a dict instead of a module: the UNet (DiffusionModelUNet), the noise schedule it was trained
-with (the scheduler's keyword arguments, or the scheduler itself), x_T's shape, and for latent diffusion the
+with (the scheduler's keyword arguments, as a dict: a scheduler object keeps neither its schedule's name nor its betas), x_T's shape, and for latent diffusion the
 AutoencoderKL and LatentDiffusionInferer's scale factor; ``output_window`` (the HU of -1 and +1) turns on the
 anatomy measurements. LatentCT samples it with its own deterministic DDIM loop (latentct/generators/diffusion.py).
 ``--generator-weights`` holds one state dict per module: {"unet": ..., "autoencoder": ...}, loaded with

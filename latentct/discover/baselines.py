@@ -220,17 +220,22 @@ def supervised(G, oracle, window, samples: int = 2048, seed: int = 0) -> tuple[t
 def fit_readings(G, oracle, window, samples: int = 2048, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """``samples`` + ``samples // 2`` latents of the fit's own seed stream (never the rows the scorer draws) and
     the oracle's readings of their images: the first ``samples`` fit, the rest test."""
-    from latentct.show.images import display
-
     gen = torch.Generator().manual_seed(seed * 7919 + 17)
     if hasattr(G, "fit_latents"):  # a diffusion generator: dh drawn in h's principal components in the h view
         z = G.fit_latents(samples + samples // 2, gen)
     else:
         z = sample_latents(G, samples + samples // 2, gen, part="fit")
+    return z, readings_of(G, oracle, window, z)
+
+
+def readings_of(G, oracle, window, z: torch.Tensor) -> torch.Tensor:
+    """The oracle's readings (N, F) of G's images of latents z, in float64."""
+    from latentct.show.images import display
+
     device = next(G.parameters(), torch.zeros(0)).device
     with torch.no_grad():
         images = torch.cat([G(part.to(device)).float().cpu() for part in z.split(256)])
-    return z, oracle.read(display(images, window, oracle.window)).double()
+    return oracle.read(display(images, window, oracle.window)).double()
 
 
 def fit_directions(z: torch.Tensor, readings: torch.Tensor, samples: int, basis: torch.Tensor | None = None,
@@ -253,7 +258,7 @@ def fit_directions(z: torch.Tensor, readings: torch.Tensor, samples: int, basis:
         x = x / scales
     fit_x, test_x = x[:samples], x[samples:]
     design = torch.cat([fit_x, torch.ones(len(fit_x), 1, dtype=torch.float64)], 1)
-    penalty = ridge_penalty(fit_x, readings[:samples]) if fit_x.shape[1] > samples / 2 else None
+    penalty = ridge_penalty(fit_x, readings[:samples]) if fit_x.shape[1] >= samples / 2 else None
     with single_threaded():
         if penalty is None:
             coef = torch.linalg.lstsq(design, readings[:samples]).solution   # (p + 1, 6)
@@ -267,7 +272,13 @@ def fit_directions(z: torch.Tensor, readings: torch.Tensor, samples: int, basis:
     unscaled = pinv if scales is None else pinv * scales[:, None]             # back to the basis' own units
     latent = unscaled if basis is None else basis.double() @ unscaled         # (d, 6)
     directions = latent.t() / latent.norm(dim=0).clamp_min(1e-12)[:, None]  # B v_f = e_f: each raises its factor
-    per_unit = (B @ (pinv / latent.norm(dim=0).clamp_min(1e-12))).diagonal()
+    if penalty is None:
+        per_unit = (B @ (pinv / latent.norm(dim=0).clamp_min(1e-12))).diagonal()
+    else:  # the ridge's B is shrunk: each direction's own slope, by least squares along it
+        along = z[:samples].double() @ directions.t()
+        along = along - along.mean(0)
+        centred = readings[:samples] - readings[:samples].mean(0)
+        per_unit = (along * centred).sum(0) / along.pow(2).sum(0).clamp_min(1e-12)
     info = {"fit_r2": {f: float(v) for f, v in zip(names, fit_r2)},
             "condition_number": float(singular.max() / singular.min().clamp_min(1e-12)),
             "per_unit_shift": {f: float(v) for f, v in zip(names, per_unit)}, "samples": samples,
@@ -284,7 +295,7 @@ def ridge(x: torch.Tensor, y: torch.Tensor, penalty: float) -> torch.Tensor:
     return torch.cat([slopes, (mean_y - mean_x @ slopes)[None]])
 
 
-def ridge_penalty(x: torch.Tensor, y: torch.Tensor, grid=(1e-3, 1e-2, 1e-1, 1.0, 10.0)) -> float:
+def ridge_penalty(x: torch.Tensor, y: torch.Tensor, grid=(1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1000.0)) -> float:
     """The penalty (per sample) of the grid with the best mean R2 on the last quarter of the fit samples, fitted
     on the first three quarters (the fit's own held-out test rows stay untouched)."""
     from latentct.score.oracle import r_squared
@@ -311,12 +322,14 @@ def spectral(G, count: int, layer: str | None = None, samples: int = 64, seed: i
     start, stop = direction_block(G)  # the Jacobian with respect to these coordinates (dh in a diffusion h view)
     d = stop - start
     gen = torch.Generator().manual_seed(seed * 7919 + 29)
-    z = sample_latents(G, samples, gen)
+    device = next(G.parameters(), torch.zeros(0)).device
+    z = sample_latents(G, samples, gen).to(device)
 
-    def full(tangents: torch.Tensor) -> torch.Tensor:  # (n, d) block tangents -> (n, latent_dim)
+    def full(tangents: torch.Tensor) -> torch.Tensor:  # (n, d) block tangents -> (n, latent_dim), on G's device
+        tangents = tangents.to(device)
         if d == G.latent_dim:
             return tangents
-        out = torch.zeros(len(tangents), G.latent_dim, dtype=tangents.dtype)
+        out = torch.zeros(len(tangents), G.latent_dim, dtype=tangents.dtype, device=device)
         out[:, start:stop] = tangents
         return out
 
@@ -340,7 +353,7 @@ def spectral(G, count: int, layer: str | None = None, samples: int = 64, seed: i
             with torch.enable_grad():
                 y = features(x).double()
                 grads, = torch.autograd.grad(y, x, grad_outputs=JV)        # rows: J_i^T (J_i v)
-            out += grads[:, start:stop].double().reshape(len(zi), p, d).sum(0).t()
+            out += grads[:, start:stop].double().cpu().reshape(len(zi), p, d).sum(0).t()
         return out / len(z)
 
     count = min(count, d)
@@ -350,7 +363,7 @@ def spectral(G, count: int, layer: str | None = None, samples: int = 64, seed: i
             eye = torch.eye(d)
             for zi in z.split(max(1, 2048 // d)):
                 J = jvp(zi.repeat_interleave(d, 0), full(eye.repeat(len(zi), 1))).reshape(len(zi), d, -1)
-                M += torch.einsum("nim,njm->ij", J, J)
+                M += torch.einsum("nim,njm->ij", J, J).cpu()
             values, vectors = torch.linalg.eigh(M / len(z))
             order = torch.argsort(values, descending=True)[:count]
             top, top_values = vectors[:, order].t(), values[order]
@@ -365,4 +378,4 @@ def spectral(G, count: int, layer: str | None = None, samples: int = 64, seed: i
     info = {"layer": layer or "output", "samples": samples, "eigenvalues": top_values.tolist(),
             "solver": "exact" if d <= exact_up_to else f"subspace iteration x{iterations}"}
     top = fix_signs(torch.nn.functional.normalize(top, dim=1)).float()
-    return full(top).contiguous(), info
+    return full(top).cpu().contiguous(), info

@@ -1,7 +1,11 @@
 """A diffusion model as a generator: MONAI's DiffusionModelUNet, pixel space or in an AutoencoderKL's latent
 (latent diffusion, Rombach et al. 2022), sampled by our own deterministic DDIM loop (Song et al. 2021, eta 0)
 so that methods can differentiate through it. MONAI's inferers sample under ``torch.no_grad`` and its DDIM
-scheduler clips x_0 by default; here ``scheduler.step`` runs with ``clip_sample=False`` inside autograd.
+scheduler clips x_0 by default. Its timesteps (``DDIMScheduler.set_timesteps``: 999, 888, ..., 0 for 10 steps)
+are used here, its noise schedule (``alphas_cumprod``) and prediction type too, but not its ``step``: in MONAI
+1.6.1 that moves by T // steps (999 -> 899), not to the next listed timestep (888), so the next UNet call would
+see a sample at another noise level than it is told (the bug class of diffusers #12633). Each step here goes
+from one listed timestep to the next (the last to alpha 1), and DDIM inversion mirrors it.
 
 Two views, both through the one generator interface (latentct/generators/interface.py):
 
@@ -9,9 +13,11 @@ Two views, both through the one generator interface (latentct/generators/interfa
   gives the same image, alone or in a batch.
 - **h**: the latent is [x_T, dh]. dh is an offset added to the output of the UNet's middle block (MONAI's
   ``mid_block_additional_residual``, right after it) at every DDIM step with t >= t_edit: Asyrp's h-space and its
-  editing interval [t_edit, T] (Kwon et al., ICLR 2023). Draws from the prior give dh = 0; directions live in dh
-  only (``direction_block``). dh is given in units of the RMS of h at t_edit, so a shift of 6 means six of h's
-  typical magnitudes along a unit direction, as a shift of 6 in x_T means six of its standard deviations.
+  editing interval [t_edit, T] (Kwon et al., ICLR 2023). The edit is symmetric: the edited noise prediction
+  enters both DDIM terms, where Asyrp's asymmetric process edits only the predicted x_0. Draws from the prior give
+  dh = 0; directions live in dh only (``direction_block``). dh is given in units of the RMS of h at the first step
+  of the window, so a shift of 6 means six of h's typical magnitudes along a unit direction, as a shift of 6 in
+  x_T means six of its standard deviations.
 
 Defaults: ``ddim_steps`` 10 (a CPU-sized deterministic sampler; the view records it), ``t_edit`` 500 of 1,000
 training steps. Asyrp picks t_edit per dataset where LPIPS(x, P_t_edit) = 0.33; LPIPS needs pretrained weights this
@@ -28,6 +34,9 @@ import torch.nn as nn
 from latentct.util.settings import UserError
 
 VIEWS = ("noise", "h")
+# The spread of dh along each axis of a span when fitting on its coordinates in the h view: half the scorer's
+# default shift range (+-6), so the fit sees changes of the size the sweeps make.
+SPAN_SPREAD = 3.0
 DEFAULT_VIEW = dict(view="noise", ddim_steps=10, t_edit=500)
 # The LDM tutorial's schedule in MONAI (tutorials generation/2d_ldm): 1,000 steps, scaled-linear betas 0.0015-0.0195.
 LATENT_SCHEDULE = dict(num_train_timesteps=1000, schedule="scaled_linear_beta", beta_start=0.0015, beta_end=0.0195)
@@ -112,6 +121,14 @@ class DiffusionGenerator(nn.Module):
             self._fit_basis = (basis, spread)
         return self._fit_basis
 
+    def fit_in_span(self, n: int, basis: torch.Tensor, generator: torch.Generator, spread: float = SPAN_SPREAD
+                    ) -> torch.Tensor:
+        """Latents for a fit on a span's coordinates in the h view: x_T from the prior, dh isotropic inside the span
+        ((latent_dim, k) orthonormal ``basis`` in the dh block), ``spread`` units along each of its axes."""
+        z = self.draw_latents(n, generator)
+        coords = torch.randn(n, basis.shape[1], generator=generator, dtype=torch.float64) * spread
+        return z + (coords @ basis.double().t()).float()
+
     def fit_latents(self, n: int, generator: torch.Generator) -> torch.Tensor:
         """Latents for fitting a linear model of what the images show: x_T from the prior and, in the h view, dh
         drawn inside the top principal components of h with their own spread (draws of the prior have dh = 0,
@@ -170,18 +187,38 @@ class DiffusionGenerator(nn.Module):
         if record_h:
             handle = self.unet.middle_block.register_forward_hook(lambda m, i, o: recorded.append(o.detach()))
         try:
-            for t in self.scheduler.timesteps:
-                t = int(t)
+            for t, t_next in self.step_pairs():
                 steps = torch.full((b,), t, dtype=torch.long, device=z.device)
                 extra = dh if self.edited(t) else None
-                eps = self.unet(x, steps, mid_block_additional_residual=extra)
+                out = self.unet(x, steps, mid_block_additional_residual=extra)
                 if record_h and not t >= self.t_edit:
                     recorded.pop()
-                x, _ = self.scheduler.step(eps, t, x)
+                x0, eps = self.predictions(out, t, x)
+                a_next = self.alpha(t_next)
+                x = a_next.sqrt() * x0 + (1 - a_next).sqrt() * eps
         finally:
             if handle is not None:
                 handle.remove()
         return self.decode(x), recorded
+
+    def step_pairs(self) -> list[tuple[int, int | None]]:
+        """(t, the next listed timestep, None after the last: alpha 1) of the deterministic sampler."""
+        ts = [int(t) for t in self.scheduler.timesteps]
+        return list(zip(ts, ts[1:] + [None]))
+
+    def alpha(self, t: int | None) -> torch.Tensor:
+        """The cumulative alpha at timestep t (1 for None, the clean end)."""
+        return torch.tensor(1.0) if t is None else self.scheduler.alphas_cumprod[t].float()
+
+    def predictions(self, out: torch.Tensor, t: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(predicted x_0, predicted noise) from the UNet's output at timestep t, by its prediction type."""
+        a = self.alpha(t)
+        kind = str(getattr(self.scheduler.prediction_type, "value", self.scheduler.prediction_type))
+        if kind == "epsilon":
+            return (x - (1 - a).sqrt() * out) / a.sqrt(), out
+        if kind == "sample":
+            return out, (x - a.sqrt() * out) / (1 - a).sqrt()
+        return a.sqrt() * x - (1 - a).sqrt() * out, a.sqrt() * out + (1 - a).sqrt() * x  # v_prediction
 
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         if self.autoencoder is not None:
@@ -207,11 +244,12 @@ class DiffusionGenerator(nn.Module):
         x = images
         if self.autoencoder is not None:
             x = self.autoencoder.encode(images)[0] * self.scale_factor
-        for t in reversed(self.scheduler.timesteps.tolist()):
-            if t + self.schedule["num_train_timesteps"] // self.ddim_steps >= self.schedule["num_train_timesteps"]:
-                continue  # the step past T
-            eps = self.unet(x, torch.full((len(x),), int(t), dtype=torch.long, device=x.device))
-            x, _ = self.scheduler.reversed_step(eps, int(t), x)
+        for t, t_next in reversed(self.step_pairs()):  # the sampler's steps backwards: from t_next's level to t's
+            out = self.unet(x, torch.full((len(x),), t, dtype=torch.long, device=x.device))
+            a_from, a_to = self.alpha(t_next), self.alpha(t)
+            _, eps = self.predictions(out, t, x)  # the noise predicted at the level x is about to reach
+            x0 = (x - (1 - a_from).sqrt() * eps) / a_from.sqrt()
+            x = a_to.sqrt() * x0 + (1 - a_to).sqrt() * eps
         z = x.flatten(1)
         if self.view == "h":
             z = torch.cat([z, torch.zeros(len(z), self.h_dim, device=z.device)], 1)
@@ -231,7 +269,8 @@ def h_principal_components(G: DiffusionGenerator, count: int, samples: int = 64,
     with single_threaded():
         centred = h - h.mean(0)
         _, s, v = torch.linalg.svd(centred, full_matrices=False)
-    count = min(count, len(s))
+    kept = int((s > 1e-6 * s[0]).sum())  # no component the data does not span (rows - 1 at most)
+    count = min(count, kept)
     return fix_signs(v[:count]), (s[:count] / math.sqrt(max(len(h) - 1, 1)))
 
 
@@ -242,8 +281,8 @@ PLUGIN_KEYS = ("unet", "schedule", "sample_shape", "autoencoder", "scale_factor"
 
 def diffusion_plugin(made: dict, ref: str) -> DiffusionGenerator:
     """A factory's MONAI diffusion model: a dict with ``unet`` (a DiffusionModelUNet), ``schedule`` (the
-    scheduler's keyword arguments, e.g. {"num_train_timesteps": 1000, "schedule": "scaled_linear_beta", ...}, or
-    the MONAI scheduler it was trained with), ``sample_shape`` (x_T's shape, e.g. [4, 16, 16]), and for latent
+    scheduler's keyword arguments, e.g. {"num_train_timesteps": 1000, "schedule": "scaled_linear_beta", ...}),
+    ``sample_shape`` (x_T's shape, e.g. [4, 16, 16]), and for latent
     diffusion ``autoencoder`` (an AutoencoderKL) and ``scale_factor``; ``output_window`` (the HU of -1 and +1) is
     optional. Anything else is an error in one line."""
     def fail(problem: str):
@@ -256,11 +295,9 @@ def diffusion_plugin(made: dict, ref: str) -> DiffusionGenerator:
     if not isinstance(unet, nn.Module) or not hasattr(unet, "middle_block"):
         fail("has no 'unet' with a middle_block (a monai.networks.nets.DiffusionModelUNet)")
     schedule = made.get("schedule")
-    if hasattr(schedule, "num_train_timesteps") and not isinstance(schedule, dict):
-        schedule = {"num_train_timesteps": int(schedule.num_train_timesteps),
-                    **{k: v for k, v in getattr(schedule, "schedule_args", {}).items()}}
     if not isinstance(schedule, dict) or "num_train_timesteps" not in schedule:
-        fail("has no 'schedule' (the scheduler's keyword arguments with num_train_timesteps, or the scheduler)")
+        fail("has no 'schedule': the keyword arguments the scheduler was built with, as a dict with "
+             "num_train_timesteps (a scheduler object does not keep its schedule's name and betas)")
     shape = made.get("sample_shape")
     if not isinstance(shape, (list, tuple)) or not shape or not all(isinstance(v, int) and v > 0 for v in shape):
         fail("has no 'sample_shape' (x_T's shape as a list of positive integers, e.g. [4, 16, 16])")
@@ -276,7 +313,13 @@ def diffusion_plugin(made: dict, ref: str) -> DiffusionGenerator:
         DDIMScheduler(**schedule)
     except (TypeError, ValueError) as err:
         fail(f"has a 'schedule' DDIMScheduler refuses ({err})")
-    model = DiffusionGenerator(unet, autoencoder, schedule, float(scale), list(shape))
+    try:
+        model = DiffusionGenerator(unet, autoencoder, schedule, float(scale), list(shape))
+        with torch.no_grad():
+            model.decode(torch.zeros(1, *shape))
+    except (RuntimeError, ValueError) as err:
+        fail(f"does not run on x_T of sample_shape {list(shape)} ({type(err).__name__}: "
+             f"{str(err).splitlines()[0][:160]})")
     model.declared_window = made.get("output_window")
     return model
 

@@ -25,7 +25,7 @@ import numpy as np
 import scipy.linalg
 import torch
 
-RANKED = ("sefa", "pca", "spectral")  # directions come sorted by eigenvalue: the top k are the method's answer
+RANKED = ("sefa", "pca", "spectral", "hpca")  # directions come sorted by eigenvalue: the top k are the method's answer
 
 
 def span_size(method: str, count: int, recoverable: int | None) -> int:

@@ -76,10 +76,10 @@ def test_an_empty_edit_window_changes_nothing_and_an_edit_inside_it_does(diffusi
 def test_pca_of_h_recovers_a_planted_direction(diffusion_run):
     G = load_generator(diffusion_run, diffusion={"view": "h", "ddim_steps": 3, "t_edit": 0})
     planted = torch.nn.functional.normalize(torch.randn(G.h_dim, generator=torch.Generator().manual_seed(4)), dim=0)
-    # h plus a term along one direction whose size is drawn for every sample and step, 5x h's typical magnitude
+    # h plus a term along one direction whose size is drawn for every sample and step, 20x h's typical magnitude
     sizes = torch.Generator().manual_seed(6)
     hook = G.unet.middle_block.register_forward_hook(
-        lambda m, inputs, out: out + 5 * G.h_rms * G.h_dim ** 0.5 * torch.randn(len(out), 1, 1, 1, generator=sizes)
+        lambda m, inputs, out: out + 20 * G.h_rms * G.h_dim ** 0.5 * torch.randn(len(out), 1, 1, 1, generator=sizes)
         * planted.view(1, *G.h_shape))
     try:
         components, spread = h_principal_components(G, 3, samples=32)
@@ -132,6 +132,13 @@ def test_directions_record_the_view_and_eval_refuses_a_contradicting_flag(diffus
         "--directions-count", "3", "--no-rca", "--output", str(out), "--device", "cpu"]))
     state = torch.load(out / "directions.pt", weights_only=True)
     assert state["diffusion"] == {"view": "h", "ddim_steps": 3, "t_edit": 500}
+    TrainDirections.main(parse_settings(TrainDirections.Settings, [
+        "--generator", str(diffusion_run), "--ddim-steps", "3", "--method", "random", "--directions-count", "3",
+        "--no-rca", "--output", str(tmp_path / "noise"), "--device", "cpu"]))
+    with pytest.raises(UserError, match="compare files of one view"):
+        EvalDirections.main(EvalDirections.Settings(directions=str(out / "directions.pt"), output=str(tmp_path / "b"),
+                                                    compare=[str(tmp_path / "noise" / "directions.pt")],
+                                                    report_samples=2, frames=3, real_slices=0))
     with pytest.raises(UserError, match="--ddim-steps: 5 contradicts"):
         EvalDirections.main(EvalDirections.Settings(directions=str(out / "directions.pt"), output=str(tmp_path / "a"),
                                                     ddim_steps=5))
@@ -205,3 +212,46 @@ def test_a_fit_in_standardised_coordinates_ignores_the_noisy_slopes_of_columns_t
     assert torch.all(scaled[:, :6].double().diagonal().abs() > 0.99)
     assert raw[:, :6].double().diagonal().abs().min() < 0.5  # raw: half a direction spent on the still columns
     assert info["condition_number"] < 1.1 < 4 < raw_info["condition_number"]
+
+
+def test_each_ddim_step_lands_on_the_next_listed_timestep_and_inversion_mirrors_it(diffusion_run):
+    G = load_generator(diffusion_run, diffusion={"ddim_steps": 3})
+    assert G.step_pairs() == [(999, 500), (500, 0), (0, None)]  # MONAI's step would move 999 -> 666 here
+    G.decode, G.autoencoder = (lambda x: x), None  # the UNet's own latent, to invert it exactly
+    x_T = torch.randn(4, G.x_dim, generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        back = G.invert(G(x_T))
+    assert float((back - x_T).norm() / x_T.norm()) < 0.01
+
+
+def test_h_view_refuses_methods_that_read_prior_draws_and_pca_keeps_only_spanned_components(diffusion_run, tmp_path):
+    for method in ("ica", "spca"):
+        with pytest.raises(UserError, match=f"--method {method}: in a diffusion h view"):
+            TrainDirections.main(parse_settings(TrainDirections.Settings, [
+                "--generator", str(diffusion_run), "--diffusion-view", "h", "--ddim-steps", "3", "--method", method,
+                "--no-rca", "--output", str(tmp_path / method), "--device", "cpu"]))
+    G = load_generator(diffusion_run, diffusion={"view": "h", "ddim_steps": 3, "t_edit": 999})  # one step edited
+    components, spread = h_principal_components(G, 20, samples=8)
+    assert len(components) <= 7 and spread.min() > 1e-6 * spread.max()  # 8 rows span at most 7 directions
+    basis = torch.linalg.qr(torch.randn(G.h_dim, 3, generator=torch.Generator().manual_seed(9),
+                                        dtype=torch.float64))[0]
+    full = torch.zeros(G.latent_dim, 3, dtype=torch.float64)
+    full[G.x_dim:] = basis
+    z = G.fit_in_span(4000, full, torch.Generator().manual_seed(10))
+    coords = z[:, G.x_dim:].double() @ basis
+    torch.testing.assert_close(torch.cov(coords.t()), 9 * torch.eye(3, dtype=torch.float64), atol=0.6, rtol=0)
+    assert torch.allclose(z[:, G.x_dim:].double(), coords @ basis.t(), atol=1e-4)  # nothing outside the span
+
+
+def test_the_ridge_reports_each_direction_own_slope_not_the_shrunk_one():
+    gen = torch.Generator().manual_seed(11)
+    d, n = 400, 800  # exactly half: ridge
+    z = torch.randn(n + n // 2, d, generator=gen, dtype=torch.float64)
+    truth = torch.zeros(6, d, dtype=torch.float64)
+    truth[torch.arange(6), torch.arange(6)] = 0.5
+    readings = z @ truth.t() + 0.05 * torch.randn(len(z), 6, generator=gen, dtype=torch.float64)
+    directions, info = fit_directions(z, readings, n)
+    assert info["solver"].startswith("ridge")
+    actual = (directions.double() @ truth.t()).diagonal()  # the true change of each factor per unit shift
+    for f, value in zip(info["per_unit_shift"].values(), actual):
+        assert f == pytest.approx(float(value), rel=0.1)
