@@ -60,19 +60,6 @@ def test_whole_pipeline_at_the_smallest_sizes_then_cached_then_from_a_stage(tmp_
         assert gt["methods"]["supervised"]["supervision"] == "labels"
         assert all(t["supervision"] == ("patient and slice position" if m == "metadata" else "labels"
                                         if m == "supervised" else "none") for m, t in gt["methods"].items())
-    # the diffusion model: one training, two views scored like generators of their own
-    assert metric["diffusion"].startswith("SWD ") and (runs / "diffusion" / "samples_latest.png").is_file()
-    for view, methods in (("noise", ("spectral", "random", "unmix")), ("h", ("hpca", "spectral", "random", "unmix"))):
-        report = json.loads((anim / f"diffusion_{view}" / "report.json").read_text())
-        assert report["diffusion"] == {"view": view, "ddim_steps": 3, "t_edit": 500}
-        assert report["method"] == methods[0] and len(report["directions"]) == 3
-        gt = report["ground_truth"]
-        assert set(gt["methods"]) == {*methods, "supervised"} and gt["null"]["pool"] == 64
-        for method in (*methods, "supervised"):
-            directions, G = load_directions(runs / f"diffusion_{view}_{method}" / "directions.pt")
-            assert G.view == view and directions.state["diffusion"]["view"] == view
-            if view == "h":  # every direction moves dh only
-                assert directions.matrix[:, :G.x_dim].abs().max() == 0
         assert gt["oracles"]["fit"] == gt["methods"]["supervised"]["supervised"]["oracle_sha256"]
         assert all("effect_dci" in t and t["recoverable"] == gt["recoverable"] for t in gt["methods"].values())
         assert all(t["recovered"] == t["recovered_at"]["0.67"] and t["verdict"] for t in gt["methods"].values())
@@ -92,6 +79,19 @@ def test_whole_pipeline_at_the_smallest_sizes_then_cached_then_from_a_stage(tmp_
                     assert sub["span_ceiling_at"] is None and sub["angles_deg"] == []
         assert "Ground truth on the phantom" in (anim / gen / "index.html").read_text()
         assert len(list((anim / gen).glob("direction_*.gif"))) == 16
+    # the diffusion model: one training, two views scored like generators of their own
+    assert metric["diffusion"].startswith("SWD ") and (runs / "diffusion" / "samples_latest.png").is_file()
+    for view, methods in (("noise", ("spectral", "random", "unmix")), ("h", ("hpca", "spectral", "random", "unmix"))):
+        report = json.loads((anim / f"diffusion_{view}" / "report.json").read_text())
+        assert report["diffusion"] == {"view": view, "ddim_steps": 3, "t_edit": 500}
+        assert report["method"] == methods[0] and len(report["directions"]) == 3
+        scored = report["ground_truth"]
+        assert set(scored["methods"]) == {*methods, "supervised"} and scored["null"]["pool"] == 64
+        for method in (*methods, "supervised"):
+            directions, G = load_directions(runs / f"diffusion_{view}_{method}" / "directions.pt")
+            assert G.view == view and directions.state["diffusion"]["view"] == view
+            if view == "h":  # every direction moves dh only
+                assert directions.matrix[:, :G.x_dim].abs().max() < 1e-9
     # the dataset's label columns (the phantom's factors) against every method's span, from VAE-encoded slices
     labels = json.loads((anim / "vae" / "report.json").read_text())["label_subspace"]
     assert labels["columns"] == list(gt["noise_floor"]) and labels["encoder"] == "encoder"
