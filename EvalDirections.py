@@ -467,12 +467,13 @@ def subspaces(cfg: Settings, G, files: dict, methods: dict, z, eps, read, floor)
 def span_fit(G, oracle, basis: torch.Tensor, samples: int, seed: int) -> tuple:
     """The span ceiling's fit latents where the prior cannot give them (a diffusion h view: dh = 0 in every draw,
     and the supervised fit's draws in h's principal components are not isotropic in another span, so the slopes
-    on a span's coordinates would take up the rest): x_T from the prior, dh drawn isotropically inside the span."""
+    on a span's coordinates would take up the rest): x_T from the prior, dh drawn isotropically inside the span,
+    each reading paired with its dh = 0 image's (baselines.readings_of)."""
     from latentct.discover.baselines import readings_of
 
     gen = torch.Generator().manual_seed(seed * 7919 + 23)
     z = G.fit_in_span(samples + samples // 2, basis, gen)
-    return z, readings_of(G, oracle, G.window, z), samples
+    return z, readings_of(G, oracle, G.window, z, paired=True), samples
 
 
 def cached_null(cfg: Settings, G, z, eps, read, oracle_sha: str) -> tuple[np.ndarray, np.ndarray]:

@@ -255,3 +255,28 @@ def test_the_ridge_reports_each_direction_own_slope_not_the_shrunk_one():
     actual = (directions.double() @ truth.t()).diagonal()  # the true change of each factor per unit shift
     for f, value in zip(info["per_unit_shift"].values(), actual):
         assert f == pytest.approx(float(value), rel=0.1)
+
+
+def test_h_view_fit_readings_are_differences_from_the_same_noise_without_the_edit(diffusion_run):
+    """What x_T draws drops out of the h view's fit: a reader of image brightness sees only what dh changed."""
+    from latentct.discover.baselines import readings_of
+
+    G = load_generator(diffusion_run, diffusion={"view": "h", "ddim_steps": 3, "t_edit": 0})
+
+    class Brightness:
+        window = G.window
+
+        @staticmethod
+        def read(images):
+            return images.flatten(1).mean(1, keepdim=True).repeat(1, 6)
+
+    z = sample_latents(G, 3, torch.Generator().manual_seed(12))
+    assert readings_of(G, Brightness, G.window, z, paired=True).abs().max() == 0  # dh = 0: nothing changed
+    z[:, G.x_dim:] = 30 * torch.randn(3, G.h_dim, generator=torch.Generator().manual_seed(13))
+    with torch.no_grad():
+        edited, plain = G(z), G(torch.cat([z[:, :G.x_dim], torch.zeros(3, G.h_dim)], 1))
+    from latentct.show.images import display
+
+    expected = (display(edited, G.window, G.window).flatten(1).mean(1) - display(plain, G.window, G.window)
+                .flatten(1).mean(1)).double()
+    torch.testing.assert_close(readings_of(G, Brightness, G.window, z, paired=True)[:, 0], expected)
