@@ -2,6 +2,7 @@
 
     python -m bench.diffusion            # CPU: the sizes Training/TrainDiffusion.py --preset latent chose
     python -m bench.diffusion --gpu      # on a GPU: the pixel DDPM at 64 and 128 px, bf16 and compile
+    python -m bench.diffusion --h-fit runs/benchmark-diffusion/diffusion/generator.pt --oracle ORACLE.pt
 
 CPU: the autoencoder's and the UNet's training steps at the latent preset's widths against twice those widths
 (why the preset is what it is) and with channels_last against without; one deterministic DDIM sample against one
@@ -28,6 +29,10 @@ class Settings:
     batch: int = setting(32, "images per training step")
     repeats: int = setting(5, "timed repeats after two warm-up calls")
     gpu: bool = setting(False, "run the GPU section (the pixel DDPM at 64 and 128 px)")
+    h_fit: str | None = setting(None, "instead: a diffusion generator.pt whose h-view supervised fit is measured, raw "
+                                "readings against readings paired with the same x_T without the edit (--oracle)")
+    oracle: str | None = setting(None, "with --h-fit: the fit oracle (oracle.pt)")
+    fit_samples: int = setting(1024, "with --h-fit: fit latents (half as many more test the fit)")
     threads: int | None = setting(None, "torch threads (default: torch's)")
 
 
@@ -147,10 +152,38 @@ def gpu(cfg: Settings) -> dict:
     return out
 
 
+def h_fit(cfg: Settings) -> dict:
+    """Held-out R2 of the h view's linear fit (dh in the top 128 principal components of h, each with its own
+    spread) on raw readings and on readings paired with the same x_T's unedited image: the same latents and images."""
+    from latentct.discover.baselines import fit_directions, readings_of
+    from latentct.generators.interface import load_generator
+    from latentct.score.oracle import load_oracle
+
+    G = load_generator(cfg.h_fit, diffusion={"view": "h"})
+    oracle = load_oracle(cfg.oracle)
+    basis, spread = G.fit_basis()
+    gen = torch.Generator().manual_seed(17)
+    z = G.fit_latents(cfg.fit_samples + cfg.fit_samples // 2, gen)
+    edited = readings_of(G, oracle, G.window, z)
+    plain_z = z.clone()
+    plain_z[:, G.x_dim:] = 0
+    plain = readings_of(G, oracle, G.window, plain_z)
+    out = {}
+    for name, readings in (("raw", edited), ("paired", edited - plain)):
+        _, info = fit_directions(z, readings, cfg.fit_samples, basis=basis, scales=spread)
+        out[name] = info["fit_r2"]
+        print(f"h-view fit, {name} readings: held-out R2 " + ", ".join(f"{k} {v:.2f}" for k, v in
+                                                                      info["fit_r2"].items()))
+    return out
+
+
 def main(cfg: Settings) -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    result = {"cpu": cpu(cfg)} if not cfg.gpu else {"gpu": gpu(cfg)}
+    if cfg.h_fit:
+        result = {"h_fit": h_fit(cfg)}
+    else:
+        result = {"cpu": cpu(cfg)} if not cfg.gpu else {"gpu": gpu(cfg)}
     print(json.dumps(result, indent=1))
     return result
 

@@ -314,3 +314,26 @@ def test_the_diffusion_benchmark_plans_both_views_and_leaves_the_demo_run_alone(
     assert jobs["diffusion_h_unmix"].cfg.unmix_from.endswith("diffusion_h_spectral/directions.pt")
     with pytest.raises(UserError, match="--diffusion-noise-methods: hpca needs the h view"):
         parse_settings(pipeline.Settings, ["--diffusion-noise-methods", "hpca"], presets=pipeline.PRESETS)
+
+
+def test_the_diffusion_comparison_is_written_from_the_tables():
+    from latentct.show.results import diffusion_comparison
+
+    def row(count, auc, p, verdict, recoverable, supervision="none"):
+        return {"recovered_at": {"0.67": count}, "auc": auc, "p_value": {"auc": p}, "verdict": verdict,
+                "recoverable": recoverable, "supervision": supervision}
+
+    noise = {"methods": {"spectral": row(1, 0.2, 0.3, "not above null", 6),
+                         "unmix": row(3, 0.5, 0.01, "above null, borderline", 6),
+                         "random": row(4, 0.6, 0.001, "above null", 6),  # a reference, never the pick
+                         "supervised": row(6, 1.0, 0.001, "above null", 6, "labels")}}
+    h = {"methods": {"hpca": row(2, 1.1, 0.08, "not above null, borderline", 2),
+                     "supervised": row(2, 1.0, 0.07, "not above null, borderline", 2, "labels")}}
+    text = diffusion_comparison([("diffusion_noise", noise), ("diffusion_h", h)], [("dcgan", noise)])
+    assert text.startswith("Best label-free separation of the anatomy above the null: the diffusion_noise view "
+                           "with unmix.")
+    assert "holds the most factors linearly (the supervised ceiling at 2/3): diffusion_noise, 6 of 6" in text
+    assert "diffusion_h: hpca, 2 of 2 (area 1.10, p 0.080, not above null, borderline); the supervised directions " \
+           "recover 2 of 6" in text and "The GAN and the VAE" in text and "dcgan: unmix, 3 of 6" in text
+    noise["methods"]["unmix"]["verdict"] = "not above null"
+    assert diffusion_comparison([("diffusion_noise", noise)], []).startswith("No label-free method separates")
