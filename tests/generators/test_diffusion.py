@@ -146,6 +146,13 @@ def test_directions_record_the_view_and_eval_refuses_a_contradicting_flag(diffus
         TrainDirections.main(parse_settings(TrainDirections.Settings, [
             "--generator", str(diffusion_run), "--diffusion-view", "h", "--output", str(tmp_path / "l"),
             "--steps", "1", "--device", "cpu"]))
+    learned = tmp_path / "learned_noise"  # the study's method trains through the sampler in the noise view
+    TrainDirections.main(parse_settings(TrainDirections.Settings, [
+        "--generator", str(diffusion_run), "--ddim-steps", "3", "--directions-count", "4", "--steps", "2",
+        "--batch-size", "4", "--rca-batches", "1", "--eval-every", "2", "--sample-every", "2", "--reconstructor",
+        "resnet", "--output", str(learned), "--device", "cpu"]))
+    state = torch.load(learned / "directions.pt", weights_only=True)
+    assert state["matrix"].shape == (4, 512) and state["rca"] is not None and state["diffusion"]["view"] == "noise"
     dcgan_flag = parse_settings(TrainDirections.Settings, ["--generator", str(diffusion_run), "--t-edit", "300"])
     assert dcgan_flag.generator_options()["diffusion"] == {"t_edit": 300}
 
