@@ -323,11 +323,12 @@ def test_the_diffusion_comparison_is_written_from_the_tables():
         return {"recovered_at": {"0.67": count}, "auc": auc, "p_value": {"auc": p}, "verdict": verdict,
                 "recoverable": recoverable, "supervision": supervision}
 
-    noise = {"methods": {"spectral": row(1, 0.2, 0.3, "not above null", 6),
+    factors = {f: 0.99 for f in ("z_position", "y_offset", "rotation", "thickness", "width", "breast_size")}
+    noise = {"oracle_r2": factors, "methods": {"spectral": row(1, 0.2, 0.3, "not above null", 6),
                          "unmix": row(3, 0.5, 0.01, "above null, borderline", 6),
                          "random": row(4, 0.6, 0.001, "above null", 6),  # a reference, never the pick
                          "supervised": row(6, 1.0, 0.001, "above null", 6, "labels")}}
-    h = {"methods": {"hpca": row(2, 1.1, 0.08, "not above null, borderline", 2),
+    h = {"oracle_r2": factors, "methods": {"hpca": row(2, 1.1, 0.08, "not above null, borderline", 2),
                      "supervised": row(2, 1.0, 0.07, "not above null, borderline", 2, "labels")}}
     text = diffusion_comparison([("diffusion_noise", noise), ("diffusion_h", h)], [("dcgan", noise)])
     assert text.startswith("Best label-free separation of the anatomy above the null: the diffusion_noise view "

@@ -231,8 +231,8 @@ def fit_readings(G, oracle, window, samples: int = 2048, seed: int = 0) -> tuple
 def readings_of(G, oracle, window, z: torch.Tensor, paired: bool = False) -> torch.Tensor:
     """The oracle's readings (N, F) of G's images of latents z, in float64. ``paired`` (a diffusion h view): each
     reading minus that of the same x_T with dh = 0, so what the starting noise draws (most of the spread between
-    images) drops out and the fit sees what dh changes (held-out R2 of y_offset 0.03 -> 0.14 on the benchmark's
-    model with 128 components; docs/diffusion.md)."""
+    images) drops out of the fit and its slopes are less noisy (docs/diffusion.md; its R2 is then of the
+    differences, not comparable with a raw one)."""
     from latentct.show.images import display
 
     device = next(G.parameters(), torch.zeros(0)).device

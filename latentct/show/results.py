@@ -495,7 +495,8 @@ def diffusion_comparison(truths: list[tuple[str, dict]], others: list[tuple[str,
     def said(gen, gt):
         best = best_label_free(gt)
         sup = gt["methods"].get("supervised")
-        ceiling = f"the supervised directions recover {sup['recovered_at']['0.67']} of 6" if sup else "no ceiling"
+        ceiling = (f"the supervised directions recover {sup['recovered_at']['0.67']} of {len(gt['oracle_r2'])}"
+                   if sup else "no ceiling")
         if best is None:
             return f"{gen}: no label-free method scored; {ceiling}"
         count, auc, p, word = headline(best[1])
@@ -520,7 +521,8 @@ def diffusion_comparison(truths: list[tuple[str, dict]], others: list[tuple[str,
                 "against random directions of the same view).")
     held = max(truths, key=lambda x: ceiling(x[1]))
     text = (lead + f" The view whose latent holds the most factors linearly (the supervised ceiling at 2/3): "
-            f"{held[0]}, {ceiling(held[1])} of 6. Per view, the best label-free method, then the ceiling: "
+            f"{held[0]}, {ceiling(held[1])} of {len(held[1]['oracle_r2'])}. Per view, the best label-free method "
+            "(of what that view's ceiling recovers), then the ceiling: "
             + "; ".join(said(g, gt) for g, gt in truths) + ".")
     if others:
         text += (" The GAN and the VAE on the same phantom and image size (the compared run's tables): "

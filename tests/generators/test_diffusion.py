@@ -287,3 +287,8 @@ def test_h_view_fit_readings_are_differences_from_the_same_noise_without_the_edi
     expected = (display(edited, G.window, G.window).flatten(1).mean(1) - display(plain, G.window, G.window)
                 .flatten(1).mean(1)).double()
     torch.testing.assert_close(readings_of(G, Brightness, G.window, z, paired=True)[:, 0], expected)
+    from latentct.discover.baselines import fit_readings  # the supervised fit reads the h view paired
+
+    drawn, readings = fit_readings(G, Brightness, G.window, samples=4)
+    assert drawn[:, G.x_dim:].abs().max() > 0
+    torch.testing.assert_close(readings, readings_of(G, Brightness, G.window, drawn, paired=True))
