@@ -447,12 +447,12 @@ def subspaces(cfg: Settings, G, files: dict, methods: dict, z, eps, read, floor)
         h_view = getattr(G, "view", None) == "h"  # each span then draws its own fit latents (span_fit)
         fit = (None, None, samples) if h_view else (*fit_readings(G, fit_oracle, G.window, samples, seed), samples)
     recoverable = methods["supervised"]["recovered_at"][HEADLINE]
+    start, stop = direction_block(G)  # the dimensions directions can live in: the chance level's
     for name, table in methods.items():
         if name == "supervised":
             continue
         dirs = files[name]
         k = subspace.span_size(dirs.method, dirs.count, None if recoverable is None else int(recoverable))
-        start, stop = direction_block(G)
         entry, basis = subspace.diagnose(dirs.unit_rows(), target, k, FACTORS, dim=stop - start)
         entry["span_ceiling_at"] = None
         if fit is not None and basis.shape[1]:

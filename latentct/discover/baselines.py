@@ -327,7 +327,7 @@ def spectral(G, count: int, layer: str | None = None, samples: int = 64, seed: i
     exactly, above it a randomised subspace iteration with J^T J products (forward then reverse mode) finds the
     top ``count`` eigenvectors."""
     from latentct.generators.features import default_layer, layer_features
-    from latentct.generators.interface import direction_block
+    from latentct.generators.interface import direction_block, in_block
 
     layer = default_layer(G) if layer is None else layer
     features = layer_features(G, layer)
@@ -338,12 +338,7 @@ def spectral(G, count: int, layer: str | None = None, samples: int = 64, seed: i
     z = sample_latents(G, samples, gen).to(device)
 
     def full(tangents: torch.Tensor) -> torch.Tensor:  # (n, d) block tangents -> (n, latent_dim), on G's device
-        tangents = tangents.to(device)
-        if d == G.latent_dim:
-            return tangents
-        out = torch.zeros(len(tangents), G.latent_dim, dtype=tangents.dtype, device=device)
-        out[:, start:stop] = tangents
-        return out
+        return in_block(G, tangents.to(device))
 
     def jvp(points: torch.Tensor, tangents: torch.Tensor) -> torch.Tensor:
         import torch.autograd.forward_ad as fwAD

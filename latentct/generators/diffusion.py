@@ -165,13 +165,17 @@ class DiffusionGenerator(nn.Module):
         return shapes[0]
 
     # ------------------------------------------------------------------ sampling
+    def unedited(self, x_T: torch.Tensor) -> torch.Tensor:
+        """Latents of starting noises x_T (N, x_dim) with no edit: dh = 0 appended in the h view."""
+        if self.view != "h":
+            return x_T
+        return torch.cat([x_T, x_T.new_zeros(len(x_T), self.h_dim)], 1)
+
     def draw_latents(self, n: int, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
         """The prior: x_T ~ N(0, I), and dh = 0 in the h view."""
         x = torch.randn(n, self.x_dim, generator=generator) if generator is not None else \
             torch.randn(n, self.x_dim, device=device)
-        if self.view == "h":
-            x = torch.cat([x, torch.zeros(n, self.h_dim, device=x.device)], 1)
-        return x.to(device or x.device)
+        return self.unedited(x).to(device or x.device)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self.sample(z)[0]
@@ -229,8 +233,7 @@ class DiffusionGenerator(nn.Module):
     def h_at(self, x_T: torch.Tensor, first: bool = False) -> torch.Tensor:
         """h (the middle block's output, unedited) of starting noises x_T (N, x_dim): at every step inside the edit
         window, (N * steps, h_dim), or at its first step only."""
-        z = torch.cat([x_T, torch.zeros(len(x_T), self.h_dim, device=x_T.device)], 1) if self.view == "h" else x_T
-        _, recorded = self.sample(z, record_h=True)
+        _, recorded = self.sample(self.unedited(x_T), record_h=True)
         if not recorded:
             raise UserError(f"--t-edit: {self.t_edit} leaves no DDIM step in the edit window (the first step is at "
                             f"t = {int(self.scheduler.timesteps[0])})")
@@ -240,7 +243,7 @@ class DiffusionGenerator(nn.Module):
     @torch.no_grad()
     def invert(self, images: torch.Tensor) -> torch.Tensor:
         """Latents whose samples approximate ``images`` (B, C, H, W) in [-1, 1]: the autoencoder's mean (scaled),
-        then DDIM inversion (``reversed_step``) back to x_T; dh = 0 in the h view."""
+        then the sampler's DDIM steps run backwards to x_T; dh = 0 in the h view."""
         x = images
         if self.autoencoder is not None:
             x = self.autoencoder.encode(images)[0] * self.scale_factor
@@ -250,10 +253,7 @@ class DiffusionGenerator(nn.Module):
             _, eps = self.predictions(out, t, x)  # the noise predicted at the level x is about to reach
             x0 = (x - (1 - a_from).sqrt() * eps) / a_from.sqrt()
             x = a_to.sqrt() * x0 + (1 - a_to).sqrt() * eps
-        z = x.flatten(1)
-        if self.view == "h":
-            z = torch.cat([z, torch.zeros(len(z), self.h_dim, device=z.device)], 1)
-        return z
+        return self.unedited(x.flatten(1))
 
 
 def h_principal_components(G: DiffusionGenerator, count: int, samples: int = 64, seed: int = 0

@@ -150,12 +150,10 @@ def load_generator(ref: str | Path, device="cpu", args: dict | None = None, weig
     else:
         raise UserError(f"--generator: {ref} does not exist (a generator.pt, TorchScript or export file, or "
                         "file.py:factory)")
-    diffusion_model = model if isinstance(model, DiffusionGenerator) else getattr(model, "module", None)
-    if isinstance(diffusion_model, DiffusionGenerator):  # ours, or a plug-in's MONAI model wrapped in one
+    if isinstance(model, DiffusionGenerator):  # ours, or a plug-in's MONAI networks in our sampler
         with torch.random.fork_rng(devices=[]):
-            diffusion_model.eval().configure(**{**DEFAULT_VIEW, **(diffusion or {})})
-        options["diffusion"] = diffusion_model.view_record()
-        model.latent_shape, model.latent_dim = diffusion_model.latent_shape, diffusion_model.latent_dim
+            model.eval().configure(**{**DEFAULT_VIEW, **(diffusion or {})})  # sets latent_dim and latent_shape
+        options["diffusion"] = model.view_record()
     elif diffusion:
         raise UserError(f"--diffusion-view/--ddim-steps/--t-edit: {ref} is not a diffusion generator")
     model.prior = load_latents(latents, model.latent_shape) if latents else None
@@ -259,9 +257,10 @@ def direction_block(G: nn.Module) -> tuple[int, int]:
 
 
 def in_block(G: nn.Module, rows: torch.Tensor) -> torch.Tensor:
-    """(K, stop - start) rows in the direction block -> (K, latent_dim) latent directions (zero elsewhere)."""
+    """(K, stop - start) rows in the direction block -> (K, latent_dim) latent directions (zero elsewhere), on the
+    rows' device."""
     start, stop = direction_block(G)
-    out = torch.zeros(len(rows), G.latent_dim, dtype=rows.dtype)
+    out = rows.new_zeros(len(rows), G.latent_dim)
     out[:, start:stop] = rows
     return out
 

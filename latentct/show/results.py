@@ -179,19 +179,25 @@ REFERENCES = ("random", "supervised")
 CLOSED_FORM = ("sefa", "pca", "spectral", "coordinate")  # computed in seconds to a minute, no training
 
 
+def label_free(gt: dict) -> dict:
+    """The ground truth's label-free method rows, the references (random, supervised) left out."""
+    return {m: t for m, t in gt["methods"].items()
+            if t.get("supervision", "none") == "none" and m.split(" (")[0] not in REFERENCES}
+
+
+def rank(table: dict) -> tuple:
+    """How method rows order: factors recovered at tau 2/3, then the area (none below any)."""
+    return table["recovered_at"]["0.67"], -1.0 if table.get("auc") is None else table["auc"]
+
+
 def first_choice(gen: str, gt: dict) -> str:
     """The label-free method(s) with the most factors recovered at tau 2/3 on one generator (ties: the larger
     area), with its count, area and verdict, and what the supervised directions recover there."""
-    free = {m: t for m, t in gt["methods"].items()
-            if t.get("supervision", "none") == "none" and m.split(" (")[0] not in REFERENCES}
+    free = label_free(gt)
     if not free:
         return f"On the {gen}, no label-free method was scored."
-
-    def key(m):
-        return free[m]["recovered_at"]["0.67"], -1.0 if free[m].get("auc") is None else free[m]["auc"]
-
-    top = max(key(m) for m in free)
-    best = [m for m in free if key(m) == top]
+    top = max(rank(t) for t in free.values())
+    best = [m for m, t in free.items() if rank(t) == top]
 
     def said(m):
         count, auc, p, word = headline(free[m])
@@ -481,11 +487,10 @@ def step_times(path: Path) -> tuple[float | None, float | None]:
 
 def best_label_free(gt: dict) -> tuple[str, dict] | None:
     """The label-free method with the most factors recovered at tau 2/3 (ties: the larger area), or None."""
-    free = {m: t for m, t in gt["methods"].items()
-            if t.get("supervision", "none") == "none" and m.split(" (")[0] not in REFERENCES}
+    free = label_free(gt)
     if not free:
         return None
-    name = max(free, key=lambda m: (free[m]["recovered_at"]["0.67"], free[m].get("auc") or -1.0))
+    name = max(free, key=lambda m: rank(free[m]))
     return name, free[name]
 
 
