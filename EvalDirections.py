@@ -30,6 +30,7 @@ from latentct.generators.interface import (
     output_size,
     own_encoder,
     place_generator,
+    report_latents,
     sample_latents,
 )
 from latentct.score.report import STRONG, describe, fold_axes, is_strong, real_spreads, realism, sweep
@@ -84,8 +85,8 @@ class Settings:
     frame_ms: int = setting(50, "milliseconds per GIF frame")
     grid_samples: int = setting(5, "samples (columns) in the grid GIFs")
     group: int = setting(10, "directions per grid GIF")
-    report_samples: int = setting(16, "samples per direction for the measurements")
-    report_shifts: int = setting(9, "shift values per direction for the measurements")
+    report_samples: int = setting(32, "samples per direction for the measurements")
+    report_shifts: int = setting(5, "shift values per direction for the measurements")
     oracle: str | None = setting(None, "factor oracle (oracle.pt; default: the cached one for this image size and "
                                  "window under <root>/runs/oracle/)")
     root: str = setting(".", "folder under which the oracle cache runs/oracle/ lives")
@@ -188,7 +189,7 @@ def main(cfg: Settings) -> dict:
         raise UserError(f"--which: directions {bad} do not exist (K = {subject.directions.count})")
     gen = torch.Generator().manual_seed(cfg.seed)
     grid_z = sample_latents(subject.G, cfg.grid_samples, gen)
-    report_z = sample_latents(subject.G, cfg.report_samples, gen, part="score")
+    report_z = report_latents(subject.G, cfg.report_samples, gen)
     report_eps = torch.linspace(-subject.scale, subject.scale, cfg.report_shifts)
 
     # What each direction does: measurements, GIFs, samples and real slices (or the report an earlier run wrote).

@@ -96,7 +96,11 @@ class Settings:
                                     "learned_unmix unmix", choices=("sefa", "spectral", "pca"))
     vae_unmix_base: str = setting("spectral", "the same for the VAE", choices=("sefa", "spectral", "pca"))
     method_steps: int | None = setting(None, "steps of DisCo and LatentCLR (None: --direction-steps)")
-    eval_samples: int = setting(16, "samples per direction for the measurements")
+    # 32 latents x 5 shifts cost what 16 x 9 did (1.1x the images) and halve the spread of the counts over draws of
+    # report latents (docs/ground-truth.md, "How steady the counts are").
+    eval_samples: int = setting(32, "samples per direction for the measurements and the ground truth")
+    eval_shifts: int = setting(5, "shift values per direction for the measurements (and frames per known-answer "
+                               "sweep, which the noise floors need equal)")
     oracle_steps: int | None = setting(None, "factor oracle training steps (None: latentct/score/oracle.py's)")
     oracle_slices: int | None = setting(None, "factor oracle training slices (None: latentct/score/oracle.py's)")
     oracle_test_slices: int | None = setting(None, "factor oracle held-out slices (None: latentct/score/oracle.py's)")
@@ -136,7 +140,7 @@ class Settings:
     diffusion_noise_methods: list[str] = setting(["spectral", "random", "unmix"], "methods of the noise view "
                                                  "(the first one's directions get the view's gallery)")
     diffusion_h_methods: list[str] = setting(["hpca", "spectral", "random", "unmix"], "methods of the h view")
-    diffusion_directions: int = setting(8, "K of every diffusion method (each scored direction is 16 samples x 9 "
+    diffusion_directions: int = setting(8, "K of every diffusion method (each scored direction is 32 samples x 5 "
                                         "shifts of DDIM sampling)")
     ddim_steps: int = setting(10, "deterministic DDIM steps per diffusion sample (the generator's view; not "
                               "training steps)")
@@ -273,7 +277,7 @@ def plan(cfg: Settings) -> list[Job]:
             output=str(anim / "validation"), seed=cfg.seed, image_size=cfg.image_size, oracle=str(oracle_file),
             fit_oracle=str(fit_file), vae=str(runs / "vae" / "generator.pt") if "vae" in cfg.generators else None,
             patients=cfg.validate_patients,
-            render_size=cfg.phantom_size, pair_patients=cfg.validate_patients, scored_samples=cfg.eval_samples,
+            render_size=cfg.phantom_size, pair_patients=cfg.validate_patients, scored_samples=cfg.eval_samples, frames=cfg.eval_shifts,
             probe_slices=cfg.probe_slices, probe_steps=cfg.probe_steps,
             dcgan=str(runs / "dcgan" / "generator.pt") if cfg.dcgan_attainable else None)),
             output=anim / "validation", done_file="validation.json",
@@ -338,7 +342,7 @@ def plan(cfg: Settings) -> list[Job]:
         for preset in cfg.direction_presets:
             gallery = anim / (gen if len(cfg.direction_presets) == 1 else f"{gen}_{preset}")
             common_eval = dict(directions=str(runs / f"{gen}_{preset}" / "directions.pt"), output=str(gallery),
-                               report_samples=cfg.eval_samples, seed=cfg.seed)
+                               report_samples=cfg.eval_samples, report_shifts=cfg.eval_shifts, seed=cfg.seed)
             jobs.append(Job(kind="evaluate", name=f"eval_{gallery.name}", module=EvalDirections,
                             cfg=EvalDirections.Settings(**common_eval, ground_truth="off"), output=gallery,
                             done_file="index.html", inputs=(f"{gen}_{preset}",),
@@ -412,7 +416,7 @@ def diffusion_jobs(cfg: Settings, common: dict, runs: Path, anim: Path, truth: d
         gallery = anim / gen
         # Real slices by DDIM inversion alone: refining them by optimising z runs back through every step.
         common_eval = dict(directions=str(runs / names[0] / "directions.pt"), output=str(gallery),
-                           report_samples=cfg.eval_samples, seed=cfg.seed, embed_steps=0)
+                           report_samples=cfg.eval_samples, report_shifts=cfg.eval_shifts, seed=cfg.seed, embed_steps=0)
         jobs.append(Job(kind="evaluate", name=f"eval_{gen}", module=EvalDirections, cfg=EvalDirections.Settings(
             **common_eval, ground_truth="off"), output=gallery, done_file="index.html", inputs=(names[0],)))
         if truth is not None:
@@ -456,7 +460,7 @@ def other_draws(cfg: Settings, gen: str, preset: str, methods: list[str], shared
         compared.append(runs / f"{gen}_supervised")
         out = gallery.parent / f"{gallery.name}_seed{seed}"
         scored = EvalDirections.Settings(
-            directions=str(learned / "directions.pt"), output=str(out), report_samples=cfg.eval_samples, seed=seed,
+            directions=str(learned / "directions.pt"), output=str(out), report_samples=cfg.eval_samples, report_shifts=cfg.eval_shifts, seed=seed,
             compare=[str(c / "directions.pt") for c in compared], ground_truth="auto", frames=3, grid_samples=1,
             real_slices=0, **truth)
         jobs.append(Job(kind="ground_truth", name=f"truth_{out.name}", module=EvalDirections, cfg=scored, output=out,
@@ -523,7 +527,7 @@ def plan_own_generator(cfg: Settings) -> list[Job]:
     gallery = anim / "model"
     jobs.append(Job(kind="evaluate", name="eval_model", module=EvalDirections, cfg=EvalDirections.Settings(
         directions=str(learned / "directions.pt"), output=str(gallery), dataset=cfg.data,
-        report_samples=cfg.eval_samples, seed=cfg.seed, ground_truth="off"), output=gallery,
+        report_samples=cfg.eval_samples, report_shifts=cfg.eval_shifts, seed=cfg.seed, ground_truth="off"), output=gallery,
         done_file="index.html", inputs=(learned.name,), main_lane=True))
     compared = []
     for m in methods:
@@ -549,11 +553,11 @@ def plan_own_generator(cfg: Settings) -> list[Job]:
         jobs.append(Job(kind="validate", name="validate", module=validate, cfg=_with(validate, dict(
             output=str(anim / "validation"), seed=cfg.seed, image_size=output_size(G), window=window,
             oracle=str(oracle_file), fit_oracle=str(fit_file), patients=cfg.validate_patients,
-            pair_patients=cfg.validate_patients, render_size=cfg.phantom_size, scored_samples=cfg.eval_samples)),
+            pair_patients=cfg.validate_patients, render_size=cfg.phantom_size, scored_samples=cfg.eval_samples, frames=cfg.eval_shifts)),
             output=anim / "validation", done_file="validation.json", inputs=("oracle", "oracle_fit")))
         jobs.append(Job(kind="ground_truth", name="truth_model", module=EvalDirections, cfg=EvalDirections.Settings(
             directions=str(learned / "directions.pt"), output=str(gallery), dataset=cfg.data,
-            report_samples=cfg.eval_samples, seed=cfg.seed, ground_truth="only", oracle=str(oracle_file),
+            report_samples=cfg.eval_samples, report_shifts=cfg.eval_shifts, seed=cfg.seed, ground_truth="only", oracle=str(oracle_file),
             fit_oracle=str(fit_file), validation=str(anim / "validation" / "validation.json"),
             compare=[str(runs / c / "directions.pt") for c in compared], null_pool=cfg.null_pool,
             null_sets=cfg.null_sets), output=gallery / "ground_truth", done_file="ground_truth.json",

@@ -290,11 +290,21 @@ def test_the_readme_reports_the_spread_of_repeated_ground_truths(tmp_path):
     anim.mkdir(parents=True)
     row = dict(generator="vae", method="sefa", recovered_at={"0.5": 3, "0.67": 0, "0.8": 0}, auc=0.2, p=0.09)
     rows = [dict(row, seed=s, threads=n, verdict="not above null, borderline") for s in (0, 1) for n in (1, 2)]
-    rows[-1]["verdict"] = "above null, borderline"
-    (anim / "stability.json").write_text(json.dumps({"rows": rows, "largest_move": {"vae sefa": 1}}))
+    rows[-1].update(verdict="above null, borderline", p=0.04)
+    # above the null in every repeat, borderline in one: not a flip
+    steady = [dict(row, method="unmix", seed=s, threads=n, p=p, verdict=v) for (s, n), p, v in
+              zip([(0, 1), (0, 2), (1, 1), (1, 2)], [0.005, 0.005, 0.02, 0.02],
+                  ["above null"] * 2 + ["above null, borderline"] * 2)]
+    # a confident verdict that flips: no "borderline" excuse
+    confident = [dict(row, generator="dcgan", seed=s, threads=n, p=p, verdict=v) for (s, n), p, v in
+                 zip([(0, 1), (0, 2), (1, 1), (1, 2)], [0.001, 0.001, 0.3, 0.3],
+                     ["above null"] * 2 + ["not above null"] * 2)]
+    (anim / "stability.json").write_text(json.dumps({"rows": rows + steady + confident,
+                                                     "largest_move": {"vae sefa": 1, "vae unmix": 0}}))
     assert results.spread_line(anim)[1] == (
         "Spread: the ground truth repeated with 1 and 2 threads and report-latent seeds 0 and 1 (`python -m "
-        "bench.stability --run demo`): no count moved by more than 1; verdicts that changed: vae sefa.")
+        "bench.stability --run demo`): no count moved by more than 1; verdicts that flipped between above and not "
+        "above the null: vae sefa (p 0.040-0.090, borderline in every repeat), dcgan sefa (p 0.001-0.300).")
     assert results.spread_line(tmp_path) == []
 
 

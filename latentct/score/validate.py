@@ -72,12 +72,12 @@ class Settings:
     probe_slices: int = setting(3000, "with --vae: reconstructions a probe is trained on, labelled with their "
                                 "inputs' factors; its held-out R2 bounds what the VAE leaves readable")
     probe_steps: int = setting(1500, "training steps of that probe")
-    patients: int = setting(50, "patients per single-factor sweep")
-    pair_patients: int = setting(20, "patients per two-factor sweep")
-    frames: int = setting(9, "frames per sweep")
+    patients: int = setting(96, "patients per single-factor sweep (three groups of the scorer's 32 samples)")
+    pair_patients: int = setting(32, "patients per two-factor sweep")
+    frames: int = setting(5, "frames per sweep (EvalDirections --report-shifts: the floors need them equal)")
     render_size: int = setting(128, "matrix size the phantom is rendered at")
     workers: int = setting(1, "processes that render sweeps")
-    scored_samples: int = setting(16, "samples a direction is scored on (EvalDirections --report-samples): the "
+    scored_samples: int = setting(32, "samples a direction is scored on (EvalDirections --report-samples): the "
                                   "noise floors are what an unmoved factor scores on that many")
 
     def __post_init__(self):

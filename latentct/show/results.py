@@ -572,13 +572,17 @@ def spread_line(anim: Path) -> list[str]:
     rows = stability["rows"]
     runs = sorted({(r["seed"], r["threads"]) for r in rows})
     seeds, threads = sorted({s for s, _ in runs}), sorted({n for _, n in runs})
-    flips = sorted({f"{r['generator']} {r['method']}" for r in rows
-                    if len({x["verdict"] for x in rows if (x["generator"], x["method"]) ==
-                            (r["generator"], r["method"])}) > 1})
+    flips = []  # above the null in some repeats and not in others, with the p-values' range
+    for key in dict.fromkeys((r["generator"], r["method"]) for r in rows):
+        repeats = [r for r in rows if (r["generator"], r["method"]) == key]
+        if len({r["verdict"].startswith("above") for r in repeats}) > 1:
+            p = [r["p"] for r in repeats if r["p"] is not None]
+            flips.append(f"{' '.join(key)} (p {min(p):.3f}-{max(p):.3f}"
+                         + (", borderline in every repeat)" if all(0.01 <= v <= 0.2 for v in p) else ")"))
     return ["", f"Spread: the ground truth repeated with {' and '.join(map(str, threads))} threads and report-latent "
             f"seeds {' and '.join(map(str, seeds))} (`python -m bench.stability --run {anim.name}`): no count moved "
-            f"by more than {max(stability['largest_move'].values())}; verdicts that changed: "
-            + (", ".join(flips) if flips else "none") + "."]
+            f"by more than {max(stability['largest_move'].values())}; verdicts that flipped between above and not "
+            "above the null: " + (", ".join(flips) if flips else "none") + "."]
 
 
 def markers(name: str) -> tuple[str, str]:

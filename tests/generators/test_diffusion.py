@@ -10,7 +10,7 @@ import torch
 
 from latentct.discover.baselines import baseline_matrix, fit_directions, h_pca, spectral
 from latentct.generators.diffusion import h_principal_components
-from latentct.generators.interface import direction_block, load_generator, sample_latents
+from latentct.generators.interface import direction_block, load_generator, report_latents, sample_latents
 from latentct.util.settings import UserError, parse_settings
 from Training import TrainDiffusion, TrainDirections
 
@@ -49,6 +49,8 @@ def test_h_view_draws_no_offset_and_directions_move_dh_only(diffusion_run):
     G = load_generator(diffusion_run, diffusion={"view": "h", "ddim_steps": 3})
     z = sample_latents(G, 4, torch.Generator().manual_seed(0))
     assert z.shape == (4, G.x_dim + G.h_dim) and torch.equal(z[:, G.x_dim:], torch.zeros(4, G.h_dim))
+    scored = report_latents(G, 4, torch.Generator().manual_seed(0))  # antithetic noise, still no offset
+    assert torch.equal(scored[2:, :G.x_dim], -scored[:2, :G.x_dim]) and not scored[:, G.x_dim:].any()
     assert direction_block(G) == (G.x_dim, G.x_dim + G.h_dim) and G.h_rms > 0
     for matrix in (baseline_matrix("random", G, 4), h_pca(G, 4), spectral(G, 3, samples=2, iterations=1)[0]):
         assert matrix[:, :G.x_dim].abs().max() == 0

@@ -68,7 +68,7 @@ def test_known_answer_sweeps_score_right_with_exact_factors(seed):
     assert result["checks"]["passed"]
     assert sum(result["confusion"]["rotation"].values()) == 6
     # exact factors move only their own factor: a factor a sweep held still reads as a flat line, floor 0
-    assert max(result["noise_floor"].values()) < 1e-6 and result["samples"] == 16
+    assert max(result["noise_floor"].values()) < 1e-6 and result["samples"] == validate.Settings.scored_samples == 32
     assert result["minimum_effect"]["rotation"]["unit"] == "deg"
 
 
