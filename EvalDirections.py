@@ -29,6 +29,7 @@ from latentct.generators.interface import (
     in_block,
     output_size,
     own_encoder,
+    pairing,
     place_generator,
     report_latents,
     sample_latents,
@@ -395,8 +396,14 @@ def ground_truth(cfg: Settings, subject: Subject, files: dict[str, Directions], 
         table["verdict"] = verdict(headline_p)
         table["per_seed"] = [{"seed": cfg.seed, "recovered_at": table["recovered_at"], "auc": table["auc"],
                               "p_value": table["p_value"]}]
+    design = {"samples": int(z.shape[0]), "shifts": int(eps.numel()), "pairing": pairing(G)}
     for path in cfg.seed_runs:  # the same methods on other seeds or report-latent draws: medians and 2 of 3
-        other = json.loads(Path(path).read_text())["methods"]
+        kept = json.loads(Path(path).read_text())
+        theirs = kept.get("design")
+        if theirs != design:
+            raise UserError(f"--seed-runs: {path} was scored with {theirs}, this run with {design}: medians over "
+                            "other scoring designs would mix their noise (score it again)")
+        other = kept["methods"]
         for name in [n for n in methods if n in other]:
             methods[name]["per_seed"] += other[name]["per_seed"]
     for name, table in methods.items():
@@ -418,9 +425,10 @@ def ground_truth(cfg: Settings, subject: Subject, files: dict[str, Directions], 
             "noise_floor": dict(zip(FACTORS, floor.tolist())), "minimum_effect": validation.get("minimum_effect"),
             "attainable": validation.get("attainable"), "taus": TAUS, "headline": HEADLINE, "r2_min": R2_MIN,
             "recoverable_at": supervised["recovered_at"] if supervised else None,
-            "recoverable": supervised["recovered"] if supervised else None,
+            "recoverable": supervised["recovered"] if supervised else None, "design": design,
             "null": None if pool is None else {"pool": cfg.null_pool, "sets": cfg.null_sets, "samples": int(z.shape[0]),
-                                               "shifts": int(eps.numel()), "latents": "the report's own",
+                                               "shifts": int(eps.numel()), "pairing": pairing(G),
+                                               "latents": "the report's own",
                                                "weak": cfg.null_pool < 256 or cfg.null_sets < 1000},
             "heatmap": f"{out.name}/effect_matrix.png", "curve": f"{out.name}/recovered_curve.png",
             "main": main, "methods": methods}, None

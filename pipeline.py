@@ -277,7 +277,8 @@ def plan(cfg: Settings) -> list[Job]:
             output=str(anim / "validation"), seed=cfg.seed, image_size=cfg.image_size, oracle=str(oracle_file),
             fit_oracle=str(fit_file), vae=str(runs / "vae" / "generator.pt") if "vae" in cfg.generators else None,
             patients=cfg.validate_patients,
-            render_size=cfg.phantom_size, pair_patients=cfg.validate_patients, scored_samples=cfg.eval_samples, frames=cfg.eval_shifts,
+            render_size=cfg.phantom_size, pair_patients=cfg.validate_patients, scored_samples=cfg.eval_samples,
+            frames=cfg.eval_shifts,
             probe_slices=cfg.probe_slices, probe_steps=cfg.probe_steps,
             dcgan=str(runs / "dcgan" / "generator.pt") if cfg.dcgan_attainable else None)),
             output=anim / "validation", done_file="validation.json",
@@ -460,7 +461,8 @@ def other_draws(cfg: Settings, gen: str, preset: str, methods: list[str], shared
         compared.append(runs / f"{gen}_supervised")
         out = gallery.parent / f"{gallery.name}_seed{seed}"
         scored = EvalDirections.Settings(
-            directions=str(learned / "directions.pt"), output=str(out), report_samples=cfg.eval_samples, report_shifts=cfg.eval_shifts, seed=seed,
+            directions=str(learned / "directions.pt"), output=str(out), report_samples=cfg.eval_samples,
+            report_shifts=cfg.eval_shifts, seed=seed,
             compare=[str(c / "directions.pt") for c in compared], ground_truth="auto", frames=3, grid_samples=1,
             real_slices=0, **truth)
         jobs.append(Job(kind="ground_truth", name=f"truth_{out.name}", module=EvalDirections, cfg=scored, output=out,
@@ -527,8 +529,8 @@ def plan_own_generator(cfg: Settings) -> list[Job]:
     gallery = anim / "model"
     jobs.append(Job(kind="evaluate", name="eval_model", module=EvalDirections, cfg=EvalDirections.Settings(
         directions=str(learned / "directions.pt"), output=str(gallery), dataset=cfg.data,
-        report_samples=cfg.eval_samples, report_shifts=cfg.eval_shifts, seed=cfg.seed, ground_truth="off"), output=gallery,
-        done_file="index.html", inputs=(learned.name,), main_lane=True))
+        report_samples=cfg.eval_samples, report_shifts=cfg.eval_shifts, seed=cfg.seed, ground_truth="off"),
+        output=gallery, done_file="index.html", inputs=(learned.name,), main_lane=True))
     compared = []
     for m in methods:
         out = runs / f"model_{m}"
@@ -553,11 +555,13 @@ def plan_own_generator(cfg: Settings) -> list[Job]:
         jobs.append(Job(kind="validate", name="validate", module=validate, cfg=_with(validate, dict(
             output=str(anim / "validation"), seed=cfg.seed, image_size=output_size(G), window=window,
             oracle=str(oracle_file), fit_oracle=str(fit_file), patients=cfg.validate_patients,
-            pair_patients=cfg.validate_patients, render_size=cfg.phantom_size, scored_samples=cfg.eval_samples, frames=cfg.eval_shifts)),
+            pair_patients=cfg.validate_patients, render_size=cfg.phantom_size, scored_samples=cfg.eval_samples,
+            frames=cfg.eval_shifts)),
             output=anim / "validation", done_file="validation.json", inputs=("oracle", "oracle_fit")))
         jobs.append(Job(kind="ground_truth", name="truth_model", module=EvalDirections, cfg=EvalDirections.Settings(
             directions=str(learned / "directions.pt"), output=str(gallery), dataset=cfg.data,
-            report_samples=cfg.eval_samples, report_shifts=cfg.eval_shifts, seed=cfg.seed, ground_truth="only", oracle=str(oracle_file),
+            report_samples=cfg.eval_samples, report_shifts=cfg.eval_shifts, seed=cfg.seed, ground_truth="only",
+            oracle=str(oracle_file),
             fit_oracle=str(fit_file), validation=str(anim / "validation" / "validation.json"),
             compare=[str(runs / c / "directions.pt") for c in compared], null_pool=cfg.null_pool,
             null_sets=cfg.null_sets), output=gallery / "ground_truth", done_file="ground_truth.json",

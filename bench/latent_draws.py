@@ -9,6 +9,9 @@ that design's own sample and shift counts, so the spread is read off many draws 
 Prints per (generator, method, design, latents) the counts at tau 0.5/0.67/0.8 of every draw, the largest range of
 a count over the draws and the standard deviation of the mean count over tau (the area before it is divided by the
 supervised row's); the last line sums the largest ranges per design. Writes Animations/<run>/latent_draws.json.
+The comparison is paired: draw d of a design starts from the same seed with independent and antithetic latents
+(the antithetic draw mirrors the first half of the independent one), so the two differ only in the pairing.
+The run's ground truth must name its oracle (every pipeline run does).
 """
 from __future__ import annotations
 
@@ -42,6 +45,7 @@ class Settings:
     designs: list[str] = setting(["16x9", "32x5"], "SAMPLESxSHIFTS designs to compare (EvalDirections "
                                  "--report-samples x --report-shifts)")
     seed: int = setting(0, "seed of the draws (draw d uses seed + 1000 + d) and of the floors' sweeps")
+    render_size: int = setting(128, "matrix size the phantom's sweeps are rendered at (the run's --phantom-size)")
 
 
 def parse_design(text: str) -> tuple[int, int]:
@@ -54,11 +58,13 @@ def parse_design(text: str) -> tuple[int, int]:
     return samples, shifts
 
 
-def floors_for(samples: int, shifts: int, oracle_file: str, seed: int) -> np.ndarray:
-    """Noise floors measured at this design's sample and shift counts (three groups of patients per sweep)."""
+def floors_for(samples: int, shifts: int, oracle, seed: int, render_size: int) -> np.ndarray:
+    """Noise floors measured with this oracle at this design's sample and shift counts (validate's defaults: three
+    groups of patients per single-factor sweep, one per pair)."""
     with tempfile.TemporaryDirectory() as tmp:
-        validate.main(validate.Settings(output=tmp, seed=seed, oracle=oracle_file, frames=shifts,
-                                        scored_samples=samples, patients=3 * samples, pair_patients=samples,
+        validate.main(validate.Settings(output=tmp, seed=seed, oracle=str(oracle.path), frames=shifts,
+                                        scored_samples=samples, image_size=oracle.image_size,
+                                        window=",".join(f"{v:g}" for v in oracle.window), render_size=render_size,
                                         workers=2))
         floor = json.loads((Path(tmp) / "validation.json").read_text())["noise_floor"]
     return np.array(list(floor.values()))
@@ -95,16 +101,16 @@ def main(cfg: Settings) -> list[dict]:
         pairings = ("independent",) if getattr(G, "prior", None) is not None else ("independent", "antithetic")
         for samples, shifts in designs:
             key = f"{samples}x{shifts}"
-            if key not in floors:
-                floors[key] = floors_for(samples, shifts, config["oracle"], cfg.seed)
+            if (config["oracle"], key) not in floors:
+                floors[config["oracle"], key] = floors_for(samples, shifts, oracle, cfg.seed, cfg.render_size)
             eps = torch.linspace(-scale, scale, shifts)
             for pairing in pairings:
                 per_draw = []
                 for d in range(cfg.draws):
                     gen = torch.Generator().manual_seed(cfg.seed + 1000 + d)
-                    z = (sample_latents(G, samples, gen) if pairing == "independent"
+                    z = (sample_latents(G, samples, gen, part="score") if pairing == "independent"
                          else report_latents(G, samples, gen))
-                    per_draw.append(counts(files, G, oracle, floors[key], z, eps))
+                    per_draw.append(counts(files, G, oracle, floors[config["oracle"], key], z, eps))
                 for name in files:
                     a = np.array([draw[name] for draw in per_draw])
                     row = {"generator": gallery.name, "method": name, "design": key, "latents": pairing,

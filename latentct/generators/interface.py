@@ -250,17 +250,22 @@ def sample_latents(G: nn.Module, n: int, generator: torch.Generator | None = Non
     return prior[idx].to(device or "cpu")
 
 
-
 def report_latents(G: nn.Module, n: int, generator: torch.Generator) -> torch.Tensor:
     """The n latents every direction (and the pooled null) is scored on. Where the prior is symmetric about 0
     (N(0, I); a diffusion model's x_T with dh = 0) they come in antithetic pairs z, -z: the part of a direction's
     effect that varies linearly over the latent cancels within each pair, so the counts move less from one draw
     of latents to the next (docs/ground-truth.md, "How steady the counts are"). Encoded latents are not symmetric:
     they are drawn as ``sample_latents(part="score")``."""
-    if getattr(G, "prior", None) is not None:
+    if pairing(G) == "independent":
         return sample_latents(G, n, generator, part="score")
     half = sample_latents(G, (n + 1) // 2, generator)
     return torch.cat([half, -half])[:n]
+
+
+def pairing(G: nn.Module) -> str:
+    """How ``report_latents`` draws for G: "antithetic" under N(0, I) (every generator without encoded latents;
+    a diffusion model's x_T, with dh = 0 in the h view), "independent" under encoded latents."""
+    return "independent" if getattr(G, "prior", None) is not None else "antithetic"
 
 def direction_block(G: nn.Module) -> tuple[int, int]:
     """The latent coordinates directions live in, (start, stop): all of them, except in a diffusion generator's h

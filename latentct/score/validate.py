@@ -3,7 +3,7 @@
     python -m latentct.score.validate --output Animations/demo/validation [--seed S] [--image-size 64] [--vae generator.pt]
 
 The phantom renders sweeps in which exactly one factor moves over its full range while the patient, its
-nuisance, z and the noise draw stay fixed (50 random patients per factor): breast sweeps at z = 0.5 from no
+nuisance, z and the noise draw stay fixed (three groups of the scorer's samples per factor): breast sweeps at z = 0.5 from no
 breast to the largest, z sweeps over [0.1, 0.9] on patients without breasts, the others at a z drawn in
 [0.25, 0.75]. Sweeps in which two factors move together follow. The oracle reads every frame and the *same*
 scorer that scores a generator's directions (latentct/score/scoring.py) scores the sweeps:
@@ -15,7 +15,7 @@ scorer that scores a generator's directions (latentct/score/scoring.py) scores t
 
 The sweeps also give each factor's noise floor: the effect the oracle reports on a factor that a sweep held
 still, measured at the scorer's own sample count over disjoint groups of patients (mean + 2 SD; effects shrink
-with the square root of the sample count, so a floor measured on 50 patients at once would be too low for 16).
+with the square root of the sample count, so a floor measured on 96 patients at once would be too low for 32).
 The scorer subtracts it before the shares and asks a recovered factor to move by at least twice it. Through a
 VAE (--vae) the sweeps also say what share a perfectly clean change keeps after the VAE's encode-decode: the
 attainable level, reported beside the counts, not used as a threshold. The oracle's held-out R2 is reported
@@ -72,8 +72,10 @@ class Settings:
     probe_slices: int = setting(3000, "with --vae: reconstructions a probe is trained on, labelled with their "
                                 "inputs' factors; its held-out R2 bounds what the VAE leaves readable")
     probe_steps: int = setting(1500, "training steps of that probe")
-    patients: int = setting(96, "patients per single-factor sweep (three groups of the scorer's 32 samples)")
-    pair_patients: int = setting(32, "patients per two-factor sweep")
+    patients: int | None = setting(None, "patients per single-factor sweep (default: three groups of "
+                                   "--scored-samples)")
+    pair_patients: int | None = setting(None, "patients per two-factor sweep (default: one group of "
+                                        "--scored-samples)")
     frames: int = setting(5, "frames per sweep (EvalDirections --report-shifts: the floors need them equal)")
     render_size: int = setting(128, "matrix size the phantom is rendered at")
     workers: int = setting(1, "processes that render sweeps")
@@ -81,7 +83,9 @@ class Settings:
                                   "noise floors are what an unmoved factor scores on that many")
 
     def __post_init__(self):
-        for name in ("patients", "pair_patients", "workers"):
+        self.patients = 3 * self.scored_samples if self.patients is None else self.patients
+        self.pair_patients = self.scored_samples if self.pair_patients is None else self.pair_patients
+        for name in ("patients", "pair_patients", "workers", "scored_samples"):
             check(getattr(self, name) >= 1, name, "must be at least 1")
         check(self.frames >= 3, "frames", "needs at least 3 frames for a line fit")
         parse_window(self.window)

@@ -574,9 +574,9 @@ def spread_line(anim: Path) -> list[str]:
     seeds, threads = sorted({s for s, _ in runs}), sorted({n for _, n in runs})
     flips = []  # above the null in some repeats and not in others, with the p-values' range
     for key in dict.fromkeys((r["generator"], r["method"]) for r in rows):
-        repeats = [r for r in rows if (r["generator"], r["method"]) == key]
+        repeats = [r for r in rows if (r["generator"], r["method"]) == key and r["p"] is not None]  # a null
         if len({r["verdict"].startswith("above") for r in repeats}) > 1:
-            p = [r["p"] for r in repeats if r["p"] is not None]
+            p = [r["p"] for r in repeats]
             flips.append(f"{' '.join(key)} (p {min(p):.3f}-{max(p):.3f}"
                          + (", borderline in every repeat)" if all(0.01 <= v <= 0.2 for v in p) else ")"))
     return ["", f"Spread: the ground truth repeated with {' and '.join(map(str, threads))} threads and report-latent "

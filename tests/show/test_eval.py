@@ -250,3 +250,16 @@ def test_noise_floors_measured_for_another_run_are_refused(directions_runs, tiny
     with pytest.raises(UserError, match="--null-pool: 10 random directions cannot make random sets of 8"):
         EvalDirections.main(parse_settings(EvalDirections.Settings, [*args, "--report-samples", "4",
                                                                      "--report-shifts", "5", "--null-pool", "10"]))
+
+
+def test_seed_runs_of_another_scoring_design_are_refused(directions_runs, tiny_oracle, tiny_validation, tmp_path):
+    """Medians over seeds or draws only mean something when every draw was scored alike: the same sample count,
+    shifts and pairing of latents (a DCGAN's N(0, I) latents come in antithetic pairs)."""
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"design": {"samples": 4, "shifts": 5, "pairing": "independent"}, "methods": {}}))
+    args = ["--directions", str(directions_runs["learned"]), "--oracle", str(tiny_oracle[1]), "--validation",
+            str(tiny_validation), "--output", str(tmp_path / "g"), "--real-slices", "0", "--frames", "3",
+            "--report-samples", "4", "--report-shifts", "5", "--null-pool", "16", "--null-sets", "3"]
+    with pytest.raises(UserError, match="--seed-runs: .*'pairing': 'independent'.*'pairing': 'antithetic'"):
+        EvalDirections.main(parse_settings(EvalDirections.Settings, [*args, "--seed-runs", str(other)]))
+    assert not (tmp_path / "g" / "ground_truth" / "ground_truth.json").exists()  # nothing half-merged written
