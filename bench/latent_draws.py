@@ -16,7 +16,6 @@ The run's ground truth must name its oracle (every pipeline run does).
 from __future__ import annotations
 
 import json
-import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +31,7 @@ from latentct.score.report import sweep
 from latentct.score.scoring import TAUS, line_effects, score_directions
 from latentct.show.images import display
 from latentct.util.io import atomic_write_json
-from latentct.util.settings import UserError, parse_settings, setting
+from latentct.util.settings import UserError, check, run_cli, setting
 
 
 @dataclass
@@ -46,6 +45,9 @@ class Settings:
                                  "--report-samples x --report-shifts)")
     seed: int = setting(0, "seed of the draws (draw d uses seed + 1000 + d) and of the floors' sweeps")
     render_size: int = setting(128, "matrix size the phantom's sweeps are rendered at (the run's --phantom-size)")
+
+    def __post_init__(self):
+        check(self.draws >= 2, "draws", f"needs at least 2 draws for a spread, got {self.draws}")
 
 
 def parse_design(text: str) -> tuple[int, int]:
@@ -83,11 +85,11 @@ def counts(files: dict, G, oracle, floor: np.ndarray, z: torch.Tensor, eps: torc
 
 
 def main(cfg: Settings) -> list[dict]:
+    designs = [parse_design(d) for d in cfg.designs]
     anim = Path(cfg.root) / "Animations" / cfg.run
     galleries = sorted(p.parent.parent for p in anim.glob("*/ground_truth/config.json"))
     if not galleries:
         raise UserError(f"--run: {anim} holds no ground truth (run python pipeline.py first)")
-    designs = [parse_design(d) for d in cfg.designs]
     rows, floors = [], {}
     for gallery in galleries:
         config = json.loads((gallery / "ground_truth" / "config.json").read_text())
@@ -130,4 +132,4 @@ def main(cfg: Settings) -> list[dict]:
 
 
 if __name__ == "__main__":
-    main(parse_settings(Settings, sys.argv[1:]))
+    run_cli(main, Settings, prog="python -m bench.latent_draws")
