@@ -96,8 +96,9 @@ class Settings:
                                     "learned_unmix unmix", choices=("sefa", "spectral", "pca"))
     vae_unmix_base: str = setting("spectral", "the same for the VAE", choices=("sefa", "spectral", "pca"))
     method_steps: int | None = setting(None, "steps of DisCo and LatentCLR (None: --direction-steps)")
-    # 32 latents x 5 shifts cost what 16 x 9 did (1.1x the images) and halve the spread of the counts over draws of
-    # report latents (docs/ground-truth.md, "How steady the counts are").
+    # 32 latents x 5 shifts cost what 16 x 9 did (1.1x the images); with antithetic latents (report_latents) they
+    # cut the spread of the counts over draws of report latents by 60% (docs/ground-truth.md, "How steady the
+    # counts are").
     eval_samples: int = setting(32, "samples per direction for the measurements and the ground truth")
     eval_shifts: int = setting(5, "shift values per direction for the measurements (and frames per known-answer "
                                "sweep, which the noise floors need equal)")
@@ -417,7 +418,8 @@ def diffusion_jobs(cfg: Settings, common: dict, runs: Path, anim: Path, truth: d
         gallery = anim / gen
         # Real slices by DDIM inversion alone: refining them by optimising z runs back through every step.
         common_eval = dict(directions=str(runs / names[0] / "directions.pt"), output=str(gallery),
-                           report_samples=cfg.eval_samples, report_shifts=cfg.eval_shifts, seed=cfg.seed, embed_steps=0)
+                           report_samples=cfg.eval_samples, report_shifts=cfg.eval_shifts, seed=cfg.seed,
+                           embed_steps=0)
         jobs.append(Job(kind="evaluate", name=f"eval_{gen}", module=EvalDirections, cfg=EvalDirections.Settings(
             **common_eval, ground_truth="off"), output=gallery, done_file="index.html", inputs=(names[0],)))
         if truth is not None:

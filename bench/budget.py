@@ -44,11 +44,12 @@ def score(cfg: Settings, gen: str, directions: Path, out: Path) -> dict:
     """RCA, recovered of recoverable and effect-DCI of one directions file, as the pipeline's tables have them."""
     runs, anim = Path(cfg.root) / "runs" / cfg.run, Path(cfg.root) / "Animations" / cfg.run
     oracle = next((Path(cfg.root) / "runs" / "oracle").glob("64px_*/oracle.pt"))
-    floors = json.loads((anim / "validation" / "validation.json").read_text())  # the run's own scoring design
+    validation = anim / "validation" / "validation.json"
+    floors = json.loads(validation.read_text())  # scored at the run's own design: its floors' samples and shifts
     report = EvalDirections.main(make_settings(EvalDirections.Settings, dict(
         report_samples=floors["samples"], report_shifts=floors["frames"],
         directions=str(directions), output=str(out), compare=[str(runs / f"{gen}_supervised" / "directions.pt")],
-        oracle=str(oracle), validation=str(anim / "validation" / "validation.json"),
+        oracle=str(oracle), validation=str(validation),
         null_cache=str(anim / f"{gen}_null_pool.pt"), real_slices=0, frames=5, ground_truth="auto")))
     gt = report["ground_truth"]
     main = gt["main"]

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from latentct.discover.directions import load_directions
-from latentct.generators.interface import report_latents, sample_latents
+from latentct.generators.interface import pairing, report_latents, sample_latents
 from latentct.score import validate
 from latentct.score.oracle import load_oracle
 from latentct.score.report import sweep
@@ -100,27 +100,27 @@ def main(cfg: Settings) -> list[dict]:
             dirs = load_directions(path)[0]
             files[dirs.method if dirs.method not in files else f"{dirs.method} ({Path(path).parent.name})"] = dirs
         scale = config.get("shift_scale") or main_dirs.shift_scale  # every method on the main file's shifts
-        pairings = ("independent",) if getattr(G, "prior", None) is not None else ("independent", "antithetic")
+        pairings = ("independent",) if pairing(G) == "independent" else ("independent", "antithetic")
         for samples, shifts in designs:
             key = f"{samples}x{shifts}"
             if (config["oracle"], key) not in floors:
                 floors[config["oracle"], key] = floors_for(samples, shifts, oracle, cfg.seed, cfg.render_size)
             eps = torch.linspace(-scale, scale, shifts)
-            for pairing in pairings:
+            for paired in pairings:
                 per_draw = []
                 for d in range(cfg.draws):
                     gen = torch.Generator().manual_seed(cfg.seed + 1000 + d)
-                    z = (sample_latents(G, samples, gen, part="score") if pairing == "independent"
+                    z = (sample_latents(G, samples, gen, part="score") if paired == "independent"
                          else report_latents(G, samples, gen))
                     per_draw.append(counts(files, G, oracle, floors[config["oracle"], key], z, eps))
                 for name in files:
                     a = np.array([draw[name] for draw in per_draw])
-                    row = {"generator": gallery.name, "method": name, "design": key, "latents": pairing,
+                    row = {"generator": gallery.name, "method": name, "design": key, "latents": paired,
                            "counts": a[:, :3].astype(int).tolist(),
                            "largest_range": int((a[:, :3].max(0) - a[:, :3].min(0)).max()),
                            "mean_count_sd": round(float(a[:, 3].std(ddof=1)), 3)}
                     rows.append(row)
-                    print(f"{row['generator']:8s} {name:22s} {key:5s} {pairing:11s} counts "
+                    print(f"{row['generator']:8s} {name:22s} {key:5s} {paired:11s} counts "
                           f"{' '.join('/'.join(map(str, c)) for c in row['counts'])}  largest range "
                           f"{row['largest_range']}, sd of the mean count {row['mean_count_sd']:.2f}", flush=True)
     total = {}

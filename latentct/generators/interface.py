@@ -267,6 +267,7 @@ def pairing(G: nn.Module) -> str:
     a diffusion model's x_T, with dh = 0 in the h view), "independent" under encoded latents."""
     return "independent" if getattr(G, "prior", None) is not None else "antithetic"
 
+
 def direction_block(G: nn.Module) -> tuple[int, int]:
     """The latent coordinates directions live in, (start, stop): all of them, except in a diffusion generator's h
     view, where directions move dh only."""

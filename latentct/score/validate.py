@@ -3,8 +3,8 @@
     python -m latentct.score.validate --output Animations/demo/validation [--seed S] [--image-size 64] [--vae generator.pt]
 
 The phantom renders sweeps in which exactly one factor moves over its full range while the patient, its
-nuisance, z and the noise draw stay fixed (three groups of the scorer's samples per factor): breast sweeps at z = 0.5 from no
-breast to the largest, z sweeps over [0.1, 0.9] on patients without breasts, the others at a z drawn in
+nuisance, z and the noise draw stay fixed (three groups of the scorer's samples per factor): breast sweeps at
+z = 0.5 from no breast to the largest, z sweeps over [0.1, 0.9] on patients without breasts, the others at a z drawn in
 [0.25, 0.75]. Sweeps in which two factors move together follow. The oracle reads every frame and the *same*
 scorer that scores a generator's directions (latentct/score/scoring.py) scores the sweeps:
 

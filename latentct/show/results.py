@@ -530,7 +530,8 @@ def diffusion_comparison(truths: list[tuple[str, dict]], others: list[tuple[str,
             "(of what that view's ceiling recovers), then the ceiling: "
             + "; ".join(said(g, gt) for g, gt in truths) + ".")
     if others:
-        text += (" The GAN and the VAE on the same phantom and image size (the compared run's tables when this block was generated): "
+        text += (" The GAN and the VAE on the same phantom and image size (the compared run's tables when this "
+                 "block was generated): "
                  + "; ".join(said(g, gt) for g, gt in others) + ".")
     return text
 
