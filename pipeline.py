@@ -56,6 +56,10 @@ TRAINED = {"disco": TrainDisCo, "latentclr": TrainLatentCLR}         # their own
 # The span of --unmix-base's top directions unmixed (latentct/discover/unmix.py), and the study's learned
 # deformator started from that unmixed basis.
 UNMIXED = ("unmix", "learned_unmix")
+# The span each way unmixes: the base's top 8 (six factors and room for two), the steering walks' top 12 (their
+# six edits and two content directions need room to be fitted; 8 / 12 / 16 gave the VAE's an area of 0.52 / 0.70
+# / 0.70 and the DCGAN's 0.21 / 0.32 / 0.29 on the demo, bench.unmixing).
+UNMIX_SIZE = {"ajd": 8, "ica": 8, "steer": 12}
 METHODS = BASELINES + tuple(TRAINED) + UNMIXED
 GENERATORS = ("dcgan", "vae")
 # A diffusion model is scored in two views of one trained model (latentct/generators/diffusion.py), each its own
@@ -95,6 +99,9 @@ class Settings:
     dcgan_unmix_base: str = setting("sefa", "the orthogonal method whose top directions' span the DCGAN's unmix and "
                                     "learned_unmix unmix", choices=("sefa", "spectral", "pca"))
     vae_unmix_base: str = setting("spectral", "the same for the VAE", choices=("sefa", "spectral", "pca"))
+    dcgan_unmix_by: str = setting("ajd", "how the DCGAN's span is unmixed (TrainDirections --unmix-by)",
+                                  choices=("ajd", "ica", "steer"))
+    vae_unmix_by: str = setting("ajd", "the same for the VAE", choices=("ajd", "ica", "steer"))
     method_steps: int | None = setting(None, "steps of DisCo and LatentCLR (None: --direction-steps)")
     # 32 latents x 5 shifts cost what 16 x 9 did (1.1x the images); with antithetic latents (report_latents) they
     # cut the spread of the counts over draws of report latents by 60% (docs/ground-truth.md, "How steady the
@@ -181,7 +188,8 @@ PRESETS = {
                  direction_steps=4, direction_batch=8, eval_samples=3, oracle_steps=20, oracle_slices=200,
                  oracle_test_slices=100, probe_slices=100, probe_steps=10,
                  validate_patients=2, null_pool=64, null_sets=50, unmix_rca=True,
-                 dcgan_methods=[m for m in METHODS if m != "metadata"], vae_methods=["sefa", "random", "metadata"],
+                 dcgan_methods=[m for m in METHODS if m != "metadata"],
+                 vae_methods=["sefa", "random", "metadata", "unmix"], vae_unmix_by="steer",
                  generators=[*GENERATORS, "diffusion"], diffusion_preset="tiny", ddim_steps=3, diffusion_directions=3,
                  spectral_samples=2),
     # Every baseline beside the learned directions at demo sizes, with MIG and DCI: docs/results.md's benchmark.
@@ -316,6 +324,7 @@ def plan(cfg: Settings) -> list[Job]:
             unmixed = runs / f"{gen}_unmix"
             jobs.append(Job(kind="baselines", name=unmixed.name, module=TrainDirections, cfg=_with(TrainDirections, dict(
                 shared, output=str(unmixed), method="unmix", unmix_from=str(base / "directions.pt"),
+                unmix_by=getattr(cfg, f"{gen}_unmix_by"), unmix_size=UNMIX_SIZE[getattr(cfg, f"{gen}_unmix_by")],
                 rca="unmix" in methods and cfg.unmix_rca), first_preset), output=unmixed, done_file="directions.pt",
                 inputs=(base.name,)))
             compared += [unmixed.name] if "unmix" in methods else []

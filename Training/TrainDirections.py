@@ -88,8 +88,9 @@ class Settings(GeneratorOptions, TrainerSettings):
                                      "spectral) whose top --unmix-size directions span the subspace to unmix")
     unmix_size: int = setting(8, "m, how many of --unmix-from's top directions span the subspace (label-free: "
                               "the phantom's six factors need not be known; 8 leaves room for two more)")
-    unmix_by: str = setting("ajd", "ajd (joint diagonalisation of pullback metrics) or ica (FastICA of features)",
-                            choices=("ajd", "ica"))
+    unmix_by: str = setting("ajd", "ajd (joint diagonalisation of pullback metrics), ica (FastICA of features) or "
+                            "steer (least-squares walks for six affine image edits, then two for the rest; a span of "
+                            "at least 8)", choices=("ajd", "ica", "steer"))
     unmix_features: str = setting("layer", "with --unmix-by ica: the features ICA unmixes: layer (the intermediate "
                                   "layer the spectral method reads), encoder (a VAE's codes), image, or a layer name")
     patient_directions: int = setting(5, "with --method metadata: patient-level directions after the slice-position "

@@ -36,9 +36,11 @@ class Settings:
 
 
 def variants(base: Path, has_encoder: bool) -> dict[str, dict]:
-    """Name -> TrainDirections settings of every variant (the unmixed span, m = 8, unless said)."""
+    """Name -> TrainDirections settings of every variant (the unmixed span, m = 8, unless said: the steering walks
+    fit six edits and two content directions in the top 12)."""
     span = dict(method="unmix", unmix_from=str(base / "directions.pt"))
     out = {"unmix ajd": dict(span, unmix_by="ajd"),
+           "unmix steer": dict(span, unmix_by="steer", unmix_size=12),
            "unmix ica layer": dict(span, unmix_by="ica", unmix_features="layer"),
            "unmix ica image": dict(span, unmix_by="ica", unmix_features="image"),
            "ganspace ica": dict(method="ica", directions_count=16),
@@ -100,7 +102,8 @@ def main(cfg: Settings) -> list[dict]:
                 from latentct.discover.directions import load_directions
 
                 extra = load_directions(made[name][0] / "directions.pt")[0].extra
-                info = {k: extra[k] for k in ("linearity", "off_diagonal", "iterations", "converged") if k in extra}
+                info = {k: extra[k] for k in ("linearity", "off_diagonal", "iterations", "converged", "reproduced")
+                        if k in extra}
             rows.append({"generator": gen, "variant": name, "recovered_at": table["recovered_at"],
                          "recoverable_at": gt["recoverable_at"], "auc": table["auc"],
                          "p": (table["p_value"] or {}).get("auc"), "verdict": table["verdict"],

@@ -23,9 +23,10 @@ def test_whole_pipeline_at_the_smallest_sizes_then_cached_then_from_a_stage(tmp_
     assert stages.count("evaluate") == 4 and stages.count("train_diffusion") == 1
     assert stages.count("ground_truth") == 4 and stages.count("oracle") == 2 and not summary["pending"]
     # DCGAN: learned, 7 closed-form methods, the unmixed SeFa span and the learned run started from it, DisCo and
-    # LatentCLR each trained then RCA-measured, supervised; VAE: learned, SeFa, random, metadata, supervised;
-    # diffusion, noise view: spectral, random, unmix, supervised; h view: hpca, spectral, random, unmix, supervised
-    assert stages.count("validate") == 1 and stages.count("directions") == 15 + 5 + 4 + 5
+    # LatentCLR each trained then RCA-measured, supervised; VAE: learned, SeFa, random, metadata, the spectral span
+    # and its steering walks (unmix), supervised; diffusion, noise view: spectral, random, unmix, supervised; h view:
+    # hpca, spectral, random, unmix, supervised
+    assert stages.count("validate") == 1 and stages.count("directions") == 15 + 7 + 4 + 5
     # each stage says in one line how it went, read from its own files
     metric = {r["name"]: r["metric"] for r in summary["stages"]}
     assert all(metric.values()), [name for name, m in metric.items() if not m]
@@ -41,7 +42,11 @@ def test_whole_pipeline_at_the_smallest_sizes_then_cached_then_from_a_stage(tmp_
     assert np.load(data / "slices_32" / "train.npy", mmap_mode="r").shape[1:] == (1, 32, 32)
     scored = {"dcgan": ("sefa", "pca", "random", "coordinate", "spectral", "ica", "spca", "unmix", "learned_unmix",
                         "disco", "latentclr"),
-              "vae": ("sefa", "random", "metadata")}
+              "vae": ("sefa", "random", "metadata", "unmix")}
+    # each generator's span unmixed its own way (pipeline's --dcgan-unmix-by, --vae-unmix-by), in its own span size
+    unmixed = {gen: load_directions(runs / f"{gen}_unmix" / "directions.pt")[0] for gen in ("dcgan", "vae")}
+    assert unmixed["dcgan"].extra["unmix_by"] == "ajd" and unmixed["dcgan"].extra["m"] == 8
+    assert unmixed["vae"].extra["unmix_by"] == "steer" and unmixed["vae"].count == 8 and unmixed["vae"].extra["m"] == 12
     for gen in ("dcgan", "vae"):
         G = load_generator(runs / gen / "generator.pt")
         assert G(torch.zeros(2, G.latent_dim)).shape == (2, 1, 32, 32)
@@ -95,7 +100,7 @@ def test_whole_pipeline_at_the_smallest_sizes_then_cached_then_from_a_stage(tmp_
     # the dataset's label columns (the phantom's factors) against every method's span, from VAE-encoded slices
     labels = json.loads((anim / "vae" / "report.json").read_text())["label_subspace"]
     assert labels["columns"] == list(gt["noise_floor"]) and labels["encoder"] == "encoder"
-    assert set(labels["methods"]) == {"learned", "sefa", "random", "metadata"}
+    assert set(labels["methods"]) == {"learned", "sefa", "random", "metadata", "unmix"}
     assert len(labels["supervised_angles_deg"]) == 6
     assert json.loads((anim / "dcgan" / "report.json").read_text())["label_subspace"] is None  # no encoder
     assert "Against the dataset&#x27;s labels" in (anim / "vae" / "index.html").read_text()

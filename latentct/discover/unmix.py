@@ -17,8 +17,14 @@ find a basis inside the span whose directions each move one thing:
   constraint). If the image changes of the factor directions are orthogonal in pixel space at every latent while
   their sizes vary from latent to latent, the diagonaliser's rows are those directions.
 
-Both return (m, d) unit latent directions: ``ajd``'s ordered by how much they move the image, ``ica``'s by the
-latent change per unit source.
+- ``steer``: the span directions whose image change best reproduces six affine edits of the image (shift, scale
+  and rotation of the body: patient position, body size and roll on CT), fitted by least squares over latents of
+  the prior (Jahanian et al.'s steerability walks, linearised), plus two directions for the change no edit
+  explains. It asks nothing of the factors' statistics, only that some of them move the image as a whole; the
+  edits are generic image motions, not anatomy measurements, and no label or oracle enters.
+
+``ajd`` and ``ica`` return (m, d) unit latent directions: ``ajd``'s ordered by how much they move the image,
+``ica``'s by the latent change per unit source; ``steer`` returns 6 + 2, the walks in EDITS order first.
 """
 from __future__ import annotations
 
@@ -29,7 +35,8 @@ from latentct.discover.baselines import fix_signs, single_threaded
 from latentct.generators.interface import sample_latents
 from latentct.util.settings import UserError
 
-UNMIX_BY = ("ajd", "ica")
+UNMIX_BY = ("ajd", "ica", "steer")
+EDITS = ("shift x", "shift y", "scale x", "scale y", "rotation", "shear")  # by_steer's image edits
 
 
 def span_coordinates(G, basis: torch.Tensor, samples: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -87,14 +94,13 @@ def by_ica(G, rows: torch.Tensor, features: str = "layer", samples: int = 2048, 
                                            "converged": bool(model.n_iter_ < model.max_iter)}
 
 
-def pullback_metrics(G, basis: torch.Tensor, z: torch.Tensor, chunk: int = 256) -> torch.Tensor:
-    """(N, m, m) metrics J^T J of the images at the latents ``z`` in the span's coordinates, J by forward-mode
-    products along the m basis rows (never a full Jacobian in the latent)."""
+def span_jacobians(G, basis: torch.Tensor, z: torch.Tensor, chunk: int = 256):
+    """(n, m, *image) chunks of the image's Jacobian at the latents ``z`` with respect to the span's coordinates,
+    by forward-mode products along the m basis rows (never a full Jacobian in the latent)."""
     import torch.autograd.forward_ad as fwAD
 
     m = len(basis)
     tangents = basis.float()
-    out = []
     per = max(1, chunk // m)
     for zi in z.split(per):
         points = zi.repeat_interleave(m, 0)
@@ -102,8 +108,15 @@ def pullback_metrics(G, basis: torch.Tensor, z: torch.Tensor, chunk: int = 256) 
             image = G(fwAD.make_dual(points, tangents.repeat(len(zi), 1)))
             J = fwAD.unpack_dual(image).tangent
         if J is None:
-            raise UserError("unmixing by ajd: the generator's output does not depend on z through forward mode")
-        J = J.double().reshape(len(zi), m, -1)                           # (n, m, pixels)
+            raise UserError("unmixing: the generator's output does not depend on z through forward mode")
+        yield J.double().reshape(len(zi), m, *J.shape[1:])
+
+
+def pullback_metrics(G, basis: torch.Tensor, z: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+    """(N, m, m) metrics J^T J of the images at the latents ``z`` in the span's coordinates."""
+    out = []
+    for J in span_jacobians(G, basis, z, chunk):
+        J = J.flatten(2)
         out.append(J @ J.transpose(1, 2))
     return torch.cat(out)
 
@@ -141,4 +154,61 @@ def unmix(G, rows: torch.Tensor, by: str = "ajd", features: str = "layer", sampl
         return by_ajd(G, rows, seed=seed)
     if by == "ica":
         return by_ica(G, rows, features, samples, seed, encoder)
+    if by == "steer":
+        return by_steer(G, rows, seed=seed)
     raise UserError(f"--unmix-by: {by!r} is not one of {', '.join(UNMIX_BY)}")
+
+
+def image_flows(images: torch.Tensor) -> torch.Tensor:
+    """(N, 6, pixels): the first-order image change of each of EDITS, applied to each (N, C, H, W) image about its
+    body's centroid (the pixels above 30% of the image's intensity range), by the chain rule from the image's
+    gradient: an edit that moves each point by u(x, y) changes the image by -grad(I) . u; the sign is immaterial."""
+    I = images.double()
+    N, C, H, W = I.shape
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, H, dtype=torch.float64),
+                            torch.linspace(-1, 1, W, dtype=torch.float64), indexing="ij")
+    gy, gx = torch.gradient(I, dim=(2, 3))
+    mean = I.mean(1)
+    lo, hi = mean.amin((1, 2), keepdim=True), mean.amax((1, 2), keepdim=True)
+    body = (mean > lo + 0.3 * (hi - lo)).double()
+    count = body.sum((1, 2)).clamp_min(1)
+    x = (xx - ((body * xx).sum((1, 2)) / count)[:, None, None])[:, None]   # (N, 1, H, W) about the centroid
+    y = (yy - ((body * yy).sum((1, 2)) / count)[:, None, None])[:, None]
+    return torch.stack([gx, gy, x * gx, y * gy, -y * gx + x * gy, y * gx + x * gy], 1).reshape(N, 6, -1)
+
+
+def by_steer(G, rows: torch.Tensor, latents: int = 64, content: int = 2, seed: int = 0) -> tuple[torch.Tensor, dict]:
+    """Linearised steerability walks inside the span: for each of EDITS, the span direction w whose image change
+    best reproduces that edit of G(z) over ``latents`` latents of the prior, min_w sum_z ||J(z) w - edit(G(z))||^2
+    (Jahanian, Chai & Isola, ICLR 2020, fit their walks by this loss with alpha-scaled edits and SGD; to first order
+    in alpha it is this least-squares problem, solved in closed form). Then ``content`` directions for what no edit
+    explains: the top generalised eigenvectors of the image change left after each latent's least-squares
+    projection on the edits, against the whole change. Returns (6 + content, d) unit directions, the walks in EDITS
+    order, and per walk the share of its edit it reproduces."""
+    basis = orthonormal_rows(rows)
+    m = len(basis)
+    if m < 6 + content:
+        raise UserError(f"--unmix-size: steering needs a span of at least {6 + content} directions, got {m}")
+    z, _ = span_coordinates(G, basis, latents, seed)
+    with torch.no_grad():
+        flows = torch.cat([image_flows(G(part)) for part in z.split(64)])         # (N, 6, P)
+    J = torch.cat([j.flatten(2) for j in span_jacobians(G, basis, z)])           # (N, m, P)
+    metric = torch.einsum("nip,njp->ij", J, J)
+    value, vector = torch.linalg.eigh(metric)                  # whiten inside the part of the span that moves the image
+    moves = value > 1e-9 * value.max()
+    white = vector[:, moves] / value[moves].sqrt()                                # (m, r)
+    target = torch.einsum("nip,nkp->ki", J, flows)                               # (6, m)
+    walks = target @ white @ white.t()                                           # (6, m) least-squares walks
+    reproduced = (walks * target).sum(1) / (flows ** 2).sum((0, 2))
+    coef = torch.einsum("nkp,nip->nki", torch.linalg.solve(flows @ flows.transpose(1, 2), flows), J)
+    rest = J - torch.einsum("nkp,nki->nip", flows, coef)                         # change no edit explains
+    share, inner = torch.linalg.eigh(white.t() @ torch.einsum("nip,njp->ij", rest, rest) @ white)
+    top = torch.argsort(share, descending=True)[:content]
+    content_rows = (white @ inner[:, top]).t()
+    coords = torch.cat([walks, content_rows])
+    directions = torch.nn.functional.normalize(coords @ basis, dim=1)
+    return fix_signs(directions).float(), {
+        "unmix_by": "steer", "latents": latents, "edits": list(EDITS),
+        "reproduced": [round(float(r), 4) for r in reproduced],
+        "content_share": [round(float(share[j]), 4) for j in top]}
+

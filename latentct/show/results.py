@@ -362,19 +362,28 @@ def render(cfg: Settings, link: str = "Animations/examples", picked: list[tuple[
 
 def unmixing_table(rows: list[dict]) -> str:
     """bench/unmixing.py's rows: per generator and variant, the counts, area, p, span ceiling and what the
-    variant reports of itself (ICA's linearity, the joint diagonalisation's leftover off-diagonal share)."""
+    variant reports of itself (ICA's linearity, the joint diagonalisation's leftover off-diagonal share, the share
+    of each edit the steering walks reproduce)."""
     def count(at):
         return "–" if not at else f"{at['0.5']} / {at['0.67']} / {at['0.8']}"
 
     out = []
     for r in rows:
-        own = ", ".join([f"{k.replace('_', ' ')} {r[k]:.2f}" for k in ("linearity", "off_diagonal")
-                         if r.get(k) is not None] + (["FastICA did not converge"] if r.get("converged") is False else []))
+        own = [f"{k.replace('_', ' ')} {r[k]:.2f}" for k in ("linearity", "off_diagonal") if r.get(k) is not None]
+        own += ["FastICA did not converge"] if r.get("converged") is False else []
+        own = ", ".join(own + ([_reproduced(r["reproduced"])] if r.get("reproduced") else []))
         out.append([r["generator"], r["variant"], count(r["recovered_at"]), f"{r['recoverable_at']['0.67']}",
                     "–" if r["auc"] is None else f"{r['auc']:.2f}", _p(r["p"]), str(r.get("k") or "–"),
                     count(r.get("span_ceiling_at")), own or "–"])
     return _table(["generator", "variant", "recovered at 0.5 / 2/3 / 0.8", "recoverable at 2/3", "area", "p", "k",
                    "span ceiling", "its own check"], out)
+
+
+def _reproduced(shares: list[float]) -> str:
+    """The steering walks' fit: the share of each edit (EDITS order) its walk reproduces."""
+    from latentct.discover.unmix import EDITS
+
+    return "edits reproduced: " + ", ".join(f"{e} {v:.2f}" for e, v in zip(EDITS, shares))
 
 
 def mig_table(anim: Path, generators: list[str]) -> str:

@@ -198,3 +198,60 @@ def test_the_metadata_method_reads_a_plugin_autoencoders_encoded_latents(gan_run
     with pytest.raises(UserError, match="--latents"):
         _run(gan_run / "generator.pt", tmp_path / "bad", "--method", "metadata", "--latents", str(file), "--rca",
              "false", "--steps", "1")
+
+
+class MovingEllipse(nn.Module):
+    """32 x 32 images of a soft ellipse (a body) with a brighter inner disc, on a fixed table line that never moves.
+    Its vertical position, left-right size and roll follow three unit latent directions 50-65 degrees apart; a
+    fourth direction changes the inner disc's brightness (content, no motion). Prior: N(0, I) in 10 dimensions."""
+
+    latent_dim = 10
+
+    def __init__(self):
+        super().__init__()
+        q, _ = torch.linalg.qr(torch.randn(10, 10, generator=torch.Generator().manual_seed(5)))
+        mix = torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.55, 0.835, 0.0, 0.0], [0.35, 0.3, 0.887, 0.0],
+                            [0.3, 0.0, 0.3, 0.906]])
+        self.register_buffer("M", (mix @ q[:4]).t())                      # (10, 4) columns: the factor directions
+        self.register_buffer("unmix", torch.linalg.pinv(self.M))
+        yy, xx = torch.meshgrid(torch.linspace(-1, 1, 32), torch.linspace(-1, 1, 32), indexing="ij")
+        self.register_buffer("xx", xx)
+        self.register_buffer("yy", yy)
+
+    def forward(self, z):
+        s = z @ self.unmix.t()                                           # (N, 4) the factors
+        dy, width, roll, inner = 0.08 * s[:, 0], 0.55 + 0.06 * s[:, 1], 0.12 * s[:, 2], 0.3 * s[:, 3]
+        c, n = torch.cos(roll)[:, None, None], torch.sin(roll)[:, None, None]
+        x, y = self.xx, self.yy - dy[:, None, None]
+        u, v = c * x + n * y, -n * x + c * y                             # body frame
+        r = (u / width[:, None, None]) ** 2 + (v / 0.4) ** 2
+        body = torch.sigmoid((1 - r) * 12)
+        disc = torch.sigmoid((1 - (u ** 2 + (v + 0.1) ** 2) / 0.04) * 12) * torch.tanh(inner)[:, None, None]
+        table = torch.sigmoid((self.yy - 0.85) * 40).expand_as(body)
+        return (2 * (body * (0.8 + 0.2 * disc)).clamp(max=1) + table - 1).unsqueeze(1)
+
+
+def test_steering_finds_the_moving_factors_though_their_directions_are_not_orthogonal():
+    from latentct.discover.unmix import EDITS, by_steer
+
+    toy = MovingEllipse().eval().requires_grad_(False)
+    rows = torch.linalg.qr(torch.randn(10, 10, generator=torch.Generator().manual_seed(0)))[0]  # an orthogonal base
+    assert best_cosines(rows, toy.M[:, :3]).max() < 0.9                    # which holds none of them
+    found, info = by_steer(toy, rows)
+    assert found.shape == (8, 10) and torch.allclose(found.norm(dim=1), torch.ones(8), atol=1e-5)
+    walk = {name: found[i] for i, name in enumerate(EDITS)}
+    def cos(a, f):
+        return float(torch.nn.functional.cosine_similarity(a.double(), toy.M[:, f].double(), dim=0).abs())
+
+    assert cos(walk["shift y"], 0) > 0.95 and cos(walk["scale x"], 1) > 0.95 and cos(walk["rotation"], 2) > 0.95, \
+        [round(cos(walk[e], f), 3) for e, f in (("shift y", 0), ("scale x", 1), ("rotation", 2))]
+    assert info["reproduced"][EDITS.index("shift y")] > 0.5 > info["reproduced"][EDITS.index("shift x")]
+    assert max(cos(found[6], 3), cos(found[7], 3)) > 0.9                    # the content direction
+
+
+def test_steering_needs_room_for_the_edits():
+    from latentct.discover.unmix import by_steer
+    from latentct.util.settings import UserError
+
+    with pytest.raises(UserError, match="at least 8"):
+        by_steer(MovingEllipse(), torch.eye(10)[:7])
