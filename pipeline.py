@@ -99,9 +99,11 @@ class Settings:
     dcgan_unmix_base: str = setting("sefa", "the orthogonal method whose top directions' span the DCGAN's unmix and "
                                     "learned_unmix unmix", choices=("sefa", "spectral", "pca"))
     vae_unmix_base: str = setting("spectral", "the same for the VAE", choices=("sefa", "spectral", "pca"))
-    dcgan_unmix_by: str = setting("ajd", "how the DCGAN's span is unmixed (TrainDirections --unmix-by)",
+    # How each span is unmixed, chosen by bench.unmixing (docs/results.md): the steering walks gave the larger area
+    # on both generators of the demo and of a held-out phantom seed (docs/pipeline.md, "Unmixing a span").
+    dcgan_unmix_by: str = setting("steer", "how the DCGAN's span is unmixed (TrainDirections --unmix-by)",
                                   choices=("ajd", "ica", "steer"))
-    vae_unmix_by: str = setting("ajd", "the same for the VAE", choices=("ajd", "ica", "steer"))
+    vae_unmix_by: str = setting("steer", "the same for the VAE", choices=("ajd", "ica", "steer"))
     method_steps: int | None = setting(None, "steps of DisCo and LatentCLR (None: --direction-steps)")
     # 32 latents x 5 shifts cost what 16 x 9 did (1.1x the images); with antithetic latents (report_latents) they
     # cut the spread of the counts over draws of report latents by 60% (docs/ground-truth.md, "How steady the
@@ -189,7 +191,7 @@ PRESETS = {
                  oracle_test_slices=100, probe_slices=100, probe_steps=10,
                  validate_patients=2, null_pool=64, null_sets=50, unmix_rca=True,
                  dcgan_methods=[m for m in METHODS if m != "metadata"],
-                 vae_methods=["sefa", "random", "metadata", "unmix"], vae_unmix_by="steer",
+                 vae_methods=["sefa", "random", "metadata", "unmix"],
                  generators=[*GENERATORS, "diffusion"], diffusion_preset="tiny", ddim_steps=3, diffusion_directions=3,
                  spectral_samples=2),
     # Every baseline beside the learned directions at demo sizes, with MIG and DCI: docs/results.md's benchmark.

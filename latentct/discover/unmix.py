@@ -1,8 +1,8 @@
 """Unmixing a span: a non-orthogonal basis inside the top-m directions of an orthogonal method (SeFa, spectral).
 
 Orthogonal methods can find the span the factors move in and still cut it along the wrong axes: where the
-generator's factor directions are not orthogonal, no orthogonal basis is made of them. Two label-free ways to
-find a basis inside the span whose directions each move one thing:
+generator's factor directions are not orthogonal, no orthogonal basis is made of them. Three label-free ways to
+find directions inside the span that need not be orthogonal:
 
 - ``ica``: draw latents, read label-free features of G(z) (an intermediate layer of the generator, or the VAE
   encoder's codes), reduce them by PCA to m dimensions and run FastICA; then regress the latents' coordinates in
@@ -24,7 +24,8 @@ find a basis inside the span whose directions each move one thing:
   edits are generic image motions, not anatomy measurements, and no label or oracle enters.
 
 ``ajd`` and ``ica`` return (m, d) unit latent directions: ``ajd``'s ordered by how much they move the image,
-``ica``'s by the latent change per unit source; ``steer`` returns 6 + 2, the walks in EDITS order first.
+``ica``'s by the latent change per unit source; ``steer`` returns up to 8, the walks that reproduce most of their
+edit first, none a repeat of another.
 """
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ from latentct.util.settings import UserError
 
 UNMIX_BY = ("ajd", "ica", "steer")
 EDITS = ("shift x", "shift y", "scale x", "scale y", "rotation", "shear")  # by_steer's image edits
+REPEAT = 0.9  # by_steer: a candidate direction this close (|cosine|) to one already taken is a repeat
 
 
 def span_coordinates(G, basis: torch.Tensor, samples: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -148,8 +150,8 @@ def by_ajd(G, rows: torch.Tensor, latents: int | None = None, seed: int = 0) -> 
 
 def unmix(G, rows: torch.Tensor, by: str = "ajd", features: str = "layer", samples: int = 2048,
           seed: int = 0, encoder=None) -> tuple[torch.Tensor, dict]:
-    """(m, d) directions inside the span of the (m, d) ``rows``, by ``ajd`` or ``ica`` (``encoder``: a VAE's, for
-    ``features="encoder"``)."""
+    """Directions inside the span of the (m, d) ``rows``: m by ``ajd`` or ``ica`` (``encoder``: a VAE's, for
+    ``features="encoder"``), up to 8 by ``steer``."""
     if by == "ajd":
         return by_ajd(G, rows, seed=seed)
     if by == "ica":
@@ -180,15 +182,20 @@ def image_flows(images: torch.Tensor) -> torch.Tensor:
 def by_steer(G, rows: torch.Tensor, latents: int = 64, content: int = 2, seed: int = 0) -> tuple[torch.Tensor, dict]:
     """Linearised steerability walks inside the span: for each of EDITS, the span direction w whose image change
     best reproduces that edit of G(z) over ``latents`` latents of the prior, min_w sum_z ||J(z) w - edit(G(z))||^2
-    (Jahanian, Chai & Isola, ICLR 2020, fit their walks by this loss with alpha-scaled edits and SGD; to first order
-    in alpha it is this least-squares problem, solved in closed form). Then ``content`` directions for what no edit
-    explains: the top generalised eigenvectors of the image change left after each latent's least-squares
-    projection on the edits, against the whole change. Returns (6 + content, d) unit directions, the walks in EDITS
-    order, and per walk the share of its edit it reproduces."""
+    (Jahanian, Chai & Isola, ICLR 2020, ali-design/gan_steerability: a linear walk trained with an L2 loss against
+    shiftx / shifty / zoom / rotate2d edits of G(z) by alpha, with SGD and a mask for what leaves the frame; to
+    first order in alpha the loss is this least-squares problem, solved in closed form as Spingarn, Banner &
+    Michaeli, ICLR 2021, do for a GAN's first layer, and an infinitesimal edit leaves nothing out of frame to mask;
+    the edits here are about the body's centroid, not the frame's centre). Then ``content`` directions for what no
+    edit explains: the top generalised eigenvectors of the image change left after each latent's least-squares
+    projection on the edits, against the whole change. Returns up to 6 + content unit directions (no two closer
+    than REPEAT), with what each row is (``rows``: an edit or "content") and, per edit in EDITS order, the share of
+    it its walk reproduces (``reproduced``)."""
     basis = orthonormal_rows(rows)
     m = len(basis)
     if m < 6 + content:
-        raise UserError(f"--unmix-size: steering needs a span of at least {6 + content} directions, got {m}")
+        raise UserError(f"--unmix-size / --unmix-from: steering needs a span of at least {6 + content} directions, "
+                        f"got {m} (the smaller of --unmix-size and the --unmix-from file's direction count)")
     z, _ = span_coordinates(G, basis, latents, seed)
     with torch.no_grad():
         flows = torch.cat([image_flows(G(part)) for part in z.split(64)])         # (N, 6, P)
@@ -200,15 +207,29 @@ def by_steer(G, rows: torch.Tensor, latents: int = 64, content: int = 2, seed: i
     target = torch.einsum("nip,nkp->ki", J, flows)                               # (6, m)
     walks = target @ white @ white.t()                                           # (6, m) least-squares walks
     reproduced = (walks * target).sum(1) / (flows ** 2).sum((0, 2))
-    coef = torch.einsum("nkp,nip->nki", torch.linalg.solve(flows @ flows.transpose(1, 2), flows), J)
+    gram_inverse = torch.linalg.pinv(flows @ flows.transpose(1, 2), hermitian=True)  # a flat image has no flows
+    coef = torch.einsum("nkp,nip->nki", gram_inverse @ flows, J)
     rest = J - torch.einsum("nkp,nki->nip", flows, coef)                         # change no edit explains
     share, inner = torch.linalg.eigh(white.t() @ torch.einsum("nip,njp->ij", rest, rest) @ white)
-    top = torch.argsort(share, descending=True)[:content]
-    content_rows = (white @ inner[:, top]).t()
-    coords = torch.cat([walks, content_rows])
-    directions = torch.nn.functional.normalize(coords @ basis, dim=1)
+    order = torch.argsort(share, descending=True)
+    # Walks for edits no factor performs are arbitrary and can repeat another row: take the walks by how much of
+    # their edit they reproduce, then the content directions, each only if it is no repeat (|cos| < REPEAT) of one
+    # taken, until there are 6 + content.
+    rows, labels, kept_share = [], [], []
+    candidates = [(walks[k], EDITS[k], None) for k in torch.argsort(reproduced, descending=True).tolist()]
+    candidates += [(white @ inner[:, j], "content", float(share[j])) for j in order.tolist()]
+    for coords, label, part in candidates:
+        direction = torch.nn.functional.normalize(coords @ basis, dim=0)
+        if len(rows) == 6 + content:
+            break
+        if rows and (torch.stack(rows) @ direction).abs().max() >= REPEAT:
+            continue
+        rows.append(direction)
+        labels.append(label)
+        kept_share += [round(part, 4)] if part is not None else []
+    directions = torch.stack(rows)
     return fix_signs(directions).float(), {
-        "unmix_by": "steer", "latents": latents, "edits": list(EDITS),
+        "unmix_by": "steer", "latents": latents, "rows": labels,
         "reproduced": [round(float(r), 4) for r in reproduced],
-        "content_share": [round(float(share[j]), 4) for j in top]}
+        "content_share": kept_share}
 
