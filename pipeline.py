@@ -60,6 +60,8 @@ UNMIXED = ("unmix", "learned_unmix")
 # six edits and two content directions need room to be fitted; 8 / 12 / 16 gave the VAE's an area of 0.52 / 0.70
 # / 0.70 and the DCGAN's 0.21 / 0.32 / 0.29 on the demo, bench.unmixing).
 UNMIX_SIZE = {"ajd": 8, "ica": 8, "steer": 12}
+# The metadata set's phantom seed is the run's plus this: other patients than the generators were trained on.
+METADATA_SEED = 1000
 METHODS = BASELINES + tuple(TRAINED) + UNMIXED
 GENERATORS = ("dcgan", "vae")
 # A diffusion model is scored in two views of one trained model (latentct/generators/diffusion.py), each its own
@@ -79,6 +81,10 @@ class Settings:
     phantom_patients: int = setting(32, "patients in the phantom")
     phantom_slices: int = setting(40, "slices per phantom CT series")
     phantom_size: int = setting(128, "phantom matrix size in pixels")
+    metadata_patients: int = setting(320, "patients in the metadata method's own phantom set (more than the "
+                                     "generators' 32: its patient-level ICA needs hundreds of series)")
+    metadata_series_slices: int = setting(4, "slices per series of that set (each series a random stretch of the "
+                                          "apex-to-abdomen range)")
     image_size: int = setting(64, "side of the preprocessed slices (the generators' resolution)")
     gan_preset: str = setting("demo", "TrainGAN preset", choices=tuple(TrainGAN.PRESETS))
     gan_steps: int | None = setting(800, "DCGAN steps (None: the preset's)")
@@ -89,10 +95,11 @@ class Settings:
     direction_batch: int | None = setting(48, "batch of every direction run (None: the preset's)")
     # Beside random directions, each generator's best label-free method in the last benchmark run under the
     # previous scorer (docs/results.md, benchmark block): SeFa on the DCGAN, the spectral method on the VAE; and
-    # that method's span unmixed (latentct/discover/unmix.py). The benchmark scores every method.
+    # that method's span unmixed (latentct/discover/unmix.py); on the VAE the metadata method too, on its own set
+    # of 320 patients (it uses patient and slice position, so no table ranks it). The benchmark scores every method.
     dcgan_methods: list[str] = setting(["sefa", "random", "unmix"], "methods scored beside the DCGAN's learned "
                                        "directions")
-    vae_methods: list[str] = setting(["random", "spectral", "unmix"],
+    vae_methods: list[str] = setting(["random", "spectral", "unmix", "metadata"],
                                      "methods scored beside the VAE's learned directions")
     unmix_rca: bool = setting(False, "measure the unmixed directions' RCA too (a reconstructor trained for "
                               "--direction-steps; the benchmark's)")
@@ -163,6 +170,9 @@ class Settings:
     def __post_init__(self):
         check(self.lidc is None or Path(self.lidc).exists(), "lidc", f"{self.lidc} does not exist")
         check(self.parallel >= 1, "parallel", "must be at least 1")
+        check(self.metadata_patients >= 3, "metadata_patients", f"needs at least 3, got {self.metadata_patients}")
+        check(self.metadata_series_slices >= 2, "metadata_series_slices",
+              f"needs at least 2 (a slope along z), got {self.metadata_series_slices}")
         for name in self.direction_presets:
             check(name in TrainDirections.PRESETS, "direction_presets",
                   f"{name!r} is not one of {', '.join(TrainDirections.PRESETS)}")
@@ -191,7 +201,7 @@ PRESETS = {
                  oracle_test_slices=100, probe_slices=100, probe_steps=10,
                  validate_patients=2, null_pool=64, null_sets=50, unmix_rca=True,
                  dcgan_methods=[m for m in METHODS if m != "metadata"],
-                 vae_methods=["sefa", "random", "metadata", "unmix"],
+                 vae_methods=["sefa", "random", "metadata", "unmix"], metadata_patients=12,
                  generators=[*GENERATORS, "diffusion"], diffusion_preset="tiny", ddim_steps=3, diffusion_directions=3,
                  spectral_samples=2),
     # Every baseline beside the learned directions at demo sizes, with MIG and DCI: docs/results.md's benchmark.
@@ -275,6 +285,20 @@ def plan(cfg: Settings) -> list[Job]:
     jobs.append(Job(kind="preprocess", name="preprocess", module=preprocess, cfg=preprocess.Settings(
         input=str(dicom), output=str(slices), size=cfg.image_size, seed=cfg.seed, workers=cfg.workers,
         overwrite=True), output=slices, done_file="manifest.json", inputs=("phantom",), main_lane=True))
+    metadata_slices = None  # the metadata method's own set on the phantom (the generators never see it), written in
+    # the pool (one process: each pool job already has its share of the cores)
+    if not cfg.lidc and any("metadata" in getattr(cfg, f"{gen}_methods") for gen in cfg.generators
+                            if gen in GENERATORS):
+        meta_dicom, metadata_slices = data / "metadata_phantom", data / f"metadata_slices_{cfg.image_size}"
+        jobs.append(Job(kind="phantom", name="metadata_phantom", module=phantom, cfg=phantom.Settings(
+            output=str(meta_dicom), patients=cfg.metadata_patients, slices=cfg.metadata_series_slices,
+            extent="random", size=cfg.phantom_size, seed=cfg.seed + METADATA_SEED, repeat_scans=0,
+            radiograph_fraction=0.0, workers=1, overwrite=True), output=meta_dicom,
+            done_file="phantom_factors.csv"))
+        jobs.append(Job(kind="preprocess", name="metadata_preprocess", module=preprocess, cfg=preprocess.Settings(
+            input=str(meta_dicom), output=str(metadata_slices), size=cfg.image_size, test_fraction=0.0,
+            seed=cfg.seed, workers=1, overwrite=True), output=metadata_slices, done_file="manifest.json",
+            inputs=("metadata_phantom",)))
     common = dict(data=str(slices), seed=cfg.seed, device=cfg.device)
     trainers = {"dcgan": ("train_gan", TrainGAN, cfg.gan_steps, cfg.gan_preset),
                 "vae": ("train_vae", TrainVAE, cfg.vae_steps, cfg.vae_preset)}
@@ -312,9 +336,11 @@ def plan(cfg: Settings) -> list[Job]:
                             main_lane=True, generator=g))
         for m in (m for m in methods if m in BASELINES):
             out = runs / f"{gen}_{m}"
+            meta = m == "metadata" and metadata_slices is not None
             jobs.append(Job(kind="baselines", name=out.name, module=TrainDirections, cfg=_with(TrainDirections, dict(
-                shared, output=str(out), method=m), first_preset), output=out, done_file="directions.pt",
-                inputs=(gen,)))
+                shared, output=str(out), method=m, metadata_data=str(metadata_slices) if meta else None),
+                first_preset), output=out, done_file="directions.pt",
+                inputs=(gen, *(("metadata_preprocess",) if meta else ()))))
         compared = [f"{gen}_{m}" for m in methods if m in BASELINES]
         if any(m in UNMIXED for m in methods):
             base_method = getattr(cfg, f"{gen}_unmix_base")

@@ -29,7 +29,14 @@ from latentct.discover.directions import (
     step_losses,
 )
 from latentct.discover.unmix import unmix
-from latentct.generators.interface import GeneratorOptions, latent_spread, load_generator, own_encoder, sample_latents
+from latentct.generators.interface import (
+    GeneratorOptions,
+    latent_spread,
+    load_generator,
+    output_size,
+    own_encoder,
+    sample_latents,
+)
 from latentct.models.deformator import KINDS, Deformator, FixedDirections
 from latentct.models.reconstructor import make_reconstructor
 from latentct.score.oracle import load_oracle
@@ -97,6 +104,12 @@ class Settings(GeneratorOptions, TrainerSettings):
                                       "one (FastICA of the series' mean codes; at most the series count - 1)")
     metadata_slices: int | None = setting(None, "with --method metadata: about this many training slices, whole series"
                                           " at random (None: all)")
+    metadata_read_back: bool = setting(True, "with --method metadata and a generator with its own encoder (a VAE): "
+                                       "fit the directions in the latent from the encoder's readings of G(z) "
+                                       "(metadata.read_back) instead of taking them in the codes' space")
+    metadata_data: str | None = setting(None, "with --method metadata: a preprocessed dataset (preprocess.py) whose "
+                                        "training slices are encoded instead of the generator's own (the pipeline's "
+                                        "metadata set: many patients, a few slices each)")
     init_directions: str | None = setting(None, "with --method learned and a proj or linear deformator: a "
                                           "directions.pt whose rows start the deformator's first columns (the rest "
                                           "start at random)")
@@ -196,12 +209,14 @@ def directions_for(cfg: Settings, G, device) -> tuple[torch.nn.Module, dict | No
 
 def metadata_method(cfg: Settings, G) -> tuple[torch.Tensor, dict]:
     """latentct/discover/metadata.py on real slices' codes: those of a --latents file (a plug-in autoencoder's,
-    written by python -m latentct.generators.latents, one row per index row of its split), else the generator's
-    training data encoded by its encoder (a VAE) or by optimising z (any other generator: minutes)."""
-    from latentct.data.slices import is_dataset, read_index
-    from latentct.discover.metadata import encode_dataset, metadata_directions
+    written by python -m latentct.generators.latents, one row per index row of its split), else the training
+    slices of --metadata-data (or the generator's own data) encoded by its encoder (a VAE) or by optimising z (any
+    other generator: minutes). With an encoder of its own, the directions are then read back into the latent."""
+    from latentct.data.slices import is_dataset, load_manifest, read_index
+    from latentct.discover.metadata import encode_dataset, metadata_directions, read_back
     from latentct.train.checkpoint import load_file
 
+    encoder = None
     if cfg.latents:
         saved = load_file(cfg.latents, "encoded latents")
         index = read_index(saved["data"], saved["split"])
@@ -210,16 +225,23 @@ def metadata_method(cfg: Settings, G) -> tuple[torch.Tensor, dict]:
                             f"{saved['data']} ({saved['split']}) {len(index)} rows")
         codes, how = saved["latents"].flatten(1).double(), f"encoded latents {cfg.latents}"
     else:
-        if not is_dataset(G.dataset):
-            raise UserError(f"--method metadata: the generator names no preprocessed dataset ({G.dataset!r}) to "
-                            "encode; pass --latents")
+        data = cfg.metadata_data or G.dataset
+        if not is_dataset(data):
+            raise UserError(f"--method metadata: {'--metadata-data' if cfg.metadata_data else 'the generator'} names "
+                            f"no preprocessed dataset ({data!r}) to encode; pass --metadata-data or --latents")
         encoder = own_encoder(G, cfg.generator)
         if encoder is None:
             print("note: no encoder: every slice is embedded by optimising z (minutes)")
-        codes, index = encode_dataset(G.cpu(), G.dataset, G.window, encoder, cfg.metadata_slices, seed=cfg.seed)
+        side, made = load_manifest(data)["settings"]["size"], output_size(G)
+        if side != made:
+            raise UserError(f"--metadata-data: {data} holds {side} px slices, the generator makes {made} px images")
+        codes, index = encode_dataset(G.cpu(), data, G.window, encoder, cfg.metadata_slices, seed=cfg.seed)
         how = "encoder" if encoder is not None else "optimised z"
-    matrix, extra = metadata_directions(codes, index, cfg.patient_directions + 1, cfg.seed)
-    return matrix, dict(extra, encoder=how)
+    matrix, extra, read = metadata_directions(codes, index, cfg.patient_directions + 1, cfg.seed, with_reader=True)
+    if cfg.metadata_read_back and encoder is not None:
+        matrix, back = read_back(G, encoder, read, cfg.supervised_samples, cfg.seed)
+        extra.update(back)
+    return matrix, dict(extra, encoder=how, fitted_in="latent" if "read_back" in extra else "codes")
 
 
 def main(cfg: Settings) -> dict:

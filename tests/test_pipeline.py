@@ -26,6 +26,7 @@ def test_whole_pipeline_at_the_smallest_sizes_then_cached_then_from_a_stage(tmp_
     # LatentCLR each trained then RCA-measured, supervised; VAE: learned, SeFa, random, metadata, the spectral span
     # and its steering walks (unmix), supervised; diffusion, noise view: spectral, random, unmix, supervised; h view:
     # hpca, spectral, random, unmix, supervised
+    assert stages.count("phantom") == stages.count("preprocess") == 2  # the metadata method's own set too
     assert stages.count("validate") == 1 and stages.count("directions") == 15 + 7 + 4 + 5
     # each stage says in one line how it went, read from its own files
     metric = {r["name"]: r["metric"] for r in summary["stages"]}
@@ -43,6 +44,11 @@ def test_whole_pipeline_at_the_smallest_sizes_then_cached_then_from_a_stage(tmp_
     scored = {"dcgan": ("sefa", "pca", "random", "coordinate", "spectral", "ica", "spca", "unmix", "learned_unmix",
                         "disco", "latentclr"),
               "vae": ("sefa", "random", "metadata", "unmix")}
+    # the metadata method encodes its own set (a few slices of each of other patients), read back into the latent
+    meta = json.loads((data / "metadata_slices_32" / "manifest.json").read_text())["counts"]
+    assert meta["slices"] == {"train": 12 * 4, "test": 0}
+    found = load_directions(runs / "vae_metadata" / "directions.pt")[0].extra
+    assert found["patients"] == 12 and found["slices"] == 48 and found["fitted_in"] == "latent"
     # each generator's span unmixed its own way (pipeline's --dcgan-unmix-by, --vae-unmix-by), in its own span size
     unmixed = {gen: load_directions(runs / f"{gen}_unmix" / "directions.pt")[0] for gen in ("dcgan", "vae")}
     assert all(u.extra["unmix_by"] == "steer" and u.extra["m"] == 12 and u.count <= 8 for u in unmixed.values())
@@ -254,7 +260,9 @@ def test_one_ordering_table_places_every_job(tmp_path):
     assert [j.name for j in jobs[:len(main)]] == main
     kinds = list(pipeline.ORDER)
     pool = [kinds.index(j.kind) for j in jobs if not j.main_lane]
-    assert pool == sorted(pool) and jobs[len(main)].kind == "oracle" and jobs[-1].kind == "ground_truth"
+    assert pool == sorted(pool) and jobs[-1].kind == "ground_truth"
+    # the metadata method's own set first (seconds), then the oracles
+    assert [j.name for j in jobs[len(main):len(main) + 3]] == ["metadata_phantom", "metadata_preprocess", "oracle"]
     fit, score = (next(j for j in jobs if j.name == name) for name in ("oracle_fit", "oracle"))
     assert (fit.cfg.seed, fit.cfg.width) != (score.cfg.seed, score.cfg.width) and fit.output != score.output
     supervised = next(j for j in jobs if j.name == "dcgan_supervised")

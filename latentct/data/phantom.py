@@ -49,6 +49,7 @@ FACTOR_RANGES = {  # sampling ranges of the patient-level factors (breast_size i
     "breast_size": (0.25, 1.0),
 }
 FOV_MM = 400.0  # reconstruction diameter
+MIN_EXTENT = 0.25  # --extent random: the shortest stretch of the apex-to-abdomen range a series covers
 AIR_HU, FAT_HU, SOFT_HU, LUNG_HU = -1000.0, -100.0, 40.0, -850.0
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 DX_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.1.1"
@@ -62,6 +63,9 @@ class Settings:
     output: str = setting("data/phantom", "folder to write the DICOM tree into")
     patients: int = setting(24, "number of patients")
     slices: int = setting(48, "axial slices per CT series, from lung apex to upper abdomen")
+    extent: str = setting("full", "what each CT series covers: full (lung apex to upper abdomen) or random (a "
+                          "random stretch of at least a quarter of that, as scans differ in extent)",
+                          choices=("full", "random"))
     size: int = setting(256, "matrix size of each slice in pixels (LIDC is 512)")
     seed: int = setting(0, "random seed; the same seed writes the same collection")
     repeat_scans: int = setting(1, "patients that get a second CT study (as eight LIDC patients have)")
@@ -388,8 +392,12 @@ def write_ct_series(folder: Path, patient_id: str, p: Patient, settings: Setting
     size, n = settings.size, settings.slices
     spacing = FOV_MM / size
     scan_length = float(rng.uniform(260.0, 330.0))
-    slice_thickness = scan_length / (n - 1)
     z_top = float(rng.uniform(-80.0, -40.0))  # table position of the lung apex, mm
+    first, last = 0.0, 1.0  # the stretch of the apex-to-abdomen range (z_position 0 to 1) the series covers
+    if settings.extent == "random":
+        first = float(rng.uniform(0.0, 1.0 - MIN_EXTENT))
+        last = float(rng.uniform(first + MIN_EXTENT, 1.0))
+    slice_thickness = (last - first) * scan_length / (n - 1)
     series_uid = _uid(settings.seed, *seed_parts, "series")
     frame_uid = _uid(settings.seed, *seed_parts, "frame")
     names = rng.permutation(n) + 1  # file names deliberately not in z order
@@ -398,7 +406,7 @@ def write_ct_series(folder: Path, patient_id: str, p: Patient, settings: Setting
     outside = (centre[None, :] ** 2 + centre[:, None] ** 2) > (FOV_MM / 2) ** 2
     rows = []
     for k in range(n):
-        z = k / (n - 1)
+        z = first + (last - first) * k / (n - 1)
         hu = render_slice(p, z, size, rng)
         stored = np.round(hu).astype(np.int32) + 1024
         if p.padding != "none":
@@ -414,7 +422,7 @@ def write_ct_series(folder: Path, patient_id: str, p: Patient, settings: Setting
         ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
         ds.InstanceNumber = k + 1
         ds.AcquisitionNumber = 1
-        z_mm = z_top - k * slice_thickness  # superior first: DICOM +z points to the head
+        z_mm = z_top - first * scan_length - k * slice_thickness  # superior first: DICOM +z points to the head
         ds.ImagePositionPatient = [-FOV_MM / 2 + spacing / 2, -FOV_MM / 2 + spacing / 2, round(z_mm, 3)]
         ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
         ds.SliceLocation = round(z_mm, 3)

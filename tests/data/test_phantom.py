@@ -110,3 +110,25 @@ def test_factors_move_the_anatomy():
     assert body(breasts).sum() > body(base).sum() + 200
     apex, mid = lung(base, 0.05).sum(), lung(base, 0.5).sum()
     assert mid > 2 * apex and lung(base, 1.0).sum() < apex
+
+
+def test_random_extent_series_cover_a_stretch_with_z_mm_linear_in_position(tmp_path):
+    """--extent random (the metadata set): each series covers its own stretch of at least a quarter of the
+    apex-to-abdomen range, its slices evenly spaced, and z_mm follows the position on one line per patient; the
+    full extent's slices stay those the default writes."""
+    kw = dict(PHANTOM, patients=6, slices=4, size=32, repeat_scans=0, radiograph_fraction=0.0)
+    out = phantom.write_phantom(phantom.Settings(output=str(tmp_path / "r"), extent="random", **kw))
+    rows = list(csv.DictReader(open(out / "phantom_factors.csv")))
+    stretches = []
+    for pid in {r["patient_id"] for r in rows}:
+        mine = sorted((float(r["z_position"]), float(r["z_mm"])) for r in rows if r["patient_id"] == pid)
+        z, mm = np.array(mine).T
+        assert len(z) == 4 and 0.0 <= z[0] and z[-1] <= 1.0 and z[-1] - z[0] >= phantom.MIN_EXTENT - 1e-6
+        assert np.allclose(np.diff(z), np.diff(z)[0], atol=1e-5)
+        slope = np.polyfit(z, mm, 1)[0]
+        assert -330.0 <= slope <= -260.0 and np.allclose(np.polyval(np.polyfit(z, mm, 1), z), mm, atol=0.01)
+        stretches.append((z[0], z[-1]))
+    assert len(set(stretches)) == 6 and any(a > 0.0 for a, _ in stretches)
+    full = phantom.write_phantom(phantom.Settings(output=str(tmp_path / "f"), **kw))
+    z_full = sorted(float(r["z_position"]) for r in csv.DictReader(open(full / "phantom_factors.csv")))
+    assert z_full[:6] == [0.0] * 6 and z_full[-6:] == [1.0] * 6

@@ -1,6 +1,8 @@
 """Label-free methods that can return non-orthogonal directions: unmixing a span (latentct/discover/unmix.py) and
 GANSpace's ICA and sparse PCA (latentct/discover/baselines.py), on a toy whose factor directions are not
 orthogonal, where the orthogonal methods (spectral, PCA) cannot return them."""
+import json
+
 import pytest
 import torch
 import torch.nn as nn
@@ -198,6 +200,17 @@ def test_the_metadata_method_reads_a_plugin_autoencoders_encoded_latents(gan_run
     with pytest.raises(UserError, match="--latents"):
         _run(gan_run / "generator.pt", tmp_path / "bad", "--method", "metadata", "--latents", str(file), "--rca",
              "false", "--steps", "1")
+    # a --metadata-data set that is not a dataset, or of another image size, is one line naming the flag
+    other = tmp_path / "other"
+    with pytest.raises(UserError, match="--metadata-data names no preprocessed dataset"):
+        _run(gan_run / "generator.pt", tmp_path / "bad", "--method", "metadata", "--metadata-data", str(other),
+             "--rca", "false", "--steps", "1")
+    other.mkdir()
+    (other / "manifest.json").write_text(json.dumps({"settings": {"size": 64}}))
+    with pytest.raises(UserError, match="--metadata-data: .* holds 64 px slices, the generator makes 32 px"):
+        _run(gan_run / "generator.pt", tmp_path / "bad", "--method", "metadata", "--metadata-data", str(other),
+             "--rca", "false", "--steps", "1")
+    assert not (tmp_path / "bad" / "directions.pt").exists()
 
 
 class MovingEllipse(nn.Module):
@@ -270,3 +283,42 @@ def test_steering_needs_room_for_the_edits():
 
     with pytest.raises(UserError, match="at least 8"):
         by_steer(MovingEllipse(), torch.eye(10)[:7])
+
+
+def test_metadata_directions_read_back_through_an_encoder_land_in_the_generators_latent():
+    """An autoencoder whose encoder does not invert the decoder: E(G(z)) = T z with T a strong shear. A property
+    that latent direction v makes moves real slices' codes along T v, so the metadata method's code-space
+    directions are T v, not v; read back (the readings of E(G(z)) fitted on z) they are v again."""
+    from latentct.discover.metadata import metadata_directions, read_back
+
+    gen = torch.Generator().manual_seed(11)
+    d = 4
+    V = torch.nn.functional.normalize(torch.randn(d, d, generator=gen), dim=0)   # slice, then three properties
+    V[:, 2] = torch.nn.functional.normalize(V[:, 1] + V[:, 2], dim=0)           # two of them far from orthogonal
+    T = torch.eye(d) + 1.5 * torch.triu(torch.ones(d, d), 1)                     # what the encoder adds
+    A = torch.randn(16, d, generator=gen)                                        # the decoder: 4 x 4 images
+
+    class Decoder(torch.nn.Module):
+        latent_dim = d
+
+        def __init__(self):
+            super().__init__()
+            self.A = torch.nn.Parameter(A.clone(), requires_grad=False)
+
+        def forward(self, z):
+            return (z @ self.A.t()).reshape(-1, 1, 4, 4)
+
+    encoder = lambda x: (x.flatten(1) @ torch.linalg.pinv(A).t() @ T.t(), None)  # noqa: E731
+    codes, index = [], []
+    for s in range(300):
+        props = (torch.rand(3, generator=gen) * 2 - 1) * 3 ** 0.5
+        start = float(torch.rand(1, generator=gen)) * 100 - 50
+        for z_mm in torch.linspace(start - 60, start + 60, 4):
+            latent = V @ torch.cat([torch.tensor([float(z_mm) / 50]), props])
+            codes.append(T @ latent + 0.01 * torch.randn(d, generator=gen))
+            index.append({"series_uid": f"s{s}", "patient_id": f"p{s}", "z_mm": f"{float(z_mm):.3f}"})
+    in_codes, _, read = metadata_directions(torch.stack(codes), index, count=d, with_reader=True)
+    found, info = read_back(Decoder(), encoder, read, samples=512)
+    assert found.shape == (d, d) and info["read_back"]["fit_r2"]["slice"] > 0.99
+    assert abs(float(found[0] @ V[:, 0])) > 0.99 and best_cosines(found[1:], V[:, 1:]).min() > 0.99
+    assert best_cosines(in_codes, V).min() < 0.9   # in the codes' space they are T v
