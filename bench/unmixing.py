@@ -1,7 +1,7 @@
 """Which way to unmix a span, by measurement: on a finished pipeline run's generators, the unmix base's span
 (SeFa on the DCGAN, the spectral method on the VAE) unmixed by joint diagonalisation and by FastICA of three kinds
 of label-free features, GANSpace's ICA and sparse PCA, the study's deformator started from the unmixed basis,
-and the metadata method (where the generator has an encoder), each scored by the run's own ground truth (its
+and the metadata method's parts (where the generator has an encoder), each scored by the run's own ground truth (its
 oracle, floors, latents and pooled null) beside the base.
 
     python -m bench.unmixing --run demo
@@ -35,9 +35,11 @@ class Settings:
     generators: list[str] = setting(["dcgan", "vae"], "generators of the run")
 
 
-def variants(base: Path, has_encoder: bool) -> dict[str, dict]:
+def variants(base: Path, has_encoder: bool, metadata_set: Path | None = None) -> dict[str, dict]:
     """Name -> TrainDirections settings of every variant (the unmixed span, m = 8, unless said: the steering walks
-    fit six edits and two content directions in the top 12)."""
+    fit six edits and two content directions in the top 12). With an encoder, the metadata method's two parts
+    apart: on the generator's own training slices (32 patients) and, on the run's metadata set, without reading
+    the directions back into the latent (the pipeline's row does both)."""
     span = dict(method="unmix", unmix_from=str(base / "directions.pt"))
     out = {"unmix ajd": dict(span, unmix_by="ajd"),
            "unmix steer": dict(span, unmix_by="steer", unmix_size=12),
@@ -47,7 +49,10 @@ def variants(base: Path, has_encoder: bool) -> dict[str, dict]:
            "ganspace spca": dict(method="spca", directions_count=16)}
     if has_encoder:
         out["unmix ica encoder"] = dict(span, unmix_by="ica", unmix_features="encoder")
-        out["metadata"] = dict(method="metadata")
+        out["metadata, training slices"] = dict(method="metadata")
+        if metadata_set is not None:
+            out["metadata, codes' space"] = dict(method="metadata", metadata_data=str(metadata_set),
+                                                 metadata_read_back=False)
     return out
 
 
@@ -73,8 +78,11 @@ def main(cfg: Settings) -> list[dict]:
         base = runs / f"{gen}_{settings[f'{gen}_unmix_base']}"
         work = runs / "unmixing"
         shared = dict(generator=str(generator), seed=settings["seed"], device="cpu", rca=False, steps=1)
-        made = {name: make(work / f"{gen}_{name.replace(' ', '_')}", dict(shared, **extra))
-                for name, extra in variants(base, load_encoder(generator) is not None).items()}
+        metadata_set = root / "data" / cfg.run / f"metadata_slices_{settings['image_size']}"
+        found = variants(base, load_encoder(generator) is not None,
+                         metadata_set if (metadata_set / "manifest.json").is_file() else None)
+        made = {name: make(work / f"{gen}_{''.join(c if c.isalnum() else '_' for c in name)}", dict(shared, **extra))
+                for name, extra in found.items()}
         # the study's deformator from the unmixed (ajd) basis, trained like the run's learned directions
         preset = dict(TrainDirections.PRESETS[settings["direction_presets"][0]], steps=settings["direction_steps"],
                       batch_size=settings["direction_batch"])

@@ -99,6 +99,13 @@ class Decoder(nn.Module):
         ins = [latent_dim] + widths[:-1]
         self.blocks = nn.Sequential(*[ResUp(i, o) for i, o in zip(ins, widths)])
         self.out = nn.Conv2d(widths[-1], channels, 3, 1, 1)
+        # The output layer starts at zero (as DiT's final layer does, Peebles & Xie 2023): every first image is 0,
+        # the middle of tanh's range. With PyTorch's default start some seeds' first images sit in tanh's flat
+        # tails, the decoder learns to ignore z and the VAE collapses to one image (phantom seed 835: reconstruction
+        # stuck at 0.16, KL to 0, samples all alike). Measured at the demo preset (800 steps): none of 15 seeds
+        # collapses; the SWD is 73-84 on seeds 0, 1, 2 and 835 against 67 on seeds 0 and 1 from the default start.
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
 
     def forward(self, z):
         return torch.tanh(self.out(self.blocks(z.reshape(z.shape[0], self.latent_dim, 1, 1))))
