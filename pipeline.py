@@ -101,8 +101,8 @@ class Settings:
                                        "directions")
     vae_methods: list[str] = setting(["random", "spectral", "unmix", "metadata"],
                                      "methods scored beside the VAE's learned directions")
-    unmix_rca: bool = setting(False, "measure the unmixed directions' RCA too (a reconstructor trained for "
-                              "--direction-steps; the benchmark's)")
+    unmix_rca: bool = setting(False, "measure the unmixed and metadata directions' RCA too (a reconstructor "
+                              "trained for --direction-steps; the benchmark's)")
     dcgan_unmix_base: str = setting("sefa", "the orthogonal method whose top directions' span the DCGAN's unmix and "
                                     "learned_unmix unmix", choices=("sefa", "spectral", "pca"))
     vae_unmix_base: str = setting("spectral", "the same for the VAE", choices=("sefa", "spectral", "pca"))
@@ -338,7 +338,8 @@ def plan(cfg: Settings) -> list[Job]:
             out = runs / f"{gen}_{m}"
             meta = m == "metadata" and metadata_slices is not None
             jobs.append(Job(kind="baselines", name=out.name, module=TrainDirections, cfg=_with(TrainDirections, dict(
-                shared, output=str(out), method=m, metadata_data=str(metadata_slices) if meta else None),
+                shared, output=str(out), method=m, metadata_data=str(metadata_slices) if meta else None,
+                rca=m != "metadata" or cfg.unmix_rca),
                 first_preset), output=out, done_file="directions.pt",
                 inputs=(gen, *(("metadata_preprocess",) if meta else ()))))
         compared = [f"{gen}_{m}" for m in methods if m in BASELINES]
