@@ -83,7 +83,8 @@ def metadata_directions(codes: torch.Tensor, index: list[dict], count: int, seed
                         with_reader: bool = False):
     """(1 + count', d) directions in the codes' space: the slice-position direction first, then the patient-level
     ones. With ``with_reader``, also a function from codes (N, d) to readings (N, 1 + count'): each code's
-    coordinate along the slice direction, then its patient-level sources (for ``read_back``)."""
+    coordinates, by least squares, in the basis of the slice's line and the patient sources' code changes (for
+    ``read_back``)."""
     if not index or any(key not in index[0] for key in ("series_uid", "z_mm")):
         raise UserError("the metadata method needs series_uid and z_mm in the dataset's index (preprocess.py keeps them)")
     groups = series_groups(index)
