@@ -20,7 +20,7 @@ find directions inside the span that need not be orthogonal:
 - ``steer``: the span directions whose image change best reproduces six affine edits of the image (shift, scale
   and rotation of the body: patient position, body size and roll on CT), fitted by least squares over latents of
   the prior (Jahanian et al.'s steerability walks, linearised), plus two directions for the change no edit
-  explains. It asks nothing of the factors' statistics, only that some of them move the image as a whole; the
+  explains, unmixed inside that change's subspace by joint diagonalisation as ``ajd`` does. It asks nothing of the factors' statistics, only that some of them move the image as a whole; the
   edits are generic image motions, not anatomy measurements, and no label or oracle enters.
 
 ``ajd`` and ``ica`` return (m, d) unit latent directions: ``ajd``'s ordered by how much they move the image,
@@ -39,6 +39,7 @@ from latentct.util.settings import UserError
 UNMIX_BY = ("ajd", "ica", "steer")
 EDITS = ("shift x", "shift y", "scale x", "scale y", "rotation", "shear")  # by_steer's image edits
 REPEAT = 0.9  # by_steer: a candidate direction this close (|cosine|) to one already taken is a repeat
+WEAK_WALK = 0.1  # by_steer: a walk reproducing less than this of the best walk's share comes after the content
 
 
 def span_coordinates(G, basis: torch.Tensor, samples: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -186,11 +187,22 @@ def by_steer(G, rows: torch.Tensor, latents: int = 64, content: int = 2, seed: i
     shiftx / shifty / zoom / rotate2d edits of G(z) by alpha, with SGD and a mask for what leaves the frame; to
     first order in alpha the loss is this least-squares problem, solved in closed form as Spingarn, Banner &
     Michaeli, ICLR 2021, do for a GAN's first layer, and an infinitesimal edit leaves nothing out of frame to mask;
-    the edits here are about the body's centroid, not the frame's centre). Then ``content`` directions for what no
-    edit explains: the top generalised eigenvectors of the image change left after each latent's least-squares
-    projection on the edits, against the whole change. Returns up to 6 + content unit directions (no two closer
-    than REPEAT), with what each row is (``rows``: an edit or "content") and, per edit in EDITS order, the share of
-    it its walk reproduces (``reproduced``)."""
+    the edits here are about the body's centroid, not the frame's centre).
+
+    Then ``content`` directions for what no edit explains. The image change left after each latent's least-squares
+    projection on the edits spans, in its top ``content`` + 1 generalised eigenvectors against the whole change, a
+    subspace of such changes; inside it the approximate joint diagonaliser of every latent's residual metric (Pham
+    2000, as ``by_ajd``) gives directions whose leftover image changes stay apart at each latent (two properties
+    that change different parts of the body, such as the slice level and breast size), not an orthogonal cut of
+    the subspace; they are taken by how much of their change the edits leave unexplained, before any walk that
+    reproduces under WEAK_WALK of what the best walk does (no direction of the span performs that edit, and its
+    walk is arbitrary: it could take a content direction's place as its repeat).
+
+    Returns up to 6 + content unit directions (no two closer than REPEAT), with what each row is (``rows``: an edit
+    or "content"), per edit in EDITS order the share of it its walk reproduces (``reproduced``), and per content row
+    the share of its image change no edit explains (``content_share``)."""
+    from pyriemann.geometry.ajd import ajd_pham
+
     basis = orthonormal_rows(rows)
     m = len(basis)
     if m < 6 + content:
@@ -211,14 +223,26 @@ def by_steer(G, rows: torch.Tensor, latents: int = 64, content: int = 2, seed: i
     coef = torch.einsum("nkp,nip->nki", gram_inverse @ flows, J)
     rest = J - torch.einsum("nkp,nki->nip", flows, coef)                         # change no edit explains
     share, inner = torch.linalg.eigh(white.t() @ torch.einsum("nip,njp->ij", rest, rest) @ white)
-    order = torch.argsort(share, descending=True)
-    # Walks for edits no factor performs are arbitrary and can repeat another row: take the walks by how much of
-    # their edit they reproduce, then the content directions, each only if it is no repeat (|cos| < REPEAT) of one
-    # taken, until there are 6 + content.
+    sub = white @ inner[:, torch.argsort(share, descending=True)[:min(content + 1, white.shape[1])]]  # (m, q)
+    leftover = torch.einsum("nip,iq->nqp", rest, sub)
+    metrics = leftover @ leftover.transpose(1, 2)
+    metrics = metrics / metrics.diagonal(dim1=1, dim2=2).mean() + 1e-6 * torch.eye(sub.shape[1], dtype=torch.float64)
+    with single_threaded():
+        V, _ = ajd_pham(metrics.numpy(), eps=1e-8, n_iter_max=500)
+    candidates = (sub @ torch.from_numpy(np.ascontiguousarray(V)).t()).t()        # (q, m) content directions
+    unexplained = torch.stack([torch.einsum("nip,i->np", rest, c).square().sum()
+                               / torch.einsum("nip,i->np", J, c).square().sum().clamp_min(1e-30) for c in candidates])
+    order = torch.argsort(unexplained, descending=True)                           # the least explained first
+    candidates, unexplained = candidates[order], unexplained[order]
+    # Walks for edits no factor performs are arbitrary and can repeat another row, even a content direction: take
+    # the walks that reproduce at least WEAK_WALK of what the best walk does (by how much), then the content
+    # directions, then the other walks, each only if it is no repeat (|cos| < REPEAT) of one taken, until 6 + content.
     rows, labels, kept_share = [], [], []
-    candidates = [(walks[k], EDITS[k], None) for k in torch.argsort(reproduced, descending=True).tolist()]
-    candidates += [(white @ inner[:, j], "content", float(share[j])) for j in order.tolist()]
-    for coords, label, part in candidates:
+    order = torch.argsort(reproduced, descending=True).tolist()
+    strong = [k for k in order if reproduced[k] >= WEAK_WALK * reproduced.max()]
+    for coords, label, part in [(walks[k], EDITS[k], None) for k in strong] + [
+            (c, "content", float(u)) for c, u in zip(candidates, unexplained)] + [
+            (walks[k], EDITS[k], None) for k in order if k not in strong]:
         direction = torch.nn.functional.normalize(coords @ basis, dim=0)
         if len(rows) == 6 + content:
             break
@@ -232,4 +256,3 @@ def by_steer(G, rows: torch.Tensor, latents: int = 64, content: int = 2, seed: i
         "unmix_by": "steer", "latents": latents, "rows": labels,
         "reproduced": [round(float(r), 4) for r in reproduced],
         "content_share": kept_share}
-
