@@ -252,6 +252,11 @@ class Job:
             return ""
 
 
+def metadata_set(data: Path, image_size: int) -> Path:
+    """Where the pipeline writes the metadata method's own preprocessed set (bench.unmixing reads it there)."""
+    return data / f"metadata_slices_{image_size}"
+
+
 def _comparable(values: dict) -> dict:
     """Settings that decide a stage's result (steps are derived from epochs when those are set)."""
     skip = {"overwrite", "resume", "workers"} | ({"steps"} if values.get("epochs") is not None else set())
@@ -289,7 +294,7 @@ def plan(cfg: Settings) -> list[Job]:
     # the pool (one process: each pool job already has its share of the cores)
     if not cfg.lidc and any("metadata" in getattr(cfg, f"{gen}_methods") for gen in cfg.generators
                             if gen in GENERATORS):
-        meta_dicom, metadata_slices = data / "metadata_phantom", data / f"metadata_slices_{cfg.image_size}"
+        meta_dicom, metadata_slices = data / "metadata_phantom", metadata_set(data, cfg.image_size)
         jobs.append(Job(kind="phantom", name="metadata_phantom", module=phantom, cfg=phantom.Settings(
             output=str(meta_dicom), patients=cfg.metadata_patients, slices=cfg.metadata_series_slices,
             extent="random", size=cfg.phantom_size, seed=cfg.seed + METADATA_SEED, repeat_scans=0,

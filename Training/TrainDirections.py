@@ -237,7 +237,7 @@ def metadata_method(cfg: Settings, G) -> tuple[torch.Tensor, dict]:
             raise UserError(f"--metadata-data: {data} holds {side} px slices, the generator makes {made} px images")
         codes, index = encode_dataset(G.cpu(), data, G.window, encoder, cfg.metadata_slices, seed=cfg.seed)
         how = "encoder" if encoder is not None else "optimised z"
-    matrix, extra, read = metadata_directions(codes, index, cfg.patient_directions + 1, cfg.seed, with_reader=True)
+    matrix, extra, read = metadata_directions(codes, index, cfg.patient_directions + 1, cfg.seed)
     if cfg.metadata_read_back and encoder is not None:
         matrix, back = read_back(G, encoder, read, cfg.supervised_samples, cfg.seed)
         extra.update(back)

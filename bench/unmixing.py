@@ -23,6 +23,7 @@ from pathlib import Path
 import EvalDirections
 from latentct.util.io import atomic_write_json
 from latentct.util.settings import parse_settings, setting
+from pipeline import metadata_set
 from Training import TrainDirections
 
 
@@ -78,9 +79,9 @@ def main(cfg: Settings) -> list[dict]:
         base = runs / f"{gen}_{settings[f'{gen}_unmix_base']}"
         work = runs / "unmixing"
         shared = dict(generator=str(generator), seed=settings["seed"], device="cpu", rca=False, steps=1)
-        metadata_set = root / "data" / cfg.run / f"metadata_slices_{settings['image_size']}"
+        own_set = metadata_set(root / "data" / cfg.run, settings["image_size"])
         found = variants(base, load_encoder(generator) is not None,
-                         metadata_set if (metadata_set / "manifest.json").is_file() else None)
+                         own_set if (own_set / "manifest.json").is_file() else None)
         made = {name: make(work / f"{gen}_{''.join(c if c.isalnum() else '_' for c in name)}", dict(shared, **extra))
                 for name, extra in found.items()}
         # the study's deformator from the unmixed (ajd) basis, trained like the run's learned directions

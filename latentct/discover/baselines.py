@@ -220,12 +220,17 @@ def supervised(G, oracle, window, samples: int = 2048, seed: int = 0) -> tuple[t
 def fit_readings(G, oracle, window, samples: int = 2048, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """``samples`` + ``samples // 2`` latents of the fit's own seed stream (never the rows the scorer draws) and
     the oracle's readings of their images: the first ``samples`` fit, the rest test."""
+    z = fit_latents(G, samples, seed)
+    return z, readings_of(G, oracle, window, z, paired=getattr(G, "view", None) == "h")
+
+
+def fit_latents(G, samples: int, seed: int = 0) -> torch.Tensor:
+    """``samples`` + ``samples // 2`` latents of the fit's own seed stream, never the rows the scorer draws: the
+    supervised fit's and the metadata method's read-back's."""
     gen = torch.Generator().manual_seed(seed * 7919 + 17)
     if hasattr(G, "fit_latents"):  # a diffusion generator: dh drawn in h's principal components in the h view
-        z = G.fit_latents(samples + samples // 2, gen)
-    else:
-        z = sample_latents(G, samples + samples // 2, gen, part="fit")
-    return z, readings_of(G, oracle, window, z, paired=getattr(G, "view", None) == "h")
+        return G.fit_latents(samples + samples // 2, gen)
+    return sample_latents(G, samples + samples // 2, gen, part="fit")
 
 
 def readings_of(G, oracle, window, z: torch.Tensor, paired: bool = False) -> torch.Tensor:

@@ -57,10 +57,10 @@ def slice_direction(codes: torch.Tensor, z_mm: torch.Tensor, groups: dict[str, l
 
 
 def patient_directions(codes: torch.Tensor, groups: dict[str, list[int]], count: int,
-                       seed: int = 0) -> tuple[torch.Tensor, dict, object]:
+                       seed: int = 0) -> tuple[torch.Tensor, dict, torch.Tensor]:
     """(count, d) unit directions: FastICA of the series' mean codes in their top ``count`` principal
-    components; each direction is a mixing column, the latent change that moves one source. Also the fitted
-    FastICA, whose ``transform`` reads the sources off any code."""
+    components; each direction is a mixing column, the latent change that moves one source. Also the mixing
+    columns themselves (count, d), in the same order: the code change per unit source."""
     from sklearn.decomposition import FastICA
 
     means = torch.stack([codes[rows].double().mean(0) for rows in groups.values()]).numpy()
@@ -76,15 +76,14 @@ def patient_directions(codes: torch.Tensor, groups: dict[str, list[int]], count:
     return torch.nn.functional.normalize(mixing[order], dim=1), {
         "series": len(means), "sources_kurtosis": [round(float(k), 3) for k in
                                                    ((sources ** 4).mean(0) - 3)[order.numpy()]],
-        "between_series_variance": float((between ** 2).sum() / max(len(means) - 1, 1))}, model
+        "between_series_variance": float((between ** 2).sum() / max(len(means) - 1, 1))}, mixing[order]
 
 
-def metadata_directions(codes: torch.Tensor, index: list[dict], count: int, seed: int = 0,
-                        with_reader: bool = False):
+def metadata_directions(codes: torch.Tensor, index: list[dict], count: int, seed: int = 0):
     """(1 + count', d) directions in the codes' space: the slice-position direction first, then the patient-level
-    ones. With ``with_reader``, also a function from codes (N, d) to readings (N, 1 + count'): each code's
-    coordinates, by least squares, in the basis of the slice's line and the patient sources' code changes (for
-    ``read_back``)."""
+    ones; what to report beside them; and a function from codes (N, d) to readings (N, 1 + count'), one per
+    direction: each code's coordinates, by least squares, in the basis of the slice's line and the patient
+    sources' code changes (for ``read_back``)."""
     if not index or any(key not in index[0] for key in ("series_uid", "z_mm")):
         raise UserError("the metadata method needs series_uid and z_mm in the dataset's index (preprocess.py keeps them)")
     groups = series_groups(index)
@@ -93,19 +92,17 @@ def metadata_directions(codes: torch.Tensor, index: list[dict], count: int, seed
     # series that cover different slice ranges would carry the slice into their means: take its line out first
     slope = position.double() / pos_info["mm_per_unit"]
     held = codes.double() - (z_mm - z_mm.mean())[:, None] * slope[None]
-    patients, pat_info, model = patient_directions(held, groups, count - 1, seed)
+    patients, pat_info, mixing = patient_directions(held, groups, count - 1, seed)
     directions = fix_signs(torch.cat([position[None], patients]).float())
     info = {"supervision": "metadata", "slice_position": pos_info, "patient_level": pat_info, "slices": len(index),
             "patients": len({row.get("patient_id") for row in index})}
-    if not with_reader:
-        return directions, info
 
     # The readings: a code's coordinates in the basis of the mixing columns (the slice's line, then the patient
     # sources' code changes), by least squares; on a code that only the slice and the sources move they are those
     # values, each untouched by the others (the slice's projection alone would carry the sources it is not
     # orthogonal to).
-    mixing = torch.cat([position[None].double(), torch.from_numpy(model.mixing_.T.copy())]).t()   # (d, 1 + count')
-    unmixing, centre = torch.linalg.pinv(mixing), codes.double().mean(0)
+    unmixing = torch.linalg.pinv(torch.cat([position[None].double(), mixing]).t())   # (1 + count', d)
+    centre = codes.double().mean(0)
 
     def read(c: torch.Tensor) -> torch.Tensor:
         return (c.double() - centre) @ unmixing.t()
@@ -120,11 +117,10 @@ def read_back(G, encoder, read, samples: int = 2048, seed: int = 0) -> tuple[tor
     (the supervised method's fit, latentct/discover/baselines.py:fit_directions, with the metadata readings in
     place of the oracle's). Where E(G(z)) is not z (an imperfect autoencoder: the code change a property makes in
     real slices is T v for the latent direction v that makes it), the mixing columns are T v; this returns v."""
-    from latentct.discover.baselines import fit_directions
-    from latentct.generators.interface import sample_latents
+    from latentct.discover.baselines import fit_directions, fit_latents
 
     device = next(G.parameters(), torch.zeros(0)).device
-    z = sample_latents(G, samples + samples // 2, torch.Generator().manual_seed(seed * 7919 + 17), part="fit")
+    z = fit_latents(G, samples, seed)
     with torch.no_grad():
         codes = torch.cat([encoder(G(part.to(device)))[0].double().cpu() for part in z.split(256)])
     readings = read(codes)

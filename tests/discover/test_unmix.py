@@ -154,7 +154,7 @@ def test_the_metadata_method_finds_the_slice_direction_and_unmixes_patient_prope
         for z_mm in torch.linspace(start - 100, start + 100, 12):
             codes.append(slice_dir * z_mm / 50 + P @ props + 0.01 * torch.randn(d, generator=gen))
             index.append({"series_uid": f"s{s}", "patient_id": f"p{s}", "z_mm": f"{float(z_mm):.3f}"})
-    directions, info = metadata_directions(torch.stack(codes), index, count=4)
+    directions, info, _ = metadata_directions(torch.stack(codes), index, count=4)
     assert directions.shape == (4, d) and info["patients"] == 300 and info["supervision"] == "metadata"
     assert abs(float(directions[0] @ slice_dir)) > 0.999
     assert info["slice_position"]["mm_per_unit"] == pytest.approx(50, rel=0.01)
@@ -372,7 +372,7 @@ def test_metadata_directions_read_back_through_an_encoder_land_in_the_generators
             latent = V @ torch.cat([torch.tensor([float(z_mm) / 50]), props])
             codes.append(T @ latent + 0.01 * torch.randn(d, generator=gen))
             index.append({"series_uid": f"s{s}", "patient_id": f"p{s}", "z_mm": f"{float(z_mm):.3f}"})
-    in_codes, _, read = metadata_directions(torch.stack(codes), index, count=d, with_reader=True)
+    in_codes, _, read = metadata_directions(torch.stack(codes), index, count=d)
     found, info = read_back(Decoder(), encoder, read, samples=512)
     assert found.shape == (d, d) and info["read_back"]["fit_r2"]["slice"] > 0.99
     assert abs(float(found[0] @ V[:, 0])) > 0.99 and best_cosines(found[1:], V[:, 1:]).min() > 0.99
