@@ -57,8 +57,8 @@ TRAINED = {"disco": TrainDisCo, "latentclr": TrainLatentCLR}         # their own
 # deformator started from that unmixed basis.
 UNMIXED = ("unmix", "learned_unmix")
 # The span each way unmixes: the base's top 8 (six factors and room for two), the steering walks' top 12 (their
-# six edits and two content directions need room to be fitted; 8 / 12 / 16 gave the VAE's an area of 0.52 / 0.70
-# / 0.70 and the DCGAN's 0.21 / 0.32 / 0.29 on the demo, bench.unmixing).
+# six edits and the content directions need room to be fitted; 8 / 12 / 16 gave the VAE's an area of 0.43 / 0.65
+# / 0.69 and the DCGAN's 0.25 / 0.35 / 0.29 on the demo, docs/pipeline.md).
 UNMIX_SIZE = {"ajd": 8, "ica": 8, "steer": 12}
 # The metadata set's phantom seed is the run's plus this: other patients than the generators were trained on.
 METADATA_SEED = 1000

@@ -8,8 +8,8 @@ oracle, floors, latents and pooled null) beside the base.
 
 Prints one row per (generator, variant) and writes Animations/<run>/unmixing.json. Every row is one draw of
 report latents (a benchmark run's other draws are not merged in). Joint diagonalisation and ICA unmix the base's
-top 8, so their span ceiling is the base's at k = 8; the steering walks take 8 directions inside the base's top 12,
-and their ceiling is their own span's; the base row itself is judged at k = recoverable.
+top 8, so their span ceiling is the base's at k = 8; the steering walks take up to 8 directions inside the base's
+top 12, and their ceiling is their own span's; the base row itself is judged at k = recoverable.
 """
 from __future__ import annotations
 

@@ -19,13 +19,14 @@ find directions inside the span that need not be orthogonal:
 
 - ``steer``: the span directions whose image change best reproduces six affine edits of the image (shift, scale
   and rotation of the body: patient position, body size and roll on CT), fitted by least squares over latents of
-  the prior (Jahanian et al.'s steerability walks, linearised), plus two directions for the change no edit
-  explains, unmixed inside that change's subspace by joint diagonalisation as ``ajd`` does. It asks nothing of the factors' statistics, only that some of them move the image as a whole; the
-  edits are generic image motions, not anatomy measurements, and no label or oracle enters.
+  the prior (Jahanian et al.'s steerability walks, linearised), plus up to three directions for the change no
+  edit explains, unmixed inside that change's subspace by joint diagonalisation as ``ajd`` does. It asks nothing
+  of the factors' statistics, only that some of them move the image as a whole; the edits are generic image
+  motions, not anatomy measurements, and no label or oracle enters.
 
 ``ajd`` and ``ica`` return (m, d) unit latent directions: ``ajd``'s ordered by how much they move the image,
-``ica``'s by the latent change per unit source; ``steer`` returns up to 8, the walks that reproduce most of their
-edit first, none a repeat of another.
+``ica``'s by the latent change per unit source; ``steer`` returns up to 8, the walks that reproduce their edit
+first, then the content directions, none a repeat of another.
 """
 from __future__ import annotations
 
@@ -189,18 +190,19 @@ def by_steer(G, rows: torch.Tensor, latents: int = 64, content: int = 2, seed: i
     Michaeli, ICLR 2021, do for a GAN's first layer, and an infinitesimal edit leaves nothing out of frame to mask;
     the edits here are about the body's centroid, not the frame's centre).
 
-    Then ``content`` directions for what no edit explains. The image change left after each latent's least-squares
-    projection on the edits spans, in its top ``content`` + 1 generalised eigenvectors against the whole change, a
-    subspace of such changes; inside it the approximate joint diagonaliser of every latent's residual metric (Pham
-    2000, as ``by_ajd``) gives directions whose leftover image changes stay apart at each latent (two properties
-    that change different parts of the body, such as the slice level and breast size), not an orthogonal cut of
-    the subspace; they are taken by how much of their change the edits leave unexplained, before any walk that
-    reproduces under WEAK_WALK of what the best walk does (no direction of the span performs that edit, and its
-    walk is arbitrary: it could take a content direction's place as its repeat).
+    Then directions for what no edit explains. The image change left after each latent's least-squares projection
+    on the edits spans, in its top ``content`` + 1 generalised eigenvectors against the whole change, a subspace of
+    such changes; inside it the approximate joint diagonaliser of every latent's residual metric (Pham 2000, as
+    ``by_ajd``) gives directions whose leftover image changes stay apart at each latent (two properties that change
+    different parts of the body, such as the slice level and breast size), not an orthogonal cut of the subspace.
+    Those whose change the edits leave mostly unexplained (share > 1/2) are the content rows, taken by that share,
+    before any walk that reproduces under WEAK_WALK of what the best walk does (no direction of the span performs
+    that edit, and its walk is arbitrary: it could take a content direction's place as its repeat).
 
-    Returns up to 6 + content unit directions (no two closer than REPEAT), with what each row is (``rows``: an edit
-    or "content"), per edit in EDITS order the share of it its walk reproduces (``reproduced``), and per content row
-    the share of its image change no edit explains (``content_share``)."""
+    Returns up to 6 + content unit directions (no two closer than REPEAT, none for a walk that moves nothing),
+    with what each row is (``rows``: an edit or "content", up to ``content`` + 1 of these), per edit in EDITS order
+    the share of it its walk reproduces (``reproduced``), and per content row the share of its image change no edit
+    explains (``content_share``)."""
     from pyriemann.geometry.ajd import ajd_pham
 
     basis = orthonormal_rows(rows)
@@ -215,6 +217,8 @@ def by_steer(G, rows: torch.Tensor, latents: int = 64, content: int = 2, seed: i
     metric = torch.einsum("nip,njp->ij", J, J)
     value, vector = torch.linalg.eigh(metric)                  # whiten inside the part of the span that moves the image
     moves = value > 1e-9 * value.max()
+    if value.max() <= 0 or not moves.any():
+        raise UserError("--unmix-from: no direction of the span changes the generated images")
     white = vector[:, moves] / value[moves].sqrt()                                # (m, r)
     target = torch.einsum("nip,nkp->ki", J, flows)                               # (6, m)
     walks = target @ white @ white.t()                                           # (6, m) least-squares walks
@@ -232,8 +236,8 @@ def by_steer(G, rows: torch.Tensor, latents: int = 64, content: int = 2, seed: i
     candidates = (sub @ torch.from_numpy(np.ascontiguousarray(V)).t()).t()        # (q, m) content directions
     unexplained = torch.stack([torch.einsum("nip,i->np", rest, c).square().sum()
                                / torch.einsum("nip,i->np", J, c).square().sum().clamp_min(1e-30) for c in candidates])
-    order = torch.argsort(unexplained, descending=True)                           # the least explained first
-    candidates, unexplained = candidates[order], unexplained[order]
+    order = [k for k in torch.argsort(unexplained, descending=True).tolist() if unexplained[k] > 0.5]
+    candidates, unexplained = candidates[order], unexplained[order]              # mostly unexplained, least first
     # Walks for edits no factor performs are arbitrary and can repeat another row, even a content direction: take
     # the walks that reproduce at least WEAK_WALK of what the best walk does (by how much), then the content
     # directions, then the other walks, each only if it is no repeat (|cos| < REPEAT) of one taken, until 6 + content.
@@ -246,6 +250,8 @@ def by_steer(G, rows: torch.Tensor, latents: int = 64, content: int = 2, seed: i
         direction = torch.nn.functional.normalize(coords @ basis, dim=0)
         if len(rows) == 6 + content:
             break
+        if direction.norm() < 0.5:                                   # a walk that moves nothing (a zero vector)
+            continue
         if rows and (torch.stack(rows) @ direction).abs().max() >= REPEAT:
             continue
         rows.append(direction)

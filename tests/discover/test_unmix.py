@@ -317,6 +317,7 @@ def test_steering_unmixes_the_change_no_edit_explains():
     content = found[[i for i, label in enumerate(info["rows"]) if label == "content"]]
     assert best_cosines(content, toy.M[:, 3:]).min() > 0.99, best_cosines(content, toy.M[:, 3:])
     assert min(info["content_share"][:2]) > 0.9                    # their change is the edits' leftover
+    assert min(info["content_share"]) > 0.5 and len(info["content_share"]) == info["rows"].count("content") <= 3
     assert best_cosines(found, toy.M[:, :3]).min() > 0.85            # the motions' walks are still there
 
 
@@ -330,6 +331,18 @@ def test_steering_survives_a_flat_image():
 
     found, info = by_steer(SometimesBlank().eval().requires_grad_(False), torch.eye(10))
     assert len(found) == 8 and torch.isfinite(found).all()
+
+
+def test_steering_refuses_a_span_that_moves_nothing():
+    from latentct.discover.unmix import by_steer
+    from latentct.util.settings import UserError
+
+    class Still(MovingEllipse):
+        def forward(self, z):
+            return super().forward(0 * z)                                # the same image at every latent
+
+    with pytest.raises(UserError, match="no direction of the span changes the generated images"):
+        by_steer(Still().eval().requires_grad_(False), torch.eye(10))
 
 
 def test_steering_needs_room_for_the_edits():
