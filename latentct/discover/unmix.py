@@ -125,22 +125,29 @@ def pullback_metrics(G, basis: torch.Tensor, z: torch.Tensor, chunk: int = 256) 
     return torch.cat(out)
 
 
-def by_ajd(G, rows: torch.Tensor, latents: int | None = None, seed: int = 0) -> tuple[torch.Tensor, dict]:
-    """Rows of the approximate joint diagonaliser of the pullback metrics at ``latents`` (default 8 m) latents."""
+def joint_diagonaliser(metrics: torch.Tensor) -> tuple[torch.Tensor, np.ndarray, torch.Tensor]:
+    """Pham's (2000) approximate joint diagonaliser V (rows: the filters, V C V^T near diagonal; pyriemann's
+    ``ajd_pham``, no orthogonality constraint) of the (N, q, q) ``metrics``, brought to a common scale and made
+    positive definite first; also the diagonalised matrices and the scaled metrics."""
     from pyriemann.geometry.ajd import ajd_pham
 
+    q = metrics.shape[-1]
+    scale = metrics.diagonal(dim1=1, dim2=2).mean()
+    metrics = metrics / scale + 1e-6 * torch.eye(q, dtype=torch.float64)  # SPD, on a common scale
+    with single_threaded():
+        V, D = ajd_pham(metrics.numpy(), eps=1e-8, n_iter_max=500)
+    return torch.from_numpy(np.ascontiguousarray(V)), D, metrics
+
+
+def by_ajd(G, rows: torch.Tensor, latents: int | None = None, seed: int = 0) -> tuple[torch.Tensor, dict]:
+    """Rows of the approximate joint diagonaliser of the pullback metrics at ``latents`` (default 8 m) latents."""
     basis = orthonormal_rows(rows)
     m = len(basis)
     latents = latents or 8 * m
     if latents < 4 * m:
         raise UserError(f"--unmix-latents: the joint diagonalisation needs at least 4 m = {4 * m} latents")
     z, _ = span_coordinates(G, basis, latents, seed)
-    metrics = pullback_metrics(G, basis, z)
-    scale = metrics.diagonal(dim1=1, dim2=2).mean()
-    metrics = metrics / scale + 1e-6 * torch.eye(m, dtype=torch.float64)  # SPD, on a common scale
-    with single_threaded():
-        V, D = ajd_pham(metrics.numpy(), eps=1e-8, n_iter_max=500)
-    V = torch.from_numpy(np.ascontiguousarray(V))
+    V, D, metrics = joint_diagonaliser(pullback_metrics(G, basis, z))
     offdiag = np.abs(D - np.einsum("nii->ni", D)[:, :, None] * np.eye(m)).sum() / np.abs(D).sum()
     directions = V @ basis                                               # (m, d)
     directions = torch.nn.functional.normalize(directions, dim=1)
@@ -203,8 +210,6 @@ def by_steer(G, rows: torch.Tensor, latents: int = 64, content: int = 2, seed: i
     with what each row is (``rows``: an edit or "content", up to ``content`` + 1 of these), per edit in EDITS order
     the share of it its walk reproduces (``reproduced``), and per content row the share of its image change no edit
     explains (``content_share``)."""
-    from pyriemann.geometry.ajd import ajd_pham
-
     basis = orthonormal_rows(rows)
     m = len(basis)
     if m < 6 + content:
@@ -229,13 +234,10 @@ def by_steer(G, rows: torch.Tensor, latents: int = 64, content: int = 2, seed: i
     share, inner = torch.linalg.eigh(white.t() @ torch.einsum("nip,njp->ij", rest, rest) @ white)
     sub = white @ inner[:, torch.argsort(share, descending=True)[:min(content + 1, white.shape[1])]]  # (m, q)
     leftover = torch.einsum("nip,iq->nqp", rest, sub)
-    metrics = leftover @ leftover.transpose(1, 2)
-    metrics = metrics / metrics.diagonal(dim1=1, dim2=2).mean() + 1e-6 * torch.eye(sub.shape[1], dtype=torch.float64)
-    with single_threaded():
-        V, _ = ajd_pham(metrics.numpy(), eps=1e-8, n_iter_max=500)
-    candidates = (sub @ torch.from_numpy(np.ascontiguousarray(V)).t()).t()        # (q, m) content directions
-    unexplained = torch.stack([torch.einsum("nip,i->np", rest, c).square().sum()
-                               / torch.einsum("nip,i->np", J, c).square().sum().clamp_min(1e-30) for c in candidates])
+    V, _, _ = joint_diagonaliser(leftover @ leftover.transpose(1, 2))
+    candidates = V @ sub.t()                                                     # (q, m) content directions
+    unexplained = (torch.einsum("nip,ki->nkp", rest, candidates).square().sum((0, 2))
+                   / torch.einsum("nip,ki->nkp", J, candidates).square().sum((0, 2)).clamp_min(1e-30))
     order = [k for k in torch.argsort(unexplained, descending=True).tolist() if unexplained[k] > 0.5]
     candidates, unexplained = candidates[order], unexplained[order]              # mostly unexplained, least first
     # Walks for edits no factor performs are arbitrary and can repeat another row, even a content direction: take
