@@ -151,6 +151,9 @@ def test_whole_pipeline_at_the_smallest_sizes_then_cached_then_from_a_stage(tmp_
     assert f"dcgan k={cleanest['direction']}: " in text and f"{cleanest['share']:.2f}" in text
     # docs/results.md: the full tables, the GIFs linked from docs/
     assert "| train_gan | dcgan |" in full and "| dcgan | 6 |" in full and "recovered at 0.5 / 2/3 / 0.8" in full
+    oracle_row = next(line for line in full.splitlines() if line.startswith("| breast_size | "))
+    drawn = json.loads((anim / "validation" / "validation.json").read_text())["oracle"]["breast_size"]["slope_generated"]
+    assert f"| {drawn['read']:.2f} | {drawn['drawn']:.2f} (anterior_tissue) |" in oracle_row  # the slopes' columns
     assert all(f"![](../Animations/examples/{name})" in full for name in gifs)
 
     # a rerun with the same settings skips every stage

@@ -14,6 +14,7 @@ it is cached in ``runs/oracle/<key>/oracle.pt`` and named in every report by the
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,14 +84,14 @@ def folder_for(cfg: Settings) -> Path:
                                                           cfg.width)
 
 
-def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+def augment(x: torch.Tensor, gen: torch.Generator, blur: float = 1.5) -> torch.Tensor:
     """(B, 1, S, S) in [-1, 1] -> the same slices as a generator might render them: per slice a Gaussian blur of
-    sigma 0-1.5 px, a smooth warp of up to 1 px, contrast x0.85-1.15 and brightness +-0.05, gamma 0.8-1.25 on
+    sigma 0-``blur`` px, a smooth warp of up to 1 px, contrast x0.85-1.15 and brightness +-0.05, gamma 0.8-1.25 on
     [0, 1], and grain of sigma 0-0.04. The factors a slice shows stay what they are."""
     B, _, S, _ = x.shape
     u = lambda *shape: torch.rand(*shape, generator=gen)  # noqa: E731
-    sigma = 1.5 * u(B)
-    radius = 3
+    sigma = blur * u(B)
+    radius = max(3, math.ceil(2 * blur))
     offsets = torch.arange(-radius, radius + 1, dtype=torch.float32)
     kernel = torch.exp(-0.5 * (offsets[None, :] / sigma.clamp_min(1e-3)[:, None]) ** 2)
     kernel = (kernel / kernel.sum(1, keepdim=True))[:, None, None, :]          # (B, 1, 1, 7): one per slice

@@ -244,16 +244,43 @@ def embedding(dcgan_path: str, oracle):
     return through
 
 
-def generated_r2(oracle, vae_path: str, cfg: Settings, count: int = 500) -> tuple[dict, dict]:
-    """The oracle's R2 on VAE reconstructions of fresh held-out slices whose factors are known, and the bound: the
-    held-out R2 of a probe trained on reconstructions of other slices (what the VAE leaves readable at all)."""
+def slope(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Per column, the least-squares slope of ``y`` on ``x`` (N, K) over the rows where both are finite: 1 when
+    ``y`` follows the whole change of ``x``, below 1 when it follows part of it."""
+    ok = torch.isfinite(x) & torch.isfinite(y)
+    x, y = torch.where(ok, x, 0.0), torch.where(ok, y, 0.0)
+    n = ok.sum(0).clamp_min(1)
+    dx = torch.where(ok, x - x.sum(0) / n, 0.0)
+    dy = torch.where(ok, y - y.sum(0) / n, 0.0)
+    return (dx * dy).sum(0) / (dx * dx).sum(0).clamp_min(1e-12)
+
+
+def generated_r2(oracle, vae_path: str, cfg: Settings, count: int = 500) -> tuple[dict, dict, dict]:
+    """On VAE reconstructions of fresh held-out slices whose factors are known: the oracle's R2; the bound, the
+    held-out R2 of a probe trained on reconstructions of other slices (what the VAE leaves readable at all); and
+    two slopes that tell a misreading oracle from a VAE that draws less than its input showed. ``read`` is the
+    slope of the oracle's readings on the true factors (1: it reads the whole change); ``drawn`` the slope of the
+    factor's anatomy measurement (EXPECTED_LABELS, no model) on the reconstructions against the same measurement
+    on their inputs (1: the VAE draws the whole change). A probe trained on reconstructions learns to undo what
+    the VAE shrinks; an oracle that reads what is drawn cannot, so where ``drawn`` is below 1 its R2 stays under
+    the bound however well it reads."""
+    from latentct.data.slices import unit_to_hu
+    from latentct.score.anatomy import measure
     from latentct.score.oracle import OracleNet, fit_reader, r_squared, render_slices
 
     through = reconstruction(vae_path, oracle)
     hu, targets = render_slices(count, cfg.image_size, cfg.seed, 3, cfg.render_size, cfg.workers,
                                 "held-out slices for the VAE")
-    recon = through(hu_to_unit(hu, oracle.window))
-    r2 = {f: float(v) for f, v in zip(FACTORS, r_squared(oracle.read(recon), targets))}
+    inputs = hu_to_unit(hu, oracle.window)
+    recon = through(inputs)
+    readings = oracle.read(recon)
+    r2 = {f: float(v) for f, v in zip(FACTORS, r_squared(readings, targets))}
+    read = slope(readings, targets)
+    crisp, drawn = (measure(unit_to_hu(x, oracle.window)) for x in (inputs, recon))
+    labels = [EXPECTED_LABELS[f] for f in FACTORS]
+    drawn_slope = slope(torch.stack([drawn[m] for m in labels], 1), torch.stack([crisp[m] for m in labels], 1))
+    slopes = {f: {"read": float(read[i]), "drawn": float(drawn_slope[i]), "measurement": labels[i]}
+              for i, f in enumerate(FACTORS)}
     train_hu, train_y = render_slices(cfg.probe_slices, cfg.image_size, cfg.seed, 5, cfg.render_size, cfg.workers,
                                       "slices for the VAE probe")
     train_x = through(hu_to_unit(train_hu, oracle.window))
@@ -264,7 +291,7 @@ def generated_r2(oracle, vae_path: str, cfg: Settings, count: int = 500) -> tupl
                torch.Generator().manual_seed(cfg.seed), pct_start=0.3, desc="VAE probe")
     with torch.no_grad():
         bound = r_squared(probe.eval()(recon) * std + mean, targets)
-    return r2, {f: float(v) for f, v in zip(FACTORS, bound)}
+    return r2, {f: float(v) for f, v in zip(FACTORS, bound)}, slopes
 
 
 def agreement(score_oracle, fit_oracle, cfg: Settings, count: int = 500) -> dict:
@@ -357,12 +384,12 @@ def main(cfg: Settings) -> dict:
     through = reconstruction(cfg.vae, oracle) if cfg.vae else None
     regenerate = embedding(cfg.dcgan, oracle) if cfg.dcgan else None
     result = validate(cfg, oracle.read_std, through, oracle.std.numpy(), regenerate)
-    generated, bound = generated_r2(oracle, cfg.vae, cfg) if cfg.vae else ({}, {})
+    generated, bound, slopes = generated_r2(oracle, cfg.vae, cfg) if cfg.vae else ({}, {}, {})
     agree = agreement(oracle, oracle_stage.load_oracle(cfg.fit_oracle), cfg) if cfg.fit_oracle else {}
     result = {"image_size": cfg.image_size, "seed": cfg.seed, "oracle_sha256": oracle.sha256,
               "oracle_path": str(path),
               "oracle": {f: {"r2": oracle.r2[f], "r2_generated": generated.get(f), "bound": bound.get(f),
-                             "agreement": agree.get(f)} for f in FACTORS}, **result}
+                             "slope_generated": slopes.get(f), "agreement": agree.get(f)} for f in FACTORS}, **result}
     atomic_write_json(out / "validation.json", result)
     c, m = result["checks"], result["minimum_effect"]
     print(f"validation: {c['attributed']}/6 sweeps attributed to their factor, {c['leakage_ok']}/6 with leakage "

@@ -215,19 +215,25 @@ def first_choice(gen: str, gt: dict) -> str:
 
 def validation_table(validation: dict) -> str:
     """The score oracle's R2 (held out, on VAE reconstructions, and the bound a probe trained on reconstructions
-    reaches), its agreement with the fit oracle, the attainable share through the VAE, and what the known-answer
-    sweeps show per factor."""
+    reaches), how much of each factor's change it reads on reconstructions beside how much the VAE draws (an
+    anatomy measurement, no model), its agreement with the fit oracle, the attainable share through the VAE, and
+    what the known-answer sweeps show per factor."""
     def cell(value):
         return "–" if value is None else f"{value:.3f}"
+
+    def slopes(oracle):
+        s = oracle.get("slope_generated")
+        return ["–", "–"] if not s else [f"{s['read']:.2f}", f"{s['drawn']:.2f} ({s['measurement']})"]
 
     attainable = (validation.get("attainable") or {}).get("vae", {})
     rows = []
     for f, sweep in validation["sweeps"].items():
         oracle = validation["oracle"][f]
         rows.append([f, cell(oracle["r2"]), cell(oracle.get("r2_generated")), cell(oracle.get("bound")),
-                     cell(oracle.get("agreement")), cell(attainable.get(f)), sweep["attributed"],
+                     *slopes(oracle), cell(oracle.get("agreement")), cell(attainable.get(f)), sweep["attributed"],
                      f"{sweep['leakage']:.3f}", sweep["label"], sweep["expected_label"]])
     return _table(["factor", "oracle R2 (held out)", "oracle R2 (VAE reconstructions)", "bound (probe on them)",
+                   "share of the change the oracle reads there", "share the VAE draws (anatomy measurement)",
                    "agreement of the two oracles", "share a clean change keeps through the VAE",
                    "sweep attributed to", "sweep leakage", "anatomy label", "expected label"], rows)
 

@@ -137,6 +137,54 @@ def test_augmentation_looks_generated_and_keeps_the_slice():
     assert sharp(y) < sharp(x)                   # on average blurred, as a VAE draws
 
 
+def test_slope_is_the_share_of_a_change_followed_and_skips_missing_rows():
+    x = torch.tensor([[0.0, 1.0], [1.0, 2.0], [2.0, float("nan")], [3.0, 4.0]])
+    y = torch.stack([0.5 * x[:, 0] + 7, 2 * x[:, 1]], 1)
+    y[1, 0] = float("nan")
+    assert torch.allclose(validate.slope(y, x), torch.tensor([0.5, 2.0]))
+
+
+@pytest.mark.parametrize("vae, drawn", [("identity", 1.0), ("mean image", 0.0)])
+def test_the_slopes_tell_a_vae_that_draws_less_from_an_oracle_that_reads_less(tiny_oracle, monkeypatch, vae, drawn):
+    """A "VAE" that returns its input draws the whole change of every anatomy measurement; one that returns the
+    mean image draws none, and the oracle can read none of it, whatever its quality."""
+    def identity(x):
+        return x
+
+    def mean_image(x):
+        return x.mean(0, keepdim=True).expand_as(x).clone()
+
+    monkeypatch.setattr(validate, "reconstruction", lambda path, oracle: identity if vae == "identity" else mean_image)
+    oracle = oracle_stage.load_oracle(tiny_oracle[1])
+    cfg = validate.Settings(image_size=32, render_size=64, probe_slices=40, probe_steps=3)
+    r2, bound, slopes = validate.generated_r2(oracle, "unused.pt", cfg, count=60)
+    assert set(slopes) == set(FACTORS)
+    for f in FACTORS:
+        assert slopes[f]["measurement"] == validate.EXPECTED_LABELS[f]
+        assert slopes[f]["drawn"] == pytest.approx(drawn, abs=1e-4)
+        if vae == "mean image":
+            assert abs(slopes[f]["read"]) < 1e-4 and r2[f] <= 0
+    if vae == "identity":   # the tiny oracle reads crisp slices: most of each change, the same R2 as held out
+        assert all(slopes[f]["read"] > 0.3 for f in ("y_offset", "width", "thickness"))
+
+
+def test_the_oracle_reading_bench_augmentations_remove_detail_and_keep_the_body():
+    from bench.oracle_reading import VARIANTS, _median, augmentation
+
+    x = -torch.ones(8, 1, 32, 32)
+    x[:, :, 8:24, 6:26] = 0.2                      # a body with a sharp edge
+    x[:, :, 15, 15] = 1.0                          # and one bright vessel-sized dot inside it
+    cleaned = _median(x, 3)
+    assert torch.equal(cleaned[:, :, 15, 15], torch.full((8, 1), 0.2))       # the dot is gone
+    assert torch.equal(cleaned[:, :, 8:24, 6:26][:, :, 1:-1, 1:-1].unique(), torch.tensor([0.2]))
+    assert torch.equal(cleaned[:, :, :, 0], x[:, :, :, 0]) and cleaned[0, 0, 16, 6] == 0.2  # the edge stays
+    body = x > -0.6
+    for name in VARIANTS:
+        y = augmentation(name)(x, torch.Generator().manual_seed(0))
+        assert y.shape == x.shape and y.min() >= -1 and y.max() <= 1 and not torch.equal(x, y)
+        assert (y[body] > y[~body].mean()).float().mean() > 0.9, name
+
+
 def test_oracle_from_another_phantom_version_is_refused(tiny_oracle, tmp_path):
     state = torch.load(tiny_oracle[1], weights_only=True)
     state["phantom_version"] = phantom.PHANTOM_VERSION + 1
@@ -152,7 +200,7 @@ def test_validate_command_writes_the_schema(tiny_oracle, tmp_path):
     validate.main(cfg)
     out = json.loads((tmp_path / "v" / "validation.json").read_text())
     assert out["image_size"] == 32 and out["seed"] == 0 and len(out["oracle_sha256"]) == 64
-    assert set(out["oracle"]) == set(FACTORS) and all({"r2_generated", "bound", "agreement"} <= set(v) for v in out["oracle"].values())
+    assert set(out["oracle"]) == set(FACTORS) and all({"r2_generated", "bound", "slope_generated", "agreement"} <= set(v) for v in out["oracle"].values())
     assert set(out["sweeps"]) == set(FACTORS)
     assert {"attributed", "leakage", "label", "expected_label"} <= set(out["sweeps"]["rotation"])
     assert all(set(p) >= {"factors", "top_two"} for p in out["pairs"])

@@ -1,0 +1,146 @@
+"""How the factor oracle reads a finished run's VAE reconstructions when it is trained with other augmentations.
+
+    python -m bench.oracle_reading --run demo [--variants shipped blur3 down median] [--steps 3000]
+
+Issue 19 asks the score oracle to read VAE reconstructions of held-out slices nearly as well as a probe trained
+on them (validation.json's ``bound``), without ever training on a generator's output. This trains the oracle
+once per augmentation on the same rendered slices, steps and seed as the pipeline's score oracle, and reads the
+same held-out reconstructions validate.py uses (stream 3 of the oracle's seed). Variants:
+
+- ``shipped``: latentct/score/oracle.py's ``augment`` (blur sigma 0-1.5 px, warp, contrast, gamma, grain), the
+  reference of the run;
+- ``blur3``: the same with blur sigma 0-3 px (the VAE's reconstructions match a blur of 1.5-2 px best in MSE);
+- ``down``: 30% of the slices area-downsampled 2x or 4x and scaled back up, then ``augment`` with blur to 2.5 px;
+- ``median``: 70% of the slices median-filtered 3x3 or 5x5 (fine structures go, edges stay, as in the VAE's
+  reconstructions), then ``augment``.
+
+Prints per variant and factor the held-out R2 on crisp slices, the R2 on the reconstructions and the slope of
+the readings there on the true factors, with each variant's difference to ``shipped`` in the same run.
+Writes Animations/<run>/oracle_reading.json.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+
+from latentct.data.phantom import FACTORS
+from latentct.data.slices import hu_to_unit, parse_window
+from latentct.generators.interface import generator_info, load_generator, output_size
+from latentct.score import oracle as oracle_stage
+from latentct.score.validate import reconstruction, slope
+from latentct.util.io import atomic_write_json
+from latentct.util.settings import UserError, check, run_cli, setting
+
+VARIANTS = ("shipped", "blur3", "down", "median")
+
+
+@dataclass
+class Settings:
+    """Train the score oracle under several augmentations and read a run's VAE reconstructions with each."""
+
+    run: str = setting("demo", "the finished pipeline run whose VAE (runs/<run>/vae/generator.pt) reconstructs")
+    root: str = setting(".", "folder that holds runs/ and Animations/")
+    variants: list[str] = setting(list(VARIANTS), f"augmentations to train with, of {', '.join(VARIANTS)}")
+    steps: int = setting(3000, "training steps per oracle (the pipeline's score oracle: 3,000)")
+    train_slices: int = setting(16000, "rendered training slices (the score oracle's 16,000)")
+    test_slices: int = setting(2000, "held-out crisp slices")
+    count: int = setting(500, "held-out slices the VAE reconstructs (validate.py's 500)")
+    width: int = setting(16, "oracle width (the score oracle's 16)")
+    seed: int = setting(0, "the oracle's seed (the score oracle's 0)")
+    render_size: int = setting(128, "phantom matrix size (the demo's)")
+    workers: int = setting(1, "processes that render slices")
+
+    def __post_init__(self):
+        unknown = sorted(set(self.variants) - set(VARIANTS))
+        check(not unknown, "variants", f"unknown {unknown}; choose from {', '.join(VARIANTS)}")
+        for name in ("steps", "train_slices", "test_slices", "count", "width"):
+            check(getattr(self, name) >= 1, name, f"must be at least 1, got {getattr(self, name)}")
+
+
+def _median(x: torch.Tensor, k: int) -> torch.Tensor:
+    p = k // 2
+    patches = F.unfold(F.pad(x, (p, p, p, p), mode="replicate"), k)
+    return patches.median(1).values.view_as(x)
+
+
+def _some(x: torch.Tensor, share: float, gen: torch.Generator, change) -> torch.Tensor:
+    """``change`` applied to a random ``share`` of the slices, half with each of its two strengths."""
+    r = torch.rand(len(x), generator=gen)
+    x = x.clone()
+    for strength, pick in enumerate((r < share / 2, (r >= share / 2) & (r < share))):
+        if pick.any():
+            x[pick] = change(x[pick], strength)
+    return x
+
+
+def augmentation(name: str):
+    """(x, gen) -> augmented slices, for one variant."""
+    shipped = oracle_stage.augment
+    if name == "shipped":
+        return shipped
+    if name == "blur3":
+        return lambda x, gen: shipped(x, gen, blur=3.0)
+    if name == "down":
+        def down(x, strength):
+            return F.interpolate(F.avg_pool2d(x, 2 ** (strength + 1)), size=x.shape[-2:], mode="bilinear",
+                                 align_corners=False)
+        return lambda x, gen: shipped(_some(x, 0.3, gen, down), gen, blur=2.5)
+    return lambda x, gen: shipped(_some(x, 0.7, gen, lambda x, strength: _median(x, 3 + 2 * strength)), gen)
+
+
+def main(cfg: Settings) -> dict:
+    root = Path(cfg.root)
+    vae = root / "runs" / cfg.run / "vae" / "generator.pt"
+    if not vae.is_file():
+        raise UserError(f"--run: {vae} not found; run python pipeline.py --run {cfg.run} first")
+    window = parse_window(tuple(generator_info(str(vae))["window"]))
+    size = output_size(load_generator(str(vae)))
+    torch.manual_seed(cfg.seed)
+    train_hu, train_y = oracle_stage.render_slices(cfg.train_slices, size, cfg.seed, 1, cfg.render_size, cfg.workers,
+                                                   "training slices")
+    test_hu, test_y = oracle_stage.render_slices(cfg.test_slices, size, cfg.seed, 2, cfg.render_size, cfg.workers,
+                                                 "held-out slices")
+    vae_hu, vae_y = oracle_stage.render_slices(cfg.count, size, cfg.seed, 3, cfg.render_size, cfg.workers,
+                                               "held-out slices for the VAE")
+    mean, std = train_y.mean(0), train_y.std(0).clamp_min(1e-6)
+    weights = torch.ones(len(FACTORS))
+    weights[FACTORS.index("z_position")] = oracle_stage.Settings.z_weight
+    recon = reconstruction(str(vae), SimpleNamespace(window=window))(hu_to_unit(vae_hu, window))
+    rows = {}
+    for name in cfg.variants:
+        start = time.perf_counter()
+        torch.manual_seed(cfg.seed)
+        model = oracle_stage.OracleNet(size, cfg.width)
+        gen = torch.Generator().manual_seed(cfg.seed)
+        aug = augmentation(name)
+        oracle_stage.fit_reader(model, lambda idx: aug(hu_to_unit(train_hu[idx], window), gen),
+                                (train_y - mean) / std, cfg.steps, 64, 2e-3, gen, pct_start=0.1, desc=name,
+                                weights=weights)
+        model.eval()
+        with torch.no_grad():
+            crisp = model(hu_to_unit(test_hu, window)) * std + mean
+            read = model(recon) * std + mean
+        rows[name] = {"r2_crisp": oracle_stage.r_squared(crisp, test_y).tolist(),
+                      "r2_generated": oracle_stage.r_squared(read, vae_y).tolist(),
+                      "slope_generated": slope(read, vae_y).tolist(), "seconds": time.perf_counter() - start}
+    print(f"{cfg.run}'s VAE, {cfg.count} held-out slices; oracle width {cfg.width}, {cfg.steps} steps, seed {cfg.seed}")
+    print(f"{'variant':8s} {'factor':12s} {'R2 crisp':>9s} {'R2 recon':>9s} {'slope':>6s} {'R2 recon - shipped':>19s}")
+    for name, row in rows.items():
+        for i, f in enumerate(FACTORS):
+            gap = (f"{row['r2_generated'][i] - rows['shipped']['r2_generated'][i]:+19.3f}" if "shipped" in rows
+                   else f"{'–':>19s}")
+            print(f"{name:8s} {f:12s} {row['r2_crisp'][i]:9.3f} {row['r2_generated'][i]:9.3f} "
+                  f"{row['slope_generated'][i]:6.2f} {gap}")
+    result = {"run": cfg.run, "factors": list(FACTORS), "steps": cfg.steps, "width": cfg.width, "seed": cfg.seed,
+              "variants": rows}
+    atomic_write_json(root / "Animations" / cfg.run / "oracle_reading.json", result)
+    return result
+
+
+if __name__ == "__main__":
+    run_cli(main, Settings, prog="python -m bench.oracle_reading")
