@@ -14,8 +14,9 @@ same held-out reconstructions validate.py uses (stream 3 of the oracle's seed). 
 - ``median``: 70% of the slices median-filtered 3x3 or 5x5 (fine structures go, edges stay, as in the VAE's
   reconstructions), then ``augment``.
 
-Prints per variant and factor the held-out R2 on crisp slices, the R2 on the reconstructions and the slope of
-the readings there on the true factors, with each variant's difference to ``shipped`` in the same run.
+Prints per variant and factor the held-out R2 on crisp slices, the R2 on the reconstructions and the share of
+the factor's change the readings keep there (validate.kept_share: the partial slope on the reconstructions over
+that on their inputs), with each variant's difference to ``shipped`` in the same run.
 Writes Animations/<run>/oracle_reading.json.
 """
 from __future__ import annotations
@@ -32,7 +33,7 @@ from latentct.data.phantom import FACTORS
 from latentct.data.slices import hu_to_unit, parse_window
 from latentct.generators.interface import generator_info, load_generator, output_size
 from latentct.score import oracle as oracle_stage
-from latentct.score.validate import reconstruction, slope
+from latentct.score.validate import kept_share, reconstruction
 from latentct.util.io import atomic_write_json
 from latentct.util.settings import UserError, check, run_cli, setting
 
@@ -46,11 +47,11 @@ class Settings:
     run: str = setting("demo", "the finished pipeline run whose VAE (runs/<run>/vae/generator.pt) reconstructs")
     root: str = setting(".", "folder that holds runs/ and Animations/")
     variants: list[str] = setting(list(VARIANTS), f"augmentations to train with, of {', '.join(VARIANTS)}")
-    steps: int = setting(3000, "training steps per oracle (the pipeline's score oracle: 3,000)")
-    train_slices: int = setting(16000, "rendered training slices (the score oracle's 16,000)")
+    steps: int = setting(oracle_stage.Settings.steps, "training steps per oracle (the score oracle's)")
+    train_slices: int = setting(oracle_stage.Settings.train_slices, "rendered training slices (the score oracle's)")
     test_slices: int = setting(2000, "held-out crisp slices")
     count: int = setting(500, "held-out slices the VAE reconstructs (validate.py's 500)")
-    width: int = setting(16, "oracle width (the score oracle's 16)")
+    width: int = setting(oracle_stage.Settings.width, "oracle width (the score oracle's)")
     seed: int = setting(0, "the oracle's seed (the score oracle's 0)")
     render_size: int = setting(128, "phantom matrix size (the demo's)")
     workers: int = setting(1, "processes that render slices")
@@ -109,8 +110,10 @@ def main(cfg: Settings) -> dict:
                                                "held-out slices for the VAE")
     mean, std = train_y.mean(0), train_y.std(0).clamp_min(1e-6)
     weights = torch.ones(len(FACTORS))
-    weights[FACTORS.index("z_position")] = oracle_stage.Settings.z_weight
-    recon = reconstruction(str(vae), SimpleNamespace(window=window))(hu_to_unit(vae_hu, window))
+    defaults = oracle_stage.Settings()   # the score oracle's batch, learning rate and loss weights
+    weights[FACTORS.index("z_position")] = defaults.z_weight
+    vae_x = hu_to_unit(vae_hu, window)
+    recon = reconstruction(str(vae), SimpleNamespace(window=window))(vae_x)
     rows = {}
     for name in cfg.variants:
         start = time.perf_counter()
@@ -119,23 +122,24 @@ def main(cfg: Settings) -> dict:
         gen = torch.Generator().manual_seed(cfg.seed)
         aug = augmentation(name)
         oracle_stage.fit_reader(model, lambda idx: aug(hu_to_unit(train_hu[idx], window), gen),
-                                (train_y - mean) / std, cfg.steps, 64, 2e-3, gen, pct_start=0.1, desc=name,
-                                weights=weights)
+                                (train_y - mean) / std, cfg.steps, defaults.batch_size, defaults.lr, gen,
+                                pct_start=0.1, desc=name, weights=weights)
         model.eval()
         with torch.no_grad():
             crisp = model(hu_to_unit(test_hu, window)) * std + mean
             read = model(recon) * std + mean
+            read_inputs = model(vae_x) * std + mean
         rows[name] = {"r2_crisp": oracle_stage.r_squared(crisp, test_y).tolist(),
                       "r2_generated": oracle_stage.r_squared(read, vae_y).tolist(),
-                      "slope_generated": slope(read, vae_y).tolist(), "seconds": time.perf_counter() - start}
+                      "kept_generated": kept_share(read, read_inputs, vae_y).tolist(), "seconds": time.perf_counter() - start}
     print(f"{cfg.run}'s VAE, {cfg.count} held-out slices; oracle width {cfg.width}, {cfg.steps} steps, seed {cfg.seed}")
-    print(f"{'variant':8s} {'factor':12s} {'R2 crisp':>9s} {'R2 recon':>9s} {'slope':>6s} {'R2 recon - shipped':>19s}")
+    print(f"{'variant':8s} {'factor':12s} {'R2 crisp':>9s} {'R2 recon':>9s} {'kept':>6s} {'R2 recon - shipped':>19s}")
     for name, row in rows.items():
         for i, f in enumerate(FACTORS):
             gap = (f"{row['r2_generated'][i] - rows['shipped']['r2_generated'][i]:+19.3f}" if "shipped" in rows
                    else f"{'–':>19s}")
             print(f"{name:8s} {f:12s} {row['r2_crisp'][i]:9.3f} {row['r2_generated'][i]:9.3f} "
-                  f"{row['slope_generated'][i]:6.2f} {gap}")
+                  f"{row['kept_generated'][i]:6.2f} {gap}")
     result = {"run": cfg.run, "factors": list(FACTORS), "steps": cfg.steps, "width": cfg.width, "seed": cfg.seed,
               "variants": rows}
     atomic_write_json(root / "Animations" / cfg.run / "oracle_reading.json", result)

@@ -151,9 +151,11 @@ def test_whole_pipeline_at_the_smallest_sizes_then_cached_then_from_a_stage(tmp_
     assert f"dcgan k={cleanest['direction']}: " in text and f"{cleanest['share']:.2f}" in text
     # docs/results.md: the full tables, the GIFs linked from docs/
     assert "| train_gan | dcgan |" in full and "| dcgan | 6 |" in full and "recovered at 0.5 / 2/3 / 0.8" in full
-    oracle_row = next(line for line in full.splitlines() if line.startswith("| breast_size | "))
-    drawn = json.loads((anim / "validation" / "validation.json").read_text())["oracle"]["breast_size"]["slope_generated"]
-    assert f"| {drawn['read']:.2f} | {drawn['drawn']:.2f} (anterior_tissue) |" in oracle_row  # the slopes' columns
+    oracle_row = next(line for line in full.splitlines() if line.startswith("| width | "))
+    kept = json.loads((anim / "validation" / "validation.json").read_text())["oracle"]["width"]["slope_generated"]
+    (low, high), (d_low, d_high) = kept["read_interval"], kept["drawn_interval"]   # the kept shares' columns
+    assert (f"| {kept['read']:.2f} ({low:.2f}-{high:.2f}) | {kept['drawn']:.2f} ({d_low:.2f}-{d_high:.2f}), width |"
+            in oracle_row)
     assert all(f"![](../Animations/examples/{name})" in full for name in gifs)
 
     # a rerun with the same settings skips every stage

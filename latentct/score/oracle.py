@@ -94,7 +94,7 @@ def augment(x: torch.Tensor, gen: torch.Generator, blur: float = 1.5) -> torch.T
     radius = max(3, math.ceil(2 * blur))
     offsets = torch.arange(-radius, radius + 1, dtype=torch.float32)
     kernel = torch.exp(-0.5 * (offsets[None, :] / sigma.clamp_min(1e-3)[:, None]) ** 2)
-    kernel = (kernel / kernel.sum(1, keepdim=True))[:, None, None, :]          # (B, 1, 1, 7): one per slice
+    kernel = (kernel / kernel.sum(1, keepdim=True))[:, None, None, :]          # (B, 1, 1, 2r+1): one per slice
     grouped = F.pad(x.transpose(0, 1), (radius, radius, radius, radius), mode="replicate")
     blurred = F.conv2d(F.conv2d(grouped, kernel, groups=B), kernel.transpose(2, 3), groups=B).transpose(0, 1)
     coarse = (u(B, 2, 4, 4) * 2 - 1) * (2.0 / S)                              # up to 1 px in grid units

@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -244,26 +245,43 @@ def embedding(dcgan_path: str, oracle):
     return through
 
 
-def slope(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Per column, the least-squares slope of ``y`` on ``x`` (N, K) over the rows where both are finite: 1 when
-    ``y`` follows the whole change of ``x``, below 1 when it follows part of it."""
-    ok = torch.isfinite(x) & torch.isfinite(y)
-    x, y = torch.where(ok, x, 0.0), torch.where(ok, y, 0.0)
-    n = ok.sum(0).clamp_min(1)
-    dx = torch.where(ok, x - x.sum(0) / n, 0.0)
-    dy = torch.where(ok, y - y.sum(0) / n, 0.0)
-    return (dx * dy).sum(0) / (dx * dx).sum(0).clamp_min(1e-12)
+def partial_slopes(values: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+    """(N, K) values, (N, F) factors -> (K, F): per column of ``values``, its least-squares coefficient on each
+    factor with all F factors (and an intercept) in the fit, over the rows where that column is finite. A column
+    with too few rows, or whose factors are degenerate on its rows, gives NaN (never a 0 that reads as "none")."""
+    F_ = factors.shape[1]
+    out = torch.full((values.shape[1], F_), float("nan"), dtype=torch.float64)
+    for k in range(values.shape[1]):
+        ok = torch.isfinite(values[:, k]) & torch.isfinite(factors).all(1)
+        X = torch.cat([factors[ok].double(), torch.ones(int(ok.sum()), 1, dtype=torch.float64)], 1)
+        if len(X) < F_ + 3 or torch.linalg.matrix_rank(X) < F_ + 1:
+            continue
+        out[k] = torch.linalg.lstsq(X, values[ok, k].double()[:, None]).solution[:F_, 0]
+    return out
 
 
-def generated_r2(oracle, vae_path: str, cfg: Settings, count: int = 500) -> tuple[dict, dict, dict]:
+def kept_share(generated: torch.Tensor, crisp: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+    """(N, F) readings of the F factors (column f stands for factor f) on generated images and on the crisp
+    images they came from -> (F,): how much of each factor's change the generated readings keep, the factor's
+    partial coefficient on generated over on crisp (1: all of it). Only rows where both are finite count, so the
+    two fits see the same slices; every factor is in each fit, so a reading that also moves with other factors
+    (the anterior tissue with thickness) is not credited with them."""
+    both = torch.isfinite(generated) & torch.isfinite(crisp)
+    nan = torch.tensor(float("nan"))
+    g, c = torch.where(both, generated, nan), torch.where(both, crisp, nan)
+    return partial_slopes(g, factors).diagonal() / partial_slopes(c, factors).diagonal()
+
+
+def generated_r2(oracle, vae_path: str, cfg: Settings, count: int = 500, draws: int = 200
+                 ) -> tuple[dict, dict, dict]:
     """On VAE reconstructions of fresh held-out slices whose factors are known: the oracle's R2; the bound, the
     held-out R2 of a probe trained on reconstructions of other slices (what the VAE leaves readable at all); and
-    two slopes that tell a misreading oracle from a VAE that draws less than its input showed. ``read`` is the
-    slope of the oracle's readings on the true factors (1: it reads the whole change); ``drawn`` the slope of the
-    factor's anatomy measurement (EXPECTED_LABELS, no model) on the reconstructions against the same measurement
-    on their inputs (1: the VAE draws the whole change). A probe trained on reconstructions learns to undo what
-    the VAE shrinks; an oracle that reads what is drawn cannot, so where ``drawn`` is below 1 its R2 stays under
-    the bound however well it reads."""
+    per factor how much of its change survives (``kept_share``, with a 90% bootstrap interval over the slices):
+    ``read``, in the oracle's readings of the reconstructions against its readings of their inputs, and ``drawn``,
+    in the factor's anatomy measurement (EXPECTED_LABELS; no model) of the reconstructions against the same
+    measurement of their inputs. ``drawn`` below 1: the VAE draws less of the change than it was shown, which a
+    probe trained on reconstructions learns to undo and an oracle that reads what is drawn cannot. ``read`` below
+    ``drawn``: the oracle reads less than is drawn."""
     from latentct.data.slices import unit_to_hu
     from latentct.score.anatomy import measure
     from latentct.score.oracle import OracleNet, fit_reader, r_squared, render_slices
@@ -275,12 +293,27 @@ def generated_r2(oracle, vae_path: str, cfg: Settings, count: int = 500) -> tupl
     recon = through(inputs)
     readings = oracle.read(recon)
     r2 = {f: float(v) for f, v in zip(FACTORS, r_squared(readings, targets))}
-    read = slope(readings, targets)
-    crisp, drawn = (measure(unit_to_hu(x, oracle.window)) for x in (inputs, recon))
     labels = [EXPECTED_LABELS[f] for f in FACTORS]
-    drawn_slope = slope(torch.stack([drawn[m] for m in labels], 1), torch.stack([crisp[m] for m in labels], 1))
-    slopes = {f: {"read": float(read[i]), "drawn": float(drawn_slope[i]), "measurement": labels[i]}
-              for i, f in enumerate(FACTORS)}
+    crisp_m, recon_m = (torch.stack([v[m] for m in labels], 1)
+                        for v in (measure(unit_to_hu(x, oracle.window)) for x in (inputs, recon)))
+    pairs = {"read": (readings, oracle.read(inputs)), "drawn": (recon_m, crisp_m)}
+    gen = torch.Generator().manual_seed(cfg.seed)
+    rows = [torch.arange(len(targets))] + [torch.randint(0, len(targets), (len(targets),), generator=gen)
+                                           for _ in range(draws)]
+    kept = {name: torch.stack([kept_share(g[r], c[r], targets[r]) for r in rows])
+            for name, (g, c) in pairs.items()}
+
+    def number(v):
+        return None if not math.isfinite(float(v)) else float(v)
+
+    slopes = {}
+    for i, f in enumerate(FACTORS):
+        slopes[f] = {"measurement": labels[i], "draws": draws}
+        for name, k in kept.items():
+            boot = k[1:, i][torch.isfinite(k[1:, i])]
+            interval = [number(q) for q in boot.quantile(torch.tensor([0.05, 0.95], dtype=boot.dtype))] \
+                if len(boot) else [None, None]
+            slopes[f].update({name: number(k[0, i]), f"{name}_interval": interval})
     train_hu, train_y = render_slices(cfg.probe_slices, cfg.image_size, cfg.seed, 5, cfg.render_size, cfg.workers,
                                       "slices for the VAE probe")
     train_x = through(hu_to_unit(train_hu, oracle.window))

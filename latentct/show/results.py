@@ -216,14 +216,20 @@ def first_choice(gen: str, gt: dict) -> str:
 def validation_table(validation: dict) -> str:
     """The score oracle's R2 (held out, on VAE reconstructions, and the bound a probe trained on reconstructions
     reaches), how much of each factor's change it reads on reconstructions beside how much the VAE draws (an
-    anatomy measurement, no model), its agreement with the fit oracle, the attainable share through the VAE, and
+    anatomy measurement, no model; validate.generated_r2), its agreement with the fit oracle, the attainable share through the VAE, and
     what the known-answer sweeps show per factor."""
     def cell(value):
         return "–" if value is None else f"{value:.3f}"
 
+    def kept(s, name):
+        value, (low, high) = s.get(name), s.get(f"{name}_interval", (None, None))
+        if value is None:
+            return "–"
+        return f"{value:.2f}" + ("" if low is None or high is None else f" ({low:.2f}-{high:.2f})")
+
     def slopes(oracle):
         s = oracle.get("slope_generated")
-        return ["–", "–"] if not s else [f"{s['read']:.2f}", f"{s['drawn']:.2f} ({s['measurement']})"]
+        return ["–", "–"] if not s else [kept(s, "read"), f"{kept(s, 'drawn')}, {s['measurement']}"]
 
     attainable = (validation.get("attainable") or {}).get("vae", {})
     rows = []
@@ -233,7 +239,8 @@ def validation_table(validation: dict) -> str:
                      *slopes(oracle), cell(oracle.get("agreement")), cell(attainable.get(f)), sweep["attributed"],
                      f"{sweep['leakage']:.3f}", sweep["label"], sweep["expected_label"]])
     return _table(["factor", "oracle R2 (held out)", "oracle R2 (VAE reconstructions)", "bound (probe on them)",
-                   "share of the change the oracle reads there", "share the VAE draws (anatomy measurement)",
+                   "share of each change the oracle reads there (90% interval)",
+                   "share the VAE draws (anatomy measurement, 90% interval)",
                    "agreement of the two oracles", "share a clean change keeps through the VAE",
                    "sweep attributed to", "sweep leakage", "anatomy label", "expected label"], rows)
 

@@ -137,35 +137,59 @@ def test_augmentation_looks_generated_and_keeps_the_slice():
     assert sharp(y) < sharp(x)                   # on average blurred, as a VAE draws
 
 
-def test_slope_is_the_share_of_a_change_followed_and_skips_missing_rows():
-    x = torch.tensor([[0.0, 1.0], [1.0, 2.0], [2.0, float("nan")], [3.0, 4.0]])
-    y = torch.stack([0.5 * x[:, 0] + 7, 2 * x[:, 1]], 1)
-    y[1, 0] = float("nan")
-    assert torch.allclose(validate.slope(y, x), torch.tensor([0.5, 2.0]))
+def test_partial_slopes_hold_the_other_factors_and_mask_each_column_on_its_own():
+    gen = torch.Generator().manual_seed(0)
+    factors = torch.randn(40, 2, generator=gen)
+    values = torch.stack([0.5 * factors[:, 0] + 3 * factors[:, 1] + 7,   # moves with both: 0.5 and 3, not a mix
+                          2 * factors[:, 1] - 1], 1)
+    values[3, 0] = values[5, 1] = float("nan")                          # each column loses its own row only
+    assert torch.allclose(validate.partial_slopes(values, factors).float(), torch.tensor([[0.5, 3.0], [0.0, 2.0]]),
+                          atol=1e-5)
+    few = torch.full((40, 1), float("nan"))
+    few[:4, 0] = 1.0                                                    # too few rows: no number, not a 0
+    assert torch.isnan(validate.partial_slopes(few, factors)).all()
 
 
-@pytest.mark.parametrize("vae, drawn", [("identity", 1.0), ("mean image", 0.0)])
-def test_the_slopes_tell_a_vae_that_draws_less_from_an_oracle_that_reads_less(tiny_oracle, monkeypatch, vae, drawn):
-    """A "VAE" that returns its input draws the whole change of every anatomy measurement; one that returns the
-    mean image draws none, and the oracle can read none of it, whatever its quality."""
-    def identity(x):
-        return x
+def test_kept_share_credits_a_factor_only_with_its_own_change():
+    """A measurement that moves with factor 0 and factor 1 on crisp images; the "generated" images keep half of
+    factor 0's change and all of factor 1's: the share kept is 0.5 and 1, however the two mix."""
+    gen = torch.Generator().manual_seed(1)
+    factors = torch.randn(200, 2, generator=gen)
+    crisp = torch.stack([factors[:, 0] + 4 * factors[:, 1], factors[:, 1]], 1)
+    generated = torch.stack([0.5 * factors[:, 0] + 4 * factors[:, 1], factors[:, 1]], 1)
+    generated[7, 0] = float("nan")
+    assert torch.allclose(validate.kept_share(generated, crisp, factors).float(), torch.tensor([0.5, 1.0]), atol=1e-5)
 
-    def mean_image(x):
-        return x.mean(0, keepdim=True).expand_as(x).clone()
 
-    monkeypatch.setattr(validate, "reconstruction", lambda path, oracle: identity if vae == "identity" else mean_image)
+@pytest.mark.parametrize("vae", ["identity", "mean image", "half size"])
+def test_the_kept_shares_tell_a_vae_that_draws_less_from_an_oracle_that_reads_less(tiny_oracle, monkeypatch, vae):
+    """A "VAE" that returns its input keeps every change, read and drawn; one that returns the mean image keeps
+    none; one that draws the body at half its size about the centre keeps half of its thickness and width."""
+    def half(x):
+        small = torch.nn.functional.interpolate(x + 1, scale_factor=0.5, mode="area")
+        pad = (x.shape[-1] - small.shape[-1]) // 2
+        return torch.nn.functional.pad(small, (pad,) * 4) - 1
+
+    fakes = {"identity": lambda x: x, "mean image": lambda x: x.mean(0, keepdim=True).expand_as(x).clone(),
+             "half size": half}
+    monkeypatch.setattr(validate, "reconstruction", lambda path, oracle: fakes[vae])
     oracle = oracle_stage.load_oracle(tiny_oracle[1])
     cfg = validate.Settings(image_size=32, render_size=64, probe_slices=40, probe_steps=3)
-    r2, bound, slopes = validate.generated_r2(oracle, "unused.pt", cfg, count=60)
-    assert set(slopes) == set(FACTORS)
+    r2, bound, kept = validate.generated_r2(oracle, "unused.pt", cfg, count=80, draws=20)
+    assert set(kept) == set(FACTORS)
     for f in FACTORS:
-        assert slopes[f]["measurement"] == validate.EXPECTED_LABELS[f]
-        assert slopes[f]["drawn"] == pytest.approx(drawn, abs=1e-4)
+        k = kept[f]
+        assert k["measurement"] == validate.EXPECTED_LABELS[f] and k["draws"] == 20
+        if vae == "identity":
+            assert k["read"] == pytest.approx(1.0) and k["drawn"] == pytest.approx(1.0)
+            assert k["read_interval"] == pytest.approx([1.0, 1.0]) and k["drawn_interval"] == pytest.approx([1.0, 1.0])
         if vae == "mean image":
-            assert abs(slopes[f]["read"]) < 1e-4 and r2[f] <= 0
-    if vae == "identity":   # the tiny oracle reads crisp slices: most of each change, the same R2 as held out
-        assert all(slopes[f]["read"] > 0.3 for f in ("y_offset", "width", "thickness"))
+            assert abs(k["read"]) < 1e-3 and abs(k["drawn"]) < 1e-3 and r2[f] <= 0
+    if vae == "half size":
+        for f in ("thickness", "width"):
+            assert 0.35 < kept[f]["drawn"] < 0.65, (f, kept[f])
+            low, high = kept[f]["drawn_interval"]
+            assert low <= kept[f]["drawn"] <= high
 
 
 def test_the_oracle_reading_bench_augmentations_remove_detail_and_keep_the_body():
