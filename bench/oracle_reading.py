@@ -101,37 +101,25 @@ def main(cfg: Settings) -> dict:
         raise UserError(f"--run: {vae} not found; run python pipeline.py --run {cfg.run} first")
     window = parse_window(tuple(generator_info(str(vae))["window"]))
     size = output_size(load_generator(str(vae)))
-    torch.manual_seed(cfg.seed)
-    train_hu, train_y = oracle_stage.render_slices(cfg.train_slices, size, cfg.seed, 1, cfg.render_size, cfg.workers,
-                                                   "training slices")
-    test_hu, test_y = oracle_stage.render_slices(cfg.test_slices, size, cfg.seed, 2, cfg.render_size, cfg.workers,
-                                                 "held-out slices")
-    vae_hu, vae_y = oracle_stage.render_slices(cfg.count, size, cfg.seed, 3, cfg.render_size, cfg.workers,
-                                               "held-out slices for the VAE")
-    mean, std = train_y.mean(0), train_y.std(0).clamp_min(1e-6)
-    weights = torch.ones(len(FACTORS))
-    defaults = oracle_stage.Settings()   # the score oracle's batch, learning rate and loss weights
-    weights[FACTORS.index("z_position")] = defaults.z_weight
+    # The score oracle's settings (batch, learning rate, loss weights from oracle.Settings' defaults) at this size
+    ocfg = oracle_stage.Settings(image_size=size, window=window, seed=cfg.seed, width=cfg.width, steps=cfg.steps,
+                                 train_slices=cfg.train_slices, test_slices=cfg.test_slices,
+                                 render_size=cfg.render_size, workers=cfg.workers)
+    train, test, (vae_hu, vae_y) = (
+        oracle_stage.render_slices(count, size, cfg.seed, stream, cfg.render_size, cfg.workers, desc)
+        for count, stream, desc in ((cfg.train_slices, 1, "training slices"), (cfg.test_slices, 2, "held-out slices"),
+                                    (cfg.count, 3, "held-out slices for the VAE")))
     vae_x = hu_to_unit(vae_hu, window)
     recon = reconstruction(str(vae), SimpleNamespace(window=window))(vae_x)
     rows = {}
     for name in cfg.variants:
         start = time.perf_counter()
-        torch.manual_seed(cfg.seed)
-        model = oracle_stage.OracleNet(size, cfg.width)
-        gen = torch.Generator().manual_seed(cfg.seed)
-        aug = augmentation(name)
-        oracle_stage.fit_reader(model, lambda idx: aug(hu_to_unit(train_hu[idx], window), gen),
-                                (train_y - mean) / std, cfg.steps, defaults.batch_size, defaults.lr, gen,
-                                pct_start=0.1, desc=name, weights=weights)
-        model.eval()
-        with torch.no_grad():
-            crisp = model(hu_to_unit(test_hu, window)) * std + mean
-            read = model(recon) * std + mean
-            read_inputs = model(vae_x) * std + mean
-        rows[name] = {"r2_crisp": oracle_stage.r_squared(crisp, test_y).tolist(),
+        oracle = oracle_stage.Oracle(oracle_stage.fit_oracle(ocfg, train, test, augmentation(name)))
+        read = oracle.read(recon)
+        rows[name] = {"r2_crisp": list(oracle.r2.values()),
                       "r2_generated": oracle_stage.r_squared(read, vae_y).tolist(),
-                      "kept_generated": kept_share(read, read_inputs, vae_y).tolist(), "seconds": time.perf_counter() - start}
+                      "kept_generated": kept_share(read, oracle.read(vae_x), vae_y).tolist(),
+                      "seconds": time.perf_counter() - start}
     print(f"{cfg.run}'s VAE, {cfg.count} held-out slices; oracle width {cfg.width}, {cfg.steps} steps, seed {cfg.seed}")
     print(f"{'variant':8s} {'factor':12s} {'R2 crisp':>9s} {'R2 recon':>9s} {'kept':>6s} {'R2 recon - shipped':>19s}")
     for name, row in rows.items():

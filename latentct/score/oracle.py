@@ -193,12 +193,20 @@ class Oracle:
 
 def train_oracle(cfg: Settings) -> dict:
     """Render, train, score on held-out slices; the state that ``Oracle`` loads."""
+    train = render_slices(cfg.train_slices, cfg.image_size, cfg.seed, 1, cfg.render_size, cfg.workers,
+                          "oracle training slices")
+    test = render_slices(cfg.test_slices, cfg.image_size, cfg.seed, 2, cfg.render_size, cfg.workers,
+                         "oracle held-out slices")
+    return fit_oracle(cfg, train, test)
+
+
+def fit_oracle(cfg: Settings, train: tuple, test: tuple, augmentation=augment) -> dict:
+    """Train on rendered (HU slices, factors) ``train``, augmented by ``augmentation(x, gen)`` when
+    ``cfg.augment``, and score on ``test``; the state that ``Oracle`` loads. bench.oracle_reading fits other
+    augmentations to the same slices."""
     window = parse_window(cfg.window)
+    (train_hu, train_y), (test_hu, test_y) = train, test
     torch.manual_seed(cfg.seed)
-    train_hu, train_y = render_slices(cfg.train_slices, cfg.image_size, cfg.seed, 1, cfg.render_size, cfg.workers,
-                                      "oracle training slices")
-    test_hu, test_y = render_slices(cfg.test_slices, cfg.image_size, cfg.seed, 2, cfg.render_size, cfg.workers,
-                                    "oracle held-out slices")
     mean, std = train_y.mean(0), train_y.std(0).clamp_min(1e-6)
     args = dict(image_size=cfg.image_size, width=cfg.width)
     model = OracleNet(**args)
@@ -206,7 +214,7 @@ def train_oracle(cfg: Settings) -> dict:
 
     def batch(idx):
         x = hu_to_unit(train_hu[idx], window)
-        return augment(x, gen) if cfg.augment else x
+        return augmentation(x, gen) if cfg.augment else x
 
     weights = torch.ones(len(FACTORS))
     weights[FACTORS.index("z_position")] = cfg.z_weight

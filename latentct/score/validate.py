@@ -249,14 +249,14 @@ def partial_slopes(values: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
     """(N, K) values, (N, F) factors -> (K, F): per column of ``values``, its least-squares coefficient on each
     factor with all F factors (and an intercept) in the fit, over the rows where that column is finite. A column
     with too few rows, or whose factors are degenerate on its rows, gives NaN (never a 0 that reads as "none")."""
-    F_ = factors.shape[1]
-    out = torch.full((values.shape[1], F_), float("nan"), dtype=torch.float64)
+    n_factors = factors.shape[1]
+    out = torch.full((values.shape[1], n_factors), float("nan"), dtype=torch.float64)
     for k in range(values.shape[1]):
         ok = torch.isfinite(values[:, k]) & torch.isfinite(factors).all(1)
         X = torch.cat([factors[ok].double(), torch.ones(int(ok.sum()), 1, dtype=torch.float64)], 1)
-        if len(X) < F_ + 3 or torch.linalg.matrix_rank(X) < F_ + 1:
+        if len(X) < n_factors + 3 or torch.linalg.matrix_rank(X) < n_factors + 1:
             continue
-        out[k] = torch.linalg.lstsq(X, values[ok, k].double()[:, None]).solution[:F_, 0]
+        out[k] = torch.linalg.lstsq(X, values[ok, k].double()[:, None]).solution[:n_factors, 0]
     return out
 
 

@@ -216,8 +216,8 @@ def first_choice(gen: str, gt: dict) -> str:
 def validation_table(validation: dict) -> str:
     """The score oracle's R2 (held out, on VAE reconstructions, and the bound a probe trained on reconstructions
     reaches), how much of each factor's change it reads on reconstructions beside how much the VAE draws (an
-    anatomy measurement, no model; validate.generated_r2), its agreement with the fit oracle, the attainable share through the VAE, and
-    what the known-answer sweeps show per factor."""
+    anatomy measurement, no model; validate.generated_r2), its agreement with the fit oracle, the attainable
+    share through the VAE, and what the known-answer sweeps show per factor."""
     def cell(value):
         return "–" if value is None else f"{value:.3f}"
 

@@ -224,7 +224,8 @@ def test_validate_command_writes_the_schema(tiny_oracle, tmp_path):
     validate.main(cfg)
     out = json.loads((tmp_path / "v" / "validation.json").read_text())
     assert out["image_size"] == 32 and out["seed"] == 0 and len(out["oracle_sha256"]) == 64
-    assert set(out["oracle"]) == set(FACTORS) and all({"r2_generated", "bound", "slope_generated", "agreement"} <= set(v) for v in out["oracle"].values())
+    assert set(out["oracle"]) == set(FACTORS)
+    assert all({"r2_generated", "bound", "slope_generated", "agreement"} <= set(v) for v in out["oracle"].values())
     assert set(out["sweeps"]) == set(FACTORS)
     assert {"attributed", "leakage", "label", "expected_label"} <= set(out["sweeps"]["rotation"])
     assert all(set(p) >= {"factors", "top_two"} for p in out["pairs"])
