@@ -28,7 +28,7 @@ from latentct.discover.directions import (
     save_directions,
     step_losses,
 )
-from latentct.discover.unmix import unmix
+from latentct.discover.unmix import UNMIX_BY, unmix
 from latentct.generators.interface import (
     GeneratorOptions,
     latent_spread,
@@ -95,9 +95,10 @@ class Settings(GeneratorOptions, TrainerSettings):
                                      "spectral) whose top --unmix-size directions span the subspace to unmix")
     unmix_size: int = setting(8, "m, how many of --unmix-from's top directions span the subspace (label-free: "
                               "the phantom's six factors need not be known; 8 leaves room for two more)")
-    unmix_by: str = setting("ajd", "ajd (joint diagonalisation of pullback metrics), ica (FastICA of features) or "
+    unmix_by: str = setting("ajd", "ajd (joint diagonalisation of pullback metrics), ica (FastICA of features), "
                             "steer (least-squares walks for six affine image edits, then two for the rest; a span of "
-                            "at least 8)", choices=("ajd", "ica", "steer"))
+                            "at least 8) or conditional (the steering walks and content directions each conditioned "
+                            "on the others)", choices=UNMIX_BY)
     unmix_features: str = setting("layer", "with --unmix-by ica: the features ICA unmixes: layer (the intermediate "
                                   "layer the spectral method reads), encoder (a VAE's codes), image, or a layer name")
     patient_directions: int = setting(5, "with --method metadata: patient-level directions after the slice-position "

@@ -45,6 +45,7 @@ def variants(base: Path, has_encoder: bool, metadata_set: Path | None = None) ->
     span = dict(method="unmix", unmix_from=str(base / "directions.pt"))
     out = {"unmix ajd": dict(span, unmix_by="ajd"),
            "unmix steer": dict(span, unmix_by="steer", unmix_size=12),
+           "unmix conditional": dict(span, unmix_by="conditional", unmix_size=12),
            "unmix ica layer": dict(span, unmix_by="ica", unmix_features="layer"),
            "unmix ica image": dict(span, unmix_by="ica", unmix_features="image"),
            "ganspace ica": dict(method="ica", directions_count=16),

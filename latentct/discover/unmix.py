@@ -37,7 +37,7 @@ from latentct.discover.baselines import fix_signs, single_threaded
 from latentct.generators.interface import sample_latents
 from latentct.util.settings import UserError
 
-UNMIX_BY = ("ajd", "ica", "steer")
+UNMIX_BY = ("ajd", "ica", "steer", "conditional")
 EDITS = ("shift x", "shift y", "scale x", "scale y", "rotation", "shear")  # by_steer's image edits
 REPEAT = 0.9  # by_steer: a candidate direction this close (|cosine|) to one already taken is a repeat
 WEAK_WALK = 0.1  # by_steer: a walk reproducing less than this of the best walk's share comes after the content
@@ -165,8 +165,8 @@ def unmix(G, rows: torch.Tensor, by: str = "ajd", features: str = "layer", sampl
         return by_ajd(G, rows, seed=seed)
     if by == "ica":
         return by_ica(G, rows, features, samples, seed, encoder)
-    if by == "steer":
-        return by_steer(G, rows, seed=seed)
+    if by in ("steer", "conditional"):
+        return by_steer(G, rows, seed=seed, conditional=by == "conditional")
     raise UserError(f"--unmix-by: {by!r} is not one of {', '.join(UNMIX_BY)}")
 
 
@@ -188,7 +188,8 @@ def image_flows(images: torch.Tensor) -> torch.Tensor:
     return torch.stack([gx, gy, x * gx, y * gy, -y * gx + x * gy, y * gx + x * gy], 1).reshape(N, 6, -1)
 
 
-def by_steer(G, rows: torch.Tensor, latents: int = 64, content: int = 2, seed: int = 0) -> tuple[torch.Tensor, dict]:
+def by_steer(G, rows: torch.Tensor, latents: int = 64, content: int = 2, seed: int = 0,
+             conditional: bool = False) -> tuple[torch.Tensor, dict]:
     """Linearised steerability walks inside the span: for each of EDITS, the span direction w whose image change
     best reproduces that edit of G(z) over ``latents`` latents of the prior, min_w sum_z ||J(z) w - edit(G(z))||^2
     (Jahanian, Chai & Isola, ICLR 2020, ali-design/gan_steerability: a linear walk trained with an L2 loss against
@@ -205,6 +206,18 @@ def by_steer(G, rows: torch.Tensor, latents: int = 64, content: int = 2, seed: i
     Those whose change the edits leave mostly unexplained (share > 1/2) are the content rows, taken by that share,
     before any walk that reproduces under WEAK_WALK of what the best walk does (no direction of the span performs
     that edit, and its walk is arbitrary: it could take a content direction's place as its repeat).
+
+    ``conditional``: each walk, and each content direction, is then conditioned on the others, as InterFaceGAN's
+    conditional manipulation makes an attribute's direction orthogonal to the other attributes' boundaries (Shen et
+    al., CVPR 2020, genforce/interfacegan ``project_boundary``), here in the span's pullback metric and for any
+    number of conditions: every span coordinate's image change is decomposed by least squares, pooled over the
+    latents, into the edits' flows and the content directions' leftover changes (a (t, m) map M), and the direction
+    for template k is the smallest image change that does k alone, M^+ e_k (M w = e_k, every other template 0). The
+    conditions are the edits some direction of the span performs (walks reproducing at least WEAK_WALK of the best)
+    and the content rows: a walk for an edit nothing performs stays as it was, and is no condition (a condition
+    that no factor meets pulls the others off theirs). An independent walk takes whatever part of another factor's
+    change helps it match its edit's flow (on the CT phantom: breast size in the vertical-shift walk, the slice
+    level in the vertical-scale walk); conditioned, it may not.
 
     Returns up to 6 + content unit directions (no two closer than REPEAT, none for a walk that moves nothing),
     with what each row is (``rows``: an edit or "content", up to ``content`` + 1 of these), per edit in EDITS order
@@ -236,16 +249,22 @@ def by_steer(G, rows: torch.Tensor, latents: int = 64, content: int = 2, seed: i
     leftover = torch.einsum("nip,iq->nqp", rest, sub)
     V, _, _ = joint_diagonaliser(leftover @ leftover.transpose(1, 2))
     candidates = V @ sub.t()                                                     # (q, m) content directions
-    unexplained = (torch.einsum("nip,ki->nkp", rest, candidates).square().sum((0, 2))
-                   / torch.einsum("nip,ki->nkp", J, candidates).square().sum((0, 2)).clamp_min(1e-30))
+    unexplained = unexplained_share(J, rest, candidates)
     order = [k for k in torch.argsort(unexplained, descending=True).tolist() if unexplained[k] > 0.5]
     candidates, unexplained = candidates[order], unexplained[order]              # mostly unexplained, least first
     # Walks for edits no factor performs are arbitrary and can repeat another row, even a content direction: take
     # the walks that reproduce at least WEAK_WALK of what the best walk does (by how much), then the content
     # directions, then the other walks, each only if it is no repeat (|cos| < REPEAT) of one taken, until 6 + content.
-    rows, labels, kept_share = [], [], []
     order = torch.argsort(reproduced, descending=True).tolist()
     strong = [k for k in order if reproduced[k] >= WEAK_WALK * reproduced.max()]
+    if conditional:  # the conditions: the strong walks that repeat no better one, and the content
+        unit = torch.nn.functional.normalize(walks @ basis, dim=1)
+        distinct = [k for i, k in enumerate(strong) if all(abs(float(unit[k] @ unit[j])) < REPEAT for j in strong[:i])]
+        walks, candidates = condition(J, flows, rest, white, walks, candidates, distinct)
+        unexplained = unexplained_share(J, rest, candidates)
+        reproduced = (walks * target).sum(1) ** 2 / (torch.einsum("ki,ij,kj->k", walks, metric, walks).clamp_min(1e-30)
+                                                     * (flows ** 2).sum((0, 2)))   # what the kept walks reproduce
+    rows, labels, kept_share = [], [], []
     for coords, label, part in [(walks[k], EDITS[k], None) for k in strong] + [
             (c, "content", float(u)) for c, u in zip(candidates, unexplained)] + [
             (walks[k], EDITS[k], None) for k in order if k not in strong]:
@@ -261,6 +280,42 @@ def by_steer(G, rows: torch.Tensor, latents: int = 64, content: int = 2, seed: i
         kept_share += [round(part, 4)] if part is not None else []
     directions = torch.stack(rows)
     return fix_signs(directions).float(), {
-        "unmix_by": "steer", "latents": latents, "rows": labels,
+        "unmix_by": "conditional" if conditional else "steer", "latents": latents, "rows": labels,
         "reproduced": [round(float(r), 4) for r in reproduced],
         "content_share": kept_share}
+
+
+def unexplained_share(J, rest, directions):
+    """Per (k, m) span direction: the share of its image change (``J``) that no edit explains (``rest``)."""
+    return (torch.einsum("nip,ki->nkp", rest, directions).square().sum((0, 2))
+            / torch.einsum("nip,ki->nkp", J, directions).square().sum((0, 2)).clamp_min(1e-30))
+
+
+def condition(J, flows, rest, white, walks, candidates, strong):
+    """by_steer's conditional directions: the (6, m) walks of the ``strong`` edits and the (c, m) content
+    ``candidates`` replaced by M^+ e_k in the span's pullback metric, M the pooled least-squares decomposition of
+    each span coordinate's image change (``J``, (N, m, P)) into the strong edits' ``flows`` and the candidates'
+    leftover changes (of ``rest``, the change no edit explains)."""
+    contents = torch.einsum("nip,ki->nkp", rest, candidates)                     # (N, c, P)
+    templates = torch.cat([flows[:, strong], contents], 1)                       # (N, t, P)
+    gram = torch.einsum("nkp,nlp->kl", templates, templates)
+    M = torch.linalg.pinv(gram, hermitian=True) @ torch.einsum("nkp,nip->ki", templates, J)  # (t, m)
+    alone = (white @ torch.linalg.pinv(M @ white)).t()                           # (t, m): template k alone
+    # a condition no factor can meet (two edits that one factor performs together) blows the solution up into
+    # whatever barely moves the image: keep a conditioned walk only where it still reproduces at least half of
+    # what its independent walk does, and a conditioned content direction only where its change stays mostly
+    # unexplained by the edits
+    metric = torch.einsum("nip,njp->ij", J, J)
+    target = torch.einsum("nip,nkp->ki", J, flows)
+    power = (flows ** 2).sum((0, 2))
+
+    def reproduces(w, k):
+        return float((target[k] @ w) ** 2 / ((w @ metric @ w).clamp_min(1e-30) * power[k]))
+
+    walks = walks.clone()
+    for i, k in enumerate(strong):
+        if reproduces(alone[i], k) >= 0.5 * reproduces(walks[k], k):
+            walks[k] = alone[i]
+    conditioned = alone[len(strong):]
+    keep = unexplained_share(J, rest, conditioned) > 0.5
+    return walks, torch.where(keep[:, None], conditioned, candidates)

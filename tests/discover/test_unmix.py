@@ -321,6 +321,69 @@ def test_steering_unmixes_the_change_no_edit_explains():
     assert best_cosines(found, toy.M[:, :3]).min() > 0.85            # the motions' walks are still there
 
 
+class BodyOnBrightTable(nn.Module):
+    """32 x 32 images of a soft ellipse (vertical position, left-right size, roll, an inner disc's brightness) on a
+    table that never moves but whose brightness varies. The edits' vertical shift moves the table's edge too, which
+    no motion of the body does: the one change that looks like it there is the table's brightness. Five factor
+    directions 40-65 degrees apart; prior N(0, I) in 10 dimensions."""
+
+    latent_dim = 10
+
+    def __init__(self, seed: int):
+        super().__init__()
+        q, _ = torch.linalg.qr(torch.randn(10, 10, generator=torch.Generator().manual_seed(seed)))
+        mix = torch.tensor([[1.0, 0, 0, 0, 0], [0.55, 0.835, 0, 0, 0], [0.35, 0.3, 0.887, 0, 0],
+                            [0.3, 0.0, 0.3, 0.906, 0], [0.0, 0.3, 0.0, 0.6, 0.742]])
+        self.register_buffer("M", (mix @ q[:5]).t())                      # (10, 5) columns: the factor directions
+        self.register_buffer("unmix", torch.linalg.pinv(self.M))
+        yy, xx = torch.meshgrid(torch.linspace(-1, 1, 32), torch.linspace(-1, 1, 32), indexing="ij")
+        self.register_buffer("xx", xx)
+        self.register_buffer("yy", yy)
+
+    def forward(self, z):
+        s = z @ self.unmix.t()
+        dy, width, roll = 0.08 * s[:, 0], 0.55 + 0.06 * s[:, 1], 0.12 * s[:, 2]
+        c, n = torch.cos(roll)[:, None, None], torch.sin(roll)[:, None, None]
+        x, y = self.xx, self.yy - dy[:, None, None]
+        u, v = c * x + n * y, -n * x + c * y
+        body = torch.sigmoid((1 - (u / width[:, None, None]) ** 2 - (v / 0.4) ** 2) * 12)
+        disc = torch.sigmoid((1 - ((u - 0.2) ** 2 + (v + 0.1) ** 2) / 0.02) * 12) * torch.tanh(0.3 * s[:, 4])[:, None, None]
+        table = torch.sigmoid((self.yy - 0.75) * 20) * (1 + 0.3 * torch.tanh(s[:, 3]))[:, None, None]
+        return (2 * (body * (0.8 + 0.2 * disc)).clamp(max=1) + table - 1).unsqueeze(1)
+
+
+@pytest.mark.parametrize("seed", [5, 6])
+def test_conditioned_walks_leave_out_what_only_helps_them_match_their_edit(seed):
+    """The independent vertical-shift walk takes the table's brightness along (best cosine with the body's vertical
+    position 0.63-0.66 over three toys); conditioned on the other edits and the content it may not (0.82-0.88),
+    and every other factor stays found."""
+    from latentct.discover.unmix import by_steer
+
+    toy = BodyOnBrightTable(seed).eval().requires_grad_(False)
+    rows = torch.linalg.qr(torch.randn(10, 10, generator=torch.Generator().manual_seed(0)))[0]
+    free, _ = by_steer(toy, rows)
+    conditioned, info = by_steer(toy, rows, conditional=True)
+    assert info["unmix_by"] == "conditional" and conditioned.shape == free.shape
+    before, after = best_cosines(free, toy.M), best_cosines(conditioned, toy.M)
+    assert before[0] < 0.7 and after[0] > 0.8, (before, after)
+    assert after[1:].min() > 0.95, after
+    assert min(info["content_share"]) > 0.5                          # the content rows stay mostly unexplained
+
+
+def test_conditioning_keeps_a_walk_it_would_blow_up():
+    """On the moving ellipse no factor scales it vertically, yet that walk reproduces a quarter of its edit (the
+    vertical shift does): conditioning the vertical shift on it alone has no small solution. The guard keeps
+    the independent walks there, and every planted direction is found as before."""
+    from latentct.discover.unmix import by_steer
+
+    toy = MovingEllipse().eval().requires_grad_(False)
+    rows = torch.linalg.qr(torch.randn(10, 10, generator=torch.Generator().manual_seed(0)))[0]
+    free, _ = by_steer(toy, rows)
+    conditioned, _ = by_steer(toy, rows, conditional=True)
+    assert best_cosines(conditioned, toy.M).min() > 0.95
+    assert torch.allclose(best_cosines(conditioned, toy.M), best_cosines(free, toy.M), atol=0.01)
+
+
 def test_steering_survives_a_flat_image():
     from latentct.discover.unmix import by_steer
 
