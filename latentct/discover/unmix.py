@@ -23,10 +23,13 @@ find directions inside the span that need not be orthogonal:
   edit explains, unmixed inside that change's subspace by joint diagonalisation as ``ajd`` does. It asks nothing
   of the factors' statistics, only that some of them move the image as a whole; the edits are generic image
   motions, not anatomy measurements, and no label or oracle enters.
+- ``conditional``: the steering walks and content directions, each conditioned on the others (InterFaceGAN's
+  conditional manipulation, in the span's pullback metric): the smallest image change that performs one edit
+  and no other edit or content change (``condition``).
 
 ``ajd`` and ``ica`` return (m, d) unit latent directions: ``ajd``'s ordered by how much they move the image,
-``ica``'s by the latent change per unit source; ``steer`` returns up to 8, the walks that reproduce their edit
-first, then the content directions, none a repeat of another.
+``ica``'s by the latent change per unit source; ``steer`` and ``conditional`` return up to 8, the walks that
+reproduce their edit first, then the content directions, none a repeat of another.
 """
 from __future__ import annotations
 
