@@ -107,13 +107,13 @@ class Settings:
     dcgan_unmix_base: str = setting("sefa", "the orthogonal method whose top directions' span the DCGAN's unmix and "
                                     "learned_unmix unmix", choices=("sefa", "spectral", "pca"))
     vae_unmix_base: str = setting("spectral", "the same for the VAE", choices=("sefa", "spectral", "pca"))
-    # How each span is unmixed, chosen by bench.unmixing (docs/results.md): the steering walks gave the larger area
-    # on both generators of the demo and of a held-out phantom seed (docs/pipeline.md, "Unmixing a span").
-    dcgan_unmix_by: str = setting("steer", "how the DCGAN's span is unmixed (TrainDirections --unmix-by)",
+    # How each span is unmixed, chosen by bench.unmixing (docs/results.md) and docs/pipeline.md's runs: the steering
+    # walks gave the larger area than joint diagonalisation and ICA on both generators of the demo and of a held-out
+    # phantom seed; conditioned on each other (InterFaceGAN's conditional manipulation) they recovered more at tau
+    # 2/3 than independent ones on the demo and seed 835 (15 factors against 12 over the four generators, area 3.12
+    # against 2.63; the demo DCGAN's area fell, 0.35 -> 0.27), and were then scored once on seed 6755.
+    dcgan_unmix_by: str = setting("conditional", "how the DCGAN's span is unmixed (TrainDirections --unmix-by)",
                                   choices=UNMIX_BY)
-    # On the VAE the walks conditioned on each other and on the content (InterFaceGAN's conditional manipulation)
-    # recovered more at tau 2/3 on the demo (5 of 6 against 4) and on held-out seed 835 (4 against 3), with a larger
-    # area; on the DCGAN less (seed 835: 3 against 4, area 0.53 against 0.60): docs/pipeline.md.
     vae_unmix_by: str = setting("conditional", "the same for the VAE", choices=UNMIX_BY)
     method_steps: int | None = setting(None, "steps of DisCo and LatentCLR (None: --direction-steps)")
     # 32 latents x 5 shifts cost what 16 x 9 did (1.1x the images); with antithetic latents (report_latents) they

@@ -212,15 +212,16 @@ def by_steer(G, rows: torch.Tensor, latents: int = 64, content: int = 2, seed: i
 
     ``conditional``: each walk, and each content direction, is then conditioned on the others, as InterFaceGAN's
     conditional manipulation makes an attribute's direction orthogonal to the other attributes' boundaries (Shen et
-    al., CVPR 2020, genforce/interfacegan ``project_boundary``), here in the span's pullback metric and for any
-    number of conditions: every span coordinate's image change is decomposed by least squares, pooled over the
-    latents, into the edits' flows and the content directions' leftover changes (a (t, m) map M), and the direction
-    for template k is the smallest image change that does k alone, M^+ e_k (M w = e_k, every other template 0). The
-    conditions are the edits some direction of the span performs (walks reproducing at least WEAK_WALK of the best)
-    and the content rows: a walk for an edit nothing performs stays as it was, and is no condition (a condition
-    that no factor meets pulls the others off theirs). An independent walk takes whatever part of another factor's
-    change helps it match its edit's flow (on the CT phantom: breast size in the vertical-shift walk, the slice
-    level in the vertical-scale walk); conditioned, it may not.
+    al., CVPR 2020, genforce/interfacegan ``project_boundary``, which takes up to two), here in the span's pullback
+    metric and for any number of conditions: every span coordinate's image change is decomposed by least squares,
+    pooled over the latents, into the edits' flows and the content directions' leftover changes (a (t, m) map M),
+    and the direction for template k is the smallest image change that does k and none of the others, M^+ e_k. The
+    conditions are the walks reproducing at least WEAK_WALK of the best (one of each set of repeats) and the content
+    rows; a condition no direction can meet beside the others is dropped and the rest solved again (``condition``).
+    An independent walk takes whatever part of another change helps it match its edit's flow (the toy in the
+    tests: a table whose brightness varies, taken into the vertical-shift walk); conditioned, it may not. Where one
+    factor performs two edits together (a body that grows in both axes), conditioning them on each other costs
+    that factor some of its direction.
 
     Returns up to 6 + content unit directions (no two closer than REPEAT, none for a walk that moves nothing),
     with what each row is (``rows``: an edit or "content", up to ``content`` + 1 of these), per edit in EDITS order
@@ -298,27 +299,41 @@ def condition(J, flows, rest, white, walks, candidates, strong):
     """by_steer's conditional directions: the (6, m) walks of the ``strong`` edits and the (c, m) content
     ``candidates`` replaced by M^+ e_k in the span's pullback metric, M the pooled least-squares decomposition of
     each span coordinate's image change (``J``, (N, m, P)) into the strong edits' ``flows`` and the candidates'
-    leftover changes (of ``rest``, the change no edit explains)."""
+    leftover changes (of ``rest``, the change no edit explains).
+
+    A condition no direction of the span can meet beside the others (two edits that one factor performs together,
+    or more conditions than the span has room for) has no small solution: what solves it is whatever barely moves
+    the image, or it is met only in part. So a condition is dropped, the worst first, and the rest solved again,
+    while any of them fails: a conditioned walk must reproduce at least half of what its independent walk does, a
+    conditioned content direction must stay mostly unexplained by the edits, and each must do at least 0.9 of its
+    own template (M w = e_k met). What was dropped keeps its independent direction and conditions nothing."""
     contents = torch.einsum("nip,ki->nkp", rest, candidates)                     # (N, c, P)
     templates = torch.cat([flows[:, strong], contents], 1)                       # (N, t, P)
-    gram = torch.einsum("nkp,nlp->kl", templates, templates)
-    M = torch.linalg.pinv(gram, hermitian=True) @ torch.einsum("nkp,nip->ki", templates, J)  # (t, m)
-    alone = (white @ torch.linalg.pinv(M @ white)).t()                           # (t, m): template k alone
-    # a condition no factor can meet (two edits that one factor performs together) blows the solution up into
-    # whatever barely moves the image: keep a conditioned walk only where it still reproduces at least half of
-    # what its independent walk does, and a conditioned content direction only where its change stays mostly
-    # unexplained by the edits
     metric = torch.einsum("nip,njp->ij", J, J)
     target = torch.einsum("nip,nkp->ki", J, flows)
     power = (flows ** 2).sum((0, 2))
 
     def reproduces(w, k):
-        return float((target[k] @ w) ** 2 / ((w @ metric @ w).clamp_min(1e-30) * power[k]))
+        return (target[k] @ w) ** 2 / ((w @ metric @ w).clamp_min(1e-30) * power[k])
 
-    walks = walks.clone()
-    for i, k in enumerate(strong):
-        if reproduces(alone[i], k) >= 0.5 * reproduces(walks[k], k):
-            walks[k] = alone[i]
-    conditioned = alone[len(strong):]
-    keep = unexplained_share(J, rest, conditioned) > 0.5
-    return walks, torch.where(keep[:, None], conditioned, candidates)
+    active = list(range(templates.shape[1]))
+    while active:
+        T = templates[:, active]
+        M = (torch.linalg.pinv(torch.einsum("nkp,nlp->kl", T, T), hermitian=True)
+             @ torch.einsum("nkp,nip->ki", T, J))                                # (a, m)
+        alone = (white @ torch.linalg.pinv(M @ white)).t()                       # (a, m): template alone
+        met = (M * alone).sum(1) / 0.9
+        kept = torch.stack([reproduces(alone[i], strong[j]) / (0.5 * reproduces(walks[strong[j]], strong[j]))
+                            if j < len(strong) else unexplained_share(J, rest, alone[i:i + 1])[0] / 0.5
+                            for i, j in enumerate(active)])
+        margin = torch.minimum(met, kept)
+        if margin.min() >= 1:
+            break
+        active.pop(int(margin.argmin()))
+    walks, candidates = walks.clone(), candidates.clone()
+    for i, j in enumerate(active):
+        if j < len(strong):
+            walks[strong[j]] = alone[i]
+        else:
+            candidates[j - len(strong)] = alone[i]
+    return walks, candidates

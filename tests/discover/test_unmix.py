@@ -221,9 +221,9 @@ class MovingEllipse(nn.Module):
 
     latent_dim = 10
 
-    def __init__(self):
+    def __init__(self, seed: int = 5):
         super().__init__()
-        q, _ = torch.linalg.qr(torch.randn(10, 10, generator=torch.Generator().manual_seed(5)))
+        q, _ = torch.linalg.qr(torch.randn(10, 10, generator=torch.Generator().manual_seed(seed)))
         mix = torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.55, 0.835, 0.0, 0.0], [0.35, 0.3, 0.887, 0.0],
                             [0.3, 0.0, 0.3, 0.906]])
         self.register_buffer("M", (mix @ q[:4]).t())                      # (10, 4) columns: the factor directions
@@ -355,8 +355,8 @@ class BodyOnBrightTable(nn.Module):
 @pytest.mark.parametrize("seed", [5, 6])
 def test_conditioned_walks_leave_out_what_only_helps_them_match_their_edit(seed):
     """The independent vertical-shift walk takes the table's brightness along (best cosine with the body's vertical
-    position 0.63-0.66 over three toys); conditioned on the other edits and the content it may not (0.82-0.88),
-    and every other factor stays found."""
+    position 0.63-0.66 on seeds 5-7); conditioned on the other edits and the content it may not (0.89-0.90), and
+    every other factor stays found."""
     from latentct.discover.unmix import by_steer
 
     toy = BodyOnBrightTable(seed).eval().requires_grad_(False)
@@ -365,23 +365,60 @@ def test_conditioned_walks_leave_out_what_only_helps_them_match_their_edit(seed)
     conditioned, info = by_steer(toy, rows, conditional=True)
     assert info["unmix_by"] == "conditional" and conditioned.shape == free.shape
     before, after = best_cosines(free, toy.M), best_cosines(conditioned, toy.M)
-    assert before[0] < 0.7 and after[0] > 0.8, (before, after)
+    assert before[0] < 0.7 and after[0] > 0.85, (before, after)
     assert after[1:].min() > 0.95, after
     assert min(info["content_share"]) > 0.5                          # the content rows stay mostly unexplained
 
 
-def test_conditioning_keeps_a_walk_it_would_blow_up():
+@pytest.mark.parametrize("seed", [0, 1, 3, 5, 6, 9])
+def test_conditioning_drops_a_condition_it_cannot_meet(seed):
     """On the moving ellipse no factor scales it vertically, yet that walk reproduces a quarter of its edit (the
-    vertical shift does): conditioning the vertical shift on it alone has no small solution. The guard keeps
-    the independent walks there, and every planted direction is found as before."""
+    vertical shift does): no small direction does a vertical shift and no vertical scaling, and solving for it
+    anyway collapses the conditioned walks onto what barely moves the image (best cosines 0.30-0.44 for the
+    vertical position and width). Such conditions are dropped and the rest solved again: every planted direction
+    is found, at least as well as by the independent walks."""
     from latentct.discover.unmix import by_steer
 
-    toy = MovingEllipse().eval().requires_grad_(False)
+    toy = MovingEllipse(seed).eval().requires_grad_(False)
     rows = torch.linalg.qr(torch.randn(10, 10, generator=torch.Generator().manual_seed(0)))[0]
     free, _ = by_steer(toy, rows)
     conditioned, _ = by_steer(toy, rows, conditional=True)
-    assert best_cosines(conditioned, toy.M).min() > 0.95
-    assert torch.allclose(best_cosines(conditioned, toy.M), best_cosines(free, toy.M), atol=0.01)
+    assert (best_cosines(conditioned, toy.M) >= best_cosines(free, toy.M) - 0.01).all()
+    assert best_cosines(conditioned, toy.M)[1:].min() > 0.95
+
+
+def test_condition_meets_each_kept_constraint_and_drops_the_rest():
+    """condition() on a constructed span whose image changes are two correlated edits (cosine 0.6); a third edit
+    is what the two do together, which no direction does alone beside them. One of the three conditions is dropped
+    (its walk stays as it was: all three kept give a least-squares compromise that meets none); each of the two
+    kept does its own edit and none of the other one."""
+    from latentct.discover.unmix import condition
+
+    gen = torch.Generator().manual_seed(0)
+    N, m, P = 16, 5, 40
+    flows = torch.randn(N, 6, P, generator=gen, dtype=torch.float64)
+    flows[:, 1] = 0.6 * flows[:, 0] + 0.8 * flows[:, 1]
+    flows[:, 2] = flows[:, 0] + flows[:, 1]                       # edit 2 only ever happens with edits 0 and 1
+    A = torch.randn(m, 2, generator=gen, dtype=torch.float64)      # how the span's coordinates do edits 0 and 1
+    J = torch.einsum("ik,nkp->nip", A, flows[:, :2]) + 0.01 * torch.randn(N, m, P, generator=gen, dtype=torch.float64)
+    value, vector = torch.linalg.eigh(torch.einsum("nip,njp->ij", J, J))
+    white = vector / value.sqrt()
+    walks = torch.einsum("nip,nkp->ki", J, flows) @ white @ white.t()
+    conditioned, _ = condition(J, flows, J.clone(), white, walks, walks[:0], [0, 1, 2])
+    same = [k for k in range(3) if torch.equal(conditioned[k], walks[k])]
+    assert len(same) == 1, same
+    kept = [k for k in range(3) if k not in same]
+
+    def does(w):                                                    # edits 0 and 1 done by latent change w
+        return A.t() @ w
+
+    own = {0: torch.tensor([1.0, 0.0]), 1: torch.tensor([0.0, 1.0]), 2: torch.tensor([1.0, 1.0])}
+    for k in kept:
+        other = next(j for j in kept if j != k)
+        d = does(conditioned[k])
+        # as an amount of edits (0, 1): k's own pattern, nothing of the other kept one's
+        coef = torch.linalg.lstsq(torch.stack([own[k], own[other]], 1).double(), d[:, None]).solution[:, 0]
+        assert abs(float(coef[1])) < 0.02 * abs(float(coef[0])), (k, coef)
 
 
 def test_steering_survives_a_flat_image():
