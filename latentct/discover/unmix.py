@@ -264,10 +264,9 @@ def by_steer(G, rows: torch.Tensor, latents: int = 64, content: int = 2, seed: i
     if conditional:  # the conditions: the strong walks that repeat no better one, and the content
         unit = torch.nn.functional.normalize(walks @ basis, dim=1)
         distinct = [k for i, k in enumerate(strong) if all(abs(float(unit[k] @ unit[j])) < REPEAT for j in strong[:i])]
-        walks, candidates = condition(J, flows, rest, white, walks, candidates, distinct)
+        walks, candidates = condition(J, flows, rest, white, metric, target, walks, candidates, distinct)
         unexplained = unexplained_share(J, rest, candidates)
-        reproduced = (walks * target).sum(1) ** 2 / (torch.einsum("ki,ij,kj->k", walks, metric, walks).clamp_min(1e-30)
-                                                     * (flows ** 2).sum((0, 2)))   # what the kept walks reproduce
+        reproduced = reproduction(walks, target, metric, (flows ** 2).sum((0, 2)))  # what the kept walks reproduce
     rows, labels, kept_share = [], [], []
     for coords, label, part in [(walks[k], EDITS[k], None) for k in strong] + [
             (c, "content", float(u)) for c, u in zip(candidates, unexplained)] + [
@@ -295,11 +294,19 @@ def unexplained_share(J, rest, directions):
             / torch.einsum("nip,ki->nkp", J, directions).square().sum((0, 2)).clamp_min(1e-30))
 
 
-def condition(J, flows, rest, white, walks, candidates, strong):
+def reproduction(walks, target, metric, power):
+    """Per (k, m) walk: the share of its edit's flow (``power``, its squared norm; ``target``, the flow's inner
+    products with each span coordinate's change) that its image change reproduces at the best scale. For a
+    least-squares walk it is by_steer's ``reproduced``."""
+    return (walks * target).sum(1) ** 2 / (torch.einsum("ki,ij,kj->k", walks, metric, walks).clamp_min(1e-30) * power)
+
+
+def condition(J, flows, rest, white, metric, target, walks, candidates, strong):
     """by_steer's conditional directions: the (6, m) walks of the ``strong`` edits and the (c, m) content
-    ``candidates`` replaced by M^+ e_k in the span's pullback metric, M the pooled least-squares decomposition of
-    each span coordinate's image change (``J``, (N, m, P)) into the strong edits' ``flows`` and the candidates'
-    leftover changes (of ``rest``, the change no edit explains).
+    ``candidates`` replaced by M^+ e_k in the span's pullback metric (``metric``; ``white`` whitens it, ``target``
+    holds the flows' inner products with J), M the pooled least-squares decomposition of each span coordinate's
+    image change (``J``, (N, m, P)) into the strong edits' ``flows`` and the candidates' leftover changes (of
+    ``rest``, the change no edit explains).
 
     A condition no direction of the span can meet beside the others (two edits that one factor performs together,
     or more conditions than the span has room for) has no small solution: what solves it is whatever barely moves
@@ -309,13 +316,8 @@ def condition(J, flows, rest, white, walks, candidates, strong):
     own template (M w = e_k met). What was dropped keeps its independent direction and conditions nothing."""
     contents = torch.einsum("nip,ki->nkp", rest, candidates)                     # (N, c, P)
     templates = torch.cat([flows[:, strong], contents], 1)                       # (N, t, P)
-    metric = torch.einsum("nip,njp->ij", J, J)
-    target = torch.einsum("nip,nkp->ki", J, flows)
     power = (flows ** 2).sum((0, 2))
-
-    def reproduces(w, k):
-        return (target[k] @ w) ** 2 / ((w @ metric @ w).clamp_min(1e-30) * power[k])
-
+    before = reproduction(walks[strong], target[strong], metric, power[strong])  # the independent walks'
     active = list(range(templates.shape[1]))
     while active:
         T = templates[:, active]
@@ -323,8 +325,8 @@ def condition(J, flows, rest, white, walks, candidates, strong):
              @ torch.einsum("nkp,nip->ki", T, J))                                # (a, m)
         alone = (white @ torch.linalg.pinv(M @ white)).t()                       # (a, m): template alone
         met = (M * alone).sum(1) / 0.9
-        kept = torch.stack([reproduces(alone[i], strong[j]) / (0.5 * reproduces(walks[strong[j]], strong[j]))
-                            if j < len(strong) else unexplained_share(J, rest, alone[i:i + 1])[0] / 0.5
+        kept = torch.stack([reproduction(alone[i:i + 1], target[[strong[j]]], metric, power[[strong[j]]])[0]
+                            / (0.5 * before[j]) if j < len(strong) else unexplained_share(J, rest, alone[i:i + 1])[0] / 0.5
                             for i, j in enumerate(active)])
         margin = torch.minimum(met, kept)
         if margin.min() >= 1:

@@ -278,9 +278,9 @@ class BodyWithTwoContents(nn.Module):
 
     latent_dim = 10
 
-    def __init__(self):
+    def __init__(self, seed: int = 5):
         super().__init__()
-        q, _ = torch.linalg.qr(torch.randn(10, 10, generator=torch.Generator().manual_seed(5)))
+        q, _ = torch.linalg.qr(torch.randn(10, 10, generator=torch.Generator().manual_seed(seed)))
         mix = torch.tensor([[1.0, 0, 0, 0, 0], [0.55, 0.835, 0, 0, 0], [0.35, 0.3, 0.887, 0, 0],
                             [0.3, 0.0, 0.3, 0.906, 0], [0.0, 0.3, 0.0, 0.6, 0.742]])
         self.register_buffer("M", (mix @ q[:5]).t())                      # (10, 5) columns: the factor directions
@@ -289,13 +289,17 @@ class BodyWithTwoContents(nn.Module):
         self.register_buffer("xx", xx)
         self.register_buffer("yy", yy)
 
-    def forward(self, z):
+    def body(self, z):
+        """The factors, the body frame's coordinates and the moving ellipse."""
         s = z @ self.unmix.t()
         dy, width, roll = 0.08 * s[:, 0], 0.55 + 0.06 * s[:, 1], 0.12 * s[:, 2]
         c, n = torch.cos(roll)[:, None, None], torch.sin(roll)[:, None, None]
         x, y = self.xx, self.yy - dy[:, None, None]
         u, v = c * x + n * y, -n * x + c * y                             # body frame
-        body = torch.sigmoid((1 - (u / width[:, None, None]) ** 2 - (v / 0.4) ** 2) * 12)
+        return s, u, v, torch.sigmoid((1 - (u / width[:, None, None]) ** 2 - (v / 0.4) ** 2) * 12)
+
+    def forward(self, z):
+        s, u, v, body = self.body(z)
 
         def disc(cu, cv, value):
             return torch.sigmoid((1 - ((u - cu) ** 2 + (v - cv) ** 2) / 0.02) * 12) * torch.tanh(value)[:, None, None]
@@ -321,32 +325,14 @@ def test_steering_unmixes_the_change_no_edit_explains():
     assert best_cosines(found, toy.M[:, :3]).min() > 0.85            # the motions' walks are still there
 
 
-class BodyOnBrightTable(nn.Module):
+class BodyOnBrightTable(BodyWithTwoContents):
     """32 x 32 images of a soft ellipse (vertical position, left-right size, roll, an inner disc's brightness) on a
     table that never moves but whose brightness varies. The edits' vertical shift moves the table's edge too, which
     no motion of the body does: the one change that looks like it there is the table's brightness. Five factor
-    directions 40-65 degrees apart; prior N(0, I) in 10 dimensions."""
-
-    latent_dim = 10
-
-    def __init__(self, seed: int):
-        super().__init__()
-        q, _ = torch.linalg.qr(torch.randn(10, 10, generator=torch.Generator().manual_seed(seed)))
-        mix = torch.tensor([[1.0, 0, 0, 0, 0], [0.55, 0.835, 0, 0, 0], [0.35, 0.3, 0.887, 0, 0],
-                            [0.3, 0.0, 0.3, 0.906, 0], [0.0, 0.3, 0.0, 0.6, 0.742]])
-        self.register_buffer("M", (mix @ q[:5]).t())                      # (10, 5) columns: the factor directions
-        self.register_buffer("unmix", torch.linalg.pinv(self.M))
-        yy, xx = torch.meshgrid(torch.linspace(-1, 1, 32), torch.linspace(-1, 1, 32), indexing="ij")
-        self.register_buffer("xx", xx)
-        self.register_buffer("yy", yy)
+    directions 40-65 degrees apart (BodyWithTwoContents's); prior N(0, I) in 10 dimensions."""
 
     def forward(self, z):
-        s = z @ self.unmix.t()
-        dy, width, roll = 0.08 * s[:, 0], 0.55 + 0.06 * s[:, 1], 0.12 * s[:, 2]
-        c, n = torch.cos(roll)[:, None, None], torch.sin(roll)[:, None, None]
-        x, y = self.xx, self.yy - dy[:, None, None]
-        u, v = c * x + n * y, -n * x + c * y
-        body = torch.sigmoid((1 - (u / width[:, None, None]) ** 2 - (v / 0.4) ** 2) * 12)
+        s, u, v, body = self.body(z)
         disc = torch.sigmoid((1 - ((u - 0.2) ** 2 + (v + 0.1) ** 2) / 0.02) * 12) * torch.tanh(0.3 * s[:, 4])[:, None, None]
         table = torch.sigmoid((self.yy - 0.75) * 20) * (1 + 0.3 * torch.tanh(s[:, 3]))[:, None, None]
         return (2 * (body * (0.8 + 0.2 * disc)).clamp(max=1) + table - 1).unsqueeze(1)
@@ -401,10 +387,11 @@ def test_condition_meets_each_kept_constraint_and_drops_the_rest():
     flows[:, 2] = flows[:, 0] + flows[:, 1]                       # edit 2 only ever happens with edits 0 and 1
     A = torch.randn(m, 2, generator=gen, dtype=torch.float64)      # how the span's coordinates do edits 0 and 1
     J = torch.einsum("ik,nkp->nip", A, flows[:, :2]) + 0.01 * torch.randn(N, m, P, generator=gen, dtype=torch.float64)
-    value, vector = torch.linalg.eigh(torch.einsum("nip,njp->ij", J, J))
+    metric, target = torch.einsum("nip,njp->ij", J, J), torch.einsum("nip,nkp->ki", J, flows)
+    value, vector = torch.linalg.eigh(metric)
     white = vector / value.sqrt()
-    walks = torch.einsum("nip,nkp->ki", J, flows) @ white @ white.t()
-    conditioned, _ = condition(J, flows, J.clone(), white, walks, walks[:0], [0, 1, 2])
+    walks = target @ white @ white.t()
+    conditioned, _ = condition(J, flows, J.clone(), white, metric, target, walks, walks[:0], [0, 1, 2])
     same = [k for k in range(3) if torch.equal(conditioned[k], walks[k])]
     assert len(same) == 1, same
     kept = [k for k in range(3) if k not in same]
