@@ -28,6 +28,7 @@ from latentct.discover.directions import (
     save_directions,
     step_losses,
 )
+from latentct.discover.metadata import METADATA_UNMIX
 from latentct.discover.unmix import UNMIX_BY, unmix
 from latentct.generators.interface import (
     GeneratorOptions,
@@ -101,8 +102,14 @@ class Settings(GeneratorOptions, TrainerSettings):
                             "on the others)", choices=UNMIX_BY)
     unmix_features: str = setting("layer", "with --unmix-by ica: the features ICA unmixes: layer (the intermediate "
                                   "layer the spectral method reads), encoder (a VAE's codes), image, or a layer name")
-    patient_directions: int = setting(5, "with --method metadata: patient-level directions after the slice-position "
-                                      "one (FastICA of the series' mean codes; at most the series count - 1)")
+    patient_directions: int = setting(11, "with --method metadata: the patient-level subspace's dimension, the top "
+                                      "principal components of the series' mean codes (at most the series count - 1; "
+                                      "at least 7 with --metadata-unmix conditional)")
+    metadata_unmix: str = setting("conditional", "with --method metadata: how the patient-level subspace is cut into "
+                                  "directions: ica (FastICA of the series' mean codes, one direction per source) or "
+                                  "conditional (the slice-position direction kept, the span of it and the "
+                                  "patient-level directions cut by --unmix-by conditional's walks and content)",
+                                  choices=METADATA_UNMIX)
     metadata_slices: int | None = setting(None, "with --method metadata: about this many training slices, whole series"
                                           " at random (None: all)")
     metadata_read_back: bool = setting(True, "with --method metadata and a generator with its own encoder (a VAE): "
@@ -136,6 +143,9 @@ class Settings(GeneratorOptions, TrainerSettings):
         check(self.method != "unmix" or self.unmix_from is not None, "unmix_from",
               "--method unmix needs the directions.pt of the orthogonal method whose span to unmix")
         check(self.unmix_size >= 2, "unmix_size", f"must be at least 2, got {self.unmix_size}")
+        check(self.method != "metadata" or self.metadata_unmix != "conditional" or self.patient_directions >= 7,
+              "patient_directions", f"with --metadata-unmix conditional: at least 7 (the span the steering walks "
+              f"cut holds six edits and the content), got {self.patient_directions}")
         check(self.init_directions is None or (self.method == "learned" and self.deformator in ("proj", "linear")),
               "init_directions", "starts the columns of a learned proj or linear deformator only")
 
@@ -214,7 +224,7 @@ def metadata_method(cfg: Settings, G) -> tuple[torch.Tensor, dict]:
     slices of --metadata-data (or the generator's own data) encoded by its encoder (a VAE) or by optimising z (any
     other generator: minutes). With an encoder of its own, the directions are then read back into the latent."""
     from latentct.data.slices import is_dataset, load_manifest, read_index
-    from latentct.discover.metadata import encode_dataset, metadata_directions, read_back
+    from latentct.discover.metadata import cut_by_steering, encode_dataset, metadata_directions, read_back
     from latentct.train.checkpoint import load_file
 
     encoder = None
@@ -242,6 +252,8 @@ def metadata_method(cfg: Settings, G) -> tuple[torch.Tensor, dict]:
     if cfg.metadata_read_back and encoder is not None:
         matrix, back = read_back(G, encoder, read, cfg.supervised_samples, cfg.seed)
         extra.update(back)
+    if cfg.metadata_unmix == "conditional":
+        matrix, extra["unmixed"] = cut_by_steering(G.cpu(), matrix, cfg.seed)
     return matrix, dict(extra, encoder=how, fitted_in="latent" if "read_back" in extra else "codes")
 
 

@@ -10,7 +10,11 @@ Turner, AISTATS 2019).
   the codes on z_mm is how the latent follows the slice position.
 - The patient-level subspace: the series' mean codes, with the slice's line taken out first (series that cover
   different slice ranges would otherwise carry it), vary between patients and hold within a series; their top
-  principal components, unmixed by FastICA, give directions that each move one patient-level property.
+  principal components, unmixed by FastICA, give directions that each move one patient-level property
+  (``--metadata-unmix ica``). FastICA needs non-Gaussian sources, and many patient properties are close to
+  Gaussian (sizes, positions); so by default (``conditional``) the slice direction is kept as it is and the span of
+  it and the patient-level subspace is cut by latentct/discover/unmix.py's conditional steering walks and content
+  directions (``cut_by_steering``): the metadata finds the subspace, label-free steering its basis.
 
 Tables mark the method "uses patient and slice position" and never rank it among the label-free methods.
 """
@@ -22,6 +26,8 @@ import torch
 
 from latentct.discover.baselines import fix_signs, single_threaded
 from latentct.util.settings import UserError
+
+METADATA_UNMIX = ("ica", "conditional")  # how the patient-level subspace is cut into directions
 
 
 def series_groups(index: list[dict]) -> dict[str, list[int]]:
@@ -128,6 +134,20 @@ def read_back(G, encoder, read, samples: int = 2048, seed: int = 0) -> tuple[tor
     directions, info = fit_directions(z, readings, samples, names=names)
     return fix_signs(directions), {"read_back": {"samples": samples, "fit_r2": info["fit_r2"],
                                                  "condition_number": info["condition_number"]}}
+
+
+def cut_by_steering(G, directions: torch.Tensor, seed: int = 0) -> tuple[torch.Tensor, dict]:
+    """The metadata's (1 + p, d) latent directions, the slice position's first, cut by by_steer's conditional walks
+    and content directions inside their span, the slice direction kept as it is (the first row: the metadata
+    measured it; conditioning it on the walks would take from it the change in body shape that comes with the
+    slice level). Returns up to 8 unit directions and by_steer's account of them."""
+    from latentct.discover.unmix import by_steer
+
+    if len(directions) < 8:
+        raise UserError(f"--metadata-unmix conditional: the metadata span holds {len(directions)} directions (the "
+                        "slice and the patient-level subspace, at most the series count - 1), the steering walks need 8: "
+                        "pass --patient-directions 7 or more, more series, or --metadata-unmix ica")
+    return by_steer(G, directions, seed=seed, conditional=True, known=directions[:1])
 
 
 def encode_dataset(G, folder: str, window, encoder=None, limit: int | None = None, embed_steps: int = 200,

@@ -192,7 +192,7 @@ def image_flows(images: torch.Tensor) -> torch.Tensor:
 
 
 def by_steer(G, rows: torch.Tensor, latents: int = 64, content: int = 2, seed: int = 0,
-             conditional: bool = False) -> tuple[torch.Tensor, dict]:
+             conditional: bool = False, known: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
     """Linearised steerability walks inside the span: for each of EDITS, the span direction w whose image change
     best reproduces that edit of G(z) over ``latents`` latents of the prior, min_w sum_z ||J(z) w - edit(G(z))||^2
     (Jahanian, Chai & Isola, ICLR 2020, ali-design/gan_steerability: a linear walk trained with an L2 loss against
@@ -223,10 +223,14 @@ def by_steer(G, rows: torch.Tensor, latents: int = 64, content: int = 2, seed: i
     factor performs two edits together (a body that grows in both axes), conditioning them on each other costs
     that factor some of its direction.
 
+    ``known``: (g, d) latent directions inside the span that are known already (the metadata method's slice
+    position, latentct/discover/metadata.py): returned first as they are ("given"), neither conditioned nor
+    conditioning the others, and any other row that repeats one is left out.
+
     Returns up to 6 + content unit directions (no two closer than REPEAT, none for a walk that moves nothing),
-    with what each row is (``rows``: an edit or "content", up to ``content`` + 1 of these), per edit in EDITS order
-    the share of it its walk reproduces (``reproduced``), and per content row the share of its image change no edit
-    explains (``content_share``)."""
+    with what each row is (``rows``: "given", an edit or "content", up to ``content`` + 1 of these), per edit in
+    EDITS order the share of it its walk reproduces (``reproduced``), and per given and content row the share of
+    its image change no edit explains (``content_share``)."""
     basis = orthonormal_rows(rows)
     m = len(basis)
     if m < 6 + content:
@@ -267,8 +271,10 @@ def by_steer(G, rows: torch.Tensor, latents: int = 64, content: int = 2, seed: i
         walks, candidates = condition(J, flows, rest, white, metric, target, walks, candidates, distinct)
         unexplained = unexplained_share(J, rest, candidates)
         reproduced = reproduction(walks, target, metric, (flows ** 2).sum((0, 2)))  # what the kept walks reproduce
+    given = [] if known is None else [(c, "given", float(u)) for c, u in zip(
+        known.double() @ basis.t(), unexplained_share(J, rest, known.double() @ basis.t()))]
     rows, labels, kept_share = [], [], []
-    for coords, label, part in [(walks[k], EDITS[k], None) for k in strong] + [
+    for coords, label, part in given + [(walks[k], EDITS[k], None) for k in strong] + [
             (c, "content", float(u)) for c, u in zip(candidates, unexplained)] + [
             (walks[k], EDITS[k], None) for k in order if k not in strong]:
         direction = torch.nn.functional.normalize(coords @ basis, dim=0)
