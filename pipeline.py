@@ -174,7 +174,8 @@ class Settings:
     def __post_init__(self):
         check(self.lidc is None or Path(self.lidc).exists(), "lidc", f"{self.lidc} does not exist")
         check(self.parallel >= 1, "parallel", "must be at least 1")
-        check(self.metadata_patients >= 3, "metadata_patients", f"needs at least 3, got {self.metadata_patients}")
+        check(self.metadata_patients >= 8, "metadata_patients", f"needs at least 8 (the metadata method's span: the "
+              f"slice and 7 or more patient-level directions, one series each), got {self.metadata_patients}")
         check(self.metadata_series_slices >= 2, "metadata_series_slices",
               f"needs at least 2 (a slope along z), got {self.metadata_series_slices}")
         for name in self.direction_presets:

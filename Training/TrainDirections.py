@@ -208,6 +208,7 @@ def directions_for(cfg: Settings, G, device) -> tuple[torch.nn.Module, dict | No
         G.to(device)
     elif cfg.method == "metadata":
         matrix, extra = metadata_method(cfg, G)
+        G.to(device)
     elif cfg.method == "file":
         source, _ = load_directions(cfg.directions_file, cfg.generator)
         matrix, method = source.matrix, source.method
@@ -224,7 +225,14 @@ def metadata_method(cfg: Settings, G) -> tuple[torch.Tensor, dict]:
     slices of --metadata-data (or the generator's own data) encoded by its encoder (a VAE) or by optimising z (any
     other generator: minutes). With an encoder of its own, the directions are then read back into the latent."""
     from latentct.data.slices import is_dataset, load_manifest, read_index
-    from latentct.discover.metadata import cut_by_steering, encode_dataset, metadata_directions, read_back
+    from latentct.discover.metadata import (
+        cut_by_steering,
+        encode_dataset,
+        metadata_directions,
+        read_back,
+        series_groups,
+        span_room,
+    )
     from latentct.train.checkpoint import load_file
 
     encoder = None
@@ -246,6 +254,9 @@ def metadata_method(cfg: Settings, G) -> tuple[torch.Tensor, dict]:
         side, made = load_manifest(data)["settings"]["size"], output_size(G)
         if side != made:
             raise UserError(f"--metadata-data: {data} holds {side} px slices, the generator makes {made} px images")
+        if cfg.metadata_unmix == "conditional":  # before minutes of encoding: is there room for the walks?
+            span_room(len({row["series_uid"] for row in read_index(data, "train")}), cfg.patient_directions,
+                      G.latent_dim)
         codes, index = encode_dataset(G.cpu(), data, G.window, encoder, cfg.metadata_slices, seed=cfg.seed)
         how = "encoder" if encoder is not None else "optimised z"
     matrix, extra, read = metadata_directions(codes, index, cfg.patient_directions + 1, cfg.seed)
@@ -253,7 +264,8 @@ def metadata_method(cfg: Settings, G) -> tuple[torch.Tensor, dict]:
         matrix, back = read_back(G, encoder, read, cfg.supervised_samples, cfg.seed)
         extra.update(back)
     if cfg.metadata_unmix == "conditional":
-        matrix, extra["unmixed"] = cut_by_steering(G.cpu(), matrix, cfg.seed)
+        span_room(len(series_groups(index)), cfg.patient_directions, codes.shape[1])  # --latents: known only now
+        matrix, extra["steered"] = cut_by_steering(G.cpu(), matrix, cfg.seed)
     return matrix, dict(extra, encoder=how, fitted_in="latent" if "read_back" in extra else "codes")
 
 

@@ -39,9 +39,10 @@ class Settings:
 
 def variants(base: Path, has_encoder: bool, metadata_set: Path | None = None) -> dict[str, dict]:
     """Name -> TrainDirections settings of every variant (the unmixed span, m = 8, unless said: the steering walks
-    fit six edits and two content directions in the top 12). With an encoder, the metadata method's two parts
-    apart: on the generator's own training slices (32 patients) and, on the run's metadata set, without reading
-    the directions back into the latent (the pipeline's row does both)."""
+    fit six edits and two content directions in the top 12). With an encoder, the metadata method's parts apart:
+    on the generator's own training slices (32 patients), and on the run's metadata set its patient-level subspace
+    cut by FastICA (the method before --metadata-unmix conditional), read back into the latent or not (the
+    pipeline's row reads back and cuts by the steering walks)."""
     span = dict(method="unmix", unmix_from=str(base / "directions.pt"))
     out = {"unmix ajd": dict(span, unmix_by="ajd"),
            "unmix steer": dict(span, unmix_by="steer", unmix_size=12),
@@ -53,9 +54,10 @@ def variants(base: Path, has_encoder: bool, metadata_set: Path | None = None) ->
     if has_encoder:
         out["unmix ica encoder"] = dict(span, unmix_by="ica", unmix_features="encoder")
         out["metadata, training slices"] = dict(method="metadata")
-        if metadata_set is not None:
-            out["metadata, codes' space"] = dict(method="metadata", metadata_data=str(metadata_set),
-                                                 metadata_read_back=False)
+        if metadata_set is not None:  # FastICA's cut as before (5 sources), read back and in the codes' space
+            ica = dict(method="metadata", metadata_data=str(metadata_set), metadata_unmix="ica", patient_directions=5)
+            out["metadata, FastICA"] = ica
+            out["metadata, FastICA, codes' space"] = dict(ica, metadata_read_back=False)
     return out
 
 

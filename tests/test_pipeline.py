@@ -50,7 +50,7 @@ def test_whole_pipeline_at_the_smallest_sizes_then_cached_then_from_a_stage(tmp_
     found = load_directions(runs / "vae_metadata" / "directions.pt")[0].extra
     assert found["patients"] == 12 and found["slices"] == 48 and found["fitted_in"] == "latent"
     # and cut by the conditional steering walks inside its span, the slice direction first as measured
-    assert found["unmixed"]["unmix_by"] == "conditional" and found["unmixed"]["rows"][0] == "given"
+    assert found["steered"]["unmix_by"] == "conditional" and found["steered"]["rows"][0] == "given"
     # each generator's span unmixed its own way (pipeline's --dcgan-unmix-by, --vae-unmix-by), in its own span size
     unmixed = {gen: load_directions(runs / f"{gen}_unmix" / "directions.pt")[0] for gen in ("dcgan", "vae")}
     assert all(u.extra["unmix_by"] == "conditional" and u.extra["m"] == 12 and u.count <= 8 for u in unmixed.values())

@@ -136,17 +136,29 @@ def read_back(G, encoder, read, samples: int = 2048, seed: int = 0) -> tuple[tor
                                                  "condition_number": info["condition_number"]}}
 
 
+def span_room(series: int, patient_directions: int, latent_dim: int) -> None:
+    """Refuse in one line a metadata span too small for the conditional steering walks (six edits and room for
+    content: 8): the slice direction and min(--patient-directions, series - 1) patient-level ones, at most the
+    latent's dimension."""
+    size = min(1 + min(patient_directions, series - 1), latent_dim)
+    if size < 8:
+        raise UserError(f"--metadata-unmix conditional: the metadata span would hold {size} directions (the slice and "
+                        f"min(--patient-directions {patient_directions}, {series} series - 1) patient-level ones, in a "
+                        f"{latent_dim}-dimensional latent); the steering walks need 8: more series or "
+                        "--patient-directions, or --metadata-unmix ica")
+
+
 def cut_by_steering(G, directions: torch.Tensor, seed: int = 0) -> tuple[torch.Tensor, dict]:
     """The metadata's (1 + p, d) latent directions, the slice position's first, cut by by_steer's conditional walks
     and content directions inside their span, the slice direction kept as it is (the first row: the metadata
-    measured it; conditioning it on the walks would take from it the change in body shape that comes with the
-    slice level). Returns up to 8 unit directions and by_steer's account of them."""
+    measured it; conditioned on the walks it would lose the change in body shape that comes with the slice level,
+    and with it the slice). It counts among the content rows' places (up to 8 rows in all). Returns the directions
+    and by_steer's account of them."""
     from latentct.discover.unmix import by_steer
 
-    if len(directions) < 8:
-        raise UserError(f"--metadata-unmix conditional: the metadata span holds {len(directions)} directions (the "
-                        "slice and the patient-level subspace, at most the series count - 1), the steering walks need 8: "
-                        "pass --patient-directions 7 or more, more series, or --metadata-unmix ica")
+    if min(directions.shape) < 8:
+        raise UserError(f"--metadata-unmix conditional: the metadata span holds {min(directions.shape)} directions, "
+                        "the steering walks need 8: more series or --patient-directions, or --metadata-unmix ica")
     return by_steer(G, directions, seed=seed, conditional=True, known=directions[:1])
 
 

@@ -343,7 +343,7 @@ def test_the_metadata_span_cut_by_steering_finds_gaussian_patient_properties(dra
     """Codes of 300 series x 4 slices of the two-contents body (a plug-in's encoded latents): within a series only
     the first disc's brightness follows z_mm (the slice level); the patient properties (vertical position, width,
     roll, the second disc) and five faint nuisance dimensions are Gaussian, so FastICA has nothing to cut the
-    patient-level subspace by (best cosines 0.69-0.82 for some factor over three draws). Cut by the conditional
+    patient-level subspace by (best cosines 0.69-0.82 for some factor over four draws, two here). Cut by the conditional
     steering walks, every factor is found (>= 0.92) and the slice direction is kept as the metadata measured it."""
     import csv
 
@@ -382,14 +382,25 @@ def test_the_metadata_span_cut_by_steering_finds_gaussian_patient_properties(dra
     assert best_cosines(steered.matrix, toy.M).min() > 0.9, best_cosines(steered.matrix, toy.M)
     assert torch.allclose(steered.matrix[0], ica.matrix[0], atol=1e-5)      # the slice direction, as measured
     assert abs(float(steered.matrix[0] @ toy.M[:, 3])) / toy.M[:, 3].norm() > 0.999
-    unmixed = steered.extra["unmixed"]
+    unmixed = steered.extra["steered"]
     assert unmixed["rows"][0] == "given" and unmixed["rows"].count("given") == 1
     assert unmixed["unmix_by"] == "conditional" and steered.extra["supervision"] == "metadata"
     assert len(unmixed["content_share"]) == sum(r in ("given", "content") for r in unmixed["rows"])
-    # a span too small for the walks is one line naming the flag, before anything is encoded
+    # a span too small for the walks is one line naming the flag (before anything is encoded), or the series
     with pytest.raises(UserError, match="--patient-directions: with --metadata-unmix conditional: at least 7"):
         _run(tmp_path / "toy.pt", tmp_path / "small", "--method", "metadata", "--latents", str(file),
              "--patient-directions", "5")
+    few = [i for i, row in enumerate(index) if int(row["series_uid"][1:]) < 6]
+    torch.save({"latents": torch.stack(codes)[few], "data": str(tmp_path / "few"), "split": "train"}, file)
+    (tmp_path / "few").mkdir()
+    with open(tmp_path / "few" / "train_index.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(index[0]))
+        writer.writeheader()
+        writer.writerows([index[i] for i in few])
+    with pytest.raises(UserError, match=r"span would hold 6 directions .*6 series - 1"):
+        _run(tmp_path / "toy.pt", tmp_path / "few_out", "--method", "metadata", "--latents", str(file), "--rca",
+             "false")
+    assert not (tmp_path / "few_out" / "directions.pt").exists()
 
 
 @pytest.mark.parametrize("seed", [5, 6])
