@@ -104,6 +104,10 @@ class Settings:
                                      "methods scored beside the VAE's learned directions")
     unmix_rca: bool = setting(False, "measure the unmixed and metadata directions' RCA too (a reconstructor "
                               "trained for --direction-steps; the benchmark's)")
+    rca_baselines: list[str] = setting(["random"], "closed-form methods whose RCA is measured (a fresh reconstructor "
+                                       "trained for --direction-steps each, about a minute at demo size): the random "
+                                       "directions, the reference the learned directions' RCA is read against; the "
+                                       "benchmark measures every method's")
     dcgan_unmix_base: str = setting("sefa", "the orthogonal method whose top directions' span the DCGAN's unmix and "
                                     "learned_unmix unmix", choices=("sefa", "spectral", "pca"))
     vae_unmix_base: str = setting("spectral", "the same for the VAE", choices=("sefa", "spectral", "pca"))
@@ -174,6 +178,8 @@ class Settings:
     def __post_init__(self):
         check(self.lidc is None or Path(self.lidc).exists(), "lidc", f"{self.lidc} does not exist")
         check(self.parallel >= 1, "parallel", "must be at least 1")
+        unknown = [m for m in self.rca_baselines if m not in BASELINES]
+        check(not unknown, "rca_baselines", f"{unknown} are not closed-form methods ({', '.join(BASELINES)})")
         check(self.metadata_patients >= 8, "metadata_patients", f"needs at least 8 (the metadata method's span: the "
               f"slice and 7 or more patient-level directions, one series each), got {self.metadata_patients}")
         check(self.metadata_series_slices >= 2, "metadata_series_slices",
@@ -204,7 +210,7 @@ PRESETS = {
     "tiny": dict(phantom_patients=6, phantom_slices=12, phantom_size=64, image_size=32, gan_steps=6, vae_steps=6,
                  direction_steps=4, direction_batch=8, eval_samples=3, oracle_steps=20, oracle_slices=200,
                  oracle_test_slices=100, probe_slices=100, probe_steps=10,
-                 validate_patients=2, null_pool=64, null_sets=50, unmix_rca=True,
+                 validate_patients=2, null_pool=64, null_sets=50, unmix_rca=True, rca_baselines=list(BASELINES),
                  dcgan_methods=[m for m in METHODS if m != "metadata"],
                  vae_methods=["sefa", "random", "metadata", "unmix"], metadata_patients=12,
                  generators=[*GENERATORS, "diffusion"], diffusion_preset="tiny", ddim_steps=3, diffusion_directions=3,
@@ -212,7 +218,8 @@ PRESETS = {
     # Every baseline beside the learned directions at demo sizes, with MIG and DCI: docs/results.md's benchmark.
     # (The DCGAN has no encoder: the metadata method would optimise z for every training slice.)
     "benchmark": dict(dcgan_methods=[m for m in METHODS if m != "metadata"], vae_methods=list(METHODS),
-                      disentanglement=True, seed_draws=3, dcgan_attainable=True, unmix_rca=True),
+                      disentanglement=True, seed_draws=3, dcgan_attainable=True, unmix_rca=True,
+                      rca_baselines=list(BASELINES)),
     # The diffusion model on the demo's phantom and image size (docs/diffusion.md): latent diffusion trained on 2
     # CPU cores, both views scored with K = 8 against the pooled null; one draw of report latents. Its own run
     # name, so the demo's validation and galleries stay as they are (the oracles are shared through their cache).
@@ -349,7 +356,7 @@ def plan(cfg: Settings) -> list[Job]:
             meta = m == "metadata" and metadata_slices is not None
             jobs.append(Job(kind="baselines", name=out.name, module=TrainDirections, cfg=_with(TrainDirections, dict(
                 shared, output=str(out), method=m, metadata_data=str(metadata_slices) if meta else None,
-                rca=m != "metadata" or cfg.unmix_rca),
+                rca=cfg.unmix_rca if m == "metadata" else m in cfg.rca_baselines),
                 first_preset), output=out, done_file="directions.pt",
                 inputs=(gen, *(("metadata_preprocess",) if meta else ()))))
         compared = [f"{gen}_{m}" for m in methods if m in BASELINES]
@@ -595,7 +602,8 @@ def plan_own_generator(cfg: Settings) -> list[Job]:
             out = measured
         else:
             jobs.append(Job(kind="baselines", name=out.name, module=TrainDirections, cfg=_with(TrainDirections,
-                dict(shared, output=str(out), method=m), preset), output=out, done_file="directions.pt"))
+                dict(shared, output=str(out), method=m, rca=m in cfg.rca_baselines), preset), output=out,
+                done_file="directions.pt"))
         compared.append(out.name)
     if cfg.data and G.window is not None and not G.volume and has_factors(cfg.data):
         window = ",".join(f"{v:g}" for v in G.window)

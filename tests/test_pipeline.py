@@ -284,6 +284,23 @@ def test_one_ordering_table_places_every_job(tmp_path):
     assert main[:6] == ["phantom", "preprocess", "dcgan", "dcgan_demo", "eval_dcgan_demo", "dcgan_unit-lenet"]
 
 
+def test_the_demo_measures_the_random_baselines_rca_and_the_benchmark_every_methods(tmp_path):
+    """RCA trains a fresh reconstructor per method (about a minute at demo size): the demo measures it for the
+    random directions, the reference the learned RCA is read against; the benchmark for every closed-form method."""
+    def rca(*flags):
+        cfg = parse_settings(pipeline.Settings, ["--root", str(tmp_path), *flags], presets=pipeline.PRESETS)
+        return {j.name: j.cfg.rca for j in pipeline.plan(cfg) if j.kind == "baselines" and hasattr(j.cfg, "rca")}
+
+    demo = rca()
+    assert demo["dcgan_random"] and demo["vae_random"]
+    assert not any(demo[n] for n in ("dcgan_sefa", "vae_spectral", "vae_metadata", "dcgan_unmix", "vae_supervised"))
+    bench = rca("--preset", "benchmark")
+    assert all(bench[f"{g}_{m}"] for g in ("dcgan", "vae") for m in ("sefa", "pca", "spectral", "random"))
+    assert rca("--rca-baselines", "sefa")["dcgan_sefa"] and not rca("--rca-baselines", "sefa")["dcgan_random"]
+    with pytest.raises(UserError, match="--rca-baselines: \\['learned'\\] are not closed-form methods"):
+        rca("--rca-baselines", "learned")
+
+
 def test_the_benchmark_scores_every_method_on_three_seeds_or_draws(tmp_path):
     """--seed-draws 3: learned, DisCo and LatentCLR trained again on seeds 1 and 2, every method scored again on
     those report-latent draws, and the main table takes their ground truths."""
