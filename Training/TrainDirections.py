@@ -243,6 +243,8 @@ def metadata_method(cfg: Settings, G) -> tuple[torch.Tensor, dict]:
             raise UserError(f"--latents: {cfg.latents} holds {len(saved['latents'])} latents, the index of "
                             f"{saved['data']} ({saved['split']}) {len(index)} rows")
         codes, how = saved["latents"].flatten(1).double(), f"encoded latents {cfg.latents}"
+        if cfg.metadata_unmix == "conditional":  # is there room for the steering walks?
+            span_room(len(series_groups(index)), cfg.patient_directions, codes.shape[1])
     else:
         data = cfg.metadata_data or G.dataset
         if not is_dataset(data):
@@ -255,8 +257,7 @@ def metadata_method(cfg: Settings, G) -> tuple[torch.Tensor, dict]:
         if side != made:
             raise UserError(f"--metadata-data: {data} holds {side} px slices, the generator makes {made} px images")
         if cfg.metadata_unmix == "conditional":  # before minutes of encoding: is there room for the walks?
-            span_room(len({row["series_uid"] for row in read_index(data, "train")}), cfg.patient_directions,
-                      G.latent_dim)
+            span_room(len(series_groups(read_index(data, "train"))), cfg.patient_directions, G.latent_dim)
         codes, index = encode_dataset(G.cpu(), data, G.window, encoder, cfg.metadata_slices, seed=cfg.seed)
         how = "encoder" if encoder is not None else "optimised z"
     matrix, extra, read = metadata_directions(codes, index, cfg.patient_directions + 1, cfg.seed)
@@ -264,7 +265,6 @@ def metadata_method(cfg: Settings, G) -> tuple[torch.Tensor, dict]:
         matrix, back = read_back(G, encoder, read, cfg.supervised_samples, cfg.seed)
         extra.update(back)
     if cfg.metadata_unmix == "conditional":
-        span_room(len(series_groups(index)), cfg.patient_directions, codes.shape[1])  # --latents: known only now
         matrix, extra["steered"] = cut_by_steering(G.cpu(), matrix, cfg.seed)
     return matrix, dict(extra, encoder=how, fitted_in="latent" if "read_back" in extra else "codes")
 

@@ -271,8 +271,10 @@ def by_steer(G, rows: torch.Tensor, latents: int = 64, content: int = 2, seed: i
         walks, candidates = condition(J, flows, rest, white, metric, target, walks, candidates, distinct)
         unexplained = unexplained_share(J, rest, candidates)
         reproduced = reproduction(walks, target, metric, (flows ** 2).sum((0, 2)))  # what the kept walks reproduce
-    given = [] if known is None else [(c, "given", float(u)) for c, u in zip(
-        known.double() @ basis.t(), unexplained_share(J, rest, known.double() @ basis.t()))]
+    given = []
+    if known is not None:
+        coords = known.double() @ basis.t()                                      # (g, m) in the span's coordinates
+        given = [(c, "given", float(u)) for c, u in zip(coords, unexplained_share(J, rest, coords))]
     rows, labels, kept_share = [], [], []
     for coords, label, part in given + [(walks[k], EDITS[k], None) for k in strong] + [
             (c, "content", float(u)) for c, u in zip(candidates, unexplained)] + [
