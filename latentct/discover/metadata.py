@@ -188,6 +188,7 @@ def encode_dataset(G, folder: str, window, encoder=None, limit: int | None = Non
             if encoder is not None:
                 codes.append(encoder(x)[0].double())
                 continue
-        codes.append(embed(G, x, steps=embed_steps, seed=seed)[0].double())
+        desc = f"embedding slices {start + 1}-{start + len(x)} of {len(rows)}"
+        codes.append(embed(G, x, steps=embed_steps, seed=seed, desc=desc)[0].double())
     return torch.cat(codes), [index[i] for i in rows]
 

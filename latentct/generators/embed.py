@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 
 def embed(G, x: torch.Tensor, encoder=None, steps: int = 300, restarts: int = 4, lr: float = 0.05,
-          seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+          seed: int = 0, desc: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Latents (B, d) whose images reproduce ``x`` (B, 1, H, W) in [-1, 1], and the per-slice MSE.
 
     With an encoder its mean is the start (and the answer when ``steps`` is 0); otherwise the best of
-    ``restarts`` random starts is refined by Adam on the pixel MSE (G frozen).
+    ``restarts`` random starts is refined by Adam on the pixel MSE (G frozen). With ``desc``, a bar over the
+    optimisation steps.
     """
     b = x.shape[0]
     gen = torch.Generator().manual_seed(seed)
@@ -23,6 +25,7 @@ def embed(G, x: torch.Tensor, encoder=None, steps: int = 300, restarts: int = 4,
     else:
         starts = torch.randn(restarts, b, G.latent_dim, generator=gen)
     best_z, best_err = None, None
+    bar = tqdm(total=len(starts) * steps, desc=desc, unit="step", leave=False, disable=desc is None or steps == 0)
     for start in starts:
         z = start.clone().requires_grad_(steps > 0)
         if steps > 0:
@@ -32,6 +35,7 @@ def embed(G, x: torch.Tensor, encoder=None, steps: int = 300, restarts: int = 4,
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
+                bar.update()
         with torch.no_grad():
             err = F.mse_loss(G(z), x, reduction="none").flatten(1).mean(1)
         if best_err is None:
@@ -39,4 +43,5 @@ def embed(G, x: torch.Tensor, encoder=None, steps: int = 300, restarts: int = 4,
         else:
             better = err < best_err
             best_z[better], best_err[better] = z.detach()[better], err[better]
+    bar.close()
     return best_z, best_err

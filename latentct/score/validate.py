@@ -238,7 +238,9 @@ def embedding(dcgan_path: str, oracle):
     G = load_generator(dcgan_path)
 
     def through(x: torch.Tensor) -> torch.Tensor:
-        z = torch.cat([embed(G, part)[0] for part in x.split(256)])
+        parts = x.split(256)
+        z = torch.cat([embed(G, part, desc=f"embedding frames, part {i + 1} of {len(parts)}")[0]
+                       for i, part in enumerate(parts)])
         with torch.no_grad():
             return G(z)
 

@@ -115,12 +115,13 @@ def test_the_null_uses_the_methods_latents_shifts_and_direction_count(directions
         gt["methods"]["sefa"]["p_value"]
 
 
-def test_embedding_reconstructs_generated_slices(gan_run):
+def test_embedding_reconstructs_generated_slices(gan_run, capsys):
     G = load_generator(gan_run / "generator.pt")
     target = G(torch.randn(2, G.latent_dim, generator=torch.Generator().manual_seed(5))).detach()
     _, before = embed(G, target, steps=0, restarts=1)
-    z, after = embed(G, target, steps=60, restarts=2)
+    z, after = embed(G, target, steps=60, restarts=2, desc="embedding test slices")
     assert z.shape == (2, G.latent_dim) and bool((after < before).all()) and float(after.max()) < 0.05
+    assert "embedding test slices" in capsys.readouterr().err  # minutes on real data: a bar shows them
 
 
 def test_missing_or_mismatched_generator_is_a_clear_error(directions_runs, gan_run, tmp_path):
