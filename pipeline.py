@@ -60,7 +60,8 @@ UNMIXED = ("unmix", "learned_unmix")
 # The span each way unmixes: the base's top 8 (six factors and room for two), the steering walks' top 12 (their
 # six edits and the content directions need room to be fitted; 8 / 12 / 16 gave the VAE's an area of 0.43 / 0.65
 # / 0.69 and the DCGAN's 0.25 / 0.35 / 0.29 on the demo, docs/pipeline.md).
-UNMIX_SIZE = {"ajd": 8, "ica": 8, "steer": 12, "conditional": 12}
+UNMIX_SIZE = {"ajd": 8, "ica": 8, "steer": 12, "conditional": 12}  # of an orthogonal base's top directions
+UNMIX_BASES = ("latent", "sefa", "spectral", "pca")
 # The metadata set's phantom seed is the run's plus this: other patients than the generators were trained on.
 METADATA_SEED = 1000
 METHODS = BASELINES + tuple(TRAINED) + UNMIXED
@@ -95,8 +96,8 @@ class Settings:
     direction_steps: int | None = setting(300, "steps of every direction run, baselines included (None: preset's)")
     direction_batch: int | None = setting(48, "batch of every direction run (None: the preset's)")
     # Beside random directions, each generator's best label-free method in the last benchmark run under the
-    # previous scorer (docs/results.md, benchmark block): SeFa on the DCGAN, the spectral method on the VAE; and
-    # that method's span unmixed (latentct/discover/unmix.py); on the VAE the metadata method too, on its own set
+    # previous scorer (docs/results.md, benchmark block): SeFa on the DCGAN, the spectral method on the VAE; the
+    # whole latent unmixed (latentct/discover/unmix.py); on the VAE the metadata method too, on its own set
     # of 320 patients (it uses patient and slice position, so no table ranks it). The benchmark scores every method.
     dcgan_methods: list[str] = setting(["sefa", "random", "unmix"], "methods scored beside the DCGAN's learned "
                                        "directions")
@@ -108,9 +109,16 @@ class Settings:
                                        "trained for --direction-steps each, about a minute at demo size): the random "
                                        "directions, the reference the learned directions' RCA is read against; the "
                                        "benchmark measures every method's")
-    dcgan_unmix_base: str = setting("sefa", "the orthogonal method whose top directions' span the DCGAN's unmix and "
-                                    "learned_unmix unmix", choices=("sefa", "spectral", "pca"))
-    vae_unmix_base: str = setting("spectral", "the same for the VAE", choices=("sefa", "spectral", "pca"))
+    # The span each generator's unmix cuts: the whole latent (32 axes here), or an orthogonal method's top
+    # directions. Chosen by docs/pipeline.md's runs on the demo and seeds 835 and 6755 (then scored once on 653):
+    # with four content directions the whole latent recovered 11 factors at tau 2/3 over the three DCGANs against
+    # SeFa's top 12's 8 (area 1.93 against 1.48), 14 against the spectral top 12's 13 over the VAEs (5.38, 4.57).
+    dcgan_unmix_base: str = setting("latent", "the span the DCGAN's unmix and learned_unmix unmix: latent (every "
+                                    "axis) or the orthogonal method whose top directions span it",
+                                    choices=UNMIX_BASES)
+    vae_unmix_base: str = setting("latent", "the same for the VAE", choices=UNMIX_BASES)
+    unmix_content: int = setting(4, "content directions beside the six walks of the DCGAN's and VAE's unmix "
+                                 "(TrainDirections --unmix-content; the span needs 6 + this)")
     # How each span is unmixed, chosen by bench.unmixing (docs/results.md) and docs/pipeline.md's runs: the steering
     # walks gave the larger area than joint diagonalisation and ICA on both generators of the demo and of a held-out
     # phantom seed; conditioned on each other (InterFaceGAN's conditional manipulation) they recovered more at tau
@@ -178,6 +186,7 @@ class Settings:
     def __post_init__(self):
         check(self.lidc is None or Path(self.lidc).exists(), "lidc", f"{self.lidc} does not exist")
         check(self.parallel >= 1, "parallel", "must be at least 1")
+        check(self.unmix_content >= 0, "unmix_content", f"must be 0 or more, got {self.unmix_content}")
         unknown = [m for m in self.rca_baselines if m not in BASELINES]
         check(not unknown, "rca_baselines", f"{unknown} are not closed-form methods ({', '.join(BASELINES)})")
         check(self.metadata_patients >= 8, "metadata_patients", f"needs at least 8 (the metadata method's span: the "
@@ -216,8 +225,9 @@ PRESETS = {
                  generators=[*GENERATORS, "diffusion"], diffusion_preset="tiny", ddim_steps=3, diffusion_directions=3,
                  spectral_samples=2),
     # Every baseline beside the learned directions at demo sizes, with MIG and DCI: docs/results.md's benchmark.
-    # (The DCGAN has no encoder: the metadata method would optimise z for every training slice.)
-    "benchmark": dict(dcgan_methods=[m for m in METHODS if m != "metadata"], vae_methods=list(METHODS),
+    # The DCGAN has no encoder, so its metadata method optimises z for each of the metadata set's 1,280 slices
+    # (4 x 200 steps each: about half an hour on 2 CPU cores); only the benchmark runs it (issue 17).
+    "benchmark": dict(dcgan_methods=list(METHODS), vae_methods=list(METHODS),
                       disentanglement=True, seed_draws=3, dcgan_attainable=True, unmix_rca=True,
                       rca_baselines=list(BASELINES)),
     # The diffusion model on the demo's phantom and image size (docs/diffusion.md): latent diffusion trained on 2
@@ -361,18 +371,22 @@ def plan(cfg: Settings) -> list[Job]:
                 inputs=(gen, *(("metadata_preprocess",) if meta else ()))))
         compared = [f"{gen}_{m}" for m in methods if m in BASELINES]
         if any(m in UNMIXED for m in methods):
-            base_method = getattr(cfg, f"{gen}_unmix_base")
-            base = runs / f"{gen}_{base_method}"
-            if base_method not in methods:  # the span to unmix: its directions only
-                jobs.append(Job(kind="baselines", name=base.name, module=TrainDirections, cfg=_with(TrainDirections,
-                    dict(shared, output=str(base), method=base_method, rca=False), first_preset), output=base,
-                    done_file="directions.pt", inputs=(gen,)))
+            base_method, by = getattr(cfg, f"{gen}_unmix_base"), getattr(cfg, f"{gen}_unmix_by")
+            span = dict(unmix_from="latent", unmix_size=UNMIX_SIZE[by])  # the size is unused with the whole latent
+            span_inputs = (gen,)
+            if base_method != "latent":
+                base = runs / f"{gen}_{base_method}"
+                span.update(unmix_from=str(base / "directions.pt"))
+                span_inputs = (base.name,)
+                if base_method not in methods:  # the span to unmix: its directions only
+                    jobs.append(Job(kind="baselines", name=base.name, module=TrainDirections, cfg=_with(
+                        TrainDirections, dict(shared, output=str(base), method=base_method, rca=False), first_preset),
+                        output=base, done_file="directions.pt", inputs=(gen,)))
             unmixed = runs / f"{gen}_unmix"
             jobs.append(Job(kind="baselines", name=unmixed.name, module=TrainDirections, cfg=_with(TrainDirections, dict(
-                shared, output=str(unmixed), method="unmix", unmix_from=str(base / "directions.pt"),
-                unmix_by=getattr(cfg, f"{gen}_unmix_by"), unmix_size=UNMIX_SIZE[getattr(cfg, f"{gen}_unmix_by")],
-                rca="unmix" in methods and cfg.unmix_rca), first_preset), output=unmixed, done_file="directions.pt",
-                inputs=(base.name,)))
+                shared, output=str(unmixed), method="unmix", unmix_by=by, unmix_content=cfg.unmix_content,
+                rca="unmix" in methods and cfg.unmix_rca, **span), first_preset), output=unmixed,
+                done_file="directions.pt", inputs=span_inputs))
             compared += [unmixed.name] if "unmix" in methods else []
             if "learned_unmix" in methods:
                 out = runs / f"{gen}_learned_unmix"

@@ -29,7 +29,7 @@ from latentct.discover.directions import (
     step_losses,
 )
 from latentct.discover.metadata import METADATA_UNMIX
-from latentct.discover.unmix import UNMIX_BY, unmix
+from latentct.discover.unmix import UNMIX_BY, unmix, whole_latent
 from latentct.generators.interface import (
     GeneratorOptions,
     latent_spread,
@@ -93,13 +93,16 @@ class Settings(GeneratorOptions, TrainerSettings):
                                           "directions get a fresh reconstructor, so their RCA is measured like a "
                                           "baseline's")
     unmix_from: str | None = setting(None, "with --method unmix: the directions.pt of an orthogonal method (SeFa, "
-                                     "spectral) whose top --unmix-size directions span the subspace to unmix")
+                                     "spectral) whose top --unmix-size directions span the subspace to unmix, or "
+                                     "latent: the whole latent (every axis; --unmix-size not used; at most 128)")
     unmix_size: int = setting(8, "m, how many of --unmix-from's top directions span the subspace (label-free: "
                               "the phantom's six factors need not be known; 8 leaves room for two more)")
     unmix_by: str = setting("ajd", "ajd (joint diagonalisation of pullback metrics), ica (FastICA of features), "
                             "steer (least-squares walks for six affine image edits, then two for the rest; a span of "
                             "at least 8) or conditional (the steering walks and content directions each conditioned "
                             "on the others)", choices=UNMIX_BY)
+    unmix_content: int = setting(2, "with --unmix-by steer or conditional: directions for what no edit explains, "
+                                 "beside the six walks (the span needs at least 6 + this)")
     unmix_features: str = setting("layer", "with --unmix-by ica: the features ICA unmixes: layer (the intermediate "
                                   "layer the spectral method reads), encoder (a VAE's codes), image, or a layer name")
     patient_directions: int = setting(11, "with --method metadata: the patient-level subspace's dimension, the top "
@@ -143,6 +146,7 @@ class Settings(GeneratorOptions, TrainerSettings):
         check(self.method != "unmix" or self.unmix_from is not None, "unmix_from",
               "--method unmix needs the directions.pt of the orthogonal method whose span to unmix")
         check(self.unmix_size >= 2, "unmix_size", f"must be at least 2, got {self.unmix_size}")
+        check(self.unmix_content >= 0, "unmix_content", f"must be 0 or more, got {self.unmix_content}")
         check(self.method != "metadata" or self.metadata_unmix != "conditional" or self.patient_directions >= 7,
               "patient_directions", f"with --metadata-unmix conditional: at least 7 (the span the steering walks "
               f"cut holds six edits and the content), got {self.patient_directions}")
@@ -199,12 +203,15 @@ def directions_for(cfg: Settings, G, device) -> tuple[torch.nn.Module, dict | No
         matrix, extra = solver(G.cpu(), cfg.directions_count, cfg.feature_layer, seed=cfg.seed)
         G.to(device)
     elif cfg.method == "unmix":
-        base, _ = load_directions(cfg.unmix_from, cfg.generator)
-        m = min(cfg.unmix_size, base.count)
+        if cfg.unmix_from == "latent":
+            rows, base_method = whole_latent(G), "latent"
+        else:
+            base, _ = load_directions(cfg.unmix_from, cfg.generator)
+            rows, base_method = base.matrix[:min(cfg.unmix_size, base.count)], base.method
         encoder = own_encoder(G, cfg.generator) if cfg.unmix_features == "encoder" else None
-        matrix, extra = unmix(G.cpu(), base.matrix[:m], cfg.unmix_by, cfg.unmix_features, seed=cfg.seed,
-                              encoder=encoder)
-        extra.update(unmixed=base.method, unmixed_from=str(cfg.unmix_from), m=m)
+        matrix, extra = unmix(G.cpu(), rows, cfg.unmix_by, cfg.unmix_features, seed=cfg.seed, encoder=encoder,
+                              content=cfg.unmix_content)
+        extra.update(unmixed=base_method, unmixed_from=str(cfg.unmix_from), m=len(rows))
         G.to(device)
     elif cfg.method == "metadata":
         matrix, extra = metadata_method(cfg, G)

@@ -1,15 +1,18 @@
-"""Which way to unmix a span, by measurement: on a finished pipeline run's generators, the unmix base's span
-(SeFa on the DCGAN, the spectral method on the VAE) unmixed by joint diagonalisation and by FastICA of three kinds
-of label-free features, GANSpace's ICA and sparse PCA, the study's deformator started from the unmixed basis,
-and the metadata method's parts (where the generator has an encoder), each scored by the run's own ground truth (its
+"""Which way to unmix a span, by measurement, on a finished pipeline run's generators: the span of an orthogonal
+base (the run's unmix base; SeFa on the DCGAN and the spectral method on the VAE where the run unmixes the whole
+latent) unmixed by joint diagonalisation, by FastICA of three kinds of label-free features and by the steering
+walks (independent, or conditioned on each other with two or four content directions), the whole latent unmixed by
+the conditional walks, GANSpace's ICA and sparse PCA, the study's deformator started from the unmixed basis, and
+the metadata method's parts (where the generator has an encoder), each scored by the run's own ground truth (its
 oracle, floors, latents and pooled null) beside the base.
 
     python -m bench.unmixing --run demo
 
 Prints one row per (generator, variant) and writes Animations/<run>/unmixing.json. Every row is one draw of
 report latents (a benchmark run's other draws are not merged in). Joint diagonalisation and ICA unmix the base's
-top 8, so their span ceiling is the base's at k = 8; the steering walks take up to 8 directions inside the base's
-top 12, and their ceiling is their own span's; the base row itself is judged at k = recoverable.
+top 8, so their span ceiling is the base's at k = 8; the steering walks take up to 6 + content directions inside
+the base's top 12 or the whole latent, and their ceiling is their own span's; the base row itself is judged at
+k = recoverable.
 """
 from __future__ import annotations
 
@@ -27,6 +30,9 @@ from latentct.util.settings import parse_settings, setting
 from pipeline import metadata_set
 from Training import TrainDirections
 
+# The orthogonal method whose top directions span the unmixed variants where the run unmixes the whole latent.
+SPAN_BASE = {"dcgan": "sefa", "vae": "spectral"}
+
 
 @dataclass
 class Settings:
@@ -38,15 +44,19 @@ class Settings:
 
 
 def variants(base: Path, has_encoder: bool, metadata_set: Path | None = None) -> dict[str, dict]:
-    """Name -> TrainDirections settings of every variant (the unmixed span, m = 8, unless said: the steering walks
-    fit six edits and two content directions in the top 12). With an encoder, the metadata method's parts apart:
+    """Name -> TrainDirections settings of every variant (the base's span, m = 8, unless said: the steering walks
+    fit six edits and two content directions, unless said, in the top 12 or the whole latent). With an encoder, the metadata method's parts apart:
     on the generator's own training slices (32 patients), and on the run's metadata set its patient-level subspace
     cut by FastICA (the method before --metadata-unmix conditional), read back into the latent or not (the
     pipeline's row reads back and cuts by the steering walks)."""
     span = dict(method="unmix", unmix_from=str(base / "directions.pt"))
+    whole = dict(method="unmix", unmix_from="latent", unmix_by="conditional")
     out = {"unmix ajd": dict(span, unmix_by="ajd"),
            "unmix steer": dict(span, unmix_by="steer", unmix_size=12),
            "unmix conditional": dict(span, unmix_by="conditional", unmix_size=12),
+           "unmix conditional, 4 content": dict(span, unmix_by="conditional", unmix_size=12, unmix_content=4),
+           "whole latent, conditional": dict(whole),
+           "whole latent, conditional, 4 content": dict(whole, unmix_content=4),
            "unmix ica layer": dict(span, unmix_by="ica", unmix_features="layer"),
            "unmix ica image": dict(span, unmix_by="ica", unmix_features="image"),
            "ganspace ica": dict(method="ica", directions_count=16),
@@ -80,7 +90,9 @@ def main(cfg: Settings) -> list[dict]:
     rows = []
     for gen in cfg.generators:
         generator = runs / gen / "generator.pt"
-        base = runs / f"{gen}_{settings[f'{gen}_unmix_base']}"
+        base_method = settings[f"{gen}_unmix_base"]
+        base_method = SPAN_BASE[gen] if base_method == "latent" else base_method
+        base = runs / f"{gen}_{base_method}"
         work = runs / "unmixing"
         shared = dict(generator=str(generator), seed=settings["seed"], device="cpu", rca=False, steps=1)
         own_set = metadata_set(root / "data" / cfg.run, settings["image_size"])
@@ -105,7 +117,7 @@ def main(cfg: Settings) -> list[dict]:
                 compare=[str(base / "directions.pt")] + [str(out / "directions.pt") for out, _ in made.values()]
                 + supervised))
             gt = EvalDirections.main(truth)["ground_truth"]
-        names = ["learned (the run's)", f"{settings[f'{gen}_unmix_base']} (base)", *made]
+        names = ["learned (the run's)", f"{base_method} (base)", *made]
         for name, (method, table) in zip(names, gt["methods"].items()):
             if method == "supervised":
                 continue

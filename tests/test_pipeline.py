@@ -22,12 +22,12 @@ def test_whole_pipeline_at_the_smallest_sizes_then_cached_then_from_a_stage(tmp_
     assert summary["first_gallery_seconds"] == summary["stages"][4]["finished_at"] <= summary["wall_seconds"]
     assert stages.count("evaluate") == 4 and stages.count("train_diffusion") == 1
     assert stages.count("ground_truth") == 4 and stages.count("oracle") == 2 and not summary["pending"]
-    # DCGAN: learned, 7 closed-form methods, the unmixed SeFa span and the learned run started from it, DisCo and
-    # LatentCLR each trained then RCA-measured, supervised; VAE: learned, SeFa, random, metadata, the spectral span
-    # and its steering walks (unmix), supervised; diffusion, noise view: spectral, random, unmix, supervised; h view:
-    # hpca, spectral, random, unmix, supervised
+    # DCGAN: learned, 7 closed-form methods, the unmixed latent and the learned run started from it, DisCo and
+    # LatentCLR each trained then RCA-measured, supervised; VAE: learned, SeFa, random, metadata, the unmixed latent
+    # (no base to run), supervised; diffusion, noise view: spectral, random, unmix, supervised; h view: hpca,
+    # spectral, random, unmix, supervised
     assert stages.count("phantom") == stages.count("preprocess") == 2  # the metadata method's own set too
-    assert stages.count("validate") == 1 and stages.count("directions") == 15 + 7 + 4 + 5
+    assert stages.count("validate") == 1 and stages.count("directions") == 15 + 6 + 4 + 5
     # each stage says in one line how it went, read from its own files
     metric = {r["name"]: r["metric"] for r in summary["stages"]}
     assert all(metric.values()), [name for name, m in metric.items() if not m]
@@ -51,10 +51,11 @@ def test_whole_pipeline_at_the_smallest_sizes_then_cached_then_from_a_stage(tmp_
     assert found["patients"] == 12 and found["slices"] == 48 and found["fitted_in"] == "latent"
     # and cut by the conditional steering walks inside its span, the slice direction first as measured
     assert found["steered"]["unmix_by"] == "conditional" and found["steered"]["rows"][0] == "given"
-    # each generator's span unmixed its own way (pipeline's --dcgan-unmix-by, --vae-unmix-by), in its own span size
+    # each generator's whole latent unmixed (pipeline's --dcgan-unmix-base, --vae-unmix-base), by the conditional
+    # walks with --unmix-content 4
     unmixed = {gen: load_directions(runs / f"{gen}_unmix" / "directions.pt")[0] for gen in ("dcgan", "vae")}
-    assert all(u.extra["unmix_by"] == "conditional" and u.extra["m"] == 12 and u.count <= 8 for u in unmixed.values())
-    assert unmixed["dcgan"].extra["unmixed"] == "sefa" and unmixed["vae"].extra["unmixed"] == "spectral"
+    assert all(u.extra["unmix_by"] == "conditional" and u.extra["m"] == 32 and u.count <= 10 and
+               u.extra["unmixed"] == "latent" and u.state["settings"]["unmix_content"] == 4 for u in unmixed.values())
     for gen in ("dcgan", "vae"):
         G = load_generator(runs / gen / "generator.pt")
         assert G(torch.zeros(2, G.latent_dim)).shape == (2, 1, 32, 32)
@@ -316,8 +317,28 @@ def test_the_benchmark_scores_every_method_on_three_seeds_or_draws(tmp_path):
     main = jobs["truth_dcgan"]
     assert [Path(f).parent.parent.name for f in main.cfg.seed_runs] == ["dcgan_seed1", "dcgan_seed2"]
     assert {"truth_dcgan_seed1", "truth_dcgan_seed2"} <= set(main.inputs) and main.cfg.seed == 0
-    assert "truth_dcgan_seed1" not in {j.name for j in pipeline.plan(parse_settings(
-        pipeline.Settings, ["--root", str(tmp_path)], presets=pipeline.PRESETS))}
+    demo = {j.name: j for j in pipeline.plan(parse_settings(pipeline.Settings, ["--root", str(tmp_path)],
+                                                            presets=pipeline.PRESETS))}
+    assert "truth_dcgan_seed1" not in demo
+    # the DCGAN's metadata method (every slice embedded: half an hour) runs in the benchmark only
+    meta = jobs["dcgan_metadata"]
+    assert meta.cfg.metadata_data.endswith("metadata_slices_64") and "metadata_preprocess" in meta.inputs
+    assert "dcgan_metadata" not in demo and "vae_metadata" in demo
+
+
+def test_the_unmixed_span_is_the_whole_latent_or_a_named_base(tmp_path):
+    def unmix_job(*flags):
+        cfg = parse_settings(pipeline.Settings, ["--root", str(tmp_path), *flags], presets=pipeline.PRESETS)
+        jobs = {j.name: j for j in pipeline.plan(cfg)}
+        return jobs["dcgan_unmix"], jobs
+    whole, jobs = unmix_job()
+    assert whole.cfg.unmix_from == "latent" and whole.inputs == ("dcgan",) and whole.cfg.unmix_content == 4
+    assert "vae_spectral" in jobs and jobs["vae_unmix"].cfg.unmix_from == "latent"  # spectral: a row of its own
+    named, jobs = unmix_job("--dcgan-unmix-base", "pca", "--unmix-content", "2")
+    assert named.cfg.unmix_from.endswith("dcgan_pca/directions.pt") and named.inputs == ("dcgan_pca",)
+    assert named.cfg.unmix_content == 2 and not jobs["dcgan_pca"].cfg.rca and named.cfg.unmix_size == 12
+    with pytest.raises(UserError, match="--unmix-content: must be 0 or more"):
+        unmix_job("--unmix-content", "-1")
 
 
 def test_the_readme_reports_the_spread_of_repeated_ground_truths(tmp_path):

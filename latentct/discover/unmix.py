@@ -36,13 +36,14 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from latentct.discover.baselines import fix_signs, single_threaded
-from latentct.generators.interface import sample_latents
+from latentct.discover.baselines import baseline_matrix, fix_signs, single_threaded
+from latentct.generators.interface import direction_block, sample_latents
 from latentct.util.settings import UserError
 
 UNMIX_BY = ("ajd", "ica", "steer", "conditional")
 EDITS = ("shift x", "shift y", "scale x", "scale y", "rotation", "shear")  # by_steer's image edits
 REPEAT = 0.9  # by_steer: a candidate direction this close (|cosine|) to one already taken is a repeat
+WHOLE_LATENT = 128  # --unmix-from latent: the largest direction block taken whole as the span
 WEAK_WALK = 0.1  # by_steer: a walk reproducing less than this of the best walk's share comes after the content
 
 
@@ -161,16 +162,26 @@ def by_ajd(G, rows: torch.Tensor, latents: int | None = None, seed: int = 0) -> 
 
 
 def unmix(G, rows: torch.Tensor, by: str = "ajd", features: str = "layer", samples: int = 2048,
-          seed: int = 0, encoder=None) -> tuple[torch.Tensor, dict]:
+          seed: int = 0, encoder=None, content: int = 2) -> tuple[torch.Tensor, dict]:
     """Directions inside the span of the (m, d) ``rows``: m by ``ajd`` or ``ica`` (``encoder``: a VAE's, for
-    ``features="encoder"``), up to 8 by ``steer``."""
+    ``features="encoder"``), up to 6 + ``content`` by ``steer`` and ``conditional``."""
     if by == "ajd":
         return by_ajd(G, rows, seed=seed)
     if by == "ica":
         return by_ica(G, rows, features, samples, seed, encoder)
     if by in ("steer", "conditional"):
-        return by_steer(G, rows, seed=seed, conditional=by == "conditional")
+        return by_steer(G, rows, content=content, seed=seed, conditional=by == "conditional")
     raise UserError(f"--unmix-by: {by!r} is not one of {', '.join(UNMIX_BY)}")
+
+
+def whole_latent(G) -> torch.Tensor:
+    """The span ``--unmix-from latent`` unmixes: every axis of G's direction block (all of z, or dh in a diffusion
+    h view), at most WHOLE_LATENT of them (the walks take one Jacobian column per axis and latent)."""
+    start, stop = direction_block(G)
+    if stop - start > WHOLE_LATENT:
+        raise UserError(f"--unmix-from latent: the latent has {stop - start} dimensions, more than the "
+                        f"{WHOLE_LATENT} the walks take; pass an orthogonal method's directions.pt instead")
+    return baseline_matrix("coordinate", G, stop - start)
 
 
 def image_flows(images: torch.Tensor) -> torch.Tensor:

@@ -325,6 +325,45 @@ def test_steering_unmixes_the_change_no_edit_explains():
     assert best_cosines(found, toy.M[:, :3]).min() > 0.85            # the motions' walks are still there
 
 
+def test_the_whole_latent_as_the_span_holds_what_a_top_k_span_misses(tmp_path, monkeypatch):
+    """An orthogonal base whose top 9 directions are orthogonal to the vertical factor (a SeFa or spectral ranking
+    can put a factor's direction low): no cut of that span finds it. ``--unmix-from latent`` takes every axis of
+    the latent as the span, and the conditional walks with four content rows find each planted direction."""
+    from latentct.discover.directions import load_directions
+    from latentct.discover.unmix import by_steer, whole_latent
+    from latentct.generators import interface as generators
+    from latentct.generators.interface import save_generator
+    from latentct.util.settings import UserError
+
+    toy = BodyWithTwoContents().eval().requires_grad_(False)
+    mixed = torch.cat([toy.M[:, :1], torch.randn(10, 9, generator=torch.Generator().manual_seed(1))], 1)
+    q = torch.linalg.qr(mixed)[0]
+    base = torch.cat([q[:, 1:].t(), q[:, :1].t()])                         # the vertical factor's axis last
+    missed, _ = by_steer(toy, base[:9], conditional=True)
+    assert best_cosines(missed, toy.M)[0] < 0.1                            # outside the span: not found
+    assert torch.equal(whole_latent(toy), torch.eye(10))
+    monkeypatch.setitem(generators.KINDS, "twocontents", BodyWithTwoContents)
+    save_generator(tmp_path / "toy.pt", "twocontents", toy, {}, "default", "")
+    _run(tmp_path / "toy.pt", tmp_path / "whole", "--method", "unmix", "--unmix-from", "latent", "--unmix-by",
+         "conditional", "--unmix-content", "4", "--rca", "false", "--steps", "1")
+    found = load_directions(tmp_path / "whole" / "directions.pt")[0]
+    assert found.extra["unmixed"] == "latent" and found.extra["m"] == 10 and found.extra["unmix_by"] == "conditional"
+    assert best_cosines(found.matrix, toy.M).min() > 0.95, best_cosines(found.matrix, toy.M)
+    assert found.extra["rows"].count("content") >= 2 and found.count <= 10
+    with pytest.raises(UserError, match="--unmix-size / --unmix-from: steering needs a span of at least 11"):
+        _run(tmp_path / "toy.pt", tmp_path / "crowded", "--method", "unmix", "--unmix-from", "latent",
+             "--unmix-by", "conditional", "--unmix-content", "5", "--rca", "false", "--steps", "1")
+    with pytest.raises(UserError, match="--unmix-content: must be 0 or more"):
+        _run(tmp_path / "toy.pt", tmp_path / "none", "--method", "unmix", "--unmix-from", "latent",
+             "--unmix-content", "-1")
+
+    class Wide(nn.Module):
+        latent_dim = 200
+
+    with pytest.raises(UserError, match="--unmix-from latent: the latent has 200 dimensions, more than the 128"):
+        whole_latent(Wide())
+
+
 class BodyOnBrightTable(BodyWithTwoContents):
     """32 x 32 images of a soft ellipse (vertical position, left-right size, roll, an inner disc's brightness) on a
     table that never moves but whose brightness varies. The edits' vertical shift moves the table's edge too, which
