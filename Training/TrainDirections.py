@@ -98,8 +98,8 @@ class Settings(GeneratorOptions, TrainerSettings):
     unmix_size: int = setting(8, "m, how many of --unmix-from's top directions span the subspace (label-free: "
                               "the phantom's six factors need not be known; 8 leaves room for two more)")
     unmix_by: str = setting("ajd", "ajd (joint diagonalisation of pullback metrics), ica (FastICA of features), "
-                            "steer (least-squares walks for six affine image edits, then two for the rest; a span of "
-                            "at least 8) or conditional (the steering walks and content directions each conditioned "
+                            "steer (least-squares walks for six affine image edits, then --unmix-content for the rest; "
+                            "a span of at least 6 + that) or conditional (the steering walks and content directions each conditioned "
                             "on the others)", choices=UNMIX_BY)
     unmix_content: int = setting(2, "with --unmix-by steer or conditional: directions for what no edit explains, "
                                  "beside the six walks (the span needs at least 6 + this)")
@@ -144,7 +144,7 @@ class Settings(GeneratorOptions, TrainerSettings):
               "--method file needs the directions.pt whose RCA to measure")
         check(self.rca or self.method != "learned", "rca", "the learned method always trains its reconstructor")
         check(self.method != "unmix" or self.unmix_from is not None, "unmix_from",
-              "--method unmix needs the directions.pt of the orthogonal method whose span to unmix")
+              "--method unmix needs the directions.pt of the orthogonal method whose span to unmix, or latent")
         check(self.unmix_size >= 2, "unmix_size", f"must be at least 2, got {self.unmix_size}")
         check(self.unmix_content >= 0, "unmix_content", f"must be 0 or more, got {self.unmix_content}")
         check(self.method != "metadata" or self.metadata_unmix != "conditional" or self.patient_directions >= 7,
