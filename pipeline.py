@@ -29,7 +29,7 @@ from tqdm import tqdm
 import EvalDirections
 import preprocess
 from latentct.data import phantom
-from latentct.discover.unmix import UNMIX_BY
+from latentct.discover.unmix import UNMIX_BY, WHOLE_LATENT
 from latentct.score import disentanglement, oracle, validate
 from latentct.show.gallery import write_index
 from latentct.util.io import atomic_write_json
@@ -62,6 +62,7 @@ UNMIXED = ("unmix", "learned_unmix")
 # / 0.69 and the DCGAN's 0.25 / 0.35 / 0.29 on the demo, docs/pipeline.md).
 UNMIX_SIZE = {"ajd": 8, "ica": 8, "steer": 12, "conditional": 12}  # of an orthogonal base's top directions
 UNMIX_BASES = ("latent", "sefa", "spectral", "pca")
+LATENT_DIMS = {"dcgan": TrainGAN.Settings.latent_dim, "vae": TrainVAE.Settings.latent_dim}  # the pipeline's sizes
 # The metadata set's phantom seed is the run's plus this: other patients than the generators were trained on.
 METADATA_SEED = 1000
 METHODS = BASELINES + tuple(TRAINED) + UNMIXED
@@ -187,6 +188,12 @@ class Settings:
         check(self.lidc is None or Path(self.lidc).exists(), "lidc", f"{self.lidc} does not exist")
         check(self.parallel >= 1, "parallel", "must be at least 1")
         check(self.unmix_content >= 0, "unmix_content", f"must be 0 or more, got {self.unmix_content}")
+        for gen in GENERATORS:  # the steering walks fit six edits and the content rows inside the span
+            by, base = getattr(self, f"{gen}_unmix_by"), getattr(self, f"{gen}_unmix_base")
+            room = LATENT_DIMS[gen] if base == "latent" else UNMIX_SIZE[by]
+            check(by not in ("steer", "conditional") or 6 + self.unmix_content <= room, "unmix_content",
+                  f"{self.unmix_content} content rows and six walks do not fit the {gen}'s span of {room} "
+                  f"(--{gen}-unmix-base {base})")
         unknown = [m for m in self.rca_baselines if m not in BASELINES]
         check(not unknown, "rca_baselines", f"{unknown} are not closed-form methods ({', '.join(BASELINES)})")
         check(self.metadata_patients >= 8, "metadata_patients", f"needs at least 8 (the metadata method's span: the "
@@ -238,7 +245,7 @@ PRESETS = {
     "paper": dict(image_size=128, gan_preset="paper", gan_steps=None, vae_preset="paper", vae_steps=None,
                   direction_presets=["unit-lenet", "unit-resnet", "ortho-lenet", "ortho-resnet", "100-lenet",
                                      "100-resnet"], direction_steps=None, direction_batch=None, eval_samples=32,
-                  dcgan_methods=list(BASELINES), vae_methods=list(BASELINES)),
+                  dcgan_methods=[m for m in BASELINES if m != "metadata"], vae_methods=list(BASELINES)),
 }
 
 
@@ -579,7 +586,7 @@ def plan_own_generator(cfg: Settings) -> list[Job]:
     """A researcher's generator: its learned directions and their gallery first, then the other methods that
     apply to it; with --data on the phantom, the oracle and the ground truth."""
     from latentct.data.slices import has_factors
-    from latentct.generators.interface import load_generator, output_size
+    from latentct.generators.interface import direction_block, load_generator, output_size
 
     root = Path(cfg.root)
     runs, anim = root / "runs" / cfg.run, root / "Animations" / cfg.run
@@ -615,9 +622,15 @@ def plan_own_generator(cfg: Settings) -> list[Job]:
                 preset), output=measured, done_file="directions.pt", inputs=(out.name,)))
             out = measured
         else:
+            values = dict(shared, output=str(out), method=m, rca=m in cfg.rca_baselines)
+            if m == "unmix":  # the whole latent, cut by the conditional walks (at most WHOLE_LATENT axes)
+                start, stop = direction_block(G)
+                if stop - start > WHOLE_LATENT:
+                    raise UserError(f"--methods unmix: the generator's latent has {stop - start} dimensions, the "
+                                    f"walks over the whole latent take at most {WHOLE_LATENT}; leave unmix out")
+                values.update(unmix_from="latent", unmix_by="conditional", unmix_content=cfg.unmix_content)
             jobs.append(Job(kind="baselines", name=out.name, module=TrainDirections, cfg=_with(TrainDirections,
-                dict(shared, output=str(out), method=m, rca=m in cfg.rca_baselines), preset), output=out,
-                done_file="directions.pt"))
+                values, preset), output=out, done_file="directions.pt"))
         compared.append(out.name)
     if cfg.data and G.window is not None and not G.volume and has_factors(cfg.data):
         window = ",".join(f"{v:g}" for v in G.window)

@@ -99,8 +99,8 @@ class Settings(GeneratorOptions, TrainerSettings):
                               "the phantom's six factors need not be known; 8 leaves room for two more)")
     unmix_by: str = setting("ajd", "ajd (joint diagonalisation of pullback metrics), ica (FastICA of features), "
                             "steer (least-squares walks for six affine image edits, then --unmix-content for the rest; "
-                            "a span of at least 6 + that) or conditional (the steering walks and content directions each conditioned "
-                            "on the others)", choices=UNMIX_BY)
+                            "a span of at least 6 + that) or conditional (the steering walks and content directions "
+                            "each conditioned on the others)", choices=UNMIX_BY)
     unmix_content: int = setting(2, "with --unmix-by steer or conditional: directions for what no edit explains, "
                                  "beside the six walks (the span needs at least 6 + this)")
     unmix_features: str = setting("layer", "with --unmix-by ica: the features ICA unmixes: layer (the intermediate "

@@ -45,10 +45,10 @@ class Settings:
 
 def variants(base: Path, has_encoder: bool, metadata_set: Path | None = None) -> dict[str, dict]:
     """Name -> TrainDirections settings of every variant (the base's span, m = 8, unless said: the steering walks
-    fit six edits and two content directions, unless said, in the top 12 or the whole latent). With an encoder, the metadata method's parts apart:
-    on the generator's own training slices (32 patients), and on the run's metadata set its patient-level subspace
-    cut by FastICA (the method before --metadata-unmix conditional), read back into the latent or not (the
-    pipeline's row reads back and cuts by the steering walks)."""
+    fit six edits and two content directions, unless said, in the top 12 or the whole latent). With an encoder,
+    the metadata method's parts apart: on the generator's own training slices (32 patients), and on the run's
+    metadata set its patient-level subspace cut by FastICA (the method before --metadata-unmix conditional), read
+    back into the latent or not (the pipeline's row reads back and cuts by the steering walks)."""
     span = dict(method="unmix", unmix_from=str(base / "directions.pt"))
     whole = dict(method="unmix", unmix_from="latent", unmix_by="conditional")
     out = {"unmix ajd": dict(span, unmix_by="ajd"),
@@ -96,6 +96,8 @@ def main(cfg: Settings) -> list[dict]:
         work = runs / "unmixing"
         shared = dict(generator=str(generator), seed=settings["seed"], device="cpu", rca=False, steps=1)
         own_set = metadata_set(root / "data" / cfg.run, settings["image_size"])
+        if not (base / "directions.pt").is_file():  # a run that unmixed the whole latent without this method
+            base = make(work / f"{gen}_{base_method}", dict(shared, method=base_method))[0]
         found = variants(base, load_encoder(generator) is not None,
                          own_set if (own_set / "manifest.json").is_file() else None)
         made = {name: make(work / f"{gen}_{''.join(c if c.isalnum() else '_' for c in name)}", dict(shared, **extra))

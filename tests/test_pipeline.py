@@ -195,6 +195,10 @@ def test_pipeline_on_a_generator_a_researcher_brings(gan_run, dataset, tmp_path)
     assert {r["name"] for r in summary["stages"]} >= {"model_sefa", "model_random", "oracle", "validate", "truth_model"}
     report = json.loads((tmp_path / "Animations" / "own" / "model" / "report.json").read_text())
     assert set(report["ground_truth"]["methods"]) == {"learned", "sefa", "random"}
+    # unmix on a researcher's generator: its whole latent, cut by the conditional walks
+    cfg.methods = ["unmix"]
+    job = next(j for j in pipeline.plan(cfg) if j.name == "model_unmix")
+    assert job.cfg.unmix_from == "latent" and job.cfg.unmix_by == "conditional" and job.cfg.unmix_content == 4
 
 
 def test_wall_times_round_to_whole_seconds_before_the_minutes():
@@ -339,6 +343,14 @@ def test_the_unmixed_span_is_the_whole_latent_or_a_named_base(tmp_path):
     assert named.cfg.unmix_content == 2 and not jobs["dcgan_pca"].cfg.rca and named.cfg.unmix_size == 12
     with pytest.raises(UserError, match="--unmix-content: must be 0 or more"):
         unmix_job("--unmix-content", "-1")
+    _, jobs = unmix_job("--vae-methods", "random", "unmix")  # the whole latent needs no base run
+    assert "vae_spectral" not in jobs and jobs["vae_unmix"].inputs == ("vae",)
+    with pytest.raises(UserError, match="--unmix-content: 7 content rows and six walks do not fit the dcgan's span "
+                                        "of 12 \\(--dcgan-unmix-base sefa\\)"):
+        unmix_job("--dcgan-unmix-base", "sefa", "--unmix-content", "7")
+    assert unmix_job("--unmix-content", "7")[0].cfg.unmix_content == 7   # the whole latent has room for it
+    with pytest.raises(UserError, match="span of 32"):
+        unmix_job("--unmix-content", "27")
 
 
 def test_the_readme_reports_the_spread_of_repeated_ground_truths(tmp_path):

@@ -19,17 +19,17 @@ find directions inside the span that need not be orthogonal:
 
 - ``steer``: the span directions whose image change best reproduces six affine edits of the image (shift, scale
   and rotation of the body: patient position, body size and roll on CT), fitted by least squares over latents of
-  the prior (Jahanian et al.'s steerability walks, linearised), plus up to three directions for the change no
-  edit explains, unmixed inside that change's subspace by joint diagonalisation as ``ajd`` does. It asks nothing
-  of the factors' statistics, only that some of them move the image as a whole; the edits are generic image
+  the prior (Jahanian et al.'s steerability walks, linearised), plus up to ``content`` + 1 directions for the
+  change no edit explains, unmixed inside that change's subspace by joint diagonalisation as ``ajd`` does. It asks
+  nothing of the factors' statistics, only that some of them move the image as a whole; the edits are generic image
   motions, not anatomy measurements, and no label or oracle enters.
 - ``conditional``: the steering walks and content directions, each conditioned on the others (InterFaceGAN's
   conditional manipulation, in the span's pullback metric): the smallest image change that performs one edit
   and no other edit or content change (``condition``).
 
 ``ajd`` and ``ica`` return (m, d) unit latent directions: ``ajd``'s ordered by how much they move the image,
-``ica``'s by the latent change per unit source; ``steer`` and ``conditional`` return up to 8, the walks that
-reproduce their edit first, then the content directions, none a repeat of another.
+``ica``'s by the latent change per unit source; ``steer`` and ``conditional`` return up to 6 + ``content``, the
+walks that reproduce their edit first, then the content directions, none a repeat of another.
 """
 from __future__ import annotations
 
@@ -245,8 +245,9 @@ def by_steer(G, rows: torch.Tensor, latents: int = 64, content: int = 2, seed: i
     basis = orthonormal_rows(rows)
     m = len(basis)
     if m < 6 + content:
-        raise UserError(f"--unmix-size / --unmix-from: steering needs a span of at least {6 + content} directions, "
-                        f"got {m} (the smaller of --unmix-size and the --unmix-from file's direction count)")
+        raise UserError(f"--unmix-from / --unmix-size / --unmix-content: the steering walks need a span of at least "
+                        f"{6 + content} directions (six edits and {content} content), got {m} (the whole latent's "
+                        "size, or the smaller of --unmix-size and the --unmix-from file's direction count)")
     z, _ = span_coordinates(G, basis, latents, seed)
     with torch.no_grad():
         flows = torch.cat([image_flows(G(part)) for part in z.split(64)])         # (N, 6, P)

@@ -368,8 +368,9 @@ def render(cfg: Settings, link: str = "Animations/examples", picked: list[tuple[
         parts += ["", "Ways to unmix a span, and the other methods that may return non-orthogonal directions, on this "
                   "run's generators (`python -m bench.unmixing --run " + cfg.run + "`), scored by the same ground truth. "
                   "Each row's span ceiling is that of its own directions' span (k): joint diagonalisation and "
-                  "ICA unmix the base's top 8, so theirs is the base's at 8; the steering walks take up to 8 "
-                  "directions inside the base's top 12, so theirs can fall below it; the base row is judged on its "
+                  "ICA unmix the base's top 8, so theirs is the base's at 8; the steering walks take up to 6 + "
+                  "content directions inside the base's top 12 or the whole latent, so theirs can fall below it; "
+                  "the base row is judged on its "
                   "top k = recoverable, a random span of 16 on all 16:",
                   "", unmixing_table(_read_json(unmixing)["rows"])]
     return "\n".join(parts) + "\n"

@@ -350,7 +350,8 @@ def test_the_whole_latent_as_the_span_holds_what_a_top_k_span_misses(tmp_path, m
     assert found.extra["unmixed"] == "latent" and found.extra["m"] == 10 and found.extra["unmix_by"] == "conditional"
     assert best_cosines(found.matrix, toy.M).min() > 0.95, best_cosines(found.matrix, toy.M)
     assert found.extra["rows"].count("content") >= 2 and found.count <= 10
-    with pytest.raises(UserError, match="--unmix-size / --unmix-from: steering needs a span of at least 11"):
+    with pytest.raises(UserError, match=r"--unmix-content: the steering walks need a span of at least 11 "
+                                        r"directions \(six edits and 5 content\), got 10 \(the whole latent's"):
         _run(tmp_path / "toy.pt", tmp_path / "crowded", "--method", "unmix", "--unmix-from", "latent",
              "--unmix-by", "conditional", "--unmix-content", "5", "--rca", "false", "--steps", "1")
     with pytest.raises(UserError, match="--unmix-content: must be 0 or more"):
@@ -540,7 +541,7 @@ def test_steering_needs_room_for_the_edits():
     from latentct.discover.unmix import by_steer
     from latentct.util.settings import UserError
 
-    with pytest.raises(UserError, match="at least 8"):
+    with pytest.raises(UserError, match="at least 8 directions"):
         by_steer(MovingEllipse(), torch.eye(10)[:7])
 
 
