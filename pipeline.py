@@ -29,7 +29,7 @@ from tqdm import tqdm
 import EvalDirections
 import preprocess
 from latentct.data import phantom
-from latentct.discover.unmix import UNMIX_BY, WHOLE_LATENT
+from latentct.discover.unmix import UNMIX_BY, whole_latent
 from latentct.score import disentanglement, oracle, validate
 from latentct.show.gallery import write_index
 from latentct.util.io import atomic_write_json
@@ -586,7 +586,7 @@ def plan_own_generator(cfg: Settings) -> list[Job]:
     """A researcher's generator: its learned directions and their gallery first, then the other methods that
     apply to it; with --data on the phantom, the oracle and the ground truth."""
     from latentct.data.slices import has_factors
-    from latentct.generators.interface import direction_block, load_generator, output_size
+    from latentct.generators.interface import load_generator, output_size
 
     root = Path(cfg.root)
     runs, anim = root / "runs" / cfg.run, root / "Animations" / cfg.run
@@ -623,11 +623,8 @@ def plan_own_generator(cfg: Settings) -> list[Job]:
             out = measured
         else:
             values = dict(shared, output=str(out), method=m, rca=m in cfg.rca_baselines)
-            if m == "unmix":  # the whole latent, cut by the conditional walks (at most WHOLE_LATENT axes)
-                start, stop = direction_block(G)
-                if stop - start > WHOLE_LATENT:
-                    raise UserError(f"--methods unmix: the generator's latent has {stop - start} dimensions, the "
-                                    f"walks over the whole latent take at most {WHOLE_LATENT}; leave unmix out")
+            if m == "unmix":  # the whole latent, cut by the conditional walks: is it small enough, before any work?
+                whole_latent(G, "--methods unmix", "leave unmix out")
                 values.update(unmix_from="latent", unmix_by="conditional", unmix_content=cfg.unmix_content)
             jobs.append(Job(kind="baselines", name=out.name, module=TrainDirections, cfg=_with(TrainDirections,
                 values, preset), output=out, done_file="directions.pt"))

@@ -174,13 +174,15 @@ def unmix(G, rows: torch.Tensor, by: str = "ajd", features: str = "layer", sampl
     raise UserError(f"--unmix-by: {by!r} is not one of {', '.join(UNMIX_BY)}")
 
 
-def whole_latent(G) -> torch.Tensor:
+def whole_latent(G, flag: str = "--unmix-from latent",
+                 instead: str = "pass an orthogonal method's directions.pt instead") -> torch.Tensor:
     """The span ``--unmix-from latent`` unmixes: every axis of G's direction block (all of z, or dh in a diffusion
-    h view), at most WHOLE_LATENT of them (the walks take one Jacobian column per axis and latent)."""
+    h view), at most WHOLE_LATENT of them (the walks take one Jacobian column per axis and latent); a larger block
+    is a one-line error naming ``flag`` and what to do ``instead``."""
     start, stop = direction_block(G)
     if stop - start > WHOLE_LATENT:
-        raise UserError(f"--unmix-from latent: the latent has {stop - start} dimensions, more than the "
-                        f"{WHOLE_LATENT} the walks take; pass an orthogonal method's directions.pt instead")
+        raise UserError(f"{flag}: the latent has {stop - start} dimensions, more than the {WHOLE_LATENT} the walks "
+                        f"take; {instead}")
     return baseline_matrix("coordinate", G, stop - start)
 
 

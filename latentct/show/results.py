@@ -370,8 +370,7 @@ def render(cfg: Settings, link: str = "Animations/examples", picked: list[tuple[
                   "Each row's span ceiling is that of its own directions' span (k): joint diagonalisation and "
                   "ICA unmix the base's top 8, so theirs is the base's at 8; the steering walks take up to 6 + "
                   "content directions inside the base's top 12 or the whole latent, so theirs can fall below it; "
-                  "the base row is judged on its "
-                  "top k = recoverable, a random span of 16 on all 16:",
+                  "the base row is judged on its top k = recoverable, a random span of 16 on all 16:",
                   "", unmixing_table(_read_json(unmixing)["rows"])]
     return "\n".join(parts) + "\n"
 
