@@ -12,7 +12,15 @@ same held-out reconstructions validate.py uses (stream 3 of the oracle's seed). 
 - ``blur3``: the same with blur sigma 0-3 px (the VAE's reconstructions match a blur of 1.5-2 px best in MSE);
 - ``down``: 30% of the slices area-downsampled 2x or 4x and scaled back up, then ``augment`` with blur to 2.5 px;
 - ``median``: 70% of the slices median-filtered 3x3 or 5x5 (fine structures go, edges stay, as in the VAE's
-  reconstructions), then ``augment``.
+  reconstructions), then ``augment``;
+- ``pca``, ``pca_all``: 60% (all) of the slices projected onto the top k principal axes of the training slices,
+  k log-uniform in 8-96 per slice (a linear bottleneck keeps the main anatomy and loses the detail), then
+  ``augment``;
+- ``average``: every training slice rendered a second time from another patient that shares its six factors
+  (other fat, organs, vessels, contrast, noise); 60% of the slices are a random convex mix of the two renders,
+  then ``augment``: the factors stay exact while what they do not fix is averaged, as an autoencoder that does
+  not encode it draws its mean. ``average_control`` trains on the same slices' first renders with ``augment``
+  alone, so the difference is the average, not the draw of slices.
 
 Prints per variant and factor the held-out R2 on crisp slices, the R2 on the reconstructions and the share of
 the factor's change the readings keep there (validate.kept_share: the partial slope on the reconstructions over
@@ -21,6 +29,7 @@ Writes Animations/<run>/oracle_reading.json.
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +46,8 @@ from latentct.score.validate import kept_share, reconstruction
 from latentct.util.io import atomic_write_json
 from latentct.util.settings import UserError, check, run_cli, setting
 
-VARIANTS = ("shipped", "blur3", "down", "median")
+VARIANTS = ("shipped", "blur3", "down", "median", "pca", "pca_all", "average", "average_control")
+COPIES = 2  # renders per training slice for the nuisance average: the slice and one other patient
 
 
 @dataclass
@@ -79,9 +89,50 @@ def _some(x: torch.Tensor, share: float, gen: torch.Generator, change) -> torch.
     return x
 
 
-def augmentation(name: str):
+def pca_basis(x: torch.Tensor, count: int = 4000) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean (S*S,) and principal axes (S*S, 128) of the first ``count`` training slices (unit range)."""
+    flat = x[:count].flatten(1)
+    mean = flat.mean(0)
+    _, _, v = torch.linalg.svd(flat - mean, full_matrices=False)
+    return mean, v[:128].T.contiguous()
+
+
+def project(x: torch.Tensor, gen: torch.Generator, basis, share: float, low: int = 8, high: int = 96) -> torch.Tensor:
+    """A ``share`` of the slices replaced by their projection onto the top k principal axes of the training slices,
+    k log-uniform in [low, high] per slice: a linear bottleneck keeps the main anatomy and loses the detail, as an
+    autoencoder does, without a generator's output."""
+    mean, axes = basis
+    B = len(x)
+    k = torch.exp(math.log(low) + torch.rand(B, generator=gen) * math.log(high / low)).long()
+    pick = torch.rand(B, generator=gen) < share
+    coords = (x.flatten(1) - mean) @ axes                                     # (B, 128)
+    coords = coords * (torch.arange(axes.shape[1])[None, :] < k[:, None])
+    projected = (coords @ axes.T + mean).view_as(x).clamp(-1, 1)
+    return torch.where(pick[:, None, None, None], projected, x)
+
+
+def nuisance_average(x: torch.Tensor, gen: torch.Generator, share: float = 0.6) -> torch.Tensor:
+    """(B, C, S, S) renders of C patients that share every factor -> (B, 1, S, S): for a ``share`` of the slices a
+    random convex mix of the C renders (Dirichlet(1) weights), else the first render alone. The factors stay
+    exactly what they are; what they do not fix (fat, organs, vessels, contrast, noise) is averaged, as an
+    autoencoder that does not encode it draws its mean."""
+    B, C = x.shape[:2]
+    w = -torch.log(torch.rand(B, C, generator=gen))
+    alone = torch.rand(B, generator=gen) >= share
+    w[alone] = F.one_hot(torch.zeros(int(alone.sum()), dtype=torch.long), C).float()
+    return (x * (w / w.sum(1, keepdim=True))[:, :, None, None]).sum(1, keepdim=True)
+
+
+def augmentation(name: str, basis=None):
     """(x, gen) -> augmented slices, for one variant."""
     shipped = oracle_stage.augment
+    if name == "average":
+        return lambda x, gen: shipped(nuisance_average(x, gen), gen)
+    if name == "average_control":
+        return lambda x, gen: shipped(x[:, :1], gen)
+    if name in ("pca", "pca_all"):
+        share = 0.6 if name == "pca" else 1.0
+        return lambda x, gen: shipped(project(x, gen, basis, share), gen)
     if name == "shipped":
         return shipped
     if name == "blur3":
@@ -111,10 +162,15 @@ def main(cfg: Settings) -> dict:
                                     (cfg.count, 3, "held-out slices for the VAE")))
     vae_x = hu_to_unit(vae_hu, window)
     recon = reconstruction(str(vae), SimpleNamespace(window=window))(vae_x)
+    if {"average", "average_control"} & set(cfg.variants):  # the same slices, each with one more patient's render
+        grouped = oracle_stage.render_slices(cfg.train_slices, size, cfg.seed, 1, cfg.render_size, cfg.workers,
+                                             "training slices with a second patient", copies=COPIES)
+    basis = pca_basis(hu_to_unit(train[0], window)) if {"pca", "pca_all"} & set(cfg.variants) else None
     rows = {}
     for name in cfg.variants:
         start = time.perf_counter()
-        oracle = oracle_stage.Oracle(oracle_stage.fit_oracle(ocfg, train, test, augmentation(name)))
+        slices = grouped if name.startswith("average") else train
+        oracle = oracle_stage.Oracle(oracle_stage.fit_oracle(ocfg, slices, test, augmentation(name, basis)))
         read = oracle.read(recon)
         rows[name] = {"r2_crisp": list(oracle.r2.values()),
                       "r2_generated": oracle_stage.r_squared(read, vae_y).tolist(),

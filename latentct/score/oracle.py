@@ -124,32 +124,41 @@ class OracleNet(nn.Module):
 # ------------------------------------------------------------------------------------------ slices
 
 def _render_chunk(job: tuple) -> tuple[np.ndarray, np.ndarray]:
-    """Worker: ``count`` slices of new patients as int16 HU (count, S, S) and their visible factors."""
+    """Worker: ``count`` slices of new patients as int16 HU (count, copies, S, S) and their visible factors.
+    Copies after the first are other patients given the first one's five patient-level factors, at the same z:
+    the same factors under other nuisance (fat, organ sizes, diaphragm, vessels, contrast, noise, padding)."""
+    import dataclasses
+
     from latentct.data import phantom
     from latentct.data.dicom import resize_slices
 
-    seed, stream, chunk, count, render_size, image_size = job
+    seed, stream, chunk, count, render_size, image_size, copies = job
     torch.set_num_threads(1)
     rng = np.random.default_rng([seed, stream, chunk])
     images, targets = [], []
     for _ in range(count):
         patient = phantom.sample_patient(rng)
         z = float(rng.uniform(0.0, 1.0))
-        hu = phantom.render_slice(patient, z, render_size, rng)
-        images.append(phantom.as_read_back(hu, patient.padding))
+        group = [patient] + [dataclasses.replace(phantom.sample_patient(rng), **{f: getattr(patient, f) for f in
+                                                                                FACTORS[1:]})
+                             for _ in range(copies - 1)]
+        images.extend(phantom.as_read_back(phantom.render_slice(p, z, render_size, rng), p.padding) for p in group)
         targets.append(phantom.visible_factors(patient, z))
-    return resize_slices(np.stack(images), image_size), np.asarray(targets, dtype=np.float32)
+    hu = resize_slices(np.stack(images), image_size)
+    return hu.reshape(count, copies, *hu.shape[1:]), np.asarray(targets, dtype=np.float32)
 
 
 def render_slices(count: int, image_size: int, seed: int, stream: int, render_size: int = 128, workers: int = 1,
-                  desc: str = "phantom slices") -> tuple[torch.Tensor, torch.Tensor]:
-    """(count, 1, S, S) int16 HU slices of fresh patients, every factor independent, and (count, 6) targets.
-    ``stream`` separates the training, held-out and validation draws of one seed."""
-    jobs = [(seed, stream, i, min(CHUNK, count - start), render_size, image_size)
+                  desc: str = "phantom slices", copies: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """(count, copies, S, S) int16 HU slices of fresh patients, every factor independent, and (count, 6)
+    targets; ``copies`` > 1 adds per slice renders of other patients that share its six factors (the nuisance
+    average of bench.oracle_reading). ``stream`` separates the training, held-out and validation draws of one
+    seed."""
+    jobs = [(seed, stream, i, min(CHUNK, count - start), render_size, image_size, copies)
             for i, start in enumerate(range(0, count, CHUNK))]
     with worker_pool(workers) as pool:
         parts = list(pool_map(_render_chunk, jobs, pool, desc, "chunk"))
-    hu = torch.from_numpy(np.concatenate([p[0] for p in parts]))[:, None]
+    hu = torch.from_numpy(np.concatenate([p[0] for p in parts]))
     return hu, torch.from_numpy(np.concatenate([p[1] for p in parts]))
 
 

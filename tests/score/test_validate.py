@@ -193,7 +193,7 @@ def test_the_kept_shares_tell_a_vae_that_draws_less_from_an_oracle_that_reads_le
 
 
 def test_the_oracle_reading_bench_augmentations_remove_detail_and_keep_the_body():
-    from bench.oracle_reading import VARIANTS, _median, augmentation
+    from bench.oracle_reading import VARIANTS, _median, augmentation, pca_basis
 
     x = -torch.ones(8, 1, 32, 32)
     x[:, :, 8:24, 6:26] = 0.2                      # a body with a sharp edge
@@ -203,10 +203,30 @@ def test_the_oracle_reading_bench_augmentations_remove_detail_and_keep_the_body(
     assert torch.equal(cleaned[:, :, 8:24, 6:26][:, :, 1:-1, 1:-1].unique(), torch.tensor([0.2]))
     assert torch.equal(cleaned[:, :, :, 0], x[:, :, :, 0]) and cleaned[0, 0, 16, 6] == 0.2  # the edge stays
     body = x > -0.6
+    noisy = x + 0.05 * torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
     for name in VARIANTS:
-        y = augmentation(name)(x, torch.Generator().manual_seed(0))
+        y = augmentation(name, pca_basis(noisy))(x, torch.Generator().manual_seed(0))
         assert y.shape == x.shape and y.min() >= -1 and y.max() <= 1 and not torch.equal(x, y)
         assert (y[body] > y[~body].mean()).float().mean() > 0.9, name
+
+
+def test_copies_share_the_factors_and_the_nuisance_average_mixes_them():
+    from bench.oracle_reading import nuisance_average
+    from latentct.score.anatomy import measure
+
+    hu, targets = oracle_stage.render_slices(6, 64, seed=3, stream=1, render_size=64, copies=2)
+    single, same = oracle_stage.render_slices(6, 64, seed=3, stream=1, render_size=64)
+    assert hu.shape == (6, 2, 64, 64) and single.shape == (6, 1, 64, 64) and torch.equal(same[0], targets[0])
+    first, second = (measure(hu[:, c:c + 1]) for c in range(2))
+    for m in ("thickness", "width", "centroid_y"):                 # the outline is the factors': it agrees
+        assert (first[m] - second[m]).abs().max() <= 2.0, (m, first[m], second[m])
+    assert (hu[:, 0].float() - hu[:, 1].float()).abs().mean() > 20  # the inside is another patient's
+    x = torch.stack([torch.full((5, 4, 4), -1.0), torch.full((5, 4, 4), 1.0)], 1)    # (5, 2, 4, 4)
+    gen = torch.Generator().manual_seed(0)
+    assert torch.equal(nuisance_average(x, gen, share=0.0), x[:, :1])
+    mixed = nuisance_average(x, gen, share=1.0)
+    assert mixed.shape == (5, 1, 4, 4) and (mixed > -1).all() and (mixed < 1).all()
+    assert torch.allclose(mixed, mixed[:, :, :1, :1].expand_as(mixed))                  # one weight per slice
 
 
 def test_oracle_from_another_phantom_version_is_refused(tiny_oracle, tmp_path):
