@@ -34,15 +34,20 @@ class BasicBlock(nn.Module):
         self.bn1 = nn.BatchNorm2d(channel_out)
         self.conv2 = nn.Conv2d(channel_out, channel_out, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(channel_out)
-        self.down = None
+        self.down, self.stride = None, stride
         if stride != 1 or channel_in != channel_out:
-            self.down = nn.Sequential(nn.Conv2d(channel_in, channel_out, 1, stride, bias=False),
+            # The shortcut is ResNet's 1x1 convolution of stride 2, written as every second pixel and then a 1x1
+            # convolution of stride 1 (the same numbers, the same weights). oneDNN's backward-weights kernel for a
+            # strided 1x1 convolution on channels_last input with fewer input channels than its block (8 on AVX2,
+            # 16 on AVX-512) writes past its workspace: a segfault or wrong gradients (uxlfoundation/oneDNN#6035),
+            # met here with --reconstructor-width 4 on an AVX2 CPU.
+            self.down = nn.Sequential(nn.Conv2d(channel_in, channel_out, 1, 1, bias=False),
                                       nn.BatchNorm2d(channel_out))
 
     def forward(self, x):
         out = torch.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
-        return torch.relu(out + (x if self.down is None else self.down(x)))
+        return torch.relu(out + (x if self.down is None else self.down(x[:, :, ::self.stride, ::self.stride])))
 
 
 class ResNet18(nn.Module):

@@ -98,3 +98,34 @@ def test_every_vae_starts_in_the_middle_of_tanh_and_learns_to_use_z():
             (mse + 0.01 * kl_divergence(mu, logvar)).backward()
             opt.step()
         assert one_image == pytest.approx(0.1406, abs=1e-3) and mse.item() < one_image / 3
+
+
+def test_a_narrow_resnet_reconstructor_trains_channels_last_with_the_gradients_of_the_reference():
+    """A ResNet reconstructor of width 4 has strided shortcuts with 4-16 input channels, the case where oneDNN's
+    strided 1x1 backward on channels_last input corrupts memory (a crash or wrong gradients on AVX2). Its
+    shortcut must equal a 1x1 convolution of stride 2, and its channels_last float gradients the float64
+    reference's, step after step."""
+    import torch.nn.functional as F
+
+    from latentct.models.reconstructor import BasicBlock, make_reconstructor
+
+    block = BasicBlock(4, 8, stride=2).double().eval()
+    x = torch.randn(3, 4, 9, 9, dtype=torch.float64)
+    conv, bn = block.down
+    assert torch.allclose(block.down(x[:, :, ::2, ::2]), bn(F.conv2d(x, conv.weight, stride=2)))
+    torch.manual_seed(0)
+    fast = make_reconstructor("resnet", 6, 4, channels=3).to(memory_format=torch.channels_last)
+    reference = make_reconstructor("resnet", 6, 4, channels=3).double()
+    reference.load_state_dict(fast.state_dict())
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(4):
+        a, b = (torch.randn(8, 3, 32, 32, generator=gen) for _ in range(2))
+        grads = []
+        for model, cast in ((fast, lambda t: t.contiguous(memory_format=torch.channels_last)),
+                            (reference, torch.Tensor.double)):
+            model.zero_grad()
+            logits, shift = model(cast(a), cast(b))
+            (logits.pow(2).mean() + shift.pow(2).mean()).backward()
+            grads.append(torch.cat([p.grad.double().flatten() for p in model.parameters()]))
+        error = float((grads[0] - grads[1]).norm() / grads[1].norm())
+        assert error < 1e-4, error                                   # float against float64: about 1e-6
