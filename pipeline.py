@@ -33,7 +33,7 @@ from latentct.discover.unmix import UNMIX_BY, whole_latent
 from latentct.score import disentanglement, oracle, validate
 from latentct.show.gallery import write_index
 from latentct.util.io import atomic_write_json
-from latentct.util.settings import UserError, check, make_settings, run_cli, setting, settings_dict
+from latentct.util.settings import UserError, check, code_version, make_settings, run_cli, setting, settings_dict
 from Training import TrainDiffusion, TrainDirections, TrainDisCo, TrainGAN, TrainLatentCLR, TrainVAE
 
 # The one ordering table: every kind of job in the order it runs, with its stage (the name --from-stage takes and
@@ -669,6 +669,7 @@ class Runner:
         self.ran: set[str] = set()
         self.rows: dict[str, dict] = {}
         self.started = time.time()
+        self.commit = code_version(Path(__file__).resolve().parent)  # the code this run's figures come from
         self.first_gallery: float | None = None
         self.bar = tqdm(total=len(jobs), desc="pipeline", unit="stage")
 
@@ -710,7 +711,7 @@ class Runner:
 
     def write_summary(self) -> dict:
         rows = [self.rows[j.name] for j in self.jobs if j.name in self.rows]
-        summary = {"run": self.cfg.run, "settings": settings_dict(self.cfg), "stages": rows,
+        summary = {"run": self.cfg.run, "commit": self.commit, "settings": settings_dict(self.cfg), "stages": rows,
                    "pending": [j.name for j in self.jobs if j.name not in self.rows],
                    "total_seconds": round(sum(r["seconds"] for r in rows), 1),
                    "wall_seconds": round(time.time() - self.started, 1), "first_gallery_seconds": self.first_gallery}

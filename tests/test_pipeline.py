@@ -8,7 +8,7 @@ import torch
 import pipeline
 from latentct.discover.directions import load_directions
 from latentct.generators.interface import load_encoder, load_generator
-from latentct.util.settings import UserError, parse_settings
+from latentct.util.settings import UserError, code_version, parse_settings
 
 
 def test_whole_pipeline_at_the_smallest_sizes_then_cached_then_from_a_stage(tmp_path):
@@ -117,6 +117,7 @@ def test_whole_pipeline_at_the_smallest_sizes_then_cached_then_from_a_stage(tmp_
     assert json.loads((anim / "vae" / "report.json").read_text())["real"][0]["embedding"] == "encoder"
     saved = json.loads((anim / "summary.json").read_text())
     assert [r["stage"] for r in saved["stages"]] == stages and "dcgan/index.html" in (anim / "index.html").read_text()
+    assert saved["commit"] == code_version(Path(pipeline.__file__).resolve().parent)  # the code the figures come from
 
     # the README's short blocks and docs/results.md's tables come from these files, by a command
     from latentct.show import results
@@ -418,3 +419,42 @@ def test_the_diffusion_comparison_is_written_from_the_tables():
            "recover 2 of 6" in text and "The GAN and the VAE" in text and "dcgan: unmix, 3 of 6" in text
     noise["methods"]["unmix"]["verdict"] = "not above null"
     assert diffusion_comparison([("diffusion_noise", noise)], []).startswith("No label-free method separates")
+
+
+def test_the_spread_across_machines_names_what_moved_and_only_runs_of_the_same_settings(tmp_path):
+    from latentct.show import results
+
+    def row(count, p, supervision="none"):
+        return {"recovered_at": {"0.5": count, "0.67": count, "0.8": 0}, "recoverable": 5, "auc": 0.3,
+                "p_value": {"auc": p}, "verdict": "above null" if p < 0.05 else "not above null",
+                "supervision": supervision}
+
+    def record(sefa, p, unmix, workers, seed=0, commit="abc1234"):
+        return {"run": "demo", "settings": {"seed": seed, "workers": workers, "root": "."}, "machine": "CPU X, 2 cores",
+                "commit": commit, "generators": {"dcgan": {"recoverable_at": {"0.67": 5 if sefa else 6},
+                                                           "methods": {"sefa": row(sefa, p), "unmix": row(unmix, 0.001),
+                                                                       "supervised": row(5, 0.001, "labels")}}}}
+
+    here = record(1, 0.038, 2, workers=2)
+    folder = tmp_path / "machines"
+    folder.mkdir()
+    (folder / "a.json").write_text(json.dumps(record(0, 0.273, 2, workers=1, commit="def5678")))  # how it ran: same
+    (folder / "b.json").write_text(json.dumps(record(3, 0.001, 3, workers=2, seed=1)))         # another seed: left out
+    (folder / "self.json").write_text(json.dumps({**here, "commit": "0ld0ld0"}))  # this run, recorded at another commit
+    line = " ".join(results.machines_line(here, folder))
+    assert "this run beside 1 other recorded run of the same settings" in line and "def5678" in line
+    assert "0ld0ld0" not in line
+    assert "Recoverable at 2/3: dcgan 5-6." in line
+    assert "Counts at 2/3 that differ: dcgan sefa 0-1." in line                  # unmix and supervised held
+    assert "flip between above and not above the null: dcgan sefa (p 0.038-0.273)." in line
+    assert results.machines_line(here, tmp_path / "none") == []
+    bare = record(2, 0.5, 2, workers=2, commit="fff0000")              # no supervised row: no recoverable count
+    bare["generators"]["dcgan"]["recoverable_at"] = None
+    del bare["generators"]["dcgan"]["methods"]["unmix"]
+    (folder / "c.json").write_text(json.dumps(bare))
+    line = " ".join(results.machines_line(here, folder))
+    assert "Recoverable at 2/3: not scored." in line and "dcgan sefa 0-2" in line
+    assert "Not in every run, so not compared: dcgan unmix." in line
+    (folder / "c.json").unlink()
+    (folder / "a.json").unlink()
+    assert results.machines_line(here, folder) == []                             # nothing comparable is left

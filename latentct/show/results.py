@@ -10,7 +10,9 @@ sweeps, generators, known-answer sweeps, every gallery's ground truth) or ``benc
 and DCI, and the budget curves when bench/budget.py has run). ``--readme`` (README.md) gets the short blocks:
 from the demo ``examples`` (the example GIF row with captions) and ``results`` (at a glance: per generator and
 method, recovered at tau 2/3 of recoverable, area, p, verdict); from the benchmark ``benchmark`` (the same
-table for every method, and which label-free method to try first on each generator).
+table for every method, and which label-free method to try first on each generator). ``--record FILE`` also keeps
+the run's headline with its machine and commit (bench/machines/); the demo's results block sets every recorded
+run of the same settings beside it (the spread across machines).
 """
 from __future__ import annotations
 
@@ -20,8 +22,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from latentct.util.io import atomic_write_text
-from latentct.util.settings import UserError, run_cli, setting
+from latentct.util.io import atomic_write_json, atomic_write_text
+from latentct.util.settings import UserError, code_version, run_cli, setting
 
 # Shapes3D MIG of the same direction methods under the same protocol, as the published comparisons report them
 # (Khrulkov et al. 2021; DisCo, ICLR 2022): the reference the benchmark's MIG column stands beside.
@@ -46,6 +48,12 @@ class Settings:
     block: str = setting("results", "which run kind: results (the demo), benchmark (every method, MIG/DCI, "
                          "the budget curves) or diffusion (--preset benchmark-diffusion: both views against the "
                          "--compare-run's DCGAN and VAE)", choices=("results", "benchmark", "diffusion"))
+    record: str | None = setting(None, "also write the run's headline (per generator and method: counts at each tau, "
+                                 "area, p, verdict), with this machine's CPU and the commit, to this JSON file "
+                                 "(e.g. bench/machines/<name>.json): another machine's figures for the spread")
+    machines: str | None = setting("bench/machines", "folder of such records: the demo's results block gives the "
+                                   "spread across them and this run where they ran the same settings; none: leave "
+                                   "it out")
     compare_run: str | None = setting("demo", "with --block diffusion: the run whose DCGAN and VAE tables the "
                                       "diffusion model is compared with (same phantom and image size)")
 
@@ -578,14 +586,104 @@ def readme_blocks(cfg: Settings, picked: list[tuple[str, str]] | None, docs_link
         return {"diffusion": "\n".join([note, "", glance_table(truths), "", diffusion_comparison(truths, others)])
                 + "\n"}
     first = summary.get("first_gallery_seconds")
+    record = machine_record(summary, truths, Path(cfg.root))
+    across = machines_line(record, Path(cfg.root) / cfg.machines) if cfg.machines else []
     blocks = {"results": "\n".join([note, "", glance_table(truths), *spread_line(Path(cfg.root) / "Animations" /
-                                                                                 cfg.run)]) + "\n",
+                                                                                 cfg.run), *across]) + "\n",
               "runtime": f"The main job took {_minutes(summary['wall_seconds'])} on the machine that last ran it (2 CPU "
                          "cores" + (f"; the first gallery was on disk after {_minutes(first)}" if first else "")
                          + "); nothing is downloaded.\n"}
     if picked:
         blocks["examples"] = examples_row(picked, "Animations/examples") + "\n"
     return blocks
+
+
+HEADLINE_FIELDS = ("recovered_at", "recoverable", "auc", "p_value", "verdict", "supervision")
+
+
+def _cpu() -> str:
+    """This machine's processor as /proc/cpuinfo names it (else platform's), with its core count."""
+    import platform
+
+    name = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        models = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+                  if line.startswith("model name")]
+        name = models[0] if models else name
+    return f"{name}, {os.cpu_count()} cores"
+
+
+def machine_record(summary: dict, truths: list[tuple[str, dict]], root: Path) -> dict:
+    """A run's headline in a file of its own: per generator its recoverable counts and per method the headline
+    fields, with the machine, the commit and the run's settings, so that another machine's run can be set
+    beside it."""
+    import datetime
+
+    written = Path(root) / "Animations" / summary["run"] / "summary.json"
+    date = (datetime.datetime.fromtimestamp(written.stat().st_mtime, datetime.timezone.utc).date().isoformat()
+            if written.is_file() else None)
+    return {"run": summary["run"], "settings": summary.get("settings"), "date": date, "machine": _cpu(),
+            "commit": summary.get("commit") or code_version(root),
+            "generators": {gen: {"recoverable_at": gt.get("recoverable_at"),
+                                 "methods": {m: {k: t.get(k) for k in HEADLINE_FIELDS}
+                                             for m, t in gt["methods"].items()}}
+                           for gen, gt in truths}}
+
+
+def machines_line(record: dict, folder: Path) -> list[str]:
+    """How the headline moved between this run and the recorded runs of the same settings on other machines
+    (bench/machines/*.json): per generator the recoverable count's range, the method rows whose count at tau 2/3
+    differs, and the verdicts that flip, with the p-values' range."""
+    others = []
+    for path in sorted(folder.glob("*.json")) if folder.is_dir() and record.get("settings") else []:
+        other = json.loads(path.read_text())
+        # this run's own record (the same numbers) is not another run, whichever commit wrote it
+        if (other.get("settings") and _what_runs(other["settings"]) == _what_runs(record["settings"])
+                and other.get("generators") and other["generators"] != record["generators"]):
+            others.append(other)
+    if not others:
+        return []
+    runs = [record, *others]
+    moved, flips, recoverable = [], [], []
+    left_out = []
+    for gen, table in record["generators"].items():
+        if not all(gen in r["generators"] for r in runs):
+            left_out.append(gen)
+            continue
+        counts = [(r["generators"][gen].get("recoverable_at") or {}).get("0.67") for r in runs]
+        if None not in counts:  # no supervised row, no recoverable count
+            recoverable.append(f"{gen} {_range(counts)}")
+        for method in table["methods"]:
+            rows = [r["generators"][gen]["methods"].get(method) for r in runs]
+            if any(row is None or not row.get("recovered_at") for row in rows):
+                left_out.append(f"{gen} {method}")
+                continue
+            at = [row["recovered_at"]["0.67"] for row in rows]
+            if len(set(at)) > 1:
+                moved.append(f"{gen} {method} {_range(at)}")
+            if len({str(row["verdict"]).startswith("above") for row in rows}) > 1:
+                p = [row["p_value"]["auc"] for row in rows if (row.get("p_value") or {}).get("auc") is not None]
+                flips.append(f"{gen} {method}" + (f" (p {min(p):.3f}-{max(p):.3f})" if p else ""))
+    where = "; ".join(f"{r.get('machine') or 'machine not recorded'}, {r.get('commit') or 'commit unknown'}"
+                      for r in others)
+    return ["", f"Across runs: this run beside {len(others)} other recorded run{'s' if len(others) > 1 else ''} of the "
+            f"same settings (`bench/machines/`: {where}); the same seed gives other weights on another CPU. "
+            "Recoverable at 2/3: " + (", ".join(recoverable) or "not scored") + ". Counts at 2/3 that differ: "
+            + (", ".join(moved) if moved else "none") + ". Verdicts that flip between above and not above the null: "
+            + (", ".join(flips) if flips else "none") + "."
+            + (f" Not in every run, so not compared: {', '.join(left_out)}." if left_out else "")]
+
+
+RUN_CONTROL = ("root", "workers", "parallel", "device", "from_stage")  # how a run is driven, not what it computes
+
+
+def _what_runs(settings: dict | None) -> dict | None:
+    return None if settings is None else {k: v for k, v in settings.items() if k not in RUN_CONTROL}
+
+
+def _range(values: list[int]) -> str:
+    return f"{min(values)}" if min(values) == max(values) else f"{min(values)}-{max(values)}"
 
 
 def spread_line(anim: Path) -> list[str]:
@@ -659,6 +757,11 @@ def main(cfg: Settings) -> dict[str, dict[str, str]]:
     else:
         picked, full = None, render_benchmark(cfg, link)
     out = {"docs": {cfg.block: full}, "readme": readme_blocks(cfg, picked, docs_link)}
+    if cfg.record:
+        summary = _read_json(root / "Animations" / cfg.run / "summary.json")
+        Path(cfg.record).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(Path(cfg.record), machine_record(summary, _ground_truths(summary), root))
+        print(f"{cfg.record}: this run's headline on {_cpu()}")
     _write(cfg.docs, out["docs"], cfg.run)
     _write(cfg.readme, out["readme"], cfg.run)
     return out

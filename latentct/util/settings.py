@@ -232,3 +232,21 @@ def run_cli(main, cls, presets: dict | None = None, prog: str | None = None):
         return main(cfg)
     except (UserError, FileNotFoundError, FileExistsError) as err:
         raise SystemExit(f"{prog}: error: {err}")
+
+
+def code_version(folder) -> str | None:
+    """The git commit checked out at ``folder`` (short), with "+changes" where tracked files differ from it; None
+    outside a git checkout. A run's summary keeps it, so its figures name the code that made them."""
+    import subprocess
+
+    def git(*args):
+        try:
+            out = subprocess.run(["git", "-C", str(folder), *args], capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    head = git("rev-parse", "--short", "HEAD")
+    if not head:
+        return None
+    return head + ("+changes" if git("status", "--porcelain", "--untracked-files=no") else "")

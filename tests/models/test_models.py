@@ -110,9 +110,11 @@ def test_a_narrow_resnet_reconstructor_trains_channels_last_with_the_gradients_o
     from latentct.models.reconstructor import BasicBlock, make_reconstructor
 
     block = BasicBlock(4, 8, stride=2).double().eval()
-    x = torch.randn(3, 4, 9, 9, dtype=torch.float64)
     conv, bn = block.down
-    assert torch.allclose(block.down(x[:, :, ::2, ::2]), bn(F.conv2d(x, conv.weight, stride=2)))
+    for size in ((9, 9), (8, 8), (7, 10)):            # ResNet's block: the shortcut a 1x1 convolution of stride 2
+        x = torch.randn(3, 4, *size, dtype=torch.float64)
+        inner = block.bn2(block.conv2(torch.relu(block.bn1(block.conv1(x)))))
+        assert torch.allclose(block(x), torch.relu(inner + bn(F.conv2d(x, conv.weight, stride=2))))
     torch.manual_seed(0)
     fast = make_reconstructor("resnet", 6, 4, channels=3).to(memory_format=torch.channels_last)
     reference = make_reconstructor("resnet", 6, 4, channels=3).double()
