@@ -57,7 +57,7 @@ from latentct.util.io import atomic_torch_save, atomic_write_json
 from latentct.util.settings import UserError, check, run_cli, save_settings, setting
 
 # What a method used beyond the generator: only "none" methods are label-free and ranked as such.
-SUPERVISION = {"supervised": "labels", "metadata": "patient and slice position"}
+SUPERVISION = {"supervised": "labels", "metadata": "metadata"}  # ground_truth.json's vocabulary (issue 17 section 3)
 
 
 @dataclass

@@ -72,7 +72,7 @@ def test_whole_pipeline_at_the_smallest_sizes_then_cached_then_from_a_stage(tmp_
         assert gt["recoverable_at"] == gt["methods"]["supervised"]["recovered_at"] and gt["null"]["pool"] == 64
         assert gt["validation"]["checks"] and set(gt["attainable"]["vae"]) == set(gt["noise_floor"])
         assert gt["methods"]["supervised"]["supervision"] == "labels"
-        assert all(t["supervision"] == ("patient and slice position" if m == "metadata" else "labels"
+        assert all(t["supervision"] == ("metadata" if m == "metadata" else "labels"
                                         if m == "supervised" else "none") for m, t in gt["methods"].items())
         assert gt["oracles"]["fit"] == gt["methods"]["supervised"]["supervised"]["oracle_sha256"]
         assert all("effect_dci" in t and t["recoverable"] == gt["recoverable"] for t in gt["methods"].values())

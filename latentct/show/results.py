@@ -100,10 +100,13 @@ def _p(value) -> str:
     return "–" if value is None else f"{value:.3f}"
 
 
+USES = {"metadata": "patient and slice position", "measurements": "anatomy measurements"}
+
+
 def shown(method: str, table: dict) -> str:
     """A method's name in the tables, with what it used beyond the generator where it is not label-free."""
     used = table.get("supervision", "none")
-    return method if used in ("none", "labels") else f"{method} (uses {used})"
+    return method if used in ("none", "labels") else f"{method} (uses {USES.get(used, used)})"
 
 
 def headline(table: dict) -> list[str]:
