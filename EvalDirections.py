@@ -368,7 +368,7 @@ def ground_truth(cfg: Settings, subject: Subject, files: dict[str, Directions], 
         r2, effect = line_effects(read(images), eps)
         table = score_directions(r2, effect, floor)
         table.update(rca=dirs.rca, effect_dci=effect_dci(effect, floor), directions_count=dirs.count,
-                     supervision=SUPERVISION.get(dirs.method, "none"))
+                     supervision=SUPERVISION.get(dirs.method, "none"), file=str(dirs.path))
         if dirs.method == "supervised":
             table["supervised"] = dirs.extra
         methods[name] = table

@@ -149,10 +149,15 @@ def test_whole_pipeline_at_the_smallest_sizes_then_cached_then_from_a_stage(tmp_
             assert row in text, row
     assert "[docs/results.md](docs/results.md)" in text
     assert f"The main job took {results._minutes(summary['wall_seconds'])} on the machine that last ran it" in text
-    # the example GIFs are the cleanest directions, captioned with their share of the factor they stand for
-    truth = json.loads((anim / "dcgan" / "report.json").read_text())["ground_truth"]["main"]["directions"]
-    cleanest = max(truth, key=lambda d: ("stands_for" in d, d["share"]))
-    assert f"dcgan k={cleanest['direction']}: " in text and f"{cleanest['share']:.2f}" in text
+    # the example GIFs are the cleanest label-free directions of any method the ground truth scored (the random
+    # and supervised references aside), captioned with the method and their share of the factor they stand for
+    truth = json.loads((anim / "dcgan" / "report.json").read_text())["ground_truth"]["methods"]
+    assert all(Path(t["file"]).is_file() for t in truth.values())
+    free = [(m, d) for m, t in truth.items() if t["supervision"] == "none" and m != "random" for d in t["directions"]]
+    method, cleanest = max(free, key=lambda md: ("stands_for" in md[1] or "also_for" in md[1], md[1]["share"]))
+    assert f"dcgan {method} k={cleanest['direction']}: " in text and f"{cleanest['share']:.2f}" in text
+    assert (f"dcgan_{method}_{cleanest['direction']}.gif" if method != "learned" else
+            f"dcgan_{cleanest['direction']}.gif") in gifs
     # docs/results.md: the full tables, the GIFs linked from docs/
     assert "| train_gan | dcgan |" in full and "| dcgan | 6 |" in full and "recovered at 0.5 / 2/3 / 0.8" in full
     oracle_row = next(line for line in full.splitlines() if line.startswith("| width | "))
@@ -442,8 +447,8 @@ def test_the_spread_across_machines_names_what_moved_and_only_runs_of_the_same_s
     (folder / "b.json").write_text(json.dumps(record(3, 0.001, 3, workers=2, seed=1)))         # another seed: left out
     (folder / "self.json").write_text(json.dumps({**here, "commit": "0ld0ld0"}))  # this run, recorded at another commit
     line = " ".join(results.machines_line(here, folder))
-    assert "this run beside 1 other recorded run of the same settings" in line and "def5678" in line
-    assert "0ld0ld0" not in line
+    assert "this run (CPU X, 2 cores, abc1234) beside 1 other recorded run of the same seed and settings" in line
+    assert "def5678" in line and "0ld0ld0" not in line and "Not every run recorded its generators' weights" in line
     assert "Recoverable at 2/3: dcgan 5-6." in line
     assert "Counts at 2/3 that differ: dcgan sefa 0-1." in line                  # unmix and supervised held
     assert "flip between above and not above the null: dcgan sefa (p 0.038-0.273)." in line
@@ -458,3 +463,14 @@ def test_the_spread_across_machines_names_what_moved_and_only_runs_of_the_same_s
     (folder / "c.json").unlink()
     (folder / "a.json").unlink()
     assert results.machines_line(here, folder) == []                             # nothing comparable is left
+    # a run is known by its commit and wall time: recorded again with other tables it is still this run, and
+    # another machine's run with the very same numbers is a second run (a reproduction), not this one
+    timed = dict(here, wall_seconds=1487.5, weights={"dcgan": "aa"})
+    (folder / "self.json").write_text(json.dumps(dict(timed, generators={"dcgan": {"recoverable_at": None,
+                                                                                   "methods": {}}})))
+    (folder / "twin.json").write_text(json.dumps(dict(timed, wall_seconds=1050.2, machine="CPU Y, 2 cores")))
+    line = " ".join(results.machines_line(timed, folder))
+    assert "beside 1 other recorded run" in line and "CPU Y, 2 cores, abc1234" in line
+    assert "Identical weights (sha256 of generator.pt): dcgan." in line and "Counts at 2/3 that differ: none." in line
+    (folder / "twin.json").write_text(json.dumps(dict(timed, wall_seconds=1050.2, weights={"dcgan": "bb"})))
+    assert "Their generators' weights differ" in " ".join(results.machines_line(timed, folder))

@@ -16,14 +16,16 @@ run of the same settings beside it (the spread across machines).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from latentct.util.io import atomic_write_json, atomic_write_text
-from latentct.util.settings import UserError, code_version, run_cli, setting
+from latentct.util.settings import UserError, code_version, load_settings, run_cli, setting
 
 # Shapes3D MIG of the same direction methods under the same protocol, as the published comparisons report them
 # (Khrulkov et al. 2021; DisCo, ICLR 2022): the reference the benchmark's MIG column stands beside.
@@ -43,8 +45,8 @@ class Settings:
                                "instead")
     baseline: str | None = setting(None, "summary.json of another run of the same pipeline (an older version on the "
                                    "same machine): a per-stage wall-time comparison")
-    examples: int = setting(2, "example GIFs per gallery copied to Animations/examples/ (the cleanest directions "
-                            "with different labels)")
+    examples: int = setting(2, "example GIFs per gallery copied to Animations/examples/ (the cleanest label-free "
+                            "directions of any method the gallery scored, with different labels)")
     block: str = setting("results", "which run kind: results (the demo), benchmark (every method, MIG/DCI, "
                          "the budget curves) or diffusion (--preset benchmark-diffusion: both views against the "
                          "--compare-run's DCGAN and VAE)", choices=("results", "benchmark", "diffusion"))
@@ -295,9 +297,11 @@ def _to_examples(anim: Path, source: Path, name: str) -> str:
 
 
 def examples(anim: Path, galleries: list[dict], count: int) -> list[tuple[str, str]]:
-    """Copy the cleanest directions' GIFs to Animations/examples/: (file name, caption). Cleanest: on the
-    phantom, the directions with the largest share on the factor they stand for at tau 2/3 (one per factor);
-    elsewhere the largest share of one anatomy measurement. The caption gives the share."""
+    """Copy the cleanest directions' GIFs to Animations/examples/: (file name, caption). On the phantom, per
+    gallery, the label-free directions of every method its ground truth scored (the random and supervised
+    references aside) with the largest share on the factor they stand for at tau 2/3, one per factor; another
+    method's directions are swept and measured as the gallery's own (``render_others``). Elsewhere the gallery's
+    directions with the largest share of one anatomy measurement. The caption names the method and the share."""
     from latentct.score.scoring import direction_mark
 
     folder = anim.parent / "examples"
@@ -306,26 +310,52 @@ def examples(anim: Path, galleries: list[dict], count: int) -> list[tuple[str, s
         old.unlink()
     picked = []
     for row in galleries:
-        report = _read_json(Path(row["output"]) / "report.json")
-        rows = {d["direction"]: d for d in report["directions"]}
-        truth = ((report.get("ground_truth") or {}).get("main") or {}).get("directions")
+        gallery = Path(row["output"])
+        report = _read_json(gallery / "report.json")
+        truth = (report.get("ground_truth") or {}).get("methods") or {}
+        own = next(iter(truth), report["method"])  # the gallery's own directions come first in its ground truth
+        rows = {(own, d["direction"]): d for d in report["directions"]}
         if truth:  # the factor each direction mainly moves, and its share of the direction's effect
-            ranked = sorted(truth, key=lambda d: (-("stands_for" in d or "also_for" in d), -d["share"]))
-            candidates = [(d["direction"], d["dominant"], direction_mark(d)) for d in ranked]
+            scored = [(name, d) for name, t in truth.items()
+                      if t.get("supervision", "none") == "none" and name.split(" (")[0] not in REFERENCES
+                      and (name == own or t.get("file")) for d in t["directions"]]
+            ranked = sorted(scored, key=lambda nd: (-("stands_for" in nd[1] or "also_for" in nd[1]), -nd[1]["share"]))
+            candidates = [(name, d["direction"], d["dominant"], direction_mark(d)) for name, d in ranked]
         else:
             ranked = sorted(rows.values(), key=lambda d: -max(d.get("shares", {"": 0}).values()))
-            candidates = [(d["direction"], max(d["shares"], key=d["shares"].get), "") for d in ranked if d.get("shares")]
+            candidates = [(own, d["direction"], max(d["shares"], key=d["shares"].get), "")
+                          for d in ranked if d.get("shares")]
         chosen, seen = [], set()
-        for k, what, mark in candidates:
+        for name, k, what, mark in candidates:
             if what not in seen and len(chosen) < count:
-                chosen.append((k, mark))
+                chosen.append((name, k, mark))
                 seen.add(what)
-        name = Path(row["output"]).name
-        for k, mark in chosen:
-            file = _to_examples(anim, Path(row["output"]) / rows[k]["gif"], f"{name}_{k}.gif")
-            caption = f"{name} k={k}: " + (f"factor: {mark}; " if mark else "") + f"anatomy: {rows[k]['label']}"
-            picked.append((file, caption))
+        with tempfile.TemporaryDirectory() as tmp:
+            for other in sorted({name for name, _, _ in chosen} - {own}):
+                ks = [k for name, k, _ in chosen if name == other]
+                found = render_others(gallery, truth[other]["file"], ks, Path(tmp) / f"m{len(rows)}")
+                rows.update(((other, k), r) for k, r in found.items())
+            for name, k, mark in chosen:
+                gif = gallery / rows[name, k]["gif"]  # another method's: an absolute path under tmp
+                label = "_".join([gallery.name, *([name.split(" (")[0]] if name != own else []), str(k)])
+                caption = (f"{gallery.name} {shown(name, truth.get(name, {}))} k={k}: "
+                           + (f"factor: {mark}; " if mark else "") + f"anatomy: {rows[name, k]['label']}")
+                picked.append((_to_examples(anim, gif, f"{label}.gif"), caption))
     return picked
+
+
+def render_others(gallery: Path, file: str, ks: list[int], out: Path) -> dict[int, dict]:
+    """Directions ``ks`` of another method's file, swept and measured as the gallery swept and measured its own
+    (its settings and shift range; no ground truth, real slices or label spans): their report rows by direction,
+    each row's "gif" a path under ``out``."""
+    import EvalDirections  # a script at the repository root, as pipeline.py runs it
+
+    cfg = load_settings(EvalDirections.Settings, gallery / "config.json")
+    cfg = dataclasses.replace(cfg, directions=file, output=str(out), which=list(ks), compare=[], ground_truth="off",
+                              real_slices=0, label_subspace="off",
+                              shift_scale=_read_json(gallery / "report.json")["shift_scale"])
+    report = EvalDirections.main(cfg)
+    return {r["direction"]: dict(r, gif=str(out / r["gif"])) for r in report["directions"]}
 
 
 def examples_row(picked: list[tuple[str, str]], link: str) -> str:
@@ -351,8 +381,8 @@ def render(cfg: Settings, link: str = "Animations/examples", picked: list[tuple[
                   baseline_table(summary, _read_json(Path(cfg.baseline)))]
     if cfg.examples:
         picked = examples(anim, galleries, cfg.examples) if picked is None else picked
-        parts += ["", "Example sweeps (the cleanest directions, those that count first, with their share; the strip lights "
-                  "up at 0):", "",
+        parts += ["", "Example sweeps (the cleanest label-free directions of any method, those that count first, with their "
+                  "share; the strip lights up at 0):", "",
                   examples_row(picked, link)]
     parts += ["", "Generators (last evaluation; SWD x1e3 on multi-scale patches):", "",
              generator_table(runs, [r["name"] for r in summary["stages"] if r["stage"].startswith("train_")])]
@@ -626,12 +656,24 @@ def machine_record(summary: dict, truths: list[tuple[str, dict]], root: Path) ->
     written = Path(root) / "Animations" / summary["run"] / "summary.json"
     date = (datetime.datetime.fromtimestamp(written.stat().st_mtime, datetime.timezone.utc).date().isoformat()
             if written.is_file() else None)
+    from latentct.generators.interface import file_hash
+
+    weights = {gen: Path(root) / "runs" / summary["run"] / gen / "generator.pt" for gen, _ in truths}
     return {"run": summary["run"], "settings": summary.get("settings"), "date": date, "machine": _cpu(),
-            "commit": summary.get("commit") or code_version(root),
+            "commit": summary.get("commit") or code_version(root), "wall_seconds": summary.get("wall_seconds"),
+            "weights": {gen: file_hash(f) if f.is_file() else None for gen, f in weights.items()},
             "generators": {gen: {"recoverable_at": gt.get("recoverable_at"),
                                  "methods": {m: {k: t.get(k) for k in HEADLINE_FIELDS}
                                              for m, t in gt["methods"].items()}}
                            for gen, gt in truths}}
+
+
+def _same_run(a: dict, b: dict) -> bool:
+    """Whether two records are of one run (recorded twice, or at another commit of the tables): the commit that
+    made the run and its wall time; records without a wall time (transcribed) compare their headlines."""
+    if a.get("wall_seconds") is not None and b.get("wall_seconds") is not None:
+        return (a.get("commit"), a["wall_seconds"]) == (b.get("commit"), b["wall_seconds"])
+    return a.get("generators") == b.get("generators")
 
 
 def machines_line(record: dict, folder: Path) -> list[str]:
@@ -641,9 +683,8 @@ def machines_line(record: dict, folder: Path) -> list[str]:
     others = []
     for path in sorted(folder.glob("*.json")) if folder.is_dir() and record.get("settings") else []:
         other = json.loads(path.read_text())
-        # this run's own record (the same numbers) is not another run, whichever commit wrote it
         if (other.get("settings") and _what_runs(other["settings"]) == _what_runs(record["settings"])
-                and other.get("generators") and other["generators"] != record["generators"]):
+                and other.get("generators") and not _same_run(other, record)):
             others.append(other)
     if not others:
         return []
@@ -668,11 +709,19 @@ def machines_line(record: dict, folder: Path) -> list[str]:
             if len({str(row["verdict"]).startswith("above") for row in rows}) > 1:
                 p = [row["p_value"]["auc"] for row in rows if (row.get("p_value") or {}).get("auc") is not None]
                 flips.append(f"{gen} {method}" + (f" (p {min(p):.3f}-{max(p):.3f})" if p else ""))
-    where = "; ".join(f"{r.get('machine') or 'machine not recorded'}, {r.get('commit') or 'commit unknown'}"
-                      for r in others)
-    return ["", f"Across runs: this run beside {len(others)} other recorded run{'s' if len(others) > 1 else ''} of the "
-            f"same settings (`bench/machines/`: {where}); the same seed gives other weights on another CPU. "
-            "Recoverable at 2/3: " + (", ".join(recoverable) or "not scored") + ". Counts at 2/3 that differ: "
+    def where(r):
+        return f"{r.get('machine') or 'machine not recorded'}, {r.get('commit') or 'commit unknown'}"
+
+    weights = [r.get("weights") or {} for r in runs]
+    if all(w.get(gen) for w in weights for gen in record["generators"]):
+        same = [gen for gen in record["generators"] if len({w[gen] for w in weights}) == 1]
+        told = ("Their generators' weights differ (sha256 of generator.pt)" if not same else
+                f"Identical weights (sha256 of generator.pt): {', '.join(same)}")
+    else:
+        told = "Not every run recorded its generators' weights"
+    return ["", f"Across runs: this run ({where(record)}) beside {len(others)} other recorded "
+            f"run{'s' if len(others) > 1 else ''} of the same seed and settings in `bench/machines/` ("
+            + "; ".join(map(where, others)) + f"). {told}. Recoverable at 2/3: " + (", ".join(recoverable) or "not scored") + ". Counts at 2/3 that differ: "
             + (", ".join(moved) if moved else "none") + ". Verdicts that flip between above and not above the null: "
             + (", ".join(flips) if flips else "none") + "."
             + (f" Not in every run, so not compared: {', '.join(left_out)}." if left_out else "")]
