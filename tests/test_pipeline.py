@@ -158,6 +158,14 @@ def test_whole_pipeline_at_the_smallest_sizes_then_cached_then_from_a_stage(tmp_
     assert f"dcgan {method} k={cleanest['direction']}: " in text and f"{cleanest['share']:.2f}" in text
     assert (f"dcgan_{method}_{cleanest['direction']}.gif" if method != "learned" else
             f"dcgan_{cleanest['direction']}.gif") in gifs
+    # another method's directions are swept and measured as the gallery's own: its own file, rendered so, gives
+    # the gallery's measurements of that direction
+    shown_rows = json.loads((anim / "dcgan" / "report.json").read_text())["directions"]
+    again = results.render_others(anim / "dcgan", truth["learned"]["file"], [3], tmp_path / "again")
+    assert list(again) == [3] and Path(again[3]["gif"]).is_file()
+    assert again[3]["slope"].keys() == shown_rows[3]["slope"].keys()
+    assert all(np.isclose(again[3]["slope"][m], shown_rows[3]["slope"][m], rtol=1e-3, atol=1e-6)
+               for m in again[3]["slope"])
     # docs/results.md: the full tables, the GIFs linked from docs/
     assert "| train_gan | dcgan |" in full and "| dcgan | 6 |" in full and "recovered at 0.5 / 2/3 / 0.8" in full
     oracle_row = next(line for line in full.splitlines() if line.startswith("| width | "))
