@@ -714,7 +714,8 @@ class Runner:
         summary = {"run": self.cfg.run, "commit": self.commit, "settings": settings_dict(self.cfg), "stages": rows,
                    "pending": [j.name for j in self.jobs if j.name not in self.rows],
                    "total_seconds": round(sum(r["seconds"] for r in rows), 1),
-                   "wall_seconds": round(time.time() - self.started, 1), "first_gallery_seconds": self.first_gallery}
+                   "wall_seconds": round(time.time() - self.started, 1), "first_gallery_seconds": self.first_gallery,
+                   "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         atomic_write_json(self.anim / "summary.json", summary)
         write_index(self.anim, summary)
         return summary

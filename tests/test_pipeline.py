@@ -118,6 +118,12 @@ def test_whole_pipeline_at_the_smallest_sizes_then_cached_then_from_a_stage(tmp_
     saved = json.loads((anim / "summary.json").read_text())
     assert [r["stage"] for r in saved["stages"]] == stages and "dcgan/index.html" in (anim / "index.html").read_text()
     assert saved["commit"] == code_version(Path(pipeline.__file__).resolve().parent)  # the code the figures come from
+    from latentct.show.results import machine_record
+
+    record = machine_record(saved, [(gen, json.loads((anim / gen / "report.json").read_text())["ground_truth"])
+                                    for gen in ("dcgan", "vae")], tmp_path)
+    assert saved["written"].endswith("Z") and record["date"] == saved["written"][:10]  # when the run ended
+    assert record["wall_seconds"] == saved["wall_seconds"] and all(len(h) == 64 for h in record["weights"].values())
 
     # the README's short blocks and docs/results.md's tables come from these files, by a command
     from latentct.show import results

@@ -653,9 +653,10 @@ def machine_record(summary: dict, truths: list[tuple[str, dict]], root: Path) ->
     beside it."""
     import datetime
 
-    written = Path(root) / "Animations" / summary["run"] / "summary.json"
-    date = (datetime.datetime.fromtimestamp(written.stat().st_mtime, datetime.timezone.utc).date().isoformat()
-            if written.is_file() else None)
+    written = Path(root) / "Animations" / summary["run"] / "summary.json"  # older runs: the file's time
+    date = summary["written"][:10] if summary.get("written") else (
+        datetime.datetime.fromtimestamp(written.stat().st_mtime, datetime.timezone.utc).date().isoformat()
+        if written.is_file() else None)
     from latentct.generators.interface import file_hash
 
     weights = {gen: Path(root) / "runs" / summary["run"] / gen / "generator.pt" for gen, _ in truths}
