@@ -26,6 +26,7 @@ from latentct.discover.directions import Directions, load_directions
 from latentct.generators.embed import embed
 from latentct.generators.interface import (
     direction_block,
+    file_hash,
     in_block,
     output_size,
     own_encoder,
@@ -368,7 +369,8 @@ def ground_truth(cfg: Settings, subject: Subject, files: dict[str, Directions], 
         r2, effect = line_effects(read(images), eps)
         table = score_directions(r2, effect, floor)
         table.update(rca=dirs.rca, effect_dci=effect_dci(effect, floor), directions_count=dirs.count,
-                     supervision=SUPERVISION.get(dirs.method, "none"), file=str(dirs.path))
+                     supervision=SUPERVISION.get(dirs.method, "none"), file=str(dirs.path),
+                     file_sha256=file_hash(dirs.path))
         if dirs.method == "supervised":
             table["supervised"] = dirs.extra
         methods[name] = table

@@ -33,7 +33,16 @@ from latentct.discover.unmix import UNMIX_BY, whole_latent
 from latentct.score import disentanglement, oracle, validate
 from latentct.show.gallery import write_index
 from latentct.util.io import atomic_write_json
-from latentct.util.settings import UserError, check, code_version, make_settings, run_cli, setting, settings_dict
+from latentct.util.settings import (
+    UserError,
+    check,
+    code_version,
+    machine_name,
+    make_settings,
+    run_cli,
+    setting,
+    settings_dict,
+)
 from Training import TrainDiffusion, TrainDirections, TrainDisCo, TrainGAN, TrainLatentCLR, TrainVAE
 
 # The one ordering table: every kind of job in the order it runs, with its stage (the name --from-stage takes and
@@ -715,7 +724,7 @@ class Runner:
                    "pending": [j.name for j in self.jobs if j.name not in self.rows],
                    "total_seconds": round(sum(r["seconds"] for r in rows), 1),
                    "wall_seconds": round(time.time() - self.started, 1), "first_gallery_seconds": self.first_gallery,
-                   "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+                   "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "machine": machine_name()}
         atomic_write_json(self.anim / "summary.json", summary)
         write_index(self.anim, summary)
         return summary

@@ -1,4 +1,5 @@
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -7,7 +8,7 @@ import torch
 
 import pipeline
 from latentct.discover.directions import load_directions
-from latentct.generators.interface import load_encoder, load_generator
+from latentct.generators.interface import file_hash, load_encoder, load_generator
 from latentct.util.settings import UserError, code_version, parse_settings
 
 
@@ -118,12 +119,16 @@ def test_whole_pipeline_at_the_smallest_sizes_then_cached_then_from_a_stage(tmp_
     saved = json.loads((anim / "summary.json").read_text())
     assert [r["stage"] for r in saved["stages"]] == stages and "dcgan/index.html" in (anim / "index.html").read_text()
     assert saved["commit"] == code_version(Path(pipeline.__file__).resolve().parent)  # the code the figures come from
-    from latentct.show.results import machine_record
+    from latentct.show.results import _ground_truths, machine_record
 
-    record = machine_record(saved, [(gen, json.loads((anim / gen / "report.json").read_text())["ground_truth"])
-                                    for gen in ("dcgan", "vae")], tmp_path)
+    os.utime(anim / "summary.json", (0, 0))  # a copied summary's file time says nothing of when the run was
+    record = machine_record(saved, _ground_truths(saved), tmp_path)
     assert saved["written"].endswith("Z") and record["date"] == saved["written"][:10]  # when the run ended
-    assert record["wall_seconds"] == saved["wall_seconds"] and all(len(h) == 64 for h in record["weights"].values())
+    assert record["wall_seconds"] == saved["wall_seconds"] and record["machine"] == saved["machine"]
+    made = {gen: json.loads((anim / gen / "report.json").read_text())["generator"] for gen in record["generators"]}
+    assert set(made) == {"dcgan", "vae", "diffusion_noise", "diffusion_h"}
+    assert record["weights"] == {gen: file_hash(f) for gen, f in made.items()}  # each gallery's own generator
+    assert record["weights"]["diffusion_noise"] == record["weights"]["diffusion_h"] != record["weights"]["vae"]
 
     # the README's short blocks and docs/results.md's tables come from these files, by a command
     from latentct.show import results
@@ -158,7 +163,8 @@ def test_whole_pipeline_at_the_smallest_sizes_then_cached_then_from_a_stage(tmp_
     # the example GIFs are the cleanest label-free directions of any method the ground truth scored (the random
     # and supervised references aside), captioned with the method and their share of the factor they stand for
     truth = json.loads((anim / "dcgan" / "report.json").read_text())["ground_truth"]["methods"]
-    assert all(Path(t["file"]).is_file() for t in truth.values())
+    assert all(load_directions(t["file"])[0].method == m.split(" (")[0] and file_hash(t["file"]) == t["file_sha256"]
+               for m, t in truth.items())
     free = [(m, d) for m, t in truth.items() if t["supervision"] == "none" and m != "random" for d in t["directions"]]
     method, cleanest = max(free, key=lambda md: ("stands_for" in md[1] or "also_for" in md[1], md[1]["share"]))
     assert f"dcgan {method} k={cleanest['direction']}: " in text and f"{cleanest['share']:.2f}" in text
@@ -167,11 +173,13 @@ def test_whole_pipeline_at_the_smallest_sizes_then_cached_then_from_a_stage(tmp_
     # another method's directions are swept and measured as the gallery's own: its own file, rendered so, gives
     # the gallery's measurements of that direction
     shown_rows = json.loads((anim / "dcgan" / "report.json").read_text())["directions"]
-    again = results.render_others(anim / "dcgan", truth["learned"]["file"], [3], tmp_path / "again")
+    again = results.render_others(anim / "dcgan", truth["learned"], [3], tmp_path / "again")
     assert list(again) == [3] and Path(again[3]["gif"]).is_file()
     assert again[3]["slope"].keys() == shown_rows[3]["slope"].keys()
     assert all(np.isclose(again[3]["slope"][m], shown_rows[3]["slope"][m], rtol=1e-3, atol=1e-6)
                for m in again[3]["slope"])
+    with pytest.raises(UserError, match="changed since the ground truth scored it"):   # a retrained file is refused
+        results.render_others(anim / "dcgan", dict(truth["sefa"], file_sha256="0" * 64), [0], tmp_path / "stale")
     # docs/results.md: the full tables, the GIFs linked from docs/
     assert "| train_gan | dcgan |" in full and "| dcgan | 6 |" in full and "recovered at 0.5 / 2/3 / 0.8" in full
     oracle_row = next(line for line in full.splitlines() if line.startswith("| width | "))
@@ -477,14 +485,14 @@ def test_the_spread_across_machines_names_what_moved_and_only_runs_of_the_same_s
     (folder / "c.json").unlink()
     (folder / "a.json").unlink()
     assert results.machines_line(here, folder) == []                             # nothing comparable is left
-    # a run is known by its commit and wall time: recorded again with other tables it is still this run, and
-    # another machine's run with the very same numbers is a second run (a reproduction), not this one
+    # a run is known by its generators' weights: rescored (other numbers, another commit) it is still this run,
+    # and another machine's generators with the very same numbers are a second run (a reproduction), not this one
     timed = dict(here, wall_seconds=1487.5, weights={"dcgan": "aa"})
-    (folder / "self.json").write_text(json.dumps(dict(timed, generators={"dcgan": {"recoverable_at": None,
-                                                                                   "methods": {}}})))
-    (folder / "twin.json").write_text(json.dumps(dict(timed, wall_seconds=1050.2, machine="CPU Y, 2 cores")))
+    (folder / "self.json").write_text(json.dumps(dict(timed, commit="fff1111", wall_seconds=301.0, generators={
+        "dcgan": {"recoverable_at": None, "methods": {}}})))
+    (folder / "twin.json").write_text(json.dumps(dict(timed, machine="CPU Y, 2 cores", weights={"dcgan": "bb"})))
     line = " ".join(results.machines_line(timed, folder))
-    assert "beside 1 other recorded run" in line and "CPU Y, 2 cores, abc1234" in line
-    assert "Identical weights (sha256 of generator.pt): dcgan." in line and "Counts at 2/3 that differ: none." in line
-    (folder / "twin.json").write_text(json.dumps(dict(timed, wall_seconds=1050.2, weights={"dcgan": "bb"})))
-    assert "Their generators' weights differ" in " ".join(results.machines_line(timed, folder))
+    assert "beside 1 other recorded run" in line and "CPU Y, 2 cores, abc1234" in line and "fff1111" not in line
+    assert "Generator weights (sha256): dcgan differ." in line and "Counts at 2/3 that differ: none." in line
+    (folder / "twin.json").write_text(json.dumps(dict(timed, machine="CPU Y, 2 cores")))   # the same generators
+    assert results.machines_line(timed, folder) == []

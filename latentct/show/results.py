@@ -19,13 +19,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from latentct.util.io import atomic_write_json, atomic_write_text
-from latentct.util.settings import UserError, code_version, load_settings, run_cli, setting
+from latentct.util.settings import UserError, code_version, load_settings, machine_name, run_cli, setting
 
 # Shapes3D MIG of the same direction methods under the same protocol, as the published comparisons report them
 # (Khrulkov et al. 2021; DisCo, ICLR 2022): the reference the benchmark's MIG column stands beside.
@@ -299,62 +300,76 @@ def _to_examples(anim: Path, source: Path, name: str) -> str:
 def examples(anim: Path, galleries: list[dict], count: int) -> list[tuple[str, str]]:
     """Copy the cleanest directions' GIFs to Animations/examples/: (file name, caption). On the phantom, per
     gallery, the label-free directions of every method its ground truth scored (the random and supervised
-    references aside) with the largest share on the factor they stand for at tau 2/3, one per factor; another
-    method's directions are swept and measured as the gallery's own (``render_others``). Elsewhere the gallery's
-    directions with the largest share of one anatomy measurement. The caption names the method and the share."""
+    references aside) with the largest share on the factor they stand for at tau 2/3, one per factor and none
+    shown twice; another method's directions are swept and measured as the gallery's own (``render_others``).
+    Elsewhere the gallery's directions with the largest share of one anatomy measurement. The caption names the
+    method and the share."""
     from latentct.score.scoring import direction_mark
 
-    folder = anim.parent / "examples"
-    folder.mkdir(exist_ok=True)
-    for old in folder.glob("*.gif"):
-        old.unlink()
-    picked = []
-    for row in galleries:
-        gallery = Path(row["output"])
-        report = _read_json(gallery / "report.json")
-        truth = (report.get("ground_truth") or {}).get("methods") or {}
-        own = next(iter(truth), report["method"])  # the gallery's own directions come first in its ground truth
-        rows = {(own, d["direction"]): d for d in report["directions"]}
-        if truth:  # the factor each direction mainly moves, and its share of the direction's effect
-            scored = [(name, d) for name, t in truth.items()
-                      if t.get("supervision", "none") == "none" and name.split(" (")[0] not in REFERENCES
-                      and (name == own or t.get("file")) for d in t["directions"]]
-            ranked = sorted(scored, key=lambda nd: (-("stands_for" in nd[1] or "also_for" in nd[1]), -nd[1]["share"]))
-            candidates = [(name, d["direction"], d["dominant"], direction_mark(d)) for name, d in ranked]
-        else:
-            ranked = sorted(rows.values(), key=lambda d: -max(d.get("shares", {"": 0}).values()))
-            candidates = [(own, d["direction"], max(d["shares"], key=d["shares"].get), "")
-                          for d in ranked if d.get("shares")]
-        chosen, seen = [], set()
-        for name, k, what, mark in candidates:
-            if what not in seen and len(chosen) < count:
-                chosen.append((name, k, mark))
-                seen.add(what)
-        with tempfile.TemporaryDirectory() as tmp:
+    picked, used = [], set()
+    with tempfile.TemporaryDirectory() as tmp:
+        for row in galleries:
+            gallery = Path(row["output"])
+            report = _read_json(gallery / "report.json")
+            truth = (report.get("ground_truth") or {}).get("methods") or {}
+            own = next(iter(truth), report["method"])  # the gallery's own directions come first in its ground truth
+            rows = {(own, d["direction"]): dict(d, gif=str(gallery / d["gif"])) for d in report["directions"]}
+            if truth:  # the factor each direction mainly moves, and its share of the direction's effect
+                scored = [(name, d) for name, t in truth.items()
+                          if t.get("supervision", "none") == "none" and name.split(" (")[0] not in REFERENCES
+                          and (name == own or t.get("file")) for d in t["directions"]]
+                ranked = sorted(scored, key=lambda nd: (-("stands_for" in nd[1] or "also_for" in nd[1]),
+                                                        -nd[1]["share"]))
+                candidates = [(name, d["direction"], d["dominant"], direction_mark(d)) for name, d in ranked]
+            else:
+                ranked = sorted(rows.values(), key=lambda d: -max(d.get("shares", {"": 0}).values()))
+                candidates = [(own, d["direction"], max(d["shares"], key=d["shares"].get), "")
+                              for d in ranked if d.get("shares")]
+            chosen, seen = [], set()
+            for name, k, what, mark in candidates:
+                source = (truth.get(name, {}).get("file") or report["directions_file"], k)
+                if what not in seen and source not in used and len(chosen) < count:
+                    chosen.append((name, k, mark))
+                    seen.add(what)
+                    used.add(source)
             for other in sorted({name for name, _, _ in chosen} - {own}):
                 ks = [k for name, k, _ in chosen if name == other]
-                found = render_others(gallery, truth[other]["file"], ks, Path(tmp) / f"m{len(rows)}")
+                found = render_others(gallery, truth[other], ks, Path(tmp) / f"{gallery.name}_{len(picked)}_{other}")
                 rows.update(((other, k), r) for k, r in found.items())
             for name, k, mark in chosen:
-                gif = gallery / rows[name, k]["gif"]  # another method's: an absolute path under tmp
-                label = "_".join([gallery.name, *([name.split(" (")[0]] if name != own else []), str(k)])
+                label = "_".join([gallery.name, *([name] if name != own else []), str(k)])
                 caption = (f"{gallery.name} {shown(name, truth.get(name, {}))} k={k}: "
                            + (f"factor: {mark}; " if mark else "") + f"anatomy: {rows[name, k]['label']}")
-                picked.append((_to_examples(anim, gif, f"{label}.gif"), caption))
-    return picked
+                picked.append((rows[name, k]["gif"], re.sub(r"[^A-Za-z0-9_.-]+", "_", label) + ".gif", caption))
+        folder = anim.parent / "examples"  # emptied only once every example is rendered
+        folder.mkdir(exist_ok=True)
+        for old in folder.glob("*.gif"):
+            old.unlink()
+        return [(_to_examples(anim, Path(gif), name), caption) for gif, name, caption in picked]
 
 
-def render_others(gallery: Path, file: str, ks: list[int], out: Path) -> dict[int, dict]:
-    """Directions ``ks`` of another method's file, swept and measured as the gallery swept and measured its own
-    (its settings and shift range; no ground truth, real slices or label spans): their report rows by direction,
-    each row's "gif" a path under ``out``."""
+def render_others(gallery: Path, table: dict, ks: list[int], out: Path) -> dict[int, dict]:
+    """Directions ``ks`` of another method (its ground-truth row ``table``: the file it scored), swept and
+    measured as the gallery swept and measured its own (its settings and shift range; no ground truth, real slices
+    or label spans): their report rows by direction, each row's "gif" a path under ``out``. Stops where the file
+    changed since it was scored, or where the anatomy would be measured in other units than the gallery's."""
     import EvalDirections  # a script at the repository root, as pipeline.py runs it
+    from latentct.generators.interface import file_hash
 
+    file = table["file"]
+    if not Path(file).is_file() or (table.get("file_sha256") and file_hash(file) != table["file_sha256"]):
+        raise UserError(f"{file}: missing or changed since the ground truth scored it; rerun the pipeline's "
+                        "ground_truth stage (--from-stage ground_truth) before the results")
+    shown_report = _read_json(gallery / "report.json")
     cfg = load_settings(EvalDirections.Settings, gallery / "config.json")
     cfg = dataclasses.replace(cfg, directions=file, output=str(out), which=list(ks), compare=[], ground_truth="off",
-                              real_slices=0, label_subspace="off",
-                              shift_scale=_read_json(gallery / "report.json")["shift_scale"])
+                              real_slices=0, label_subspace="off", shift_scale=shown_report["shift_scale"])
     report = EvalDirections.main(cfg)
+    for key in ("spacing_mm", "spacing_note", "shift_scale", "window"):
+        if report.get(key) != shown_report.get(key):
+            raise UserError(f"{file}: its sweeps would be measured with {key} {report.get(key)!r}, the gallery "
+                            f"{gallery} measured its own with {shown_report.get(key)!r}; run the results from "
+                            "the folder the pipeline ran in")
     return {r["direction"]: dict(r, gif=str(out / r["gif"])) for r in report["directions"]}
 
 
@@ -634,35 +649,25 @@ def readme_blocks(cfg: Settings, picked: list[tuple[str, str]] | None, docs_link
 HEADLINE_FIELDS = ("recovered_at", "recoverable", "auc", "p_value", "verdict", "supervision")
 
 
-def _cpu() -> str:
-    """This machine's processor as /proc/cpuinfo names it (else platform's), with its core count."""
-    import platform
-
-    name = platform.processor() or platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        models = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
-                  if line.startswith("model name")]
-        name = models[0] if models else name
-    return f"{name}, {os.cpu_count()} cores"
-
-
 def machine_record(summary: dict, truths: list[tuple[str, dict]], root: Path) -> dict:
     """A run's headline in a file of its own: per generator its recoverable counts and per method the headline
     fields, with the machine, the commit and the run's settings, so that another machine's run can be set
     beside it."""
     import datetime
 
+    from latentct.generators.interface import file_hash
+
     written = Path(root) / "Animations" / summary["run"] / "summary.json"  # older runs: the file's time
     date = summary["written"][:10] if summary.get("written") else (
         datetime.datetime.fromtimestamp(written.stat().st_mtime, datetime.timezone.utc).date().isoformat()
         if written.is_file() else None)
-    from latentct.generators.interface import file_hash
-
-    weights = {gen: Path(root) / "runs" / summary["run"] / gen / "generator.pt" for gen, _ in truths}
-    return {"run": summary["run"], "settings": summary.get("settings"), "date": date, "machine": _cpu(),
+    made = {Path(r["output"]).name: _read_json(Path(r["output"]) / "report.json").get("generator")
+            for r in summary["stages"] if r["stage"] == "evaluate"}  # each gallery's generator file
+    return {"run": summary["run"], "settings": summary.get("settings"), "date": date,
+            "machine": summary.get("machine") or f"{machine_name()} (where the tables were made)",
             "commit": summary.get("commit") or code_version(root), "wall_seconds": summary.get("wall_seconds"),
-            "weights": {gen: file_hash(f) if f.is_file() else None for gen, f in weights.items()},
+            "weights": {gen: file_hash(made[gen]) if made.get(gen) and Path(made[gen]).is_file() else None
+                        for gen, _ in truths},
             "generators": {gen: {"recoverable_at": gt.get("recoverable_at"),
                                  "methods": {m: {k: t.get(k) for k in HEADLINE_FIELDS}
                                              for m, t in gt["methods"].items()}}
@@ -670,10 +675,11 @@ def machine_record(summary: dict, truths: list[tuple[str, dict]], root: Path) ->
 
 
 def _same_run(a: dict, b: dict) -> bool:
-    """Whether two records are of one run (recorded twice, or at another commit of the tables): the commit that
-    made the run and its wall time; records without a wall time (transcribed) compare their headlines."""
-    if a.get("wall_seconds") is not None and b.get("wall_seconds") is not None:
-        return (a.get("commit"), a["wall_seconds"]) == (b.get("commit"), b["wall_seconds"])
+    """Whether two records are of one run (recorded again, rescored, or rerun from a later stage): the same
+    generators, by their files' sha256; records without them (transcribed) compare their headlines."""
+    wa, wb = a.get("weights") or {}, b.get("weights") or {}
+    if wa and wb and all(wa.values()) and all(wb.values()):
+        return wa == wb
     return a.get("generators") == b.get("generators")
 
 
@@ -715,9 +721,9 @@ def machines_line(record: dict, folder: Path) -> list[str]:
 
     weights = [r.get("weights") or {} for r in runs]
     if all(w.get(gen) for w in weights for gen in record["generators"]):
-        same = [gen for gen in record["generators"] if len({w[gen] for w in weights}) == 1]
-        told = ("Their generators' weights differ (sha256 of generator.pt)" if not same else
-                f"Identical weights (sha256 of generator.pt): {', '.join(same)}")
+        told = "Generator weights (sha256): " + ", ".join(
+            f"{gen} {'the same in every run' if len({w[gen] for w in weights}) == 1 else 'differ'}"
+            for gen in record["generators"])
     else:
         told = "Not every run recorded its generators' weights"
     return ["", f"Across runs: this run ({where(record)}) beside {len(others)} other recorded "
@@ -814,7 +820,7 @@ def main(cfg: Settings) -> dict[str, dict[str, str]]:
         summary = _read_json(root / "Animations" / cfg.run / "summary.json")
         Path(cfg.record).parent.mkdir(parents=True, exist_ok=True)
         atomic_write_json(Path(cfg.record), machine_record(summary, _ground_truths(summary), root))
-        print(f"{cfg.record}: this run's headline on {_cpu()}")
+        print(f"{cfg.record}: this run's headline, {_read_json(Path(cfg.record))['machine']}")
     _write(cfg.docs, out["docs"], cfg.run)
     _write(cfg.readme, out["readme"], cfg.run)
     return out

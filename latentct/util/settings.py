@@ -234,6 +234,21 @@ def run_cli(main, cls, presets: dict | None = None, prog: str | None = None):
         raise SystemExit(f"{prog}: error: {err}")
 
 
+def machine_name() -> str:
+    """This machine's processor as /proc/cpuinfo names it (else platform's), with its core count. A run's summary
+    keeps it, so its figures name the machine that made them."""
+    import os
+    import platform
+
+    name = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        models = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+                  if line.startswith("model name")]
+        name = models[0] if models else name
+    return f"{name}, {os.cpu_count()} cores"
+
+
 def code_version(folder) -> str | None:
     """The git commit checked out at ``folder`` (short), with "+changes" where tracked files differ from it; None
     outside a git checkout. A run's summary keeps it, so its figures name the code that made them."""
