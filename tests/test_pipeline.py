@@ -180,6 +180,20 @@ def test_whole_pipeline_at_the_smallest_sizes_then_cached_then_from_a_stage(tmp_
                for m in again[3]["slope"])
     with pytest.raises(UserError, match="changed since the ground truth scored it"):   # a retrained file is refused
         results.render_others(anim / "dcgan", dict(truth["sefa"], file_sha256="0" * 64), [0], tmp_path / "stale")
+    # where another method holds the cleanest direction, its GIF is rendered and captioned with its own share
+    import shutil
+
+    staged = tmp_path / "staged" / "Animations" / "t" / "dcgan"
+    shutil.copytree(anim / "dcgan", staged)
+    report = json.loads((staged / "report.json").read_text())
+    for name, t in report["ground_truth"]["methods"].items():
+        for d in t["directions"]:
+            d.pop("stands_for", None), d.pop("also_for", None)
+            d["share"] = 0.999 if (name, d["direction"]) == ("sefa", 2) else min(d["share"], 0.6)
+    (staged / "report.json").write_text(json.dumps(report))
+    [(file, caption)] = results.examples(staged.parent, [{"output": str(staged)}], 1)
+    assert file == "dcgan_sefa_2.gif" and caption.startswith("dcgan sefa k=2: factor: mostly ")
+    assert "share 1.00" in caption and (staged.parent.parent / "examples" / file).stat().st_size > 1000
     # docs/results.md: the full tables, the GIFs linked from docs/
     assert "| train_gan | dcgan |" in full and "| dcgan | 6 |" in full and "recovered at 0.5 / 2/3 / 0.8" in full
     oracle_row = next(line for line in full.splitlines() if line.startswith("| width | "))
