@@ -680,6 +680,10 @@ class Runner:
         self.started = time.time()
         self.commit = code_version(Path(__file__).resolve().parent)  # the code this run's figures come from
         self.first_gallery: float | None = None
+        # the summary of the run whose outputs this one may reuse: a rerun that runs nothing leaves it as it is,
+        # one that reruns some stages keeps its timing and machine under "reused"
+        previous = self.anim / "summary.json"
+        self.previous = json.loads(previous.read_text()) if previous.is_file() else None
         self.bar = tqdm(total=len(jobs), desc="pipeline", unit="stage")
 
     def ready(self, job: Job) -> bool:
@@ -725,6 +729,12 @@ class Runner:
                    "total_seconds": round(sum(r["seconds"] for r in rows), 1),
                    "wall_seconds": round(time.time() - self.started, 1), "first_gallery_seconds": self.first_gallery,
                    "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "machine": machine_name()}
+        old = self.previous
+        if old and not old.get("pending") and any(r["cached"] for r in rows):
+            if not self.ran:  # nothing ran: the summary on disk still tells how its outputs were made
+                return summary
+            summary["reused"] = old.get("reused") or {key: old.get(key) for key in (
+                "wall_seconds", "first_gallery_seconds", "commit", "machine", "written")}
         atomic_write_json(self.anim / "summary.json", summary)
         write_index(self.anim, summary)
         return summary

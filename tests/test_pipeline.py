@@ -203,9 +203,10 @@ def test_whole_pipeline_at_the_smallest_sizes_then_cached_then_from_a_stage(tmp_
             in oracle_row)
     assert all(f"![](../Animations/examples/{name})" in full for name in gifs)
 
-    # a rerun with the same settings skips every stage
+    # a rerun with the same settings skips every stage, and leaves the summary of the run that made the outputs
+    before = (anim / "summary.json").read_bytes()
     again = pipeline.main(cfg)
-    assert all(r["cached"] for r in again["stages"])
+    assert all(r["cached"] for r in again["stages"]) and (anim / "summary.json").read_bytes() == before
 
     # --from-stage reruns that stage and everything after it, nothing before
     cfg.from_stage = "evaluate"
@@ -214,6 +215,16 @@ def test_whole_pipeline_at_the_smallest_sizes_then_cached_then_from_a_stage(tmp_
     assert ran == ["evaluate"] * 4 + ["ground_truth"] * 4
     report = json.loads((anim / "dcgan" / "report.json").read_text())
     assert report["ground_truth"]["main"] is not None  # the rerun gallery got its ground truth back
+    # the summary keeps the first run's timing, machine and commit: the README's runtime and a record say how the
+    # generators were made, and how long the rerun took
+    kept = json.loads((anim / "summary.json").read_text())
+    assert kept["reused"] == {key: saved[key] for key in ("wall_seconds", "first_gallery_seconds", "commit",
+                                                           "machine", "written")}
+    assert machine_record(kept, _ground_truths(kept), tmp_path)["wall_seconds"] == saved["wall_seconds"]
+    runtime = results.readme_blocks(results.Settings(run="t", root=str(tmp_path), examples=0), None,
+                                    "docs/results.md")["runtime"]
+    assert f"took {results._minutes(saved['wall_seconds'])} on the machine" in runtime
+    assert f"8 of its stages were run again later, in {results._minutes(kept['wall_seconds'])}" in runtime
 
 
 def test_pipeline_flags_beat_the_stage_presets(tmp_path):

@@ -633,14 +633,17 @@ def readme_blocks(cfg: Settings, picked: list[tuple[str, str]] | None, docs_link
         note = note.replace(f"--run {cfg.run}", f"--run {cfg.run} --block diffusion")
         return {"diffusion": "\n".join([note, "", glance_table(truths), "", diffusion_comparison(truths, others)])
                 + "\n"}
-    first = summary.get("first_gallery_seconds")
+    made = summary.get("reused") or summary  # a run that reran some stages: the run that made the rest
+    first = made.get("first_gallery_seconds")
     record = machine_record(summary, truths, Path(cfg.root))
     across = machines_line(record, Path(cfg.root) / cfg.machines) if cfg.machines else []
     blocks = {"results": "\n".join([note, "", glance_table(truths), *spread_line(Path(cfg.root) / "Animations" /
                                                                                  cfg.run), *across]) + "\n",
-              "runtime": f"The main job took {_minutes(summary['wall_seconds'])} on the machine that last ran it (2 CPU "
+              "runtime": f"The main job took {_minutes(made['wall_seconds'])} on the machine that last ran it (2 CPU "
                          "cores" + (f"; the first gallery was on disk after {_minutes(first)}" if first else "")
-                         + "); nothing is downloaded.\n"}
+                         + ")" + (f"; {sum(not r['cached'] for r in summary['stages'])} of its stages were run again "
+                                  f"later, in {_minutes(summary['wall_seconds'])}" if made is not summary else "")
+                         + "; nothing is downloaded.\n"}
     if picked:
         blocks["examples"] = examples_row(picked, "Animations/examples") + "\n"
     return blocks
@@ -657,16 +660,17 @@ def machine_record(summary: dict, truths: list[tuple[str, dict]], root: Path) ->
 
     from latentct.generators.interface import file_hash
 
+    made = summary.get("reused") or summary  # the run that made the generators, where stages were rerun since
     written = Path(root) / "Animations" / summary["run"] / "summary.json"  # older runs: the file's time
-    date = summary["written"][:10] if summary.get("written") else (
+    date = made["written"][:10] if made.get("written") else (
         datetime.datetime.fromtimestamp(written.stat().st_mtime, datetime.timezone.utc).date().isoformat()
         if written.is_file() else None)
-    made = {Path(r["output"]).name: _read_json(Path(r["output"]) / "report.json").get("generator")
-            for r in summary["stages"] if r["stage"] == "evaluate"}  # each gallery's generator file
+    files = {Path(r["output"]).name: _read_json(Path(r["output"]) / "report.json").get("generator")
+             for r in summary["stages"] if r["stage"] == "evaluate"}  # each gallery's generator file
     return {"run": summary["run"], "settings": summary.get("settings"), "date": date,
-            "machine": summary.get("machine") or f"{machine_name()} (where the tables were made)",
-            "commit": summary.get("commit") or code_version(root), "wall_seconds": summary.get("wall_seconds"),
-            "weights": {gen: file_hash(made[gen]) if made.get(gen) and Path(made[gen]).is_file() else None
+            "machine": made.get("machine") or f"{machine_name()} (where the tables were made)",
+            "commit": made.get("commit") or code_version(root), "wall_seconds": made.get("wall_seconds"),
+            "weights": {gen: file_hash(files[gen]) if files.get(gen) and Path(files[gen]).is_file() else None
                         for gen, _ in truths},
             "generators": {gen: {"recoverable_at": gt.get("recoverable_at"),
                                  "methods": {m: {k: t.get(k) for k in HEADLINE_FIELDS}
