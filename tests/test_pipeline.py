@@ -225,6 +225,8 @@ def test_whole_pipeline_at_the_smallest_sizes_then_cached_then_from_a_stage(tmp_
                                     "docs/results.md")["runtime"]
     assert f"took {results._minutes(saved['wall_seconds'])} on the machine" in runtime
     assert f"8 of its stages were run again later, in {results._minutes(kept['wall_seconds'])}" in runtime
+    full = results.render(results.Settings(run="t", root=str(tmp_path), examples=0))
+    assert f"Wall time {results._minutes(saved['wall_seconds'])}" in full and "were run again later" in full
 
 
 def test_pipeline_flags_beat_the_stage_presets(tmp_path):
