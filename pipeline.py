@@ -679,6 +679,7 @@ class Runner:
         self.rows: dict[str, dict] = {}
         self.started = time.time()
         self.commit = code_version(Path(__file__).resolve().parent)  # the code this run's figures come from
+        self.machine = machine_name()  # and the machine
         self.first_gallery: float | None = None
         # the summary of the run whose outputs this one may reuse: a rerun that runs nothing leaves it as it is,
         # one that reruns some stages keeps its timing and machine under "reused"
@@ -728,7 +729,7 @@ class Runner:
                    "pending": [j.name for j in self.jobs if j.name not in self.rows],
                    "total_seconds": round(sum(r["seconds"] for r in rows), 1),
                    "wall_seconds": round(time.time() - self.started, 1), "first_gallery_seconds": self.first_gallery,
-                   "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "machine": machine_name()}
+                   "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "machine": self.machine}
         old = self.previous
         if old and not old.get("pending") and any(r["cached"] for r in rows):
             if not self.ran:  # nothing ran: the summary on disk still tells how its outputs were made

@@ -19,7 +19,6 @@ stops with one line; values well outside output_range get a printed note.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import importlib
 import importlib.util
 import inspect
@@ -36,6 +35,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from latentct.generators.interface import file_hash
 from latentct.util.settings import UserError
 
 WEIGHTS_KEYS = ("state_dict", "model", "generator", "weights")  # where a checkpoint dict may hold the weights
@@ -66,14 +66,6 @@ def pickled_class(err: Exception) -> str | None:
     """The class a ``weights_only`` load refused (a whole object saved with torch.save), else None."""
     found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
     return found.group(1) if found else None
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def load_factory(ref: str, args: dict) -> tuple[nn.Module, dict]:
@@ -119,7 +111,7 @@ def load_factory(ref: str, args: dict) -> tuple[nn.Module, dict]:
     if not isinstance(made, nn.Module):
         raise UserError(f"--generator: {ref} returned {type(made).__name__}, not a torch.nn.Module (nor a diffusion "
                         "model's dict with a 'unet')")
-    return made, {str(source.resolve()): _sha256(source)}
+    return made, {str(source.resolve()): file_hash(source)}
 
 
 def load_weights(module: nn.Module, path: str) -> dict:
@@ -146,7 +138,7 @@ def load_weights(module: nn.Module, path: str) -> dict:
     except RuntimeError as err:  # its first two lines name the module and the first mismatching key
         first = " ".join(str(err).splitlines()[:2])
         raise UserError(f"--generator-weights: {file} does not fit the module: {one_line(first, 300)}") from None
-    return {str(file.resolve()): _sha256(file)}
+    return {str(file.resolve()): file_hash(file)}
 
 
 def load_compiled(path: Path) -> tuple[nn.Module, str]:
