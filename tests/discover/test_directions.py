@@ -6,7 +6,14 @@ import torch
 import torch.nn as nn
 
 from latentct.discover.baselines import coordinate_axes, pca, random_orthonormal, sefa
-from latentct.discover.directions import load_directions, make_shifts, step_losses, unit_directions
+from latentct.discover.directions import (
+    load_directions,
+    make_shifts,
+    recalibrated,
+    reconstructor_accuracy,
+    step_losses,
+    unit_directions,
+)
 from latentct.generators.interface import load_generator
 from latentct.models.deformator import Deformator, FixedDirections
 from latentct.models.reconstructor import LeNet, ResNet18
@@ -106,7 +113,8 @@ def test_fast_step_matches_the_original_losses_and_gradients(gan_run):
 
 def test_learned_directions_beat_the_frozen_random_baseline(gan_run, tmp_path):
     # small shifts (|eps| <= 2) make the difference: random directions move the image too little to tell apart.
-    # One seed is one draw (measured over seeds 0-3: learned 0.47-0.76, random 0.21-0.51): two seeds, means.
+    # One seed is one draw (measured over seeds 0-3, BatchNorm statistics recalibrated: learned 0.59-0.77, mean
+    # 0.66; random 0.50-0.57, mean 0.54): two seeds, means, half that gap.
     args = ["--steps", "250", "--eval-every", "250", "--rca-batches", "10", "--lr-deformator", "1e-3",
             "--lr-reconstructor", "1e-3", "--reconstructor-width", "4", "--batch-size", "32",
             "--directions-count", "16", "--shift-scale", "2", "--min-shift", "0.25"]
@@ -115,8 +123,44 @@ def test_learned_directions_beat_the_frozen_random_baseline(gan_run, tmp_path):
         learned.append(run_dirs(gan_run / "generator.pt", tmp_path / f"learned{seed}", *args, "--seed", seed)["rca"])
         random.append(run_dirs(gan_run / "generator.pt", tmp_path / f"random{seed}", *args, "--method", "random",
                                "--seed", seed)["rca"])
-    assert sum(learned) / 2 > sum(random) / 2 + 0.12, (learned, random)
+    assert sum(learned) / 2 > sum(random) / 2 + 0.06, (learned, random)
     assert min(learned) > 0.3  # chance is 1/16
+
+
+def test_rca_does_not_read_the_batchnorm_averages_training_left(gan_run):
+    """RCA recalibrates a copy's BatchNorm statistics on fresh pairs first: stale averages (as a fast learning rate
+    leaves them) change nothing, the copy's first averages are the exact mean and variance of what that layer sees,
+    and the training reconstructor keeps its own."""
+    G = load_generator(gan_run / "generator.pt").eval()
+    deformator = FixedDirections(random_orthonormal(G.latent_dim, 4, seed=0))
+    shift_args = dict(shift_scale=3.0, min_shift=0.5, distribution="uniform")
+    torch.manual_seed(0)
+    reconstructor = LeNet(4, width=2).eval()
+    clean = reconstructor_accuracy(G, deformator, reconstructor, 3, 16, shift_args, "cpu")
+    first = reconstructor.features[1]
+    with torch.no_grad():
+        for m in reconstructor.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.running_mean.fill_(5.0)
+                m.running_var.fill_(0.01)
+    assert reconstructor_accuracy(G, deformator, reconstructor, 3, 16, shift_args, "cpu") == clean
+    assert torch.all(first.running_mean == 5.0)                       # the training reconstructor is untouched
+
+    gen = torch.Generator().manual_seed(7)
+    pairs = []
+    with torch.no_grad():
+        for _ in range(3):
+            z = torch.randn(16, G.latent_dim, generator=gen)
+            _, _, basis = make_shifts(16, 4, generator=gen, device="cpu", **shift_args)
+            pairs.append((None, G(z), G(z + deformator(basis))))
+        seen = torch.cat([reconstructor.features[0](torch.cat([x, y], 1)) for _, x, y in pairs])
+    copy = recalibrated(reconstructor, pairs)
+    assert not copy.training and copy is not reconstructor
+    batch_mean = torch.stack([reconstructor.features[0](torch.cat([x, y], 1)).detach().mean((0, 2, 3))
+                              for _, x, y in pairs]).mean(0)
+    assert torch.allclose(copy.features[1].running_mean, batch_mean, atol=1e-5)
+    assert torch.allclose(batch_mean, seen.mean((0, 2, 3)), atol=1e-5)  # equal batches: the mean over all pairs
+    assert copy.features[1].running_var.sub(seen.var((0, 2, 3))).abs().max() < 0.05 * seen.var((0, 2, 3)).max()
 
 
 def test_resume_continues_exactly(gan_run, tmp_path):
