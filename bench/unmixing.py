@@ -2,9 +2,9 @@
 base (the run's unmix base; SeFa on the DCGAN and the spectral method on the VAE where the run unmixes the whole
 latent) unmixed by joint diagonalisation, by FastICA of three kinds of label-free features and by the steering
 walks (independent, or conditioned on each other with two or four content directions), the whole latent unmixed by
-the conditional walks, GANSpace's ICA and sparse PCA, the study's deformator started from the unmixed basis, and
-the metadata method's parts (where the generator has an encoder), each scored by the run's own ground truth (its
-oracle, floors, latents and pooled null) beside the base.
+the conditional walks (two, four or eight content directions), GANSpace's ICA and sparse PCA, the study's
+deformator started from the unmixed basis, and the metadata method's parts (where the generator has an encoder),
+each scored by the run's own ground truth (its oracle, floors, latents and pooled null) beside the base.
 
     python -m bench.unmixing --run demo
 
@@ -57,6 +57,7 @@ def variants(base: Path, has_encoder: bool, metadata_set: Path | None = None) ->
            "unmix conditional, 4 content": dict(span, unmix_by="conditional", unmix_size=12, unmix_content=4),
            "whole latent, conditional": dict(whole),
            "whole latent, conditional, 4 content": dict(whole, unmix_content=4),
+           "whole latent, conditional, 8 content": dict(whole, unmix_content=8),
            "unmix ica layer": dict(span, unmix_by="ica", unmix_features="layer"),
            "unmix ica image": dict(span, unmix_by="ica", unmix_features="image"),
            "ganspace ica": dict(method="ica", directions_count=16),
