@@ -80,27 +80,28 @@ def check_image_size(reconstructor: nn.Module, images: torch.Tensor) -> None:
                         f"generator's are {images.shape[-2]} x {images.shape[-1]}: use --reconstructor resnet")
 
 
-def _pairs(G, deformator, batches: int, batch: int, shift_args: dict, device, gen: torch.Generator):
-    """``batches`` fresh (k, G(z), G(z + shift)) triples, the deformator in eval mode, no gradients."""
+def _pair(G, deformator, batch: int, shift_args: dict, device, gen: torch.Generator):
+    """One fresh batch (k, G(z), G(z + shift)), the deformator in eval mode, no gradients."""
     with evaluating(deformator):
-        for _ in range(batches):
-            z = sample_latents(G, batch, gen, device)
-            idx, _, basis = make_shifts(batch, deformator.directions_count, generator=gen, device=device,
-                                        **shift_args)
-            yield idx, G(z), G(z + deformator(basis))
+        z = sample_latents(G, batch, gen, device)
+        idx, _, basis = make_shifts(batch, deformator.directions_count, generator=gen, device=device, **shift_args)
+        return idx, G(z), G(z + deformator(basis))
 
 
 def recalibrated(reconstructor: nn.Module, pairs) -> nn.Module:
     """A copy of the reconstructor whose BatchNorm statistics are estimated afresh, its weights frozen, as the plain
-    average over ``pairs`` (precise BN: Wu & Johnson, "Rethinking 'Batch' in BatchNorm", 2021; the same pass
-    torch.optim.swa_utils.update_bn makes for averaged weights). The training one is left as it is."""
-    copy = deepcopy(unwrap(reconstructor))
+    average over ``pairs`` (an iterable of (k, image, shifted image); precise BN: Wu & Johnson, "Rethinking 'Batch'
+    in BatchNorm", 2021; the same pass torch.optim.swa_utils.update_bn makes for averaged weights). Only the
+    BatchNorm layers run in training mode. The reconstructor given is left as it is."""
+    copy = deepcopy(unwrap(reconstructor)).eval()
+    for p in copy.parameters():
+        p.grad = None
     norms = [m for m in copy.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if norms:
         for m in norms:
             m.reset_running_stats()
             m.momentum = None  # a cumulative average over every batch
-        copy.train()
+            m.train()
         with torch.no_grad():
             for _, x, shifted in pairs:
                 copy(x, shifted)
@@ -110,17 +111,20 @@ def recalibrated(reconstructor: nn.Module, pairs) -> nn.Module:
 def reconstructor_accuracy(G, deformator, reconstructor, batches: int, batch: int, shift_args: dict,
                            device, seed: int = 12345) -> float:
     """RCA: share of fresh (z, k, eps) whose direction k the reconstructor names, over ``batches`` batches, in eval
-    mode as the reference measures it (GANLatentDiscovery's trainer.log_accuracy), with BatchNorm statistics
-    estimated first on as many other fresh batches (``recalibrated``). The running averages training leaves
-    (momentum 0.1) trail weights that move fast: at the demo's settings (learning rate 1e-3, 300 steps) the stale
-    statistics took the learned VAE directions' RCA from 0.94 to 0.65 and the frozen baselines' by other amounts,
-    so the comparison measured mostly the lag; the reference trains at 1e-4 for 10^5 steps, where they have caught
-    up."""
+    mode as the reference measures it (GANLatentDiscovery's trainer.log_accuracy), with the reconstructor's
+    BatchNorm statistics estimated first on as many other fresh batches (``recalibrated``). The running averages
+    training leaves (momentum 0.1) trail weights that move fast: at the demo's settings (learning rate 1e-3, 300
+    steps) they took the learned VAE reconstructor's accuracy far below what it does with its weights (docs/pipeline.md
+    gives the figures); the reference trains at 1e-4 for 10^5 steps, where they have caught up. A deformator with
+    BatchNorm (``fc``) is used in eval mode as it is, as its saved directions are."""
     gen = torch.Generator().manual_seed(seed)
-    calibrated = recalibrated(reconstructor, _pairs(G, deformator, batches, batch, shift_args, device, gen))
+    has_norms = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in unwrap(reconstructor).modules())
+    calibrated = recalibrated(reconstructor, (_pair(G, deformator, batch, shift_args, device, gen)
+                                              for _ in range(batches if has_norms else 0)))
     correct = 0
     with evaluating(calibrated):
-        for idx, x, shifted in _pairs(G, deformator, batches, batch, shift_args, device, gen):
+        for _ in range(batches):
+            idx, x, shifted = _pair(G, deformator, batch, shift_args, device, gen)
             logits, _ = calibrated(x, shifted)
             correct += int((logits.argmax(1) == idx).sum())
     return correct / (batches * batch)

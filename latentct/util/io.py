@@ -58,9 +58,9 @@ def _finite_or_null(obj):
 
 
 def atomic_torch_save(obj, path: str | Path) -> None:
-    """``torch.save`` through an open file: given a path, torch names the archive's folder after the file, here
-    the temporary one with its random suffix, so equal objects gave files of different sha256 (and a machine record
-    called one generator's weights two)."""
+    """``torch.save`` through an open file, so the same object saved twice gives the same bytes: given a path,
+    torch names the archive's folder after the file, here the temporary one with its random suffix, and a machine
+    record called one generator's weights two."""
     import torch
 
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
