@@ -88,6 +88,10 @@ def _pair(G, deformator, batch: int, shift_args: dict, device, gen: torch.Genera
         return idx, G(z), G(z + deformator(basis))
 
 
+def _batch_norms(module: nn.Module) -> list[nn.Module]:
+    return [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
 def recalibrated(reconstructor: nn.Module, pairs) -> nn.Module:
     """A copy of the reconstructor whose BatchNorm statistics are estimated afresh, its weights frozen, as the plain
     average over ``pairs`` (an iterable of (k, image, shifted image); precise BN: Wu & Johnson, "Rethinking 'Batch'
@@ -96,7 +100,7 @@ def recalibrated(reconstructor: nn.Module, pairs) -> nn.Module:
     copy = deepcopy(unwrap(reconstructor)).eval()
     for p in copy.parameters():
         p.grad = None
-    norms = [m for m in copy.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    norms = _batch_norms(copy)
     if norms:
         for m in norms:
             m.reset_running_stats()
@@ -118,9 +122,9 @@ def reconstructor_accuracy(G, deformator, reconstructor, batches: int, batch: in
     gives the figures); the reference trains at 1e-4 for 10^5 steps, where they have caught up. A deformator with
     BatchNorm (``fc``) is used in eval mode as it is, as its saved directions are."""
     gen = torch.Generator().manual_seed(seed)
-    has_norms = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in unwrap(reconstructor).modules())
+    calibrating = batches if _batch_norms(unwrap(reconstructor)) else 0  # none: the scored batches as before
     calibrated = recalibrated(reconstructor, (_pair(G, deformator, batch, shift_args, device, gen)
-                                              for _ in range(batches if has_norms else 0)))
+                                              for _ in range(calibrating)))
     correct = 0
     with evaluating(calibrated):
         for _ in range(batches):
