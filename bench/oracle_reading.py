@@ -21,6 +21,11 @@ same held-out reconstructions validate.py uses (stream 3 of the oracle's seed). 
   then ``augment``: the factors stay exact while what they do not fix is averaged, as an autoencoder that does
   not encode it draws its mean. ``average_control`` trains on the same slices' first renders with ``augment``
   alone, so the difference is the average, not the draw of slices.
+- ``plain``: half of the slices (drawn per batch) rendered again without the lung vessels, ribs and sternum, the
+  fine anatomy the VAE's reconstructions lose (phantom.render_slice ``fine=False``: the same patients, z and
+  noise), then ``augment``: an oracle that cannot lean on that detail must read each factor from what is left.
+- ``both_oracles``: nothing trained; the mean of the run's score and fit oracles' readings (validation's
+  config.json names them: other seeds, slices and widths), which removes what the two misread independently.
 
 Prints per variant and factor the held-out R2 on crisp slices, the R2 on the reconstructions and the share of
 the factor's change the readings keep there (validate.kept_share: the partial slope on the reconstructions over
@@ -29,6 +34,7 @@ Writes Animations/<run>/oracle_reading.json.
 """
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import dataclass
@@ -46,7 +52,8 @@ from latentct.score.validate import kept_share, reconstruction
 from latentct.util.io import atomic_write_json
 from latentct.util.settings import UserError, check, run_cli, setting
 
-VARIANTS = ("shipped", "blur3", "down", "median", "pca", "pca_all", "average", "average_control")
+AUGMENTED = ("shipped", "blur3", "down", "median", "pca", "pca_all", "average", "average_control", "plain")
+VARIANTS = (*AUGMENTED, "both_oracles")  # both_oracles trains nothing: it reads with the run's two oracles
 COPIES = 2  # renders per training slice for the nuisance average: the slice and one other patient
 
 
@@ -123,9 +130,36 @@ def nuisance_average(x: torch.Tensor, gen: torch.Generator, share: float = 0.6) 
     return (x * (w / w.sum(1, keepdim=True))[:, :, None, None]).sum(1, keepdim=True)
 
 
+def either(x: torch.Tensor, gen: torch.Generator, share: float = 0.5) -> torch.Tensor:
+    """(B, 2, S, S) two renders of each slice -> (B, 1, S, S): the second for a random ``share`` of them."""
+    second = torch.rand(len(x), generator=gen) < share
+    return torch.where(second[:, None, None, None], x[:, 1:], x[:, :1])
+
+
+class MeanReader:
+    """Oracles read as one: the mean of their readings, in the factors' units."""
+
+    def __init__(self, oracles: list):
+        self.oracles = oracles
+
+    def read(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.stack([o.read(images) for o in self.oracles]).mean(0)
+
+
+def run_oracles(root: Path, run: str) -> list:
+    """The score and fit oracles the run's validation used."""
+    config = root / "Animations" / run / "validation" / "config.json"
+    if not config.is_file():
+        raise UserError(f"--variants both_oracles: {config} not found; the run has not been validated")
+    names = json.loads(config.read_text())
+    return [oracle_stage.load_oracle(root / names[key]) for key in ("oracle", "fit_oracle")]
+
+
 def augmentation(name: str, basis=None):
     """(x, gen) -> augmented slices, for one variant."""
     shipped = oracle_stage.augment
+    if name == "plain":
+        return lambda x, gen: shipped(either(x, gen), gen)
     if name == "average":
         return lambda x, gen: shipped(nuisance_average(x, gen), gen)
     if name == "average_control":
@@ -142,7 +176,9 @@ def augmentation(name: str, basis=None):
             return F.interpolate(F.avg_pool2d(x, 2 ** (strength + 1)), size=x.shape[-2:], mode="bilinear",
                                  align_corners=False)
         return lambda x, gen: shipped(_some(x, 0.3, gen, down), gen, blur=2.5)
-    return lambda x, gen: shipped(_some(x, 0.7, gen, lambda x, strength: _median(x, 3 + 2 * strength)), gen)
+    if name == "median":
+        return lambda x, gen: shipped(_some(x, 0.7, gen, lambda x, strength: _median(x, 3 + 2 * strength)), gen)
+    raise ValueError(f"{name}: not a training augmentation")
 
 
 def main(cfg: Settings) -> dict:
@@ -165,24 +201,33 @@ def main(cfg: Settings) -> dict:
     if {"average", "average_control"} & set(cfg.variants):  # the same slices, each with one more patient's render
         grouped = oracle_stage.render_slices(cfg.train_slices, size, cfg.seed, 1, cfg.render_size, cfg.workers,
                                              "training slices with a second patient", copies=COPIES)
+    if "plain" in cfg.variants:  # the same slices again without their fine anatomy, as a second render of each
+        plain = oracle_stage.render_slices(cfg.train_slices, size, cfg.seed, 1, cfg.render_size, cfg.workers,
+                                           "training slices without fine anatomy", fine=False)
+        paired = (torch.cat([train[0], plain[0]], 1), train[1])
     basis = pca_basis(hu_to_unit(train[0], window)) if {"pca", "pca_all"} & set(cfg.variants) else None
     rows = {}
     for name in cfg.variants:
         start = time.perf_counter()
-        slices = grouped if name.startswith("average") else train
-        oracle = oracle_stage.Oracle(oracle_stage.fit_oracle(ocfg, slices, test, augmentation(name, basis)))
+        if name == "both_oracles":
+            oracle = MeanReader(run_oracles(root, cfg.run))
+            r2_crisp = oracle_stage.r_squared(oracle.read(hu_to_unit(test[0], window)), test[1]).tolist()
+        else:
+            slices = grouped if name.startswith("average") else paired if name == "plain" else train
+            oracle = oracle_stage.Oracle(oracle_stage.fit_oracle(ocfg, slices, test, augmentation(name, basis)))
+            r2_crisp = list(oracle.r2.values())
         read = oracle.read(recon)
-        rows[name] = {"r2_crisp": list(oracle.r2.values()),
+        rows[name] = {"r2_crisp": r2_crisp,
                       "r2_generated": oracle_stage.r_squared(read, vae_y).tolist(),
                       "kept_generated": kept_share(read, oracle.read(vae_x), vae_y).tolist(),
                       "seconds": time.perf_counter() - start}
     print(f"{cfg.run}'s VAE, {cfg.count} held-out slices; oracle width {cfg.width}, {cfg.steps} steps, seed {cfg.seed}")
-    print(f"{'variant':8s} {'factor':12s} {'R2 crisp':>9s} {'R2 recon':>9s} {'kept':>6s} {'R2 recon - shipped':>19s}")
+    print(f"{'variant':12s} {'factor':12s} {'R2 crisp':>9s} {'R2 recon':>9s} {'kept':>6s} {'R2 recon - shipped':>19s}")
     for name, row in rows.items():
         for i, f in enumerate(FACTORS):
             gap = (f"{row['r2_generated'][i] - rows['shipped']['r2_generated'][i]:+19.3f}" if "shipped" in rows
                    else f"{'–':>19s}")
-            print(f"{name:8s} {f:12s} {row['r2_crisp'][i]:9.3f} {row['r2_generated'][i]:9.3f} "
+            print(f"{name:12s} {f:12s} {row['r2_crisp'][i]:9.3f} {row['r2_generated'][i]:9.3f} "
                   f"{row['kept_generated'][i]:6.2f} {gap}")
     result = {"run": cfg.run, "factors": list(FACTORS), "steps": cfg.steps, "width": cfg.width, "seed": cfg.seed,
               "variants": rows}

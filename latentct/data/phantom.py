@@ -223,8 +223,11 @@ def landmarks(p: Patient, z: float) -> dict[str, tuple[float, float]]:
     return {k: body_to_image(p, *uv) for k, uv in pts.items()}
 
 
-def render_slice(p: Patient, z: float, size: int, rng: np.random.Generator, fov_mm: float = FOV_MM) -> np.ndarray:
-    """One axial slice in HU (float32, size x size) at z_position ``z`` of patient ``p``."""
+def render_slice(p: Patient, z: float, size: int, rng: np.random.Generator, fov_mm: float = FOV_MM,
+                 fine: bool = True) -> np.ndarray:
+    """One axial slice in HU (float32, size x size) at z_position ``z`` of patient ``p``. ``fine=False`` leaves
+    out the lung vessels, the ribs and the sternum (the detail a VAE's reconstructions lose; bench.oracle_reading),
+    every other pixel and the noise as they are."""
     spacing = fov_mm / size
     coords = (np.arange(size, dtype=np.float32) + 0.5) * spacing - fov_mm / 2
     x, y = np.meshgrid(coords, coords)  # x: columns (patient left), y: rows (posterior)
@@ -283,7 +286,7 @@ def render_slice(p: Patient, z: float, size: int, rng: np.random.Generator, fov_
         r0, r1, c0, c1 = rows.min(), rows.max() + 1, cols.min(), cols.max() + 1
         cells = p.vessel_density * (r1 - r0) * spacing / 100.0
         field = _smooth_field((r1 - r0, c1 - c0), cells, p.vessel_seed, 6.0 * z)
-        vessels = np.exp(-(field / 0.09) ** 2)
+        vessels = np.exp(-(field / 0.09) ** 2) if fine else 0.0
         patch = LUNG_HU + 760.0 * vessels + 25.0 * field
         region = lungs[r0:r1, c0:c1]
         img[r0:r1, c0:c1][region] = patch[region]
@@ -305,7 +308,7 @@ def render_slice(p: Patient, z: float, size: int, rng: np.random.Generator, fov_
         img[_ellipse(u, v, side * (r + 9), g.spine_v + r + 6, 12.0, 5.0)] = 600.0
 
     # Ribs: bone ovals along the chest wall, fewer below the diaphragm; the sternum in front.
-    if z < p.diaphragm + 0.12:
+    if fine and z < p.diaphragm + 0.12:
         count = 7
         for side in (-1, 1):
             for i in range(count):
@@ -315,7 +318,7 @@ def render_slice(p: Patient, z: float, size: int, rng: np.random.Generator, fov_
                 if abs(ru) < 0.25 * g.inner_a and rv < 0:
                     continue
                 img[_ellipse(u, v, ru, rv, 6.0, 4.0)] = 700.0
-    if 0.08 < z < p.diaphragm:
+    if fine and 0.08 < z < p.diaphragm:
         img[_ellipse(u, v, 0, -g.inner_b + 6.0, 13.0, 6.0)] = 500.0
 
     # Scanner noise, slightly correlated, as reconstruction kernels leave it.

@@ -126,13 +126,14 @@ class OracleNet(nn.Module):
 def _render_chunk(job: tuple) -> tuple[np.ndarray, np.ndarray]:
     """Worker: ``count`` slices of new patients as int16 HU (count, copies, S, S) and their visible factors.
     Copies after the first are other patients given the first one's five patient-level factors, at the same z:
-    the same factors under other nuisance (fat, organ sizes, diaphragm, vessels, contrast, noise, padding)."""
+    the same factors under other nuisance (fat, organ sizes, diaphragm, vessels, contrast, noise, padding).
+    ``fine=False``: without lung vessels, ribs and sternum (phantom.render_slice), the same patients, z and noise."""
     import dataclasses
 
     from latentct.data import phantom
     from latentct.data.dicom import resize_slices
 
-    seed, stream, chunk, count, render_size, image_size, copies = job
+    seed, stream, chunk, count, render_size, image_size, copies, fine = job
     torch.set_num_threads(1)
     rng = np.random.default_rng([seed, stream, chunk])
     images, targets = [], []
@@ -142,19 +143,21 @@ def _render_chunk(job: tuple) -> tuple[np.ndarray, np.ndarray]:
         group = [patient] + [dataclasses.replace(phantom.sample_patient(rng), **{f: getattr(patient, f) for f in
                                                                                 FACTORS[1:]})
                              for _ in range(copies - 1)]
-        images.extend(phantom.as_read_back(phantom.render_slice(p, z, render_size, rng), p.padding) for p in group)
+        images.extend(phantom.as_read_back(phantom.render_slice(p, z, render_size, rng, fine=fine), p.padding)
+                      for p in group)
         targets.append(phantom.visible_factors(patient, z))
     hu = resize_slices(np.stack(images), image_size)
     return hu.reshape(count, copies, *hu.shape[1:]), np.asarray(targets, dtype=np.float32)
 
 
 def render_slices(count: int, image_size: int, seed: int, stream: int, render_size: int = 128, workers: int = 1,
-                  desc: str = "phantom slices", copies: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+                  desc: str = "phantom slices", copies: int = 1, fine: bool = True
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """(count, copies, S, S) int16 HU slices of fresh patients, every factor independent, and (count, 6)
     targets; ``copies`` > 1 adds per slice renders of other patients that share its six factors (the nuisance
-    average of bench.oracle_reading). ``stream`` separates the training, held-out and validation draws of one
-    seed."""
-    jobs = [(seed, stream, i, min(CHUNK, count - start), render_size, image_size, copies)
+    average of bench.oracle_reading); ``fine=False`` renders the same slices without their finest anatomy.
+    ``stream`` separates the training, held-out and validation draws of one seed."""
+    jobs = [(seed, stream, i, min(CHUNK, count - start), render_size, image_size, copies, fine)
             for i, start in enumerate(range(0, count, CHUNK))]
     with worker_pool(workers) as pool:
         parts = list(pool_map(_render_chunk, jobs, pool, desc, "chunk"))

@@ -193,7 +193,7 @@ def test_the_kept_shares_tell_a_vae_that_draws_less_from_an_oracle_that_reads_le
 
 
 def test_the_oracle_reading_bench_augmentations_remove_detail_and_keep_the_body():
-    from bench.oracle_reading import VARIANTS, _median, augmentation, pca_basis
+    from bench.oracle_reading import AUGMENTED, _median, augmentation, pca_basis
 
     x = -torch.ones(8, 1, 32, 32)
     x[:, :, 8:24, 6:26] = 0.2                      # a body with a sharp edge
@@ -204,10 +204,44 @@ def test_the_oracle_reading_bench_augmentations_remove_detail_and_keep_the_body(
     assert torch.equal(cleaned[:, :, :, 0], x[:, :, :, 0]) and cleaned[0, 0, 16, 6] == 0.2  # the edge stays
     body = x > -0.6
     noisy = x + 0.05 * torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
-    for name in VARIANTS:
-        y = augmentation(name, pca_basis(noisy))(x, torch.Generator().manual_seed(0))
+    plain = x.clone()
+    plain[:, :, 15, 15] = 0.2                      # the second render: the same slice without its fine detail
+    for name in AUGMENTED:
+        given = torch.cat([x, plain], 1) if name == "plain" else x
+        y = augmentation(name, pca_basis(noisy))(given, torch.Generator().manual_seed(0))
         assert y.shape == x.shape and y.min() >= -1 and y.max() <= 1 and not torch.equal(x, y)
         assert (y[body] > y[~body].mean()).float().mean() > 0.9, name
+
+
+def test_plain_renders_lose_the_fine_anatomy_and_keep_everything_else():
+    """fine=False leaves out vessels, ribs and sternum: the same patients, z, noise and outline; the bench's
+    ``plain`` variant trains on a random half of them, and ``both_oracles`` averages two oracles' readings."""
+    from bench.oracle_reading import MeanReader, either
+    from latentct.score.anatomy import measure
+
+    hu, targets = oracle_stage.render_slices(6, 64, seed=3, stream=1, render_size=64)
+    plain, same = oracle_stage.render_slices(6, 64, seed=3, stream=1, render_size=64, fine=False)
+    assert torch.equal(targets, same)
+    changed = hu != plain
+    assert 0.005 < changed.float().mean() < 0.2                   # detail, not the slice, is what differs
+    assert hu[changed].float().mean() > plain[changed].float().mean() + 200   # bright bone and vessels gone
+    for m in ("thickness", "width", "centroid_y"):
+        assert torch.equal(measure(hu)[m], measure(plain)[m]), m
+    p = phantom.sample_patient(np.random.default_rng(1))
+    chest = phantom.render_slice(p, 0.3, 64, np.random.default_rng(0))
+    bare = phantom.render_slice(p, 0.3, 64, np.random.default_rng(0), fine=False)
+    assert (chest >= 650).sum() > (bare >= 650).sum()              # ribs are bone; without them only the spine is
+    x = torch.stack([torch.full((400, 2, 2), -1.0), torch.full((400, 2, 2), 1.0)], 1)
+    picked = either(x, torch.Generator().manual_seed(0))
+    assert picked.shape == (400, 1, 2, 2) and 0.4 < (picked[:, 0, 0, 0] > 0).float().mean() < 0.6
+
+    class Reads:
+        def __init__(self, value):
+            self.value = value
+
+        def read(self, images):
+            return torch.full((len(images), 6), self.value)
+    assert torch.equal(MeanReader([Reads(1.0), Reads(3.0)]).read(torch.zeros(2, 1, 4, 4)), torch.full((2, 6), 2.0))
 
 
 def test_copies_share_the_factors_and_the_nuisance_average_mixes_them():
