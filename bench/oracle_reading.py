@@ -152,6 +152,9 @@ def run_oracles(root: Path, run: str) -> list:
     if not config.is_file():
         raise UserError(f"--variants both_oracles: {config} not found; the run has not been validated")
     names = json.loads(config.read_text())
+    missing = [key for key in ("oracle", "fit_oracle") if not names.get(key)]
+    if missing:
+        raise UserError(f"--variants both_oracles: {config} names no {' or '.join(missing)}")
     return [oracle_stage.load_oracle(root / names[key]) for key in ("oracle", "fit_oracle")]
 
 
@@ -186,6 +189,7 @@ def main(cfg: Settings) -> dict:
     vae = root / "runs" / cfg.run / "vae" / "generator.pt"
     if not vae.is_file():
         raise UserError(f"--run: {vae} not found; run python pipeline.py --run {cfg.run} first")
+    both = run_oracles(root, cfg.run) if "both_oracles" in cfg.variants else None  # before any work: a clear error
     window = parse_window(tuple(generator_info(str(vae))["window"]))
     size = output_size(load_generator(str(vae)))
     # The score oracle's settings (batch, learning rate, loss weights from oracle.Settings' defaults) at this size
@@ -210,7 +214,7 @@ def main(cfg: Settings) -> dict:
     for name in cfg.variants:
         start = time.perf_counter()
         if name == "both_oracles":
-            oracle = MeanReader(run_oracles(root, cfg.run))
+            oracle = MeanReader(both)
             r2_crisp = oracle_stage.r_squared(oracle.read(hu_to_unit(test[0], window)), test[1]).tolist()
         else:
             slices = grouped if name.startswith("average") else paired if name == "plain" else train

@@ -326,3 +326,16 @@ def test_supervised_directions_move_one_factor_and_hold_the_others():
     singular = torch.linalg.svdvals(toy.B)
     assert info["condition_number"] == pytest.approx(float(singular.max() / singular.min()), rel=1e-4)
     assert info["per_unit_shift"]["rotation"] == pytest.approx(float(moved[2, 2]), rel=1e-4)
+
+
+def test_the_oracle_reading_bench_says_what_both_oracles_lacks_before_any_work(tmp_path):
+    from bench.oracle_reading import Settings, main
+
+    (tmp_path / "runs" / "r" / "vae").mkdir(parents=True)
+    (tmp_path / "runs" / "r" / "vae" / "generator.pt").write_bytes(b"never read: the check comes first")
+    with pytest.raises(UserError, match="validation/config.json not found"):
+        main(Settings(run="r", root=str(tmp_path), variants=["shipped", "both_oracles"]))
+    (tmp_path / "Animations" / "r" / "validation").mkdir(parents=True)
+    (tmp_path / "Animations" / "r" / "validation" / "config.json").write_text(json.dumps({"oracle": "o.pt"}))
+    with pytest.raises(UserError, match="names no fit_oracle"):
+        main(Settings(run="r", root=str(tmp_path), variants=["shipped", "both_oracles"]))
