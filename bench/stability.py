@@ -3,6 +3,10 @@ two threads and with two draws of report latents, each in its own process.
 
     python -m bench.stability --run demo [--seeds 0 1] [--threads 1 2]
 
+A benchmark run's ground truth is the median of three draws (--seed-draws 3: the trained methods on three seeds,
+every method on three draws of report latents); each repeat scores all three again, on report latents no other
+repeat uses (repeat s moves each draw's seed by 3 s; s = 0 is the run's own).
+
 Target (issue "Counts that hold on any machine"): no count moves by more than 1 between runs, and no verdict
 whose p-value is below 0.01 or above 0.2 flips. Prints one row per (generator, method, run) and the spread of
 each method's counts, and writes Animations/<run>/stability.json.
@@ -19,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from latentct.util.io import atomic_write_json
-from latentct.util.settings import parse_settings, setting
+from latentct.util.settings import UserError, parse_settings, setting
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,31 +34,59 @@ class Settings:
 
     run: str = setting("demo", "the pipeline run whose ground-truth stages to repeat")
     root: str = setting(".", "folder under which Animations/<run>/ lives")
-    seeds: list[int] = setting([0, 1], "report-latent seeds (EvalDirections --seed)")
+    seeds: list[int] = setting([0, 1], "repeats on other report latents: 0 is the run's own (EvalDirections --seed; "
+                               "a benchmark's k draws each move by seed x k)")
     threads: list[int] = setting([1, 2], "OMP_NUM_THREADS of each repeat")
 
 
+def score(config: dict, report: Path, seed: int, threads: int, out: Path) -> Path:
+    """One ground-truth stage in a fresh process, with ``report`` as its gallery's report and the report-latent
+    ``seed``, written under ``out``: its ground_truth.json."""
+    out.mkdir(parents=True)
+    shutil.copy(report, out / "report.json")
+    flags = []
+    for key, value in dict(config, output=str(out), seed=seed, ground_truth="only").items():
+        if value is None or value == [] or key in ("null_cache",):
+            continue
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            flags.append(flag if value else f"--no-{key.replace('_', '-')}")
+        elif isinstance(value, list):
+            flags += [flag, *map(str, value)]
+        else:
+            flags += [flag, str(value)]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TQDM_DISABLE": "1"}
+    subprocess.run([sys.executable, str(ROOT / "EvalDirections.py"), *flags], check=True, env=env, cwd=ROOT,
+                   stdout=subprocess.DEVNULL)
+    return out / "ground_truth" / "ground_truth.json"
+
+
+def draws(config: dict, report: Path) -> list[tuple[dict, Path]]:
+    """The draws of report latents a ground truth merges, each as (its settings, its gallery's report.json): its
+    own, then those of its --seed-runs (the benchmark's other seeds or draws, each a gallery of its own)."""
+    out = [(config, report)]
+    for path in config.get("seed_runs") or []:
+        gallery = ROOT / Path(path).parent.parent            # a draw's gallery: report.json, config.json, ground_truth/
+        found = [f for f in (gallery / "ground_truth" / "config.json", gallery / "config.json") if f.is_file()]
+        if not found or not (gallery / "report.json").is_file():
+            raise UserError(f"{gallery}: no config.json or report.json; the ground truth's draw {path} cannot be "
+                            "repeated")
+        out.append((json.loads(found[0].read_text()), gallery / "report.json"))
+    return out
+
+
 def repeat(config: dict, report: Path, seed: int, threads: int) -> dict:
-    """One ground-truth stage in a fresh process: its ground_truth.json."""
+    """The ground truth again, every one of its k draws on other report latents: in the repeat of ``seed`` s, the
+    draw recorded with report-latent seed r is scored with r + s k, so that s = 0 is the run itself and the
+    repeats of two seeds share no draw (for a run of one draw, the seed is s). The medians then come from the
+    repeated draws, not from the files the run kept."""
+    parts = draws(config, report)
+    shift = seed * len(parts)
     with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "gallery"
-        out.mkdir()
-        shutil.copy(report, out / "report.json")
-        flags = []
-        for key, value in dict(config, output=str(out), seed=seed, ground_truth="only").items():
-            if value is None or value == [] or key in ("null_cache",):
-                continue
-            flag = "--" + key.replace("_", "-")
-            if isinstance(value, bool):
-                flags.append(flag if value else f"--no-{key.replace('_', '-')}")
-            elif isinstance(value, list):
-                flags += [flag, *map(str, value)]
-            else:
-                flags += [flag, str(value)]
-        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TQDM_DISABLE": "1"}
-        subprocess.run([sys.executable, str(ROOT / "EvalDirections.py"), *flags], check=True, env=env, cwd=ROOT,
-                       stdout=subprocess.DEVNULL)
-        return json.loads((out / "ground_truth" / "ground_truth.json").read_text())
+        others = [str(score(dict(c, seed_runs=[]), r, c["seed"] + shift, threads, Path(tmp) / f"draw{j}"))
+                  for j, (c, r) in enumerate(parts[1:], 1)]
+        path = score(dict(config, seed_runs=others), report, config["seed"] + shift, threads, Path(tmp) / "main")
+        return json.loads(path.read_text())
 
 
 def main(cfg: Settings) -> list[dict]:

@@ -523,3 +523,54 @@ def test_the_spread_across_machines_names_what_moved_and_only_runs_of_the_same_s
     assert "Generator weights (sha256): dcgan differ." in line and "Counts at 2/3 that differ: none." in line
     (folder / "twin.json").write_text(json.dumps(dict(timed, machine="CPU Y, 2 cores")))   # the same generators
     assert results.machines_line(timed, folder) == []
+
+
+def test_stability_repeats_every_draw_of_a_benchmark_ground_truth_on_disjoint_report_latents(tmp_path, monkeypatch):
+    """bench.stability on a run whose ground truth merges other draws (--seed-draws 3): each repeat scores every
+    draw again, from its own gallery's report, with report-latent seeds shifted by seed x 3 (repeat 0: the run's
+    0, 1, 2; repeat 1: 3, 4, 5), and the medians come from those fresh draws, not from the files the run kept."""
+    from bench import stability
+
+    anim = tmp_path / "Animations" / "b"
+    kept = [f"Animations/b/dcgan_seed{s}/ground_truth/ground_truth.json" for s in (1, 2)]
+    for name, seed in (("dcgan", 0), ("dcgan_seed1", 1), ("dcgan_seed2", 2)):
+        (anim / name / "ground_truth").mkdir(parents=True)
+        (anim / name / "report.json").write_text(json.dumps({"gallery": name}))
+        config = {"seed": seed, "ground_truth": "auto", "directions": f"runs/b/{name}/directions.pt", "seed_runs": []}
+        if name == "dcgan":
+            config.update(ground_truth="only", seed_runs=kept)
+            (anim / name / "ground_truth" / "config.json").write_text(json.dumps(config))
+        else:
+            (anim / name / "config.json").write_text(json.dumps(config))
+    calls = []
+
+    def fake_run(command, check, env, cwd, stdout):
+        flags, key = {}, None
+        for word in command[2:]:
+            if word.startswith("--"):
+                key = word[2:]
+                flags[key] = []
+            else:
+                flags[key].append(word)
+        out = Path(flags["output"][0])
+        calls.append({"seed": int(flags["seed"][0]), "seed_runs": flags.get("seed-runs", []),
+                      "report": json.loads((out / "report.json").read_text())["gallery"],
+                      "threads": env["OMP_NUM_THREADS"]})
+        (out / "ground_truth").mkdir()
+        (out / "ground_truth" / "ground_truth.json").write_text(json.dumps({"methods": {"sefa": {
+            "recovered_at": {"0.5": 1, "0.67": 1, "0.8": 0}, "auc": 0.2, "p_value": {"auc": 0.01},
+            "verdict": "above null"}}}))
+
+    monkeypatch.setattr(stability, "ROOT", tmp_path)
+    monkeypatch.setattr(stability.subprocess, "run", fake_run)
+    rows = stability.main(stability.Settings(run="b", root=str(tmp_path), seeds=[0, 1], threads=[2]))
+    assert [c["seed"] for c in calls] == [1, 2, 0, 4, 5, 3]
+    assert [c["report"] for c in calls] == ["dcgan_seed1", "dcgan_seed2", "dcgan"] * 2
+    for main_call in (calls[2], calls[5]):
+        assert len(main_call["seed_runs"]) == 2 and not set(main_call["seed_runs"]) & set(kept)
+        assert all(p.endswith("ground_truth.json") for p in main_call["seed_runs"])
+    assert all(c["seed_runs"] == [] for c in calls if c["report"] != "dcgan") and {c["threads"] for c in calls} == {"2"}
+    assert [(r["generator"], r["seed"]) for r in rows] == [("dcgan", 0), ("dcgan", 1)]
+    (anim / "dcgan_seed2" / "report.json").unlink()
+    with pytest.raises(UserError, match="dcgan_seed2: no config.json or report.json"):
+        stability.main(stability.Settings(run="b", root=str(tmp_path), seeds=[0], threads=[1]))
