@@ -25,7 +25,8 @@ same held-out reconstructions validate.py uses (stream 3 of the oracle's seed). 
   fine anatomy the VAE's reconstructions lose (phantom.render_slice ``fine=False``: the same patients, z and
   noise), then ``augment``: an oracle that cannot lean on that detail must read each factor from what is left.
 - ``both_oracles``: nothing trained; the mean of the run's score and fit oracles' readings (validation's
-  config.json names them: other seeds, slices and widths), which removes what the two misread independently.
+  config.json names them: other seeds, slices and widths), which reduces what the two misread independently;
+  each oracle's own R2 and the correlation of their errors are printed beside it.
 
 Prints per variant and factor the held-out R2 on crisp slices, the R2 on the reconstructions and the share of
 the factor's change the readings keep there (validate.kept_share: the partial slope on the reconstructions over
@@ -137,9 +138,13 @@ def either(x: torch.Tensor, gen: torch.Generator, share: float = 0.5) -> torch.T
 
 
 class MeanReader:
-    """Oracles read as one: the mean of their readings, in the factors' units."""
+    """Oracles read as one: the mean of their readings, in the factors' units (all of one HU window)."""
 
-    def __init__(self, oracles: list):
+    def __init__(self, oracles: list, window):
+        other = [o for o in oracles if tuple(o.window) != tuple(window)]
+        if other:
+            raise UserError(f"--variants both_oracles: an oracle reads the HU window {tuple(other[0].window)}, the "
+                            f"VAE draws {tuple(window)}")
         self.oracles = oracles
 
     def read(self, images: torch.Tensor) -> torch.Tensor:
@@ -155,7 +160,9 @@ def run_oracles(root: Path, run: str) -> list:
     missing = [key for key in ("oracle", "fit_oracle") if not names.get(key)]
     if missing:
         raise UserError(f"--variants both_oracles: {config} names no {' or '.join(missing)}")
-    return [oracle_stage.load_oracle(root / names[key]) for key in ("oracle", "fit_oracle")]
+    # stored as the pipeline wrote them: with its --root, relative to the folder it ran in (this one, or --root)
+    return [oracle_stage.load_oracle(Path(names[key]) if Path(names[key]).is_file() else root / names[key])
+            for key in ("oracle", "fit_oracle")]
 
 
 def augmentation(name: str, basis=None):
@@ -214,7 +221,7 @@ def main(cfg: Settings) -> dict:
     for name in cfg.variants:
         start = time.perf_counter()
         if name == "both_oracles":
-            oracle = MeanReader(both)
+            oracle = MeanReader(both, window)
             r2_crisp = oracle_stage.r_squared(oracle.read(hu_to_unit(test[0], window)), test[1]).tolist()
         else:
             slices = grouped if name.startswith("average") else paired if name == "plain" else train
@@ -225,6 +232,12 @@ def main(cfg: Settings) -> dict:
                       "r2_generated": oracle_stage.r_squared(read, vae_y).tolist(),
                       "kept_generated": kept_share(read, oracle.read(vae_x), vae_y).tolist(),
                       "seconds": time.perf_counter() - start}
+        if name == "both_oracles":  # each on its own too, and how alike their errors are
+            own = [o.read(recon) for o in both]
+            rows[name]["r2_generated_each"] = [oracle_stage.r_squared(r, vae_y).tolist() for r in own]
+            errors = [(r - vae_y) for r in own]
+            rows[name]["error_correlation"] = [float(torch.corrcoef(torch.stack([e[:, i] for e in errors]))[0, 1])
+                                               for i in range(len(FACTORS))]
     print(f"{cfg.run}'s VAE, {cfg.count} held-out slices; oracle width {cfg.width}, {cfg.steps} steps, seed {cfg.seed}")
     print(f"{'variant':12s} {'factor':12s} {'R2 crisp':>9s} {'R2 recon':>9s} {'kept':>6s} {'R2 recon - shipped':>19s}")
     for name, row in rows.items():
@@ -233,6 +246,12 @@ def main(cfg: Settings) -> dict:
                    else f"{'–':>19s}")
             print(f"{name:12s} {f:12s} {row['r2_crisp'][i]:9.3f} {row['r2_generated'][i]:9.3f} "
                   f"{row['kept_generated'][i]:6.2f} {gap}")
+    if "both_oracles" in rows:
+        row = rows["both_oracles"]
+        for who, r2 in zip(("score oracle", "fit oracle"), row["r2_generated_each"]):
+            print(f"both_oracles: the {who} alone, R2 recon " + ", ".join(f"{f} {v:.3f}" for f, v in zip(FACTORS, r2)))
+        print("both_oracles: correlation of the two oracles' errors on the reconstructions: "
+              + ", ".join(f"{f} {v:.2f}" for f, v in zip(FACTORS, row["error_correlation"])))
     result = {"run": cfg.run, "factors": list(FACTORS), "steps": cfg.steps, "width": cfg.width, "seed": cfg.seed,
               "variants": rows}
     atomic_write_json(root / "Animations" / cfg.run / "oracle_reading.json", result)

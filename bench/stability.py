@@ -5,7 +5,8 @@ two threads and with two draws of report latents, each in its own process.
 
 A benchmark run's ground truth is the median of three draws (--seed-draws 3: the trained methods on three seeds,
 every method on three draws of report latents); each repeat scores all three again, on report latents no other
-repeat uses (repeat s moves each draw's seed by 3 s; s = 0 is the run's own).
+repeat uses (repeat s moves each draw's seed by s x the number of draws; s = 0 is the run's own, also for a run
+of another --seed).
 
 Target (issue "Counts that hold on any machine"): no count moves by more than 1 between runs, and no verdict
 whose p-value is below 0.01 or above 0.2 flips. Prints one row per (generator, method, run) and the spread of
@@ -34,8 +35,9 @@ class Settings:
 
     run: str = setting("demo", "the pipeline run whose ground-truth stages to repeat")
     root: str = setting(".", "folder under which Animations/<run>/ lives")
-    seeds: list[int] = setting([0, 1], "repeats on other report latents: 0 is the run's own (EvalDirections --seed; "
-                               "a benchmark's k draws each move by seed x k)")
+    seeds: list[int] = setting([0, 1], "repeats on other report latents: 0 is the run's own; repeat s moves the "
+                               "run's report-latent seed (EvalDirections --seed) by s, a benchmark's k draws each "
+                               "by s x k")
     threads: list[int] = setting([1, 2], "OMP_NUM_THREADS of each repeat")
 
 
@@ -75,18 +77,20 @@ def draws(config: dict, report: Path) -> list[tuple[dict, Path]]:
     return out
 
 
-def repeat(config: dict, report: Path, seed: int, threads: int) -> dict:
-    """The ground truth again, every one of its k draws on other report latents: in the repeat of ``seed`` s, the
-    draw recorded with report-latent seed r is scored with r + s k, so that s = 0 is the run itself and the
-    repeats of two seeds share no draw (for a run of one draw, the seed is s). The medians then come from the
-    repeated draws, not from the files the run kept."""
+def repeat(config: dict, report: Path, seed: int, threads: int) -> tuple[dict, list[int]]:
+    """The ground truth again, every one of its draws on other report latents, and the report-latent seeds used.
+    Its draws were scored with seeds spanning w values (k consecutive seeds for the benchmark's k draws; one seed
+    for the demo): in the repeat of ``seed`` s each draw's seed r becomes r + s w, so that s = 0 is the run itself
+    and repeats of two seeds share no draw. The medians then come from the repeated draws, not from the files the
+    run kept."""
     parts = draws(config, report)
-    shift = seed * len(parts)
+    recorded = [c["seed"] for c, _ in parts]
+    shift = seed * (max(recorded) - min(recorded) + 1)
     with tempfile.TemporaryDirectory() as tmp:
         others = [str(score(dict(c, seed_runs=[]), r, c["seed"] + shift, threads, Path(tmp) / f"draw{j}"))
                   for j, (c, r) in enumerate(parts[1:], 1)]
         path = score(dict(config, seed_runs=others), report, config["seed"] + shift, threads, Path(tmp) / "main")
-        return json.loads(path.read_text())
+        return json.loads(path.read_text()), [r + shift for r in recorded]
 
 
 def main(cfg: Settings) -> list[dict]:
@@ -96,10 +100,11 @@ def main(cfg: Settings) -> list[dict]:
         config = json.loads((gallery / "ground_truth" / "config.json").read_text())
         for seed in cfg.seeds:
             for threads in cfg.threads:
-                gt = repeat(config, gallery / "report.json", seed, threads)
+                gt, report_seeds = repeat(config, gallery / "report.json", seed, threads)
                 for method, table in gt["methods"].items():
                     p = table["p_value"] or {}
                     rows.append({"generator": gallery.name, "method": method, "seed": seed, "threads": threads,
+                                 "report_seeds": report_seeds,
                                  "recovered_at": table["recovered_at"], "auc": table["auc"],
                                  "p": p.get("auc"),
                                  "verdict": table["verdict"]})

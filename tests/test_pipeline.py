@@ -533,12 +533,12 @@ def test_stability_repeats_every_draw_of_a_benchmark_ground_truth_on_disjoint_re
 
     anim = tmp_path / "Animations" / "b"
     kept = [f"Animations/b/dcgan_seed{s}/ground_truth/ground_truth.json" for s in (1, 2)]
-    for name, seed in (("dcgan", 0), ("dcgan_seed1", 1), ("dcgan_seed2", 2)):
+    for name, seed in (("dcgan", 0), ("dcgan_seed1", 1), ("dcgan_seed2", 2), ("vae", 5)):
         (anim / name / "ground_truth").mkdir(parents=True)
         (anim / name / "report.json").write_text(json.dumps({"gallery": name}))
         config = {"seed": seed, "ground_truth": "auto", "directions": f"runs/b/{name}/directions.pt", "seed_runs": []}
-        if name == "dcgan":
-            config.update(ground_truth="only", seed_runs=kept)
+        if name in ("dcgan", "vae"):      # a benchmark gallery of three draws; a demo-like one of one, seed 5
+            config.update(ground_truth="only", seed_runs=kept if name == "dcgan" else [])
             (anim / name / "ground_truth" / "config.json").write_text(json.dumps(config))
         else:
             (anim / name / "config.json").write_text(json.dumps(config))
@@ -555,7 +555,7 @@ def test_stability_repeats_every_draw_of_a_benchmark_ground_truth_on_disjoint_re
         out = Path(flags["output"][0])
         calls.append({"seed": int(flags["seed"][0]), "seed_runs": flags.get("seed-runs", []),
                       "report": json.loads((out / "report.json").read_text())["gallery"],
-                      "threads": env["OMP_NUM_THREADS"]})
+                      "directions": flags["directions"][0], "output": out, "threads": env["OMP_NUM_THREADS"]})
         (out / "ground_truth").mkdir()
         (out / "ground_truth" / "ground_truth.json").write_text(json.dumps({"methods": {"sefa": {
             "recovered_at": {"0.5": 1, "0.67": 1, "0.8": 0}, "auc": 0.2, "p_value": {"auc": 0.01},
@@ -564,13 +564,15 @@ def test_stability_repeats_every_draw_of_a_benchmark_ground_truth_on_disjoint_re
     monkeypatch.setattr(stability, "ROOT", tmp_path)
     monkeypatch.setattr(stability.subprocess, "run", fake_run)
     rows = stability.main(stability.Settings(run="b", root=str(tmp_path), seeds=[0, 1], threads=[2]))
-    assert [c["seed"] for c in calls] == [1, 2, 0, 4, 5, 3]
-    assert [c["report"] for c in calls] == ["dcgan_seed1", "dcgan_seed2", "dcgan"] * 2
-    for main_call in (calls[2], calls[5]):
-        assert len(main_call["seed_runs"]) == 2 and not set(main_call["seed_runs"]) & set(kept)
-        assert all(p.endswith("ground_truth.json") for p in main_call["seed_runs"])
-    assert all(c["seed_runs"] == [] for c in calls if c["report"] != "dcgan") and {c["threads"] for c in calls} == {"2"}
-    assert [(r["generator"], r["seed"]) for r in rows] == [("dcgan", 0), ("dcgan", 1)]
+    assert [c["seed"] for c in calls] == [1, 2, 0, 4, 5, 3, 5, 6]  # the demo-like gallery: its seed, then + 1
+    assert [c["report"] for c in calls] == ["dcgan_seed1", "dcgan_seed2", "dcgan"] * 2 + ["vae"] * 2
+    assert all(c["directions"] == f"runs/b/{c['report']}/directions.pt" for c in calls)  # each draw its own
+    for draws, main_call in ((calls[0:2], calls[2]), (calls[3:5], calls[5])):  # merges exactly its fresh draws
+        assert main_call["seed_runs"] == [str(d["output"] / "ground_truth" / "ground_truth.json") for d in draws]
+    assert calls[0]["output"].parent != calls[3]["output"].parent and {c["threads"] for c in calls} == {"2"}
+    assert all(c["seed_runs"] == [] for c in calls if c["report"] not in ("dcgan",))
+    assert [(r["generator"], r["seed"], r["report_seeds"]) for r in rows] == [
+        ("dcgan", 0, [0, 1, 2]), ("dcgan", 1, [3, 4, 5]), ("vae", 0, [5]), ("vae", 1, [6])]
     (anim / "dcgan_seed2" / "report.json").unlink()
     with pytest.raises(UserError, match="dcgan_seed2: no config.json or report.json"):
         stability.main(stability.Settings(run="b", root=str(tmp_path), seeds=[0], threads=[1]))

@@ -231,17 +231,28 @@ def test_plain_renders_lose_the_fine_anatomy_and_keep_everything_else():
     chest = phantom.render_slice(p, 0.3, 64, np.random.default_rng(0))
     bare = phantom.render_slice(p, 0.3, 64, np.random.default_rng(0), fine=False)
     assert (chest >= 650).sum() > (bare >= 650).sum()              # ribs are bone; without them only the spine is
+    lung = bare < -500                                              # the lungs (and air) of the bare slice
+    assert (chest[lung] > bare[lung] + 300).sum() > 10              # vessels were drawn there, bright in the lung
+    g = phantom.slice_geometry(p, 0.3)
+    x, y = phantom.body_to_image(p, 0.0, -g.inner_b + 6.0)          # the sternum's centre, mm from the image centre
+    row, col = (int((c + phantom.FOV_MM / 2) / (phantom.FOV_MM / 64)) for c in (y, x))
+    assert 0.08 < 0.3 < p.diaphragm and chest[row, col] > bare[row, col] + 300   # and the sternum is gone
     x = torch.stack([torch.full((400, 2, 2), -1.0), torch.full((400, 2, 2), 1.0)], 1)
     picked = either(x, torch.Generator().manual_seed(0))
     assert picked.shape == (400, 1, 2, 2) and 0.4 < (picked[:, 0, 0, 0] > 0).float().mean() < 0.6
 
     class Reads:
+        window = (-1000.0, 2000.0)
+
         def __init__(self, value):
             self.value = value
 
         def read(self, images):
             return torch.full((len(images), 6), self.value)
-    assert torch.equal(MeanReader([Reads(1.0), Reads(3.0)]).read(torch.zeros(2, 1, 4, 4)), torch.full((2, 6), 2.0))
+    both = MeanReader([Reads(1.0), Reads(3.0)], (-1000.0, 2000.0))
+    assert torch.equal(both.read(torch.zeros(2, 1, 4, 4)), torch.full((2, 6), 2.0))
+    with pytest.raises(UserError, match="HU window"):
+        MeanReader([Reads(1.0), Reads(3.0)], (-1350.0, 150.0))
 
 
 def test_copies_share_the_factors_and_the_nuisance_average_mixes_them():
