@@ -350,3 +350,39 @@ def test_the_oracle_reading_bench_says_what_both_oracles_lacks_before_any_work(t
     (tmp_path / "Animations" / "r" / "validation" / "config.json").write_text(json.dumps({"oracle": "o.pt"}))
     with pytest.raises(UserError, match="names no fit_oracle"):
         main(Settings(run="r", root=str(tmp_path), variants=["shipped", "both_oracles"]))
+
+
+def test_the_oracle_reading_bench_trains_plain_on_each_slice_beside_its_bare_render(dataset, tiny_oracle, tmp_path,
+                                                                                     monkeypatch):
+    """End to end at tiny sizes: ``plain`` trains on (slice, the same slice without fine anatomy) pairs of the
+    shipped slices, ``shipped`` on the slices alone, and ``both_oracles`` reads with the run's two oracles as the
+    pipeline stored their paths (relative to the folder it ran in)."""
+    import bench.oracle_reading as bench_reading
+    from Training import TrainVAE
+
+    run = tmp_path / "runs" / "r" / "vae"
+    TrainVAE.main(parse_settings(TrainVAE.Settings, ["--data", str(dataset), "--output", str(run), "--steps", "2",
+                                                     "--width", "8", "--batch-size", "8", "--latent-dim", "8",
+                                                     "--log-every", "1"]))
+    validation = tmp_path / "Animations" / "r" / "validation"
+    validation.mkdir(parents=True)
+    oracle_path = str(tiny_oracle[1])
+    (validation / "config.json").write_text(json.dumps({"oracle": oracle_path, "fit_oracle": oracle_path}))
+    seen, fit = {}, oracle_stage.fit_oracle
+
+    def recording(cfg, slices, test, augmentation):
+        seen[len(seen)] = slices
+        return fit(cfg, slices, test, augmentation)
+
+    monkeypatch.setattr(oracle_stage, "fit_oracle", recording)
+    out = bench_reading.main(bench_reading.Settings(run="r", root=str(tmp_path), steps=2, train_slices=6,
+                                                    test_slices=4, count=4, width=4, render_size=64,
+                                                    variants=["shipped", "plain", "both_oracles"]))
+    shipped, plain = seen[0], seen[1]
+    bare = oracle_stage.render_slices(6, 32, 0, 1, 64, fine=False)
+    assert shipped[0].shape == (6, 1, 32, 32) and plain[0].shape == (6, 2, 32, 32)
+    assert torch.equal(plain[0][:, :1], shipped[0]) and torch.equal(plain[0][:, 1:], bare[0])
+    assert torch.equal(plain[1], shipped[1]) and not torch.equal(plain[0][:, 0], plain[0][:, 1])
+    both = out["variants"]["both_oracles"]
+    assert len(both["r2_generated_each"]) == 2 and both["r2_generated_each"][0] == both["r2_generated_each"][1]
+    assert both["r2_generated"] == pytest.approx(both["r2_generated_each"][0])   # one oracle twice: its own reading
