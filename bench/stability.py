@@ -6,7 +6,7 @@ two threads and with two draws of report latents, each in its own process.
 A benchmark run's ground truth is the median of three draws (--seed-draws 3: the trained methods on three seeds,
 every method on three draws of report latents); each repeat scores all three again, on report latents no other
 repeat uses (repeat s moves each draw's seed by s x the number of draws; s = 0 is the run's own, also for a run
-of another --seed).
+of another --seed). So each repeat of a benchmark gallery costs three ground truths, not one.
 
 Target (issue "Counts that hold on any machine"): no count moves by more than 1 between runs, and no verdict
 whose p-value is below 0.01 or above 0.2 flips. Prints one row per (generator, method, run) and the spread of
