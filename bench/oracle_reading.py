@@ -223,17 +223,18 @@ def main(cfg: Settings) -> dict:
         if name == "both_oracles":
             oracle = MeanReader(both, window)
             r2_crisp = oracle_stage.r_squared(oracle.read(hu_to_unit(test[0], window)), test[1]).tolist()
+            own = [o.read(recon) for o in both]        # each oracle's reading, kept for its own R2 below
+            read = torch.stack(own).mean(0)            # = oracle.read(recon), without reading twice
         else:
             slices = grouped if name.startswith("average") else paired if name == "plain" else train
             oracle = oracle_stage.Oracle(oracle_stage.fit_oracle(ocfg, slices, test, augmentation(name, basis)))
             r2_crisp = list(oracle.r2.values())
-        read = oracle.read(recon)
+            read = oracle.read(recon)
         rows[name] = {"r2_crisp": r2_crisp,
                       "r2_generated": oracle_stage.r_squared(read, vae_y).tolist(),
                       "kept_generated": kept_share(read, oracle.read(vae_x), vae_y).tolist(),
                       "seconds": time.perf_counter() - start}
         if name == "both_oracles":  # each on its own too, and how alike their errors are
-            own = [o.read(recon) for o in both]
             rows[name]["r2_generated_each"] = [oracle_stage.r_squared(r, vae_y).tolist() for r in own]
             errors = [(r - vae_y) for r in own]
             rows[name]["error_correlation"] = [float(torch.corrcoef(torch.stack([e[:, i] for e in errors]))[0, 1])

@@ -234,8 +234,8 @@ def test_plain_renders_lose_the_fine_anatomy_and_keep_everything_else():
     lung = bare < -500                                              # the lungs (and air) of the bare slice
     assert (chest[lung] > bare[lung] + 300).sum() > 10              # vessels were drawn there, bright in the lung
     g = phantom.slice_geometry(p, 0.3)
-    x, y = phantom.body_to_image(p, 0.0, -g.inner_b + 6.0)          # the sternum's centre, mm from the image centre
-    row, col = (int((c + phantom.FOV_MM / 2) / (phantom.FOV_MM / 64)) for c in (y, x))
+    across_mm, down_mm = phantom.body_to_image(p, 0.0, -g.inner_b + 6.0)  # the sternum's centre, from the centre
+    row, col = (int((c + phantom.FOV_MM / 2) / (phantom.FOV_MM / 64)) for c in (down_mm, across_mm))
     assert 0.08 < 0.3 < p.diaphragm and chest[row, col] > bare[row, col] + 300   # and the sternum is gone
     x = torch.stack([torch.full((400, 2, 2), -1.0), torch.full((400, 2, 2), 1.0)], 1)
     picked = either(x, torch.Generator().manual_seed(0))
