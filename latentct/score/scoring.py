@@ -28,6 +28,7 @@ from latentct.data.phantom import FACTORS
 TAUS = {"0.5": 0.5, "0.67": 2 / 3, "0.8": 0.8}  # the share a recovered factor needs; "0.67" is the headline
 HEADLINE = "0.67"
 R2_MIN = 0.5  # the line R2 a passing pair needs: the response follows the shift, not noise
+TIE = 1e-9  # a share must beat tau by more than rounding: shares of two equal excesses are 0.5 +- 1e-16
 AREA_TAUS = np.linspace(0.5, 1.0, 51)  # the area: mean recovered count over these tau
 
 
@@ -64,8 +65,9 @@ def shares(effect: np.ndarray, floor: np.ndarray) -> np.ndarray:
 
 
 def passing(r2: np.ndarray, effect: np.ndarray, floor: np.ndarray, tau: float) -> np.ndarray:
-    """(K, F) bool: share above tau, effect at least twice the floor, line R2 at least R2_MIN."""
-    return (shares(effect, floor) > tau) & (effect >= 2 * floor[None, :]) & (r2 >= R2_MIN)
+    """(K, F) bool: share above tau, effect at least twice the floor, line R2 at least R2_MIN. "Above" is strict
+    beyond rounding (TIE): two equal excesses give shares 0.5 +- 1e-16, and a tie must not pass for either."""
+    return (shares(effect, floor) > tau + TIE) & (effect >= 2 * floor[None, :]) & (r2 >= R2_MIN)
 
 
 def matches(r2: np.ndarray, effect: np.ndarray, floor: np.ndarray, tau: float, factors=FACTORS) -> list[dict]:
@@ -90,7 +92,7 @@ def count_curve(r2: np.ndarray, effect: np.ndarray, floor: np.ndarray, taus=AREA
 
 
 def _counts(share: np.ndarray, base: np.ndarray, taus) -> np.ndarray:
-    return np.array([int(((share > tau) & base).any(0).sum()) for tau in taus])
+    return np.array([int(((share > tau + TIE) & base).any(0).sum()) for tau in taus])
 
 
 def area(curve: np.ndarray, supervised_curve: np.ndarray | None) -> float | None:
@@ -214,7 +216,11 @@ def across_seeds(tables: list[dict]) -> dict:
         m = float(np.median(values))
         return int(m) if m.is_integer() else m
 
-    per_seed = list({s["seed"]: s for t in tables for s in reversed(t["per_seed"])}.values())[::-1]  # one a seed
+    first_of_seed = {}
+    for t in tables:
+        for s in t["per_seed"]:
+            first_of_seed.setdefault(s["seed"], s)  # a seed counts once, its first entry, in the order they came
+    per_seed = list(first_of_seed.values())
     first = tables[0]
     recovered_at = {key: median([s["recovered_at"][key] for s in per_seed]) for key in TAUS}
     p_value = None
