@@ -12,6 +12,7 @@ real_<i>.gif (test slices embedded and moved along the strongest directions), sa
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,9 +58,6 @@ from latentct.train.runtime import Runtime, memory_format
 from latentct.util.io import atomic_torch_save, atomic_write_json
 from latentct.util.settings import UserError, check, run_cli, save_settings, setting
 
-# What a method used beyond the generator: only "none" methods are label-free and ranked as such.
-SUPERVISION = {"supervised": "labels", "metadata": "metadata"}  # ground_truth.json's vocabulary (issue 17 section 3)
-
 
 @dataclass
 class Settings:
@@ -95,6 +93,10 @@ class Settings:
     fit_oracle: str | None = setting(None, "the oracle the supervised ceiling was fitted with: the subspace diagnostic "
                                      "refits the supervised map inside each method's span with it (the span ceiling)"
                                      "; without it the span ceiling is left out")
+    subspace_latents: int = setting(16, "latents the subspace diagnostic's image-change angles and shares average "
+                                    "the pullback metric over (0: latent coordinates only; diffusion views always)")
+    subspace_randoms: int = setting(8, "random spans of each size whose mean image-change share is the chance level "
+                                    "beside a method's; the first 3 also give the span ceiling's chance level")
     validation: str | None = setting(None, "validation.json of the known-answer sweeps (python -m latentct.score.validate):"
                                      " each factor's noise floor comes from it (the ground truth needs it)")
     null_pool: int = setting(256, "random directions in the null's pool, scored once on the report's own latents "
@@ -369,7 +371,7 @@ def ground_truth(cfg: Settings, subject: Subject, files: dict[str, Directions], 
         r2, effect = line_effects(read(images), eps)
         table = score_directions(r2, effect, floor)
         table.update(rca=dirs.rca, effect_dci=effect_dci(effect, floor), directions_count=dirs.count,
-                     supervision=SUPERVISION.get(dirs.method, "none"), file=str(dirs.path),
+                     supervision=dirs.supervision, file=str(dirs.path),
                      file_sha256=file_hash(dirs.path))
         if dirs.method == "supervised":
             table["supervised"] = dirs.extra
@@ -399,12 +401,22 @@ def ground_truth(cfg: Settings, subject: Subject, files: dict[str, Directions], 
         table["per_seed"] = [{"seed": cfg.seed, "recovered_at": table["recovered_at"], "auc": table["auc"],
                               "p_value": table["p_value"]}]
     design = {"samples": int(z.shape[0]), "shifts": int(eps.numel()), "pairing": pairing(G)}
+    scorer = {"score oracle": oracle.sha256, "noise floors": dict(zip(FACTORS, floor.tolist())),
+              "null pool and sets": None if pool is None else [cfg.null_pool, cfg.null_sets]}
     for path in cfg.seed_runs:  # the same methods on other seeds or report-latent draws: medians and 2 of 3
         kept = json.loads(Path(path).read_text())
         theirs = kept.get("design")
         if theirs != design:
             raise UserError(f"--seed-runs: {path} was scored with {theirs}, this run with {design}: medians over "
                             "other scoring designs would mix their noise (score it again)")
+        null = kept.get("null") or {}
+        theirs = {"score oracle": (kept.get("oracles") or {}).get("score"), "noise floors": kept.get("noise_floor"),
+                  "null pool and sets": [null["pool"], null["sets"]] if null else None}
+        differ = [key for key in scorer if theirs[key] != scorer[key]]
+        if differ:
+            raise UserError(f"--seed-runs: {path} was scored with another {' and '.join(differ)} than this run "
+                            f"({', '.join(f'{theirs[k]} there, {scorer[k]} here' for k in differ)}): its counts and "
+                            "p-values are not comparable (score it again)")
         other = kept["methods"]
         for name in [n for n in methods if n in other]:
             methods[name]["per_seed"] += other[name]["per_seed"]
@@ -458,19 +470,40 @@ def subspaces(cfg: Settings, G, files: dict, methods: dict, z, eps, read, floor)
         fit = (None, None, samples) if h_view else (*fit_readings(G, fit_oracle, G.window, samples, seed), samples)
     recoverable = methods["supervised"]["recovered_at"][HEADLINE]
     start, stop = direction_block(G)  # the dimensions directions can live in: the chance level's
+    image_z = z[:cfg.subspace_latents] if getattr(G, "view", None) is None else z[:0]  # a diffusion view: no image
+    gen = torch.Generator().manual_seed(cfg.seed + 4099)
+    randoms = {}  # span size -> random spans of it, shared by every method of that size
+
+    def ceiling_at(basis):
+        in_span = span_fit(G, fit_oracle, basis, fit[2], seed) if h_view else fit
+        ceiling, _ = fit_directions(in_span[0], in_span[1], in_span[2], basis)
+        r2, effect = line_effects(read(sweep(G, subspace.Basis(ceiling), list(range(len(ceiling))), eps, z)), eps)
+        return score_directions(r2, effect, floor)["recovered_at"]
+
     for name, table in methods.items():
         if name == "supervised":
             continue
         dirs = files[name]
-        k = subspace.span_size(dirs.method, dirs.count, None if recoverable is None else int(recoverable))
+        k = subspace.span_size(dirs.method, dirs.count,  # a median over an even number of seeds: round up
+                               None if recoverable is None else math.ceil(recoverable))
         entry, basis = subspace.diagnose(dirs.unit_rows(), target, k, FACTORS, dim=stop - start)
-        entry["span_ceiling_at"] = None
+        if k and k not in randoms:
+            randoms[k] = {"rows": [in_block(G, F.normalize(torch.randn(k, stop - start, generator=gen), dim=1))
+                                   for _ in range(max(cfg.subspace_randoms, 1))]}
+        entry["image"] = None
+        if len(image_z) and k:
+            entry["image"] = subspace.diagnose_image(G, dirs.unit_rows()[:k], target,
+                                                     randoms[k]["rows"][:cfg.subspace_randoms], image_z, FACTORS)
+        entry["span_ceiling_at"] = entry["span_ceiling_chance_at"] = None
         if fit is not None and basis.shape[1]:
-            in_span = span_fit(G, fit_oracle, basis, fit[2], seed) if h_view else fit
-            ceiling, _ = fit_directions(in_span[0], in_span[1], in_span[2], basis)
-            r2, effect = line_effects(read(sweep(G, subspace.Basis(ceiling), list(range(len(ceiling))), eps, z)),
-                                      eps)
-            entry["span_ceiling_at"] = score_directions(r2, effect, floor)["recovered_at"]
+            entry["span_ceiling_at"] = ceiling_at(basis)
+            # random spans of the same size: what a span this large holds anyway (not in a diffusion h view,
+            # where each ceiling samples thousands of images: the random method's own row is the reference there)
+            if "ceiling" not in randoms[k] and not h_view and cfg.subspace_randoms:
+                drawn = [ceiling_at(subspace.orthonormal_basis(rows))  # rows in the latent, as a method's
+                         for rows in randoms[k]["rows"][:3]]
+                randoms[k]["ceiling"] = {key: int(np.median([d[key] for d in drawn])) for key in TAUS}  # of 3
+            entry["span_ceiling_chance_at"] = randoms[k].get("ceiling")
         table["subspace"] = entry
 
 
@@ -624,13 +657,16 @@ def real_slices(cfg: Settings, subject: Subject, rows: list[dict], out: Path) ->
 
 
 def ground_truth_line(output: Path) -> str:
-    """The ground-truth stage's one line for the pipeline: the headline and its verdict."""
+    """The ground-truth stage's one line for the pipeline: the headline, the area and its p-value, the verdict."""
     gt = json.loads((Path(output) / "ground_truth.json").read_text())
     if not gt.get("main"):
         return gt.get("reason", "")
     main = gt["main"]
-    of = f" of {gt['recoverable']} recoverable" if gt.get("recoverable") is not None else "/6"
-    return f"{main['recovered']}{of} recovered at tau 2/3, {main['verdict']}"
+    of = f"of {gt['recoverable']} recoverable" if gt.get("recoverable") is not None else "of 6 factors"
+    area = "area –" if main.get("auc") is None else f"area {main['auc']:.2f}"
+    p = (main.get("p_value") or {}).get("auc")
+    return (f"{main['recovered']} recovered {of} at tau 2/3, {area}" + ("" if p is None else f" (p {p:.3f})")
+            + f": {main['verdict']}")
 
 
 if __name__ == "__main__":

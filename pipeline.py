@@ -235,7 +235,7 @@ PRESETS = {
     "tiny": dict(phantom_patients=6, phantom_slices=12, phantom_size=64, image_size=32, gan_steps=6, vae_steps=6,
                  direction_steps=4, direction_batch=8, eval_samples=3, oracle_steps=20, oracle_slices=200,
                  oracle_test_slices=100, probe_slices=100, probe_steps=10,
-                 validate_patients=2, null_pool=64, null_sets=50, unmix_rca=True, rca_baselines=list(BASELINES),
+                 validate_patients=3, null_pool=64, null_sets=50, unmix_rca=True, rca_baselines=list(BASELINES),
                  dcgan_methods=[m for m in METHODS if m != "metadata"],
                  vae_methods=["sefa", "random", "metadata", "unmix"], metadata_patients=12,
                  generators=[*GENERATORS, "diffusion"], diffusion_preset="tiny", ddim_steps=3, diffusion_directions=3,

@@ -189,7 +189,7 @@ def directions_for(cfg: Settings, G, device) -> tuple[torch.nn.Module, dict | No
             with torch.no_grad():
                 deformator.linear.weight[:, :m] = start.matrix[:m].t().to(deformator.linear.weight)
             extra = {"initialised_from": str(cfg.init_directions), "initialised_columns": m,
-                     "initial_method": start.method}
+                     "initial_method": start.method, "supervision": start.supervision}
             name = f"learned_{start.method}"
         return deformator.to(device), deformator_args, name, extra
     method, extra = cfg.method, {}
@@ -204,14 +204,15 @@ def directions_for(cfg: Settings, G, device) -> tuple[torch.nn.Module, dict | No
         G.to(device)
     elif cfg.method == "unmix":
         if cfg.unmix_from == "latent":
-            rows, base_method = whole_latent(G), "latent"
+            rows, base_method, inherited = whole_latent(G), "latent", "none"
         else:
             base, _ = load_directions(cfg.unmix_from, cfg.generator)
             rows, base_method = base.matrix[:min(cfg.unmix_size, base.count)], base.method
+            inherited = base.supervision
         encoder = own_encoder(G, cfg.generator) if cfg.unmix_features == "encoder" else None
         matrix, extra = unmix(G.cpu(), rows, cfg.unmix_by, cfg.unmix_features, seed=cfg.seed, encoder=encoder,
                               content=cfg.unmix_content)
-        extra.update(unmixed=base_method, unmixed_from=str(cfg.unmix_from), m=len(rows))
+        extra.update(unmixed=base_method, unmixed_from=str(cfg.unmix_from), m=len(rows), supervision=inherited)
         G.to(device)
     elif cfg.method == "metadata":
         matrix, extra = metadata_method(cfg, G)

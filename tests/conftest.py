@@ -76,5 +76,5 @@ def tiny_validation(tiny_oracle, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("validation")
     validate.main(validate.Settings(output=str(out), image_size=32, oracle=str(tiny_oracle[1]), patients=4,
-                                    pair_patients=2, frames=5, render_size=64, scored_samples=4))
+                                    pair_patients=4, frames=5, render_size=64, scored_samples=4))
     return out / "validation.json"

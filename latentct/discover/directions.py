@@ -168,6 +168,13 @@ def save_directions(path: str | Path, method: str, deformator: nn.Module, G: nn.
     atomic_torch_save(state, path)
 
 
+# What a method used beyond the generator (ground_truth.json's "supervision", issue 17 section 3): only "none"
+# methods are label-free and ranked as such. A method started from, or unmixed inside, another method's
+# directions inherits that method's tag where it is the stronger (extra["supervision"]).
+SUPERVISION = {"supervised": "labels", "metadata": "metadata"}
+SUPERVISION_ORDER = ("none", "measurements", "metadata", "labels")
+
+
 class Directions:
     """A loaded directions artifact: ``shift(k, eps)`` gives latent shifts, exact for every deformator kind."""
 
@@ -196,6 +203,12 @@ class Directions:
         basis[torch.arange(len(k)), k] = eps.float()
         with torch.no_grad():
             return self.module(basis)
+
+    @property
+    def supervision(self) -> str:
+        """"none", "measurements", "metadata" or "labels": the stronger of the method's own and what it inherits."""
+        tags = (SUPERVISION.get(self.method, "none"), self.extra.get("supervision", "none"))
+        return max(tags, key=SUPERVISION_ORDER.index)
 
     def unit_rows(self) -> torch.Tensor:
         """(K, d) float64: the latent shift of one unit along each direction, for every deformator kind."""

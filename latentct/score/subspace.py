@@ -16,6 +16,14 @@ the angles between those and the oracle's supervised directions show how far the
 
 Methods that rank their directions (SeFa, PCA and the spectral method, by eigenvalue) are judged on their top
 k = recoverable_at[headline] directions; unordered ones (learned, random, coordinate, DisCo, LatentCLR) on all.
+
+Angles and shares in the latent's own coordinates mislead where the generator ignores part of its latent: a VAE
+leaves most of its dimensions unused, a supervised direction fitted there carries fit noise in them, and a span
+that holds all of a factor's image change can still hold little of its latent norm (and a random span's chance,
+sqrt(k/d), counts the dead dimensions too). So the same angles and shares are also measured on the image changes
+the directions make (``image_coordinates``: the pullback metric's inner products J(z)v . J(z)w averaged over
+latents), with the chance level measured on random spans of the same size; and the span ceiling gets the ceiling
+of random spans of the same size beside it, since a large enough span holds every factor whatever its basis.
 """
 from __future__ import annotations
 
@@ -77,6 +85,42 @@ def diagnose(rows: torch.Tensor, supervised: torch.Tensor, k: int, factors, dim:
                                                                       principal_angles(top, supervised)],
             "chance": round(chance_share(int(basis.shape[1]), dim or rows.shape[1]), 4),
             "share_in_span": {f: round(float(s), 4) for f, s in zip(factors, shares)}}, basis
+
+
+def image_gram(G, rows: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """(n, n) mean over the latents ``z`` of the inner products of the image changes J(z) r_i . J(z) r_j of the
+    (n, latent_dim) ``rows`` (forward-mode products, one per row and latent; never a full Jacobian)."""
+    from latentct.discover.unmix import span_jacobians
+
+    gram = torch.zeros(len(rows), len(rows), dtype=torch.float64)
+    for J in span_jacobians(G, rows, z):
+        J = J.flatten(2)
+        gram += (J @ J.transpose(1, 2)).sum(0)
+    return gram / len(z)
+
+
+def image_coordinates(gram: torch.Tensor) -> torch.Tensor:
+    """(n, n) rows whose dot products are ``gram``'s: each direction's image change in n Euclidean coordinates,
+    so the angles and shares above apply unchanged."""
+    w, e = torch.linalg.eigh((gram + gram.T) / 2)
+    return e * w.clamp_min(0).sqrt()
+
+
+def diagnose_image(G, top: torch.Tensor, supervised: torch.Tensor, randoms: list[torch.Tensor], z: torch.Tensor,
+                   factors) -> dict:
+    """The subspace entry's ``image`` part: principal angles between the image changes of the method's span
+    (``top``, (k, latent_dim)) and of the supervised directions, each factor's share inside it, and per factor the
+    mean share inside the spans of ``randoms`` (each (k, latent_dim)): the chance level on the same images."""
+    coords = image_coordinates(image_gram(G, torch.cat([top, supervised]), z))
+    mine, sup = coords[:len(top)], coords[len(top):]
+    shares = share_in_span(orthonormal_basis(mine), sup)
+    chance = np.zeros(len(supervised))
+    for rows in randoms:
+        coords = image_coordinates(image_gram(G, torch.cat([rows, supervised]), z))
+        chance += share_in_span(orthonormal_basis(coords[:len(rows)]), coords[len(rows):]) / len(randoms)
+    return {"latents": int(len(z)), "angles_deg": [round(a, 2) for a in principal_angles(mine, sup)],
+            "share_in_span": {f: round(float(v), 4) for f, v in zip(factors, shares)},
+            "chance": {f: round(float(v), 4) for f, v in zip(factors, chance)}}
 
 
 class Basis:

@@ -10,8 +10,11 @@ scorer that scores a generator's directions (latentct/score/scoring.py) scores t
 
 - each single-factor sweep must be attributed to its own factor (its largest effect) with leakage <= 0.15;
 - in each two-factor sweep its two factors must be the two largest effects;
-- the anatomy report (the labels used on real LIDC, where there is no oracle) should name the expected
-  measurement for each factor (EXPECTED_LABELS); the confusion table shows what it names per patient.
+- the anatomy report's label (the one a user of real LIDC sees, where there is no oracle) should lead with the
+  expected measurement for each factor (EXPECTED_LABELS), and names it alone only where it holds more than 2/3
+  of the change with R2 >= 0.5: a clean change of one factor can honestly read as a mixture of measurements that
+  move together (a thicker body also has more body area); the confusion table shows what it leads with per
+  patient.
 
 The sweeps also give each factor's noise floor: the effect the oracle reports on a factor that a sweep held
 still, measured at the scorer's own sample count over disjoint groups of patients (mean + 2 SD; effects shrink
@@ -164,20 +167,24 @@ def score_pairs(values: torch.Tensor, eps: torch.Tensor) -> np.ndarray:
 
 def noise_floors(groups: list[tuple[torch.Tensor, torch.Tensor]], eps: torch.Tensor, samples: int) -> dict:
     """Per factor, mean + 2 SD of its effect in sweeps that held it still, each sweep scored on disjoint groups
-    of ``samples`` patients (no resampling; one group of all patients where a sweep has fewer).
+    of ``samples`` patients (no resampling; one group of all patients where a sweep has fewer, and then the
+    floors are recorded at that smaller count, which the scorer refuses to use for ``samples``).
     ``groups``: (values (sweeps, E, P, F), moved (sweeps, F) bool) for the single- and the two-factor sweeps."""
     effects = [[] for _ in FACTORS]
+    sizes = []
     for values, moved in groups:
         P = values.shape[2]
         size = min(samples, P)
+        sizes.append(size)
         for g in range(P // size):
             effect = line_effects(values[:, :, g * size:(g + 1) * size], eps)[1]
             for s, f in zip(*np.nonzero(~moved.numpy())):
                 effects[f].append(effect[s, f])
     floor = {f: float(np.mean(v) + 2 * np.std(v, ddof=1)) if len(v) > 1 else float(np.mean(v))
              for f, v in zip(FACTORS, effects)}
+    # the count they hold for: the smallest group (fewer patients than asked give a higher floor, for that count)
     return {"noise_floor": floor, "floor_values": {f: len(v) for f, v in zip(FACTORS, effects)},
-            "samples": samples}
+            "samples": min(sizes)}
 
 
 def attainable(values: torch.Tensor, eps: torch.Tensor, floor: np.ndarray, samples: int) -> dict:
@@ -194,19 +201,29 @@ def attainable(values: torch.Tensor, eps: torch.Tensor, floor: np.ndarray, sampl
 
 
 def anatomy_labels(hu: torch.Tensor, window, spacing: float) -> tuple[dict, dict]:
-    """The anatomy report's label of each factor's sweep (all patients together) and the per-patient
-    confusion table {factor: {measurement: count}}."""
-    from latentct.score.report import describe
+    """The label a user of real CT sees for each factor's sweep (all patients together; report.describe, each
+    measurement's change normalised by its spread over the sweeps' unshifted slices, as the gallery normalises by
+    real slices): {factor: {"label", "leads_with", "single"}}: the label's text, the measurement with the largest
+    share of the change (the one it names first) and whether it names that one alone. And the per-patient
+    confusion table {factor: {measurement it leads with: count}}."""
+    from latentct.score.report import describe, real_spreads
 
     K, E, P = hu.shape[:3]
     images = hu_to_unit(hu, window)
     eps = torch.linspace(-1, 1, E)
-    rows = describe(images, eps, window, spacing, list(range(K)))
-    labels = {FACTORS[k]: rows[k]["dominant"] for k in range(K)}
+    spreads = real_spreads(images[:, E // 2].reshape(K * P, *images.shape[3:]), window, spacing)
+
+    def leads(row):
+        return max(row["shares"], key=lambda m: row["shares"][m])
+
+    rows = describe(images, eps, window, spacing, list(range(K)), spreads)
+    labels = {FACTORS[k]: {"label": row["label"], "leads_with": leads(row),
+                           "single": not row["label"].startswith(("mixture", "no measurement"))}
+              for k, row in enumerate(rows)}
     confusion = {f: {} for f in FACTORS[:K]}
     for p in range(P):
-        for k, row in enumerate(describe(images[:, :, p:p + 1], eps, window, spacing, list(range(K)))):
-            confusion[FACTORS[k]][row["dominant"]] = confusion[FACTORS[k]].get(row["dominant"], 0) + 1
+        for k, row in enumerate(describe(images[:, :, p:p + 1], eps, window, spacing, list(range(K)), spreads)):
+            confusion[FACTORS[k]][leads(row)] = confusion[FACTORS[k]].get(leads(row), 0) + 1
     return labels, confusion
 
 
@@ -364,14 +381,15 @@ def validate(cfg: Settings, reader=None, through=None, spread=None, regenerate=N
     sweeps = {}
     for k, f in enumerate(FACTORS):
         sweeps[f] = {"attributed": FACTORS[int(single["attributed"][k])], "leakage": float(single["leakage"][k]),
-                     "r2": float(single["r2"][k, k]), "label": labels[f], "expected_label": EXPECTED_LABELS[f]}
+                     "r2": float(single["r2"][k, k]), **labels[f], "expected_label": EXPECTED_LABELS[f]}
     pair_rows = []
     for (a, b), row in zip(pairs, pair_effect):
         top = [FACTORS[i] for i in np.argsort(-row)[:2]]
         pair_rows.append({"factors": [a, b], "top_two": top, "ok": set(top) == {a, b}})
     checks = {"attributed": sum(v["attributed"] == f for f, v in sweeps.items()),
               "leakage_ok": sum(v["leakage"] <= LEAKAGE_TARGET for v in sweeps.values()),
-              "labels_ok": sum(v["label"] == v["expected_label"] for v in sweeps.values()),
+              "labels_ok": sum(v["leads_with"] == v["expected_label"] for v in sweeps.values()),
+              "labels_single": sum(v["leads_with"] == v["expected_label"] and v["single"] for v in sweeps.values()),
               "pairs_ok": sum(r["ok"] for r in pair_rows), "pairs": len(pair_rows)}
     checks["passed"] = bool(checks["attributed"] == 6 and checks["leakage_ok"] == 6 and checks["labels_ok"] >= 5
                             and checks["pairs_ok"] == len(pair_rows))
@@ -428,7 +446,8 @@ def main(cfg: Settings) -> dict:
     atomic_write_json(out / "validation.json", result)
     c, m = result["checks"], result["minimum_effect"]
     print(f"validation: {c['attributed']}/6 sweeps attributed to their factor, {c['leakage_ok']}/6 with leakage "
-          f"<= {LEAKAGE_TARGET}, {c['labels_ok']}/6 labelled as expected, {c['pairs_ok']}/{c['pairs']} pairs; "
+          f"<= {LEAKAGE_TARGET}, {c['labels_ok']}/6 labels led by the expected measurement "
+          f"({c.get('labels_single', '–')} by it alone), {c['pairs_ok']}/{c['pairs']} pairs; "
           f"smallest recovered effect at {cfg.scored_samples} samples: " + ", ".join(
               f"{f} {m[f]['value']:.3g} {m[f]['unit']}" for f in FACTORS) + f" -> {out / 'validation.json'}")
     return result

@@ -6,6 +6,7 @@ import html
 import json
 from pathlib import Path
 
+from latentct.show.results import labels_ok
 from latentct.util.io import atomic_write_text
 
 STYLE = """
@@ -167,7 +168,7 @@ def ground_truth_section(gt: dict) -> list[str]:
                               if v.get("r2_generated") is not None)
         parts.append(f"<p class='note'>Known-answer sweeps (seed {val.get('seed')}): {c['attributed']}/6 single-factor "
                      f"sweeps attributed to their own factor, {c['leakage_ok']}/6 with leakage &le; 0.15, "
-                     f"{c['labels_ok']}/6 labelled with the expected anatomy measurement, {c['pairs_ok']}/{c['pairs']} "
+                     f"{_esc(labels_ok(c))}, {c['pairs_ok']}/{c['pairs']} "
                      f"two-factor sweeps with their two factors on top. "
                      + (f"The oracle on VAE reconstructions of held-out slices: R2 {generated}. " if generated else "")
                      + "</p>")
@@ -242,8 +243,9 @@ def _subspace_table(title: str, note: str, entries: dict, columns: list[str], ce
     rows = subspace_rows(entries)
     if not rows:
         return []
-    head = ["method", "k", "principal angles", *(f"{c} in span" for c in columns), "chance"] + ([ceiling] if ceiling
-                                                                                               else [])
+    both = " (latent / image)" if any(e.get("image") for e in entries.values()) else ""
+    head = ["method", "k", f"principal angles{both}", *(f"{c} in span{both}" for c in columns), f"chance{both}"] + (
+        [ceiling] if ceiling else [])
     body = [row if ceiling else row[:-1] for row in rows]
     return [f"<h3>{_esc(title)}</h3><p class='note'>{note if raw else _esc(note)}</p>",
             "<table class='subspace'><thead><tr>" + "".join(f"<th>{_esc(h)}</th>" for h in head)

@@ -133,6 +133,27 @@ def test_unmix_and_a_learned_deformator_started_from_it_through_the_trainer(mixe
     rows = learned.shifts(torch.arange(5), torch.ones(5))
     assert learned.method == "learned_unmix" and learned.extra["initialised_columns"] == 3
     assert torch.allclose(rows[:3], unmixed.matrix, atol=1e-5) and best_cosines(rows[3:], G.M).max() < 0.99
+    assert unmixed.supervision == learned.supervision == "none"
+
+
+def test_directions_built_from_a_supervised_file_inherit_its_supervision(mixed_file, tmp_path):
+    """A span unmixed from, or a deformator started at, the supervised (labels) or metadata directions is not
+    label-free: it carries the stronger tag, so no table ranks it among the label-free methods."""
+    from latentct.discover.directions import load_directions
+
+    _run(mixed_file, tmp_path / "spectral", "--method", "spectral", "--feature-layer", "act", "--directions-count",
+         "3", "--rca", "false", "--steps", "1")
+    for method, tag in (("supervised", "labels"), ("metadata", "metadata")):
+        state = torch.load(tmp_path / "spectral" / "directions.pt", weights_only=True)
+        state["method"] = method                                    # the same rows, as if fitted with labels
+        torch.save(state, tmp_path / f"{method}.pt")
+        assert load_directions(tmp_path / f"{method}.pt")[0].supervision == tag
+        _run(mixed_file, tmp_path / f"unmix_{method}", "--method", "unmix", "--unmix-from", str(tmp_path / f"{method}.pt"),
+             "--unmix-size", "3", "--steps", "1", "--rca", "false")
+        _run(mixed_file, tmp_path / f"learned_{method}", "--init-directions", str(tmp_path / f"{method}.pt"),
+             "--directions-count", "4", "--steps", "1", "--lr-deformator", "0")
+        for kind in ("unmix", "learned"):
+            assert load_directions(tmp_path / f"{kind}_{method}" / "directions.pt")[0].supervision == tag, (kind, method)
 
 
 def test_the_metadata_method_finds_the_slice_direction_and_unmixes_patient_properties():

@@ -32,6 +32,51 @@ def test_chance_share_is_what_random_spans_hold():
     assert np.sqrt(np.mean(np.square(shares))) == pytest.approx(subspace.chance_share(k, d), rel=0.05)
 
 
+class DeadDimensions(torch.nn.Module):
+    """A generator that draws only from its first two latent coordinates (a 16 x 16 image, linear in them); the
+    other six move nothing, as a VAE's unused dimensions."""
+
+    latent_dim = 8
+
+    def __init__(self):
+        super().__init__()
+        self.patterns = torch.randn(2, 256, generator=torch.Generator().manual_seed(3))
+
+    def forward(self, z):
+        return (z[:, :2] @ self.patterns).view(len(z), 1, 16, 16)
+
+
+def test_image_shares_ignore_what_dead_dimensions_hold():
+    """A supervised direction fitted with noise in the dead dimensions (0.6 of its norm there) lies 0.8 inside a
+    span of the two live coordinates by the latent's measure, and wholly inside it by its image change; a span
+    of dead coordinates holds none of it; and the chance level is measured on random spans' image changes, not
+    sqrt(k / d)."""
+    G, z = DeadDimensions(), torch.randn(6, 8, generator=torch.Generator().manual_seed(0))
+    eye = torch.eye(8)
+    sup = (0.8 * eye[0] + 0.6 * eye[5])[None]
+    live = subspace.diagnose_image(G, eye[:2], sup, [], z, ["f"])
+    entry, _ = subspace.diagnose(eye[:2], sup, 2, ["f"])
+    assert entry["share_in_span"]["f"] == pytest.approx(0.8) and live["share_in_span"]["f"] == pytest.approx(1.0)
+    assert live["angles_deg"] == pytest.approx([0.0], abs=1e-3) and live["latents"] == 6
+    dead = subspace.diagnose_image(G, eye[2:4], sup, [], z, ["f"])
+    assert dead["share_in_span"]["f"] == pytest.approx(0.0, abs=1e-6)
+    gen = torch.Generator().manual_seed(1)
+    randoms = [torch.nn.functional.normalize(torch.randn(2, 8, generator=gen), dim=1) for _ in range(30)]
+    chance = subspace.diagnose_image(G, eye[:2], sup, randoms, z, ["f"])["chance"]["f"]
+    # a random pair of directions almost surely moves both live coordinates: its image changes span the same
+    # plane, so it holds all of the factor's image change (the latent chance would say sqrt(2 / 8) = 0.5)
+    assert chance == pytest.approx(1.0, abs=1e-3)
+
+
+def test_image_gram_is_the_mean_inner_product_of_image_changes():
+    G, z = DeadDimensions(), torch.randn(4, 8, generator=torch.Generator().manual_seed(0))
+    rows = torch.randn(3, 8, generator=torch.Generator().manual_seed(2))
+    J = (rows[:, :2] @ G.patterns).double()                  # the image change per row: linear, the same everywhere
+    assert subspace.image_gram(G, rows, z) == pytest.approx((J @ J.T).numpy(), rel=1e-4)
+    coords = subspace.image_coordinates(subspace.image_gram(G, rows, z))
+    assert (coords @ coords.T).numpy() == pytest.approx((J @ J.T).numpy(), rel=1e-4, abs=1e-2)
+
+
 def test_ranked_methods_keep_their_top_k_and_unordered_ones_all():
     assert subspace.span_size("sefa", 12, 4) == 4 and subspace.span_size("spectral", 3, 5) == 3
     assert subspace.span_size("learned", 12, 4) == 12 and subspace.span_size("random", 16, 0) == 16

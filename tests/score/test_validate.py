@@ -10,8 +10,8 @@ import torch.nn as nn
 from latentct.data import phantom
 from latentct.data.phantom import FACTORS
 from latentct.discover.baselines import supervised
+from latentct.score import anatomy, validate
 from latentct.score import oracle as oracle_stage
-from latentct.score import validate
 from latentct.score.scoring import line_effects
 from latentct.util.settings import UserError, parse_settings
 
@@ -38,6 +38,10 @@ def test_noise_floors_are_mean_plus_two_sd_over_disjoint_groups_of_unmoved_facto
     assert all(0 < v < 0.2 for v in out["noise_floor"].values())       # noise, not the moved factor's 6
     fewer = validate.noise_floors([(values, moved)], eps, samples=4)   # fewer samples: noisier slopes, higher floor
     assert fewer["noise_floor"]["width"] > out["noise_floor"]["width"]
+    assert out["samples"] == 16 and fewer["samples"] == 4
+    # more samples asked than the sweeps hold: one group of all 48, recorded as 48 (the scorer then refuses
+    # these floors for 64 samples instead of taking a floor measured on fewer patients for theirs)
+    assert validate.noise_floors([(values, moved)], eps, samples=64)["samples"] == 48
 
 
 def test_attainable_level_is_the_median_share_a_clean_sweep_keeps():
@@ -65,10 +69,21 @@ def test_known_answer_sweeps_score_right_with_exact_factors(seed):
         assert sweep["attributed"] == f and sweep["leakage"] <= validate.LEAKAGE_TARGET, (f, sweep)
     assert all(p["ok"] for p in result["pairs"]) and len(result["pairs"]) == 15
     assert result["checks"]["labels_ok"] >= 5, {f: s["label"] for f, s in result["sweeps"].items()}
+    # the label is the text a user sees (report.label's rule): a pure shift and a pure roll are named alone; a
+    # label that names one measurement names the one it leads with; the others read as mixtures
+    sweeps = result["sweeps"]
+    assert sweeps["y_offset"]["single"] and sweeps["y_offset"]["label"].startswith("vertical position")
+    assert sweeps["rotation"]["single"] and sweeps["rotation"]["label"].startswith("rotation")
+    for f, sweep in sweeps.items():
+        name = anatomy.MEASURES[sweep["leads_with"]][0]
+        assert sweep["label"].startswith(name if sweep["single"] else f"mixture: {name} "), (f, sweep)
+    assert result["checks"]["labels_single"] == sum(s["single"] and s["leads_with"] == s["expected_label"]
+                                                    for s in sweeps.values()) >= 2
     assert result["checks"]["passed"]
     assert sum(result["confusion"]["rotation"].values()) == 6
-    # exact factors move only their own factor: a factor a sweep held still reads as a flat line, floor 0
-    assert max(result["noise_floor"].values()) < 1e-6 and result["samples"] == validate.Settings.scored_samples == 32
+    # exact factors move only their own factor: a factor a sweep held still reads as a flat line, floor 0 (a
+    # sweep's own factor left in its floor would make it large); 6 and 2 patients per sweep hold floors for 2
+    assert max(result["noise_floor"].values()) < 1e-6 and result["samples"] == 2
     assert result["minimum_effect"]["rotation"]["unit"] == "deg"
 
 

@@ -264,3 +264,30 @@ def test_seed_runs_of_another_scoring_design_are_refused(directions_runs, tiny_o
     with pytest.raises(UserError, match="--seed-runs: .*'pairing': 'independent'.*'pairing': 'antithetic'"):
         EvalDirections.main(parse_settings(EvalDirections.Settings, [*args, "--seed-runs", str(other)]))
     assert not (tmp_path / "g" / "ground_truth" / "ground_truth.json").exists()  # nothing half-merged written
+
+
+def test_seed_runs_scored_by_another_oracle_floors_or_null_are_refused(directions_runs, tiny_oracle, tiny_validation,
+                                                                        tmp_path):
+    """A draw scored with the same design but another score oracle, other noise floors or another null is not
+    merged into the medians either; one that matches all of them is."""
+    args = ["--directions", str(directions_runs["learned"]), "--oracle", str(tiny_oracle[1]), "--validation",
+            str(tiny_validation), "--real-slices", "0", "--frames", "3", "--report-samples", "4",
+            "--report-shifts", "5", "--null-pool", "16", "--null-sets", "3"]
+    EvalDirections.main(parse_settings(EvalDirections.Settings, [*args, "--output", str(tmp_path / "a")]))
+    kept = json.loads((tmp_path / "a" / "ground_truth" / "ground_truth.json").read_text())
+    for change, name in ((lambda k: k["oracles"].update(score="0" * 64), "score oracle"),
+                         (lambda k: k["noise_floor"].update(z_position=9.0), "noise floors"),
+                         (lambda k: k["null"].update(sets=1000), "null pool and sets")):
+        other = json.loads(json.dumps(kept))
+        change(other)
+        path = tmp_path / f"{name.split()[0]}.json"
+        path.write_text(json.dumps(other))
+        with pytest.raises(UserError, match=f"--seed-runs: .*another {name} than this run"):
+            EvalDirections.main(parse_settings(EvalDirections.Settings, [*args, "--output", str(tmp_path / "b"),
+                                                                         "--seed", "1", "--seed-runs", str(path)]))
+    same = tmp_path / "same.json"
+    same.write_text(json.dumps(kept))
+    EvalDirections.main(parse_settings(EvalDirections.Settings, [*args, "--output", str(tmp_path / "c"), "--seed",
+                                                                 "1", "--seed-runs", str(same)]))
+    merged = json.loads((tmp_path / "c" / "ground_truth" / "ground_truth.json").read_text())
+    assert [s["seed"] for s in merged["methods"]["learned"]["per_seed"]] == [1, 0]
