@@ -401,3 +401,15 @@ def test_the_oracle_reading_bench_trains_plain_on_each_slice_beside_its_bare_ren
     both = out["variants"]["both_oracles"]
     assert len(both["r2_generated_each"]) == 2 and both["r2_generated_each"][0] == both["r2_generated_each"][1]
     assert both["r2_generated"] == pytest.approx(both["r2_generated_each"][0])   # one oracle twice: its own reading
+    assert len(both["r2_recalibrated"]) == 6
+
+
+def test_recalibrated_r2_undoes_scale_and_offset_but_not_noise():
+    from bench.oracle_reading import recalibrated_r2
+
+    gen = torch.Generator().manual_seed(0)
+    truth = torch.randn(400, 2, generator=gen)
+    read = torch.stack([0.5 * truth[:, 0] + 3, truth[:, 1] + torch.randn(400, generator=gen)], 1)
+    exact, noisy = recalibrated_r2(read, truth)
+    assert oracle_stage.r_squared(read, truth)[0] < 0 and exact == pytest.approx(1.0)  # a line: all of it back
+    assert noisy == pytest.approx(0.5, abs=0.08)                                        # noise of equal spread: half
