@@ -149,8 +149,12 @@ def subspace_rows(entries: dict) -> list[list[str]]:
     reference direction's share inside the span (chance beside them) and, where there is one, the span ceiling
     (a random span's of the same size beside it). Where the entry has the image-change measure, each angle range,
     share and chance reads "latent / image"."""
+    def between(low, high, form):
+        low, high = format(low, form), format(high, form)
+        return low if low == high else f"{low}-{high}"
+
     def spread(angles):
-        return "–" if not angles else f"{angles[0]:.0f}-{angles[-1]:.0f}°"
+        return "–" if not angles else between(angles[0], angles[-1], ".0f") + "°"
 
     def count(at):
         return f"{at['0.5']} / {at['0.67']} / {at['0.8']}"
@@ -163,7 +167,7 @@ def subspace_rows(entries: dict) -> list[list[str]]:
         if image:
             angles += f" / {spread(image['angles_deg'])}"
             shares = [f"{a} / {v:.2f}" for a, v in zip(shares, image["share_in_span"].values())]
-            chance += " / " + "-".join(f"{f(image['chance'].values()):.2f}" for f in (min, max))
+            chance += " / " + between(min(image["chance"].values()), max(image["chance"].values()), ".2f")
         ceiling, chance_ceiling = sub.get("span_ceiling_at"), sub.get("span_ceiling_chance_at")
         rows.append([method, str(sub["k"]), angles, *shares, chance,
                      "–" if not ceiling else count(ceiling) + (f" (random span {count(chance_ceiling)})"
