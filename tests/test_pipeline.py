@@ -583,3 +583,35 @@ def test_stability_repeats_every_draw_of_a_benchmark_ground_truth_on_disjoint_re
     (anim / "dcgan_seed2" / "report.json").unlink()
     with pytest.raises(UserError, match="dcgan_seed2: no config.json or report.json"):
         stability.main(stability.Settings(run="b", root=str(tmp_path), seeds=[0], threads=[1]))
+
+
+def test_subspace_cost_times_each_ground_truth_with_and_without_the_image_measure(tmp_path, monkeypatch):
+    """bench.subspace_cost alternates the run's own settings with the image measure and random ceilings off, on
+    one draw of each gallery, and says whether the counts agree."""
+    import bench.subspace_cost as cost
+
+    for gallery in ("dcgan", "vae"):
+        folder = tmp_path / "Animations" / "r" / gallery
+        (folder / "ground_truth").mkdir(parents=True)
+        (folder / "report.json").write_text("{}")
+        (folder / "ground_truth" / "config.json").write_text(json.dumps(
+            {"seed": 3, "subspace_latents": 16, "subspace_randoms": 8, "seed_runs": ["other.json"]}))
+    calls = []
+
+    def fake_score(config, report, seed, threads, out):
+        calls.append((report.parent.name, config["subspace_latents"], config["subspace_randoms"], config["seed_runs"],
+                      seed, threads))
+        out.mkdir(parents=True)
+        counts = {"0.5": 2, "0.67": 1 + (config["subspace_latents"] == 0 and report.parent.name == "vae"), "0.8": 0}
+        (out / "ground_truth.json").write_text(json.dumps({"methods": {"sefa": {"recovered_at": counts}}}))
+        return out / "ground_truth.json"
+
+    monkeypatch.setattr(cost, "score", fake_score)
+    out = cost.main(cost.Settings(run="r", root=str(tmp_path), repeats=2, threads=1))
+    assert [c[:2] for c in calls[:4]] == [("dcgan", 16), ("dcgan", 0), ("dcgan", 16), ("dcgan", 0)]
+    assert all(c[3] == [] and c[4] == 3 and c[5] == 1 for c in calls) and len(calls) == 8
+    assert all(c[2] == (8 if c[1] else 0) for c in calls)
+    assert out["dcgan"]["same_counts"] and not out["vae"]["same_counts"]
+    assert len(out["dcgan"]["seconds"]["with"]) == 2 and out["dcgan"]["ratio"] > 0
+    with pytest.raises(UserError, match="--run: no ground truth"):
+        cost.main(cost.Settings(run="missing", root=str(tmp_path)))
