@@ -96,7 +96,8 @@ class Settings:
     subspace_latents: int = setting(16, "latents the subspace diagnostic's image-change angles and shares average "
                                     "the pullback metric over (0: latent coordinates only; diffusion views always)")
     subspace_randoms: int = setting(8, "random spans of each size whose mean image-change share is the chance level "
-                                    "beside a method's; the first 3 also give the span ceiling's chance level")
+                                    "beside a method's (0: no chance level and no random spans' ceiling; otherwise "
+                                    "3 random spans also give the span ceiling's, their median)")
     validation: str | None = setting(None, "validation.json of the known-answer sweeps (python -m latentct.score.validate):"
                                      " each factor's noise floor comes from it (the ground truth needs it)")
     null_pool: int = setting(256, "random directions in the null's pool, scored once on the report's own latents "
@@ -130,6 +131,8 @@ class Settings:
         check(self.report_shifts >= 3, "report_shifts", "needs at least 3 shifts for a line fit")
         check(self.report_samples >= 2, "report_samples", "needs at least 2 samples")
         check(self.null_pool == 0 or self.null_pool >= 8, "null_pool", "needs 0 (off) or at least 8 directions")
+        check(self.subspace_latents >= 0, "subspace_latents", f"needs 0 (off) or more, got {self.subspace_latents}")
+        check(self.subspace_randoms >= 0, "subspace_randoms", f"needs 0 (off) or more, got {self.subspace_randoms}")
         check(self.null_sets >= 1, "null_sets", "needs at least 1 set")
 
 
@@ -471,7 +474,6 @@ def subspaces(cfg: Settings, G, files: dict, methods: dict, z, eps, read, floor)
     recoverable = methods["supervised"]["recovered_at"][HEADLINE]
     start, stop = direction_block(G)  # the dimensions directions can live in: the chance level's
     image_z = z[:cfg.subspace_latents] if getattr(G, "view", None) is None else z[:0]  # a diffusion view: no image
-    gen = torch.Generator().manual_seed(cfg.seed + 4099)
     randoms = {}  # span size -> random spans of it, shared by every method of that size
 
     def ceiling_at(basis):
@@ -487,9 +489,11 @@ def subspaces(cfg: Settings, G, files: dict, methods: dict, z, eps, read, floor)
         k = subspace.span_size(dirs.method, dirs.count,  # a median over an even number of seeds: round up
                                None if recoverable is None else math.ceil(recoverable))
         entry, basis = subspace.diagnose(dirs.unit_rows(), target, k, FACTORS, dim=stop - start)
-        if k and k not in randoms:
+        if k and k not in randoms:  # drawn per size, so other methods in the comparison do not move them
+            gen = torch.Generator().manual_seed(cfg.seed * 7919 + 4099 + k)
+            count = max(cfg.subspace_randoms, 3) if cfg.subspace_randoms else 0
             randoms[k] = {"rows": [in_block(G, F.normalize(torch.randn(k, stop - start, generator=gen), dim=1))
-                                   for _ in range(max(cfg.subspace_randoms, 1))]}
+                                   for _ in range(count)]}
         entry["image"] = None
         if len(image_z) and k:
             entry["image"] = subspace.diagnose_image(G, dirs.unit_rows()[:k], target,
@@ -499,7 +503,7 @@ def subspaces(cfg: Settings, G, files: dict, methods: dict, z, eps, read, floor)
             entry["span_ceiling_at"] = ceiling_at(basis)
             # random spans of the same size: what a span this large holds anyway (not in a diffusion h view,
             # where each ceiling samples thousands of images: the random method's own row is the reference there)
-            if "ceiling" not in randoms[k] and not h_view and cfg.subspace_randoms:
+            if "ceiling" not in randoms[k] and not h_view and randoms[k]["rows"]:
                 drawn = [ceiling_at(subspace.orthonormal_basis(rows))  # rows in the latent, as a method's
                          for rows in randoms[k]["rows"][:3]]
                 randoms[k]["ceiling"] = {key: int(np.median([d[key] for d in drawn])) for key in TAUS}  # of 3
@@ -547,7 +551,8 @@ def _check_floors(validation: dict, cfg: Settings, oracle) -> None:
     if wrong:
         raise UserError(f"--validation: {cfg.validation} measured its noise floors with " + ", ".join(
             f"{k} {measured[k]}" for k in wrong) + "; this run has " + ", ".join(f"{k} {here[k]}" for k in wrong)
-            + " (rerun python -m latentct.score.validate with --scored-samples, --frames and --oracle to match)")
+            + " (rerun python -m latentct.score.validate with --scored-samples, --frames and --oracle to match, and "
+            "at least as many --patients and --pair-patients as samples)")
 
 
 def pooled_null(cfg: Settings, G, z, eps, read, chunk: int = 32) -> tuple[np.ndarray, np.ndarray]:

@@ -108,16 +108,17 @@ def span_jacobians(G, basis: torch.Tensor, z: torch.Tensor, chunk: int = 256):
     import torch.autograd.forward_ad as fwAD
 
     m = len(basis)
-    tangents = basis.float()
+    device = next(G.parameters(), torch.zeros(0)).device
+    tangents = basis.float().to(device)
     per = max(1, chunk // m)
-    for zi in z.split(per):
+    for zi in z.to(device).split(per):
         points = zi.repeat_interleave(m, 0)
         with torch.no_grad(), fwAD.dual_level():
             image = G(fwAD.make_dual(points, tangents.repeat(len(zi), 1)))
             J = fwAD.unpack_dual(image).tangent
         if J is None:
             raise UserError("unmixing: the generator's output does not depend on z through forward mode")
-        yield J.double().reshape(len(zi), m, *J.shape[1:])
+        yield J.double().cpu().reshape(len(zi), m, *J.shape[1:])
 
 
 def pullback_metrics(G, basis: torch.Tensor, z: torch.Tensor, chunk: int = 256) -> torch.Tensor:

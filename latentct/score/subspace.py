@@ -43,11 +43,12 @@ def span_size(method: str, count: int, recoverable: int | None) -> int:
     return count
 
 
-def orthonormal_basis(rows: torch.Tensor) -> torch.Tensor:
-    """(k, d) directions -> (d, r) orthonormal basis of their span (r = their rank)."""
+def orthonormal_basis(rows: torch.Tensor, tol: float = 1e-8) -> torch.Tensor:
+    """(k, d) directions -> (d, r) orthonormal basis of their span (r = their rank: singular values above ``tol``
+    of the largest)."""
     a = rows.double().t().numpy()
     u, s, _ = np.linalg.svd(a, full_matrices=False)
-    rank = int((s > s.max(initial=0.0) * 1e-8).sum()) if s.size else 0
+    rank = int((s > s.max(initial=0.0) * tol).sum()) if s.size else 0
     return torch.from_numpy(u[:, :rank].copy())
 
 
@@ -87,6 +88,11 @@ def diagnose(rows: torch.Tensor, supervised: torch.Tensor, k: int, factors, dim:
             "share_in_span": {f: round(float(s), 4) for f, s in zip(factors, shares)}}, basis
 
 
+# Image coordinates come from float32 Jacobians: a span that is rank-deficient in the image (two directions that
+# draw the same change) keeps singular values at that noise level, about 1e-4 of the largest, not at 1e-8.
+IMAGE_TOL = 1e-3
+
+
 def image_gram(G, rows: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     """(n, n) mean over the latents ``z`` of the inner products of the image changes J(z) r_i . J(z) r_j of the
     (n, latent_dim) ``rows`` (forward-mode products, one per row and latent; never a full Jacobian)."""
@@ -113,14 +119,16 @@ def diagnose_image(G, top: torch.Tensor, supervised: torch.Tensor, randoms: list
     mean share inside the spans of ``randoms`` (each (k, latent_dim)): the chance level on the same images."""
     coords = image_coordinates(image_gram(G, torch.cat([top, supervised]), z))
     mine, sup = coords[:len(top)], coords[len(top):]
-    shares = share_in_span(orthonormal_basis(mine), sup)
+    basis = orthonormal_basis(mine, IMAGE_TOL)
+    shares = share_in_span(basis, sup)
     chance = np.zeros(len(supervised))
     for rows in randoms:
         coords = image_coordinates(image_gram(G, torch.cat([rows, supervised]), z))
-        chance += share_in_span(orthonormal_basis(coords[:len(rows)]), coords[len(rows):]) / len(randoms)
-    return {"latents": int(len(z)), "angles_deg": [round(a, 2) for a in principal_angles(mine, sup)],
+        chance += share_in_span(orthonormal_basis(coords[:len(rows)], IMAGE_TOL), coords[len(rows):]) / len(randoms)
+    angles = principal_angles(torch.as_tensor(basis.T), sup) if basis.shape[1] else []
+    return {"latents": int(len(z)), "angles_deg": [round(a, 2) for a in angles],
             "share_in_span": {f: round(float(v), 4) for f, v in zip(factors, shares)},
-            "chance": {f: round(float(v), 4) for f, v in zip(factors, chance)}}
+            "chance": {f: round(float(v), 4) for f, v in zip(factors, chance)} if randoms else None}
 
 
 class Basis:

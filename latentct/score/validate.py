@@ -448,7 +448,7 @@ def main(cfg: Settings) -> dict:
     print(f"validation: {c['attributed']}/6 sweeps attributed to their factor, {c['leakage_ok']}/6 with leakage "
           f"<= {LEAKAGE_TARGET}, {c['labels_ok']}/6 labels led by the expected measurement "
           f"({c.get('labels_single', '–')} by it alone), {c['pairs_ok']}/{c['pairs']} pairs; "
-          f"smallest recovered effect at {cfg.scored_samples} samples: " + ", ".join(
+          f"smallest recovered effect at {result['samples']} samples: " + ", ".join(
               f"{f} {m[f]['value']:.3g} {m[f]['unit']}" for f in FACTORS) + f" -> {out / 'validation.json'}")
     return result
 

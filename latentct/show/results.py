@@ -167,7 +167,8 @@ def subspace_rows(entries: dict) -> list[list[str]]:
         if image:
             angles += f" / {spread(image['angles_deg'])}"
             shares = [f"{a} / {v:.2f}" for a, v in zip(shares, image["share_in_span"].values())]
-            chance += " / " + between(min(image["chance"].values()), max(image["chance"].values()), ".2f")
+            chance += " / " + ("–" if not image["chance"] else between(min(image["chance"].values()),
+                                                                       max(image["chance"].values()), ".2f"))
         ceiling, chance_ceiling = sub.get("span_ceiling_at"), sub.get("span_ceiling_chance_at")
         rows.append([method, str(sub["k"]), angles, *shares, chance,
                      "–" if not ceiling else count(ceiling) + (f" (random span {count(chance_ceiling)})"
@@ -184,8 +185,11 @@ def subspace_table(gt: dict) -> str:
     if not rows:
         return ""
     factors = list(gt["oracle_r2"])
-    return _table(["method", "k", "principal angles (latent / image)", *(f"{f} in span" for f in factors),
-                   "chance (latent sqrt(k/d) / image, over factors)", "span ceiling at 0.5 / 2/3 / 0.8"], rows)
+    if any(sub.get("image") for sub in method_subspaces(gt).values()):
+        return _table(["method", "k", "principal angles (latent / image)", *(f"{f} in span" for f in factors),
+                       "chance (latent sqrt(k/d) / image, over factors)", "span ceiling at 0.5 / 2/3 / 0.8"], rows)
+    return _table(["method", "k", "principal angles", *(f"{f} in span" for f in factors), "chance sqrt(k/d)",
+                   "span ceiling at 0.5 / 2/3 / 0.8"], rows)
 
 
 SUBSPACE_NOTE = ("Right subspace, wrong basis? Each method's span (the top k = recoverable at 2/3 of SeFa, PCA and "

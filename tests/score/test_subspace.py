@@ -68,6 +68,25 @@ def test_image_shares_ignore_what_dead_dimensions_hold():
     assert chance == pytest.approx(1.0, abs=1e-3)
 
 
+def test_image_measure_counts_a_repeated_direction_once_and_needs_random_spans_for_a_chance():
+    """Two directions that draw the same image change make a one-dimensional span: one principal angle, not a
+    second one from float32 noise; without random spans there is no chance level (not a chance of 0)."""
+    G, z = DeadDimensions(), torch.randn(6, 8, generator=torch.Generator().manual_seed(0))
+    eye = torch.eye(8)
+    twice = torch.stack([eye[0], 0.3 * eye[0] + eye[6]])    # the same image change up to float32 rounding
+    out = subspace.diagnose_image(G, twice, eye[:2], [], z, ["a", "b"])
+    assert out["angles_deg"] == pytest.approx([0.0], abs=1e-2) and out["chance"] is None
+    assert out["share_in_span"]["a"] == pytest.approx(1.0, abs=1e-4)
+
+
+def test_image_gram_follows_the_generator_to_its_device():
+    """Latents and rows on the CPU, the generator elsewhere (the meta device stands in for a GPU): the products
+    are taken where the generator is."""
+    G = torch.nn.Linear(8, 16).to("meta")
+    with pytest.raises(NotImplementedError):  # meta tensors cannot be copied back: it got as far as the output
+        subspace.image_gram(G, torch.eye(8)[:3], torch.randn(4, 8))
+
+
 def test_image_gram_is_the_mean_inner_product_of_image_changes():
     G, z = DeadDimensions(), torch.randn(4, 8, generator=torch.Generator().manual_seed(0))
     rows = torch.randn(3, 8, generator=torch.Generator().manual_seed(2))
