@@ -361,6 +361,10 @@ def ground_truth(cfg: Settings, subject: Subject, files: dict[str, Directions], 
     validation = json.loads(Path(cfg.validation).read_text())
     _check_floors(validation, cfg, oracle)
     floor = np.array([validation["noise_floor"][f] for f in FACTORS])
+    design = {"samples": int(z.shape[0]), "shifts": int(eps.numel()), "pairing": pairing(G)}
+    scorer = {"score oracle": oracle.sha256, "noise floors": dict(zip(FACTORS, floor.tolist())),
+              "null pool and sets": [cfg.null_pool, cfg.null_sets] if cfg.null_pool else None}
+    others = [_seed_run(path, design, scorer) for path in cfg.seed_runs]  # checked before any work
     out.mkdir(parents=True, exist_ok=True)
 
     def read(images):  # the oracle's standardised factors of (K, E, Z, 1, H, W) images
@@ -403,23 +407,7 @@ def ground_truth(cfg: Settings, subject: Subject, files: dict[str, Directions], 
         table["verdict"] = verdict(headline_p)
         table["per_seed"] = [{"seed": cfg.seed, "recovered_at": table["recovered_at"], "auc": table["auc"],
                               "p_value": table["p_value"]}]
-    design = {"samples": int(z.shape[0]), "shifts": int(eps.numel()), "pairing": pairing(G)}
-    scorer = {"score oracle": oracle.sha256, "noise floors": dict(zip(FACTORS, floor.tolist())),
-              "null pool and sets": None if pool is None else [cfg.null_pool, cfg.null_sets]}
-    for path in cfg.seed_runs:  # the same methods on other seeds or report-latent draws: medians and 2 of 3
-        kept = json.loads(Path(path).read_text())
-        theirs = kept.get("design")
-        if theirs != design:
-            raise UserError(f"--seed-runs: {path} was scored with {theirs}, this run with {design}: medians over "
-                            "other scoring designs would mix their noise (score it again)")
-        null = kept.get("null") or {}
-        theirs = {"score oracle": (kept.get("oracles") or {}).get("score"), "noise floors": kept.get("noise_floor"),
-                  "null pool and sets": [null["pool"], null["sets"]] if null else None}
-        differ = [key for key in scorer if theirs[key] != scorer[key]]
-        if differ:
-            raise UserError(f"--seed-runs: {path} was scored with another {' and '.join(differ)} than this run "
-                            f"({', '.join(f'{theirs[k]} there, {scorer[k]} here' for k in differ)}): its counts and "
-                            "p-values are not comparable (score it again)")
+    for kept in others:  # the same methods on other seeds or report-latent draws: medians and 2 of 3
         other = kept["methods"]
         for name in [n for n in methods if n in other]:
             methods[name]["per_seed"] += other[name]["per_seed"]
@@ -539,6 +527,25 @@ def cached_null(cfg: Settings, G, z, eps, read, oracle_sha: str) -> tuple[np.nda
     if cfg.null_cache:
         atomic_torch_save({"key": key, "r2": torch.from_numpy(r2), "effect": torch.from_numpy(effect)}, cfg.null_cache)
     return r2, effect
+
+
+def _seed_run(path: str, design: dict, scorer: dict) -> dict:
+    """Another draw's ground_truth.json (--seed-runs), refused in one line unless it was scored like this run: the
+    same sample count, shifts and pairing, score oracle, noise floors and null."""
+    kept = json.loads(Path(path).read_text())
+    theirs = kept.get("design")
+    if theirs != design:
+        raise UserError(f"--seed-runs: {path} was scored with {theirs}, this run with {design}: medians over "
+                        "other scoring designs would mix their noise (score it again)")
+    null = kept.get("null") or {}
+    theirs = {"score oracle": (kept.get("oracles") or {}).get("score"), "noise floors": kept.get("noise_floor"),
+              "null pool and sets": [null["pool"], null["sets"]] if null else None}
+    differ = [key for key in scorer if theirs[key] != scorer[key]]
+    if differ:
+        raise UserError(f"--seed-runs: {path} was scored with another {' and '.join(differ)} than this run "
+                        f"({', '.join(f'{theirs[k]} there, {scorer[k]} here' for k in differ)}): its counts and "
+                        "p-values are not comparable (score it again)")
+    return kept
 
 
 def _check_floors(validation: dict, cfg: Settings, oracle) -> None:

@@ -269,7 +269,8 @@ def test_seed_runs_of_another_scoring_design_are_refused(directions_runs, tiny_o
 def test_seed_runs_scored_by_another_oracle_floors_or_null_are_refused(directions_runs, tiny_oracle, tiny_validation,
                                                                         tmp_path):
     """A draw scored with the same design but another score oracle, other noise floors or another null is not
-    merged into the medians either; one that matches all of them is."""
+    merged into the medians either, and is refused before any direction is scored; one that matches all of them
+    is merged."""
     args = ["--directions", str(directions_runs["learned"]), "--oracle", str(tiny_oracle[1]), "--validation",
             str(tiny_validation), "--real-slices", "0", "--frames", "3", "--report-samples", "4",
             "--report-shifts", "5", "--null-pool", "16", "--null-sets", "3"]
@@ -285,6 +286,7 @@ def test_seed_runs_scored_by_another_oracle_floors_or_null_are_refused(direction
         with pytest.raises(UserError, match=f"--seed-runs: .*another {name} than this run"):
             EvalDirections.main(parse_settings(EvalDirections.Settings, [*args, "--output", str(tmp_path / "b"),
                                                                          "--seed", "1", "--seed-runs", str(path)]))
+        assert not (tmp_path / "b" / "ground_truth").exists()  # refused before the ground truth's first file
     same = tmp_path / "same.json"
     same.write_text(json.dumps(kept))
     EvalDirections.main(parse_settings(EvalDirections.Settings, [*args, "--output", str(tmp_path / "c"), "--seed",
