@@ -484,8 +484,11 @@ def subspaces(cfg: Settings, G, files: dict, methods: dict, z, eps, read, floor)
                                    for _ in range(count)]}
         entry["image"] = None
         if len(image_z) and k:
-            entry["image"] = subspace.diagnose_image(G, dirs.unit_rows()[:k], target,
-                                                     randoms[k]["rows"][:cfg.subspace_randoms], image_z, FACTORS)
+            if "chance" not in randoms[k]:  # once per span size, shared by the methods of that size
+                randoms[k]["chance"] = subspace.image_chance(G, randoms[k]["rows"][:cfg.subspace_randoms], target,
+                                                             image_z, FACTORS)
+            entry["image"] = subspace.diagnose_image(G, dirs.unit_rows()[:k], target, randoms[k]["chance"], image_z,
+                                                     FACTORS)
         entry["span_ceiling_at"] = entry["span_ceiling_chance_at"] = None
         if fit is not None and basis.shape[1]:
             entry["span_ceiling_at"] = ceiling_at(basis)

@@ -112,23 +112,32 @@ def image_coordinates(gram: torch.Tensor) -> torch.Tensor:
     return e * w.clamp_min(0).sqrt()
 
 
-def diagnose_image(G, top: torch.Tensor, supervised: torch.Tensor, randoms: list[torch.Tensor], z: torch.Tensor,
+def image_shares(G, rows: torch.Tensor, supervised: torch.Tensor, z: torch.Tensor) -> tuple[np.ndarray, list]:
+    """Each supervised direction's share of its image change inside the image changes of the span of ``rows``
+    ((k, latent_dim)), and the principal angles between the two."""
+    coords = image_coordinates(image_gram(G, torch.cat([rows, supervised]), z))
+    mine, sup = coords[:len(rows)], coords[len(rows):]
+    basis = orthonormal_basis(mine, IMAGE_TOL)
+    return share_in_span(basis, sup), principal_angles(torch.as_tensor(basis.T), sup) if basis.shape[1] else []
+
+
+def image_chance(G, randoms: list[torch.Tensor], supervised: torch.Tensor, z: torch.Tensor, factors) -> dict | None:
+    """Per factor, the mean image share inside the spans of ``randoms`` (each (k, latent_dim)): the chance level
+    beside every method whose span has k directions (None without random spans)."""
+    if not randoms:
+        return None
+    chance = sum(image_shares(G, rows, supervised, z)[0] for rows in randoms) / len(randoms)
+    return {f: round(float(v), 4) for f, v in zip(factors, chance)}
+
+
+def diagnose_image(G, top: torch.Tensor, supervised: torch.Tensor, chance: dict | None, z: torch.Tensor,
                    factors) -> dict:
     """The subspace entry's ``image`` part: principal angles between the image changes of the method's span
-    (``top``, (k, latent_dim)) and of the supervised directions, each factor's share inside it, and per factor the
-    mean share inside the spans of ``randoms`` (each (k, latent_dim)): the chance level on the same images."""
-    coords = image_coordinates(image_gram(G, torch.cat([top, supervised]), z))
-    mine, sup = coords[:len(top)], coords[len(top):]
-    basis = orthonormal_basis(mine, IMAGE_TOL)
-    shares = share_in_span(basis, sup)
-    chance = np.zeros(len(supervised))
-    for rows in randoms:
-        coords = image_coordinates(image_gram(G, torch.cat([rows, supervised]), z))
-        chance += share_in_span(orthonormal_basis(coords[:len(rows)], IMAGE_TOL), coords[len(rows):]) / len(randoms)
-    angles = principal_angles(torch.as_tensor(basis.T), sup) if basis.shape[1] else []
+    (``top``, (k, latent_dim)) and of the supervised directions, each factor's share inside it, and beside them
+    ``chance`` (``image_chance`` of random spans of the same size)."""
+    shares, angles = image_shares(G, top, supervised, z)
     return {"latents": int(len(z)), "angles_deg": [round(a, 2) for a in angles],
-            "share_in_span": {f: round(float(v), 4) for f, v in zip(factors, shares)},
-            "chance": {f: round(float(v), 4) for f, v in zip(factors, chance)} if randoms else None}
+            "share_in_span": {f: round(float(v), 4) for f, v in zip(factors, shares)}, "chance": chance}
 
 
 class Basis:

@@ -54,15 +54,15 @@ def test_image_shares_ignore_what_dead_dimensions_hold():
     G, z = DeadDimensions(), torch.randn(6, 8, generator=torch.Generator().manual_seed(0))
     eye = torch.eye(8)
     sup = (0.8 * eye[0] + 0.6 * eye[5])[None]
-    live = subspace.diagnose_image(G, eye[:2], sup, [], z, ["f"])
+    live = subspace.diagnose_image(G, eye[:2], sup, None, z, ["f"])
     entry, _ = subspace.diagnose(eye[:2], sup, 2, ["f"])
     assert entry["share_in_span"]["f"] == pytest.approx(0.8) and live["share_in_span"]["f"] == pytest.approx(1.0)
     assert live["angles_deg"] == pytest.approx([0.0], abs=1e-3) and live["latents"] == 6
-    dead = subspace.diagnose_image(G, eye[2:4], sup, [], z, ["f"])
+    dead = subspace.diagnose_image(G, eye[2:4], sup, None, z, ["f"])
     assert dead["share_in_span"]["f"] == pytest.approx(0.0, abs=1e-6)
     gen = torch.Generator().manual_seed(1)
     randoms = [torch.nn.functional.normalize(torch.randn(2, 8, generator=gen), dim=1) for _ in range(30)]
-    chance = subspace.diagnose_image(G, eye[:2], sup, randoms, z, ["f"])["chance"]["f"]
+    chance = subspace.image_chance(G, randoms, sup, z, ["f"])["f"]
     # a random pair of directions almost surely moves both live coordinates: its image changes span the same
     # plane, so it holds all of the factor's image change (the latent chance would say sqrt(2 / 8) = 0.5)
     assert chance == pytest.approx(1.0, abs=1e-3)
@@ -74,7 +74,8 @@ def test_image_measure_counts_a_repeated_direction_once_and_needs_random_spans_f
     G, z = DeadDimensions(), torch.randn(6, 8, generator=torch.Generator().manual_seed(0))
     eye = torch.eye(8)
     twice = torch.stack([eye[0], 0.3 * eye[0] + eye[6]])    # the same image change up to float32 rounding
-    out = subspace.diagnose_image(G, twice, eye[:2], [], z, ["a", "b"])
+    out = subspace.diagnose_image(G, twice, eye[:2], subspace.image_chance(G, [], eye[:2], z, ["a", "b"]), z,
+                                  ["a", "b"])
     assert out["angles_deg"] == pytest.approx([0.0], abs=1e-2) and out["chance"] is None
     assert out["share_in_span"]["a"] == pytest.approx(1.0, abs=1e-4)
 
