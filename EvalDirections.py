@@ -462,7 +462,22 @@ def subspaces(cfg: Settings, G, files: dict, methods: dict, z, eps, read, floor)
     recoverable = methods["supervised"]["recovered_at"][HEADLINE]
     start, stop = direction_block(G)  # the dimensions directions can live in: the chance level's
     image_z = z[:cfg.subspace_latents] if getattr(G, "view", None) is None else z[:0]  # a diffusion view: no image
-    randoms = {}  # span size -> random spans of it, shared by every method of that size
+    names = [name for name in methods if name != "supervised"]
+    sizes = {name: subspace.span_size(files[name].method, files[name].count,  # a median over an even number
+                                      None if recoverable is None else math.ceil(recoverable))  # of seeds: round up
+             for name in names}
+    # Random spans: draw j is one sequence of unit rows from its own seed, and its first k rows are the random
+    # k-span, so a method's chance level and random ceiling do not move with the other methods diagnosed beside it
+    draws = max(cfg.subspace_randoms, 3) if cfg.subspace_randoms else 0
+    longest = max(sizes.values(), default=0)
+    randoms = [in_block(G, subspace.random_rows(longest, stop - start, cfg.seed * 7919 + 4099 + j).float())
+               for j in range(draws)]
+    images = {}
+    if len(image_z) and longest:
+        images = subspace.diagnose_images(G, {name: files[name].unit_rows()[:sizes[name]] for name in names
+                                              if sizes[name]}, target, randoms[:cfg.subspace_randoms], image_z,
+                                          FACTORS)
+    random_ceilings = {}  # span size -> the median ceiling of 3 random spans of it
 
     def ceiling_at(basis):
         in_span = span_fit(G, fit_oracle, basis, fit[2], seed) if h_view else fit
@@ -470,36 +485,20 @@ def subspaces(cfg: Settings, G, files: dict, methods: dict, z, eps, read, floor)
         r2, effect = line_effects(read(sweep(G, subspace.Basis(ceiling), list(range(len(ceiling))), eps, z)), eps)
         return score_directions(r2, effect, floor)["recovered_at"]
 
-    for name, table in methods.items():
-        if name == "supervised":
-            continue
-        dirs = files[name]
-        k = subspace.span_size(dirs.method, dirs.count,  # a median over an even number of seeds: round up
-                               None if recoverable is None else math.ceil(recoverable))
-        entry, basis = subspace.diagnose(dirs.unit_rows(), target, k, FACTORS, dim=stop - start)
-        if k and k not in randoms:  # drawn per size, so other methods in the comparison do not move them
-            gen = torch.Generator().manual_seed(cfg.seed * 7919 + 4099 + k)
-            count = max(cfg.subspace_randoms, 3) if cfg.subspace_randoms else 0
-            randoms[k] = {"rows": [in_block(G, F.normalize(torch.randn(k, stop - start, generator=gen), dim=1))
-                                   for _ in range(count)]}
-        entry["image"] = None
-        if len(image_z) and k:
-            if "chance" not in randoms[k]:  # once per span size, shared by the methods of that size
-                randoms[k]["chance"] = subspace.image_chance(G, randoms[k]["rows"][:cfg.subspace_randoms], target,
-                                                             image_z, FACTORS)
-            entry["image"] = subspace.diagnose_image(G, dirs.unit_rows()[:k], target, randoms[k]["chance"], image_z,
-                                                     FACTORS)
+    for name in names:
+        k = sizes[name]
+        entry, basis = subspace.diagnose(files[name].unit_rows(), target, k, FACTORS, dim=stop - start)
+        entry["image"] = images.get(name)
         entry["span_ceiling_at"] = entry["span_ceiling_chance_at"] = None
         if fit is not None and basis.shape[1]:
             entry["span_ceiling_at"] = ceiling_at(basis)
             # random spans of the same size: what a span this large holds anyway (not in a diffusion h view,
             # where each ceiling samples thousands of images: the random method's own row is the reference there)
-            if "ceiling" not in randoms[k] and not h_view and randoms[k]["rows"]:
-                drawn = [ceiling_at(subspace.orthonormal_basis(rows))  # rows in the latent, as a method's
-                         for rows in randoms[k]["rows"][:3]]
-                randoms[k]["ceiling"] = {key: int(np.median([d[key] for d in drawn])) for key in TAUS}  # of 3
-            entry["span_ceiling_chance_at"] = randoms[k].get("ceiling")
-        table["subspace"] = entry
+            if k not in random_ceilings and not h_view and randoms:
+                drawn = [ceiling_at(subspace.orthonormal_basis(rows[:k])) for rows in randoms[:3]]
+                random_ceilings[k] = {key: int(np.median([d[key] for d in drawn])) for key in TAUS}  # of 3
+            entry["span_ceiling_chance_at"] = random_ceilings.get(k)
+        methods[name]["subspace"] = entry
 
 
 def span_fit(G, oracle, basis: torch.Tensor, samples: int, seed: int) -> tuple:

@@ -112,32 +112,58 @@ def image_coordinates(gram: torch.Tensor) -> torch.Tensor:
     return e * w.clamp_min(0).sqrt()
 
 
-def image_shares(G, rows: torch.Tensor, supervised: torch.Tensor, z: torch.Tensor) -> tuple[np.ndarray, list]:
-    """Each supervised direction's share of its image change inside the image changes of the span of ``rows``
-    ((k, latent_dim)), and the principal angles between the two."""
-    coords = image_coordinates(image_gram(G, torch.cat([rows, supervised]), z))
-    mine, sup = coords[:len(rows)], coords[len(rows):]
+def _span_shares(gram: torch.Tensor, span: list[int], supervised: list[int]) -> tuple[np.ndarray, list]:
+    """From the image ``gram`` of many rows: each ``supervised`` row's share of its image change inside the image
+    changes of the ``span`` rows' span, and the principal angles between the two (indices into the gram)."""
+    idx = span + supervised
+    coords = image_coordinates(gram[idx][:, idx])
+    mine, sup = coords[:len(span)], coords[len(span):]
     basis = orthonormal_basis(mine, IMAGE_TOL)
     return share_in_span(basis, sup), principal_angles(torch.as_tensor(basis.T), sup) if basis.shape[1] else []
 
 
-def image_chance(G, randoms: list[torch.Tensor], supervised: torch.Tensor, z: torch.Tensor, factors) -> dict | None:
-    """Per factor, the mean image share inside the spans of ``randoms`` (each (k, latent_dim)): the chance level
-    beside every method whose span has k directions (None without random spans)."""
-    if not randoms:
-        return None
-    chance = sum(image_shares(G, rows, supervised, z)[0] for rows in randoms) / len(randoms)
-    return {f: round(float(v), 4) for f, v in zip(factors, chance)}
+def image_shares(G, rows: torch.Tensor, supervised: torch.Tensor, z: torch.Tensor) -> tuple[np.ndarray, list]:
+    """Each supervised direction's share of its image change inside the image changes of the span of ``rows``
+    ((k, latent_dim)), and the principal angles between the two."""
+    gram = image_gram(G, torch.cat([rows, supervised]), z)
+    return _span_shares(gram, list(range(len(rows))), list(range(len(rows), len(gram))))
 
 
-def diagnose_image(G, top: torch.Tensor, supervised: torch.Tensor, chance: dict | None, z: torch.Tensor,
-                   factors) -> dict:
-    """The subspace entry's ``image`` part: principal angles between the image changes of the method's span
-    (``top``, (k, latent_dim)) and of the supervised directions, each factor's share inside it, and beside them
-    ``chance`` (``image_chance`` of random spans of the same size)."""
-    shares, angles = image_shares(G, top, supervised, z)
-    return {"latents": int(len(z)), "angles_deg": [round(a, 2) for a in angles],
-            "share_in_span": {f: round(float(v), 4) for f, v in zip(factors, shares)}, "chance": chance}
+def random_rows(count: int, dim: int, seed: int) -> torch.Tensor:
+    """(count, dim) random unit rows from ``seed``, drawn one at a time, so the first k are the same whatever
+    ``count`` is (one draw of torch.randn(count, dim) fills large tensors another way than small ones)."""
+    gen = torch.Generator().manual_seed(seed)
+    rows = [torch.randn(dim, generator=gen, dtype=torch.float64) for _ in range(count)]
+    return torch.nn.functional.normalize(torch.stack(rows), dim=1) if rows else torch.zeros(0, dim)
+
+
+def diagnose_images(G, tops: dict[str, torch.Tensor], supervised: torch.Tensor, randoms: list[torch.Tensor],
+                    z: torch.Tensor, factors) -> dict[str, dict]:
+    """The subspace entry's ``image`` part for each method's span (``tops``: name -> its (k, latent_dim) top
+    rows): principal angles between its image changes and the supervised directions', each factor's share inside
+    it, and beside them the chance level, the mean share inside random spans of the same size. ``randoms`` are
+    nested: the random k-span of draw j is ``randoms[j][:k]``, so each draw is one sequence of rows as long as the
+    largest span, and a method's chance does not depend on which other methods are diagnosed with it (none
+    without random rows). One gram holds every row, so each image change is computed once, not once per span."""
+    blocks = [supervised, *randoms, *tops.values()]
+    gram = image_gram(G, torch.cat(blocks), z)
+    starts = np.cumsum([0] + [len(b) for b in blocks]).tolist()
+    sup = list(range(len(supervised)))
+
+    def rows(block: int, k: int) -> list[int]:
+        return list(range(starts[block], starts[block] + k))
+
+    chance = {}
+    for k in sorted({len(top) for top in tops.values()}):
+        drawn = [_span_shares(gram, rows(1 + j, k), sup)[0] for j, r in enumerate(randoms) if len(r) >= k]
+        chance[k] = {f: round(float(v), 4) for f, v in zip(factors, sum(drawn) / len(drawn))} if drawn else None
+    out = {}
+    for i, (name, top) in enumerate(tops.items()):
+        shares, angles = _span_shares(gram, rows(1 + len(randoms) + i, len(top)), sup)
+        out[name] = {"latents": int(len(z)), "angles_deg": [round(a, 2) for a in angles],
+                     "share_in_span": {f: round(float(v), 4) for f, v in zip(factors, shares)},
+                     "chance": chance[len(top)]}
+    return out
 
 
 class Basis:

@@ -54,17 +54,15 @@ def test_image_shares_ignore_what_dead_dimensions_hold():
     G, z = DeadDimensions(), torch.randn(6, 8, generator=torch.Generator().manual_seed(0))
     eye = torch.eye(8)
     sup = (0.8 * eye[0] + 0.6 * eye[5])[None]
-    live = subspace.diagnose_image(G, eye[:2], sup, None, z, ["f"])
+    gen = torch.Generator().manual_seed(1)
+    randoms = [torch.nn.functional.normalize(torch.randn(2, 8, generator=gen), dim=1) for _ in range(30)]
+    out = subspace.diagnose_images(G, {"live": eye[:2], "dead": eye[2:4]}, sup, randoms, z, ["f"])
+    live, dead = out["live"], out["dead"]
     entry, _ = subspace.diagnose(eye[:2], sup, 2, ["f"])
     assert entry["share_in_span"]["f"] == pytest.approx(0.8) and live["share_in_span"]["f"] == pytest.approx(1.0)
     assert live["angles_deg"] == pytest.approx([0.0], abs=1e-3) and live["latents"] == 6
-    dead = subspace.diagnose_image(G, eye[2:4], sup, None, z, ["f"])
     assert dead["share_in_span"]["f"] == pytest.approx(0.0, abs=1e-6)
-    gen = torch.Generator().manual_seed(1)
-    randoms = [torch.nn.functional.normalize(torch.randn(2, 8, generator=gen), dim=1) for _ in range(30)]
-    chance = subspace.image_chance(G, randoms, sup, z, ["f"])["f"]
-    # a random pair of directions almost surely moves both live coordinates: its image changes span the same
-    # plane, so it holds all of the factor's image change (the latent chance would say sqrt(2 / 8) = 0.5)
+    chance = live["chance"]["f"]
     assert chance == pytest.approx(1.0, abs=1e-3)
 
 
@@ -74,10 +72,32 @@ def test_image_measure_counts_a_repeated_direction_once_and_needs_random_spans_f
     G, z = DeadDimensions(), torch.randn(6, 8, generator=torch.Generator().manual_seed(0))
     eye = torch.eye(8)
     twice = torch.stack([eye[0], 0.3 * eye[0] + eye[6]])    # the same image change up to float32 rounding
-    out = subspace.diagnose_image(G, twice, eye[:2], subspace.image_chance(G, [], eye[:2], z, ["a", "b"]), z,
-                                  ["a", "b"])
+    out = subspace.diagnose_images(G, {"twice": twice}, eye[:2], [], z, ["a", "b"])["twice"]
     assert out["angles_deg"] == pytest.approx([0.0], abs=1e-2) and out["chance"] is None
     assert out["share_in_span"]["a"] == pytest.approx(1.0, abs=1e-4)
+
+
+def test_one_gram_for_every_span_gives_each_span_its_own_measure():
+    """diagnose_images computes one gram for all spans; each method's shares and angles equal those of its own
+    gram alone, and its chance level is the mean over the random spans of its own size (the first k rows of each
+    random sequence), whatever other methods are diagnosed beside it."""
+    G = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.Tanh(), torch.nn.Linear(32, 64))
+    G.requires_grad_(False)
+    z = torch.randn(5, 8, generator=torch.Generator().manual_seed(0))
+    gen = torch.Generator().manual_seed(4)
+    sup = torch.nn.functional.normalize(torch.randn(3, 8, generator=gen), dim=1)
+    a, b = torch.randn(2, 8, generator=gen), torch.randn(5, 8, generator=gen)
+    randoms = [subspace.random_rows(5, 8, seed).float() for seed in range(4)]
+    both = subspace.diagnose_images(G, {"a": a, "b": b}, sup, randoms, z, ["x", "y", "w"])
+    alone = subspace.diagnose_images(G, {"a": a}, sup, [r[:2] for r in randoms], z, ["x", "y", "w"])["a"]
+    shares, angles = subspace.image_shares(G, a, sup, z)
+    assert list(both["a"]["share_in_span"].values()) == pytest.approx(shares, abs=1e-4)
+    assert both["a"]["angles_deg"] == pytest.approx(angles, abs=1e-2)
+    assert both["a"]["chance"] == pytest.approx(alone["chance"], abs=1e-4)
+    by_hand = sum(subspace.image_shares(G, r[:2], sup, z)[0] for r in randoms) / len(randoms)
+    assert list(both["a"]["chance"].values()) == pytest.approx(by_hand, abs=1e-4)
+    assert both["b"]["chance"] != both["a"]["chance"]      # spans of 5 hold more than spans of 2
+    assert subspace.random_rows(2, 8, 7) == pytest.approx(subspace.random_rows(9, 8, 7)[:2])
 
 
 def test_image_gram_follows_the_generator_to_its_device():
