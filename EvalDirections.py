@@ -22,7 +22,15 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from latentct.data.phantom import FACTORS
-from latentct.data.slices import has_factors, held_out, is_dataset, parse_window, read_index, unit_to_hu
+from latentct.data.slices import (
+    dataset_spacing,
+    has_factors,
+    held_out,
+    is_dataset,
+    parse_window,
+    read_index,
+    unit_to_hu,
+)
 from latentct.discover.directions import Directions, load_directions
 from latentct.generators.embed import embed
 from latentct.generators.interface import (
@@ -171,18 +179,6 @@ def check_view(cfg: Settings, directions: Directions) -> None:
         if recorded.get(key) != value:
             raise UserError(f"{flag_name}: {value} contradicts {cfg.directions}, whose directions were found with "
                             f"{key} {recorded.get(key)}; leave the flag out (it is read from there)")
-
-
-def dataset_spacing(dataset: str | None) -> tuple[float, str | None]:
-    """mm per pixel of the generator's training slices, or (1.0, why) when unknown: lengths are then in pixels
-    and areas in pixel units / 100, and the report says so."""
-    if not dataset:
-        return 1.0, "no dataset known for this generator: lengths are in pixels, not mm (pass --dataset)"
-    try:
-        rows = read_index(dataset, "train")
-        return float(np.median([float(r["pixel_spacing_mm"]) for r in rows])), None
-    except (OSError, KeyError, ValueError, TypeError) as err:
-        return 1.0, (f"no pixel spacing in {dataset} ({type(err).__name__}): lengths are in pixels, not mm")
 
 
 def main(cfg: Settings) -> dict:

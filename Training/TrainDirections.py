@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from latentct.discover.baselines import baseline_matrix, ica, sparse_pca, spectral, supervised
+from latentct.discover.baselines import baseline_matrix, ica, measurements, sparse_pca, spectral, supervised
 from latentct.discover.directions import (
     load_directions,
     make_shifts,
@@ -50,10 +50,10 @@ from latentct.util.io import atomic_torch_save
 from latentct.util.settings import UserError, check, run_cli, setting, settings_dict, user_errors
 
 METHODS = ("learned", "sefa", "pca", "random", "coordinate", "spectral", "ica", "spca", "unmix", "metadata",
-           "supervised", "file", "hpca")
+           "measurements", "supervised", "file", "hpca")
 # Methods that learn or regress their directions from prior draws of the whole latent: in a diffusion h view those
 # draws have dh = 0, and the directions must move dh only.
-H_VIEW_REFUSED = ("learned", "ica", "spca", "metadata", "sefa", "pca")
+H_VIEW_REFUSED = ("learned", "ica", "spca", "metadata", "sefa", "pca", "measurements")
 
 
 @dataclass
@@ -124,7 +124,8 @@ class Settings(GeneratorOptions, TrainerSettings):
     init_directions: str | None = setting(None, "with --method learned and a proj or linear deformator: a "
                                           "directions.pt whose rows start the deformator's first columns (the rest "
                                           "start at random)")
-    supervised_samples: int = setting(2048, "latents the supervised method fits on (half as many more score the fit)")
+    supervised_samples: int = setting(2048, "latents the supervised and measurements methods fit on (half as many "
+                                      "more score the fit)")
     spectral_samples: int = setting(64, "latents the spectral method averages J^T J over (a diffusion model's "
                                     "Jacobian runs through every DDIM step: fewer there)")
     batch_size: int = setting(128, "image pairs per step and process")
@@ -195,6 +196,13 @@ def directions_for(cfg: Settings, G, device) -> tuple[torch.nn.Module, dict | No
     method, extra = cfg.method, {}
     if cfg.method == "supervised":
         matrix, extra = supervised(G, load_oracle(cfg.oracle), G.window, cfg.supervised_samples, cfg.seed)
+    elif cfg.method == "measurements":
+        from latentct.data.slices import dataset_spacing
+
+        spacing, why = dataset_spacing(G.dataset)
+        if why:
+            print(f"note: {why}")
+        matrix, extra = measurements(G, G.window, spacing, cfg.supervised_samples, cfg.seed)
     elif cfg.method == "spectral":
         matrix, extra = spectral(G, cfg.directions_count, cfg.feature_layer, samples=cfg.spectral_samples,
                                  seed=cfg.seed)

@@ -144,3 +144,15 @@ def random_affine(x: torch.Tensor, max_rotation_deg: float = 1.0, scale_range=(1
     theta[:, 0, 0], theta[:, 0, 1], theta[:, 1, 0], theta[:, 1, 1] = cos, -sin, sin, cos
     grid = F.affine_grid(theta, list(x.shape), align_corners=False).to(x.dtype)
     return F.grid_sample(x + 1, grid, mode="bilinear", padding_mode="zeros", align_corners=False) - 1
+
+
+def dataset_spacing(dataset: str | None) -> tuple[float, str | None]:
+    """mm per pixel of the generator's training slices, or (1.0, why) when unknown: lengths are then in pixels
+    and areas in pixel units / 100, and the report says so."""
+    if not dataset:
+        return 1.0, "no dataset known for this generator: lengths are in pixels, not mm (pass --dataset)"
+    try:
+        rows = read_index(dataset, "train")
+        return float(np.median([float(r["pixel_spacing_mm"]) for r in rows])), None
+    except (OSError, KeyError, ValueError, TypeError) as err:
+        return 1.0, (f"no pixel spacing in {dataset} ({type(err).__name__}): lengths are in pixels, not mm")

@@ -12,6 +12,10 @@
 - The supervised ceiling (InterFaceGAN's conditional directions, Shen et al. 2020, for continuous factors):
   a linear model F ~ B z + c of the oracle's readings of G(z); the direction that moves factor f by one unit
   and holds the others is column f of pinv(B).
+- The same fit with the anatomy measurements of G(z) (latentct/score/anatomy.py: lung and body area, position,
+  rotation, thickness, width, ...) in place of the oracle's readings: label-free in the sense that real CT has
+  them too, but they sit close to the phantom's factors, so the tables mark it "uses anatomy measurements" and
+  never rank it among the label-free methods (issue 17).
 """
 from __future__ import annotations
 
@@ -215,6 +219,94 @@ def supervised(G, oracle, window, samples: int = 2048, seed: int = 0) -> tuple[t
     if basis is not None:
         info["within"] = f"the top {basis.shape[1]} principal components of h"
     return directions, dict(info, oracle_sha256=getattr(oracle, "sha256", None))
+
+
+def measurements(G, window, spacing: float, samples: int = 2048, seed: int = 0, min_r2: float | None = None
+                 ) -> tuple[torch.Tensor, dict]:
+    """One unit direction per anatomy measurement that raises it and holds the others: ``supervised``'s fit with
+    the measurements of G's images (their axial plane, in HU of ``window``, lengths in mm of ``spacing``) in place
+    of the oracle's readings, on the fit's own latents. A measurement that is undefined (NaN: no body, no lungs)
+    on more than 1% of the images, or that hardly varies (spread below ``anatomy.min_spread``), is left out, and so
+    is an image where a kept one is undefined; each kept one is standardised by its spread, so the directions'
+    per-unit shifts are in spreads. Directions whose measurement the latent moves with a held-out fit R2 below
+    ``min_r2`` are dropped (a direction that holds ten measurements but moves one it barely reads is noise; the
+    default is the scorer's own line R2, latentct/score/scoring.py R2_MIN)."""
+    from latentct.data.slices import unit_to_hu
+    from latentct.score import anatomy
+    from latentct.score.scoring import R2_MIN
+
+    min_r2 = R2_MIN if min_r2 is None else min_r2
+
+    if window is None:
+        raise UserError("--method measurements: the generator declares no output_window (the HU of its output "
+                        "range), so its images cannot be measured")
+    z = fit_latents(G, samples, seed)
+    device = next(G.parameters(), torch.zeros(0)).device
+    with torch.no_grad():
+        images = torch.cat([G(part.to(device))[:, :1].float().cpu() for part in z.split(256)])
+    measured = anatomy.measure(unit_to_hu(images, window), spacing)
+    kept, left_out = [], {}
+    for name, values in measured.items():
+        finite = values[torch.isfinite(values)].double()
+        if (~torch.isfinite(values)).double().mean() > 0.01:
+            left_out[name] = f"undefined on {(~torch.isfinite(values)).double().mean():.0%} of the images"
+        elif finite.std() < anatomy.min_spread(name, spacing):
+            left_out[name] = f"spread {finite.std():.3g} below {anatomy.min_spread(name, spacing):.3g}"
+        else:
+            kept.append(name)
+    if not kept:
+        raise UserError(f"--method measurements: no anatomy measurement varies on this generator's images "
+                        f"({'; '.join(f'{k}: {v}' for k, v in left_out.items())})")
+    readings = torch.stack([measured[name].double() for name in kept], 1)
+    valid = torch.isfinite(readings).all(1)
+    fit_rows, test_rows = valid[:samples], valid[samples:]
+    if fit_rows.sum() < len(kept) + 2 or test_rows.sum() < 2:
+        raise UserError("--method measurements: too few images with every kept measurement defined "
+                        f"({int(valid.sum())} of {len(valid)})")
+    z, readings, samples = z[valid], readings[valid], int(fit_rows.sum())
+    readings = readings / readings.std(0)
+    _, first = fit_directions(z, readings, samples, names=kept)
+    chosen = independent_measures(z[:samples], readings[:samples], kept, first["fit_r2"], min_r2, left_out)
+    if not chosen:
+        raise UserError(f"--method measurements: the latent moves no kept measurement linearly (held-out fit R2 "
+                        f"{', '.join(f'{n} {r:.2f}' for n, r in first['fit_r2'].items())}, below {min_r2})")
+    columns = [kept.index(name) for name in chosen]
+    directions, info = fit_directions(z, readings[:, columns], samples, names=chosen)
+    return directions, dict(info, measures=chosen, left_out=left_out, spacing_mm=spacing, supervision="measurements",
+                            spreads={name: float(measured[name][torch.isfinite(measured[name])].double().std())
+                                     for name in chosen})
+
+
+# A measurement whose slopes lie within 30 degrees of the span of those already chosen (sine below 0.5) is one
+# the others nearly determine (body area from width and thickness): holding them while raising it has no clean
+# answer, and the least-norm inverse then pushes the others' directions into latent dimensions that draw nothing.
+INDEPENDENT_SINE = 0.5
+
+
+def independent_measures(z: torch.Tensor, readings: torch.Tensor, names: list[str], r2: dict, min_r2: float,
+                         left_out: dict) -> list[str]:
+    """The measurements the fit inverts: those the latent moves linearly (held-out ``r2`` >= ``min_r2``), taken
+    most specific first (anatomy.PRIORITY, then R2), each kept only if its slopes (standardised readings per latent
+    unit, by least squares on ``z``) are at least INDEPENDENT_SINE out of the span of those kept before it. Why
+    each other one was left out goes into ``left_out``."""
+    from latentct.score import anatomy
+
+    design = torch.cat([z.double(), torch.ones(len(z), 1, dtype=torch.float64)], 1)
+    with single_threaded():
+        slopes = torch.linalg.lstsq(design, readings.double()).solution[:-1].t()   # (measurements, d)
+    chosen, basis = [], torch.zeros(z.shape[1], 0, dtype=torch.float64)
+    for i in sorted(range(len(names)), key=lambda i: (-anatomy.PRIORITY[names[i]], -r2[names[i]])):
+        name, row = names[i], slopes[i]
+        if r2[name] < min_r2:
+            left_out[name] = f"fit R2 {r2[name]:.2f} below {min_r2}"
+            continue
+        sine = float((row - basis @ (basis.t() @ row)).norm() / row.norm().clamp_min(1e-12))
+        if sine < INDEPENDENT_SINE:
+            left_out[name] = f"moves with {', '.join(chosen)} (sine {sine:.2f} to their span)"
+            continue
+        chosen.append(name)
+        basis = torch.linalg.qr(torch.cat([basis, row[:, None]], 1)).Q
+    return [name for name in names if name in chosen]
 
 
 def fit_readings(G, oracle, window, samples: int = 2048, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

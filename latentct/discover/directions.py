@@ -171,7 +171,7 @@ def save_directions(path: str | Path, method: str, deformator: nn.Module, G: nn.
 # What a method used beyond the generator (ground_truth.json's "supervision", issue 17 section 3): only "none"
 # methods are label-free and ranked as such. A method started from, or unmixed inside, another method's
 # directions inherits that method's tag where it is the stronger (extra["supervision"]).
-SUPERVISION = {"supervised": "labels", "metadata": "metadata"}
+SUPERVISION = {"supervised": "labels", "metadata": "metadata", "measurements": "measurements"}
 SUPERVISION_ORDER = ("none", "measurements", "metadata", "labels")
 
 

@@ -603,3 +603,83 @@ def test_metadata_directions_read_back_through_an_encoder_land_in_the_generators
     assert found.shape == (d, d) and info["read_back"]["fit_r2"]["slice"] > 0.99
     assert abs(float(found[0] @ V[:, 0])) > 0.99 and best_cosines(found[1:], V[:, 1:]).min() > 0.99
     assert best_cosines(in_codes, V).min() < 0.9   # in the codes' space they are T v
+
+
+class Ellipses(nn.Module):
+    """64 x 64 soft-tissue ellipses in air (window -1000..1000 HU, 1 mm pixels): z[0] and z[1] move the centre,
+    z[2] the half-width and z[2] + z[3] the half-height, so width and AP thickness change together along z[2]
+    and their directions are not orthogonal; z[4:] draw nothing. No lungs, bone or rotation."""
+
+    latent_dim = 6
+    window = (-1000.0, 1000.0)
+    dataset = None
+
+    def __init__(self):
+        super().__init__()
+        self.anchor = nn.Parameter(torch.zeros(1))   # the device the images are drawn on
+
+    def forward(self, z):
+        grid = torch.arange(64, dtype=torch.float32) + 0.5 - 32
+        y, x = grid.view(1, 64, 1), grid.view(1, 1, 64)
+        cx, cy = 3 * z[:, 0, None, None], 3 * z[:, 1, None, None]
+        a, b = 14 + 3 * z[:, 2, None, None], 10 + 2 * (z[:, 2] + z[:, 3])[:, None, None]
+        inside = torch.sigmoid(4 * (1 - ((x - cx) / a) ** 2 - ((y - cy) / b) ** 2))
+        return (inside * 1.04 - 1)[:, None]           # -1000 HU outside, +40 HU inside
+
+
+def test_measurement_directions_each_move_their_measurement_and_hold_the_rest():
+    """The fit maps the latent to the anatomy measurements and inverts it: along the width direction the width
+    grows while the AP thickness holds (though the toy's width coordinate moves both), and the reverse; what the
+    toy cannot move (lungs, bone, rotation, mean HU) is left out with its reason, and the method is tagged as
+    using measurements."""
+    from latentct.data.slices import unit_to_hu
+    from latentct.discover.baselines import measurements
+    from latentct.score import anatomy
+
+    G = Ellipses()
+    directions, info = measurements(G, G.window, 1.0, samples=384, seed=0)
+    assert info["supervision"] == "measurements" and set(info["left_out"]) >= {"lung_area", "bone_area",
+                                                                                "anterior_tissue"}
+    assert set(info["measures"]) == {"width", "thickness", "centroid_x", "centroid_y"}
+    assert info["left_out"]["body_area"].startswith("moves with")   # width and thickness determine it
+    assert directions.shape == (len(info["measures"]), 6) and torch.allclose(directions.norm(dim=1), torch.ones(1))
+    z = torch.randn(64, 6, generator=torch.Generator().manual_seed(5))
+
+    def change(name):
+        row = directions[info["measures"].index(name)]
+        before, after = (anatomy.measure(unit_to_hu(G(z + s * row), G.window)) for s in (-1.0, 1.0))
+        return {m: float((after[m] - before[m]).mean()) / info["spreads"][m] for m in info["measures"]}
+
+    width, thickness = change("width"), change("thickness")
+    assert width["width"] > 0.3 and abs(width["thickness"]) < 0.25 * width["width"]
+    assert thickness["thickness"] > 0.3 and abs(thickness["width"]) < 0.25 * thickness["thickness"]
+    assert abs(width["centroid_x"]) < 0.25 * width["width"]
+    # the toy's own width coordinate moves both: the fit undid that
+    assert abs(float(torch.nn.functional.cosine_similarity(directions[info["measures"].index("width")],
+                                                           torch.eye(6)[2], dim=0))) < 0.95
+
+
+def test_measurements_refuse_a_generator_without_a_window():
+    from latentct.discover.baselines import measurements
+    from latentct.util.settings import UserError
+
+    with pytest.raises(UserError, match="output_window"):
+        measurements(Ellipses(), None, 1.0, samples=64)
+
+
+def test_the_measurements_method_through_the_trainer_is_tagged_and_measured_in_mm(gan_run, tmp_path):
+    """On the tiny DCGAN of the phantom: a directions file whose rows are unit and one per measurement it kept,
+    measured in the dataset's mm (not pixels), tagged "measurements" so no table ranks it among the label-free
+    methods."""
+    from latentct.data.slices import dataset_spacing
+    from latentct.discover.directions import load_directions
+
+    _run(gan_run / "generator.pt", tmp_path / "measurements", "--method", "measurements", "--supervised-samples", "256",
+         "--rca", "false", "--steps", "1")
+    dirs, G = load_directions(tmp_path / "measurements" / "directions.pt")
+    assert dirs.method == "measurements" and dirs.supervision == "measurements"
+    assert dirs.count == len(dirs.extra["measures"]) >= 2
+    assert torch.allclose(dirs.unit_rows().norm(dim=1).float(), torch.ones(dirs.count))
+    spacing, why = dataset_spacing(G.dataset)
+    assert why is None and spacing != 1.0 and dirs.extra["spacing_mm"] == spacing
+    assert set(dirs.extra["measures"]).isdisjoint(dirs.extra["left_out"])
