@@ -231,11 +231,12 @@ def measurements(G, window, spacing: float, samples: int = 2048, seed: int = 0, 
     """One unit direction per anatomy measurement that raises it and holds the others: ``supervised``'s fit with
     the measurements of G's images (their axial plane, in HU of ``window``, lengths in mm of ``spacing``) in place
     of the oracle's readings, on the fit's own latents. A measurement that is undefined (NaN: no body, no lungs)
-    on more than UNDEFINED_MAX of the images, or that hardly varies (spread below ``anatomy.min_spread``), is left out, and so
-    is an image where a kept one is undefined; each kept one is standardised by its spread, so the directions'
-    per-unit shifts are in spreads. Directions whose measurement the latent moves with a held-out fit R2 below
-    ``min_r2`` are dropped (a direction that holds ten measurements but moves one it barely reads is noise; the
-    default is the scorer's own line R2, latentct/score/scoring.py R2_MIN)."""
+    on more than UNDEFINED_MAX of the images, or that hardly varies (spread below ``anatomy.min_spread``, also on
+    the images where the others are defined), is left out; so are those ``independent_measures`` drops. The fit
+    then uses every image where the chosen ones are defined, each standardised by its spread on the fit rows
+    (``spreads``; the directions' per-unit shifts are in them). A direction whose measurement the latent moves
+    with a held-out fit R2 below ``min_r2`` is dropped (the default is the scorer's own line R2,
+    latentct/score/scoring.py R2_MIN)."""
     from latentct.data.slices import unit_to_hu
     from latentct.score import anatomy
     from latentct.score.scoring import R2_MIN
@@ -262,24 +263,38 @@ def measurements(G, window, spacing: float, samples: int = 2048, seed: int = 0, 
     if not kept:
         raise UserError(f"--method measurements: no anatomy measurement varies on this generator's images "
                         f"({'; '.join(f'{k}: {v}' for k, v in left_out.items())})")
-    readings = torch.stack([measured[name].double() for name in kept], 1)
-    valid = torch.isfinite(readings).all(1)
-    fit_rows, test_rows = valid[:samples], valid[samples:]
-    if fit_rows.sum() < len(kept) + 2 or test_rows.sum() < 2:
-        raise UserError("--method measurements: too few images with every kept measurement defined "
-                        f"({int(valid.sum())} of {len(valid)})")
-    z, readings, samples = z[valid], readings[valid], int(fit_rows.sum())
-    readings = readings / readings.std(0)
-    _, first = fit_directions(z, readings, samples, names=kept)
-    chosen = independent_measures(z[:samples], readings[:samples], kept, first["fit_r2"], min_r2, left_out)
+    def table(names: list[str]) -> tuple:
+        """The latents and standardised readings of the images where every one of ``names`` is defined, the fit
+        rows first; the fit count; each reading's spread on the fit rows (what it is divided by)."""
+        readings = torch.stack([measured[name].double() for name in names], 1)
+        valid = torch.isfinite(readings).all(1)
+        fit, test = int(valid[:samples].sum()), int(valid[samples:].sum())
+        if fit < len(names) + 2 or test < 2:
+            raise UserError(f"--method measurements: {fit} fit and {test} held-out images with {', '.join(names)} "
+                            f"defined, of {samples} and {len(valid) - samples}; the fit needs {len(names) + 2} and 2 "
+                            "(raise --supervised-samples)")
+        spread = readings[valid][:fit].std(0)
+        return z[valid], readings[valid] / spread.clamp_min(1e-12), fit, spread
+
+    rows, readings, fit, spread = table(kept)
+    flat = [name for name, s in zip(kept, spread) if s < anatomy.min_spread(name, spacing)]
+    if flat:  # it varies only on images where another kept measurement is undefined
+        left_out.update({name: "flat on the images where the others are defined" for name in flat})
+        kept = [name for name in kept if name not in flat]
+        if not kept:
+            raise UserError(f"--method measurements: no anatomy measurement varies on this generator's images "
+                            f"({'; '.join(f'{k}: {v}' for k, v in left_out.items())})")
+        rows, readings, fit, spread = table(kept)
+    _, first = fit_directions(rows, readings, fit, names=kept)
+    chosen = independent_measures(rows[:fit], readings[:fit], kept, first["fit_r2"], min_r2, left_out)
     if not chosen:
         raise UserError(f"--method measurements: the latent moves no kept measurement linearly (held-out fit R2 "
                         f"{', '.join(f'{n} {r:.2f}' for n, r in first['fit_r2'].items())}, below {min_r2})")
-    columns = [kept.index(name) for name in chosen]
-    directions, info = fit_directions(z, readings[:, columns], samples, names=chosen)
+    # the final fit on every image where the chosen ones are defined: one left out no longer drops images
+    rows, readings, fit, spread = table(chosen)
+    directions, info = fit_directions(rows, readings, fit, names=chosen)
     return directions, dict(info, measures=chosen, left_out=left_out, spacing_mm=spacing, supervision="measurements",
-                            spreads={name: float(measured[name][torch.isfinite(measured[name])].double().std())
-                                     for name in chosen})
+                            spreads={name: float(v) for name, v in zip(chosen, spread)}, images=fit)
 
 
 # A measurement whose slopes lie within 30 degrees of the span of those already chosen (sine below 0.5) is one

@@ -683,3 +683,52 @@ def test_the_measurements_method_through_the_trainer_is_tagged_and_measured_in_m
     spacing, why = dataset_spacing(G.dataset)
     assert why is None and spacing != 1.0 and dirs.extra["spacing_mm"] == spacing
     assert set(dirs.extra["measures"]).isdisjoint(dirs.extra["left_out"])
+
+
+class GatedEllipses(Ellipses):
+    """Ellipses whose lungs (two -800 HU discs) vanish where z[2] < -1 (about 16% of images: anterior tissue is
+    undefined there) and whose bone disc is drawn on exactly those images."""
+
+    def forward(self, z):
+        grid = torch.arange(64, dtype=torch.float32) + 0.5 - 32
+        y, x = grid.view(1, 64, 1), grid.view(1, 1, 64)
+        cx, cy = 3 * z[:, 0, None, None], 3 * z[:, 1, None, None]
+        a, b = 20 + 3 * z[:, 2, None, None], 14 + 2 * z[:, 3, None, None]
+        body = ((x - cx) / a) ** 2 + ((y - cy) / b) ** 2 < 1
+        image = torch.where(body, torch.tensor(0.04), torch.tensor(-1.0))
+        gate = (z[:, 2] > -1)[:, None, None]
+        r = (4 + z[:, 4]).clamp(2, 7)[:, None, None]
+        lungs = ((x - cx - 8) ** 2 + (y - cy) ** 2 < r ** 2) | ((x - cx + 8) ** 2 + (y - cy) ** 2 < r ** 2)
+        image = torch.where(lungs & body & gate, torch.tensor(-0.8), image)
+        bone = ((x - cx) ** 2 + (y - cy - 8) ** 2 < 36) & body & ~gate
+        return torch.where(bone, torch.tensor(1.0), image)[:, None]
+
+
+def test_measurements_fit_every_image_their_chosen_measurements_are_defined_on():
+    """Found by review: images where a measurement later left out is undefined were dropped from the final fit
+    (every narrow body, here), the spreads reported were not the ones divided by, and a measurement that varies
+    only on the dropped images (bone) crashed lstsq with a spread of 0."""
+    from latentct.data.slices import unit_to_hu
+    from latentct.discover.baselines import fit_latents, measurements
+    from latentct.score import anatomy
+
+    G = GatedEllipses()
+    directions, info = measurements(G, G.window, 1.0, samples=384, seed=0)
+    assert "anterior_tissue" not in info["measures"] and directions.isfinite().all()
+    assert info["left_out"]["bone_area"] == "flat on the images where the others are defined"
+    defined = torch.ones(384, dtype=torch.bool)
+    z = fit_latents(G, 384, 0)
+    measured = anatomy.measure(unit_to_hu(G(z), G.window))
+    for name in info["measures"]:
+        defined &= torch.isfinite(measured[name][:384])
+    assert info["images"] == int(defined.sum()) > 0.95 * 384     # not the 84% with lungs
+    for name in info["measures"]:
+        assert info["spreads"][name] == pytest.approx(float(measured[name][:384][defined].double().std()), rel=1e-6)
+
+
+def test_measurements_name_too_few_samples():
+    from latentct.discover.baselines import measurements
+    from latentct.util.settings import UserError
+
+    with pytest.raises(UserError, match="raise --supervised-samples"):
+        measurements(Ellipses(), Ellipses.window, 1.0, samples=3)
