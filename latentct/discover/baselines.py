@@ -247,22 +247,24 @@ def measurements(G, window, spacing: float, samples: int = 2048, seed: int = 0, 
         raise UserError("--method measurements: the generator declares no output_window (the HU of its output "
                         "range), so its images cannot be measured")
     z = fit_latents(G, samples, seed)
-    device = next(G.parameters(), torch.zeros(0)).device
-    with torch.no_grad():
-        images = torch.cat([G(part.to(device))[:, :1].float().cpu() for part in z.split(256)])
-    measured = anatomy.measure(unit_to_hu(images, window), spacing)
+    measured = anatomy.measure(unit_to_hu(images_of(G, z)[:, :1], window), spacing)
     kept, left_out = [], {}
     for name, values in measured.items():
-        finite = values[torch.isfinite(values)].double()
-        if (~torch.isfinite(values)).double().mean() > UNDEFINED_MAX:
-            left_out[name] = f"undefined on {(~torch.isfinite(values)).double().mean():.0%} of the images"
-        elif finite.std() < anatomy.min_spread(name, spacing):
-            left_out[name] = f"spread {finite.std():.3g} below {anatomy.min_spread(name, spacing):.3g}"
+        finite = torch.isfinite(values)
+        if (~finite).double().mean() > UNDEFINED_MAX:
+            left_out[name] = f"undefined on {(~finite).double().mean():.0%} of the images"
+        elif (spread := float(values[finite].double().std())) < anatomy.min_spread(name, spacing):
+            left_out[name] = f"spread {spread:.3g} below {anatomy.min_spread(name, spacing):.3g}"
         else:
             kept.append(name)
-    if not kept:
-        raise UserError(f"--method measurements: no anatomy measurement varies on this generator's images "
-                        f"({'; '.join(f'{k}: {v}' for k, v in left_out.items())})")
+
+    def none_vary():
+        if not kept:
+            raise UserError(f"--method measurements: no anatomy measurement varies on this generator's images "
+                            f"({'; '.join(f'{k}: {v}' for k, v in left_out.items())})")
+
+    none_vary()
+
     def table(names: list[str]) -> tuple:
         """The latents and standardised readings of the images where every one of ``names`` is defined, the fit
         rows first; the fit count; each reading's spread on the fit rows (what it is divided by)."""
@@ -281,9 +283,7 @@ def measurements(G, window, spacing: float, samples: int = 2048, seed: int = 0, 
     if flat:  # it varies only on images where another kept measurement is undefined
         left_out.update({name: "flat on the images where the others are defined" for name in flat})
         kept = [name for name in kept if name not in flat]
-        if not kept:
-            raise UserError(f"--method measurements: no anatomy measurement varies on this generator's images "
-                            f"({'; '.join(f'{k}: {v}' for k, v in left_out.items())})")
+        none_vary()
         rows, readings, fit, spread = table(kept)
     _, first = fit_directions(rows, readings, fit, names=kept)
     chosen = independent_measures(rows[:fit], readings[:fit], kept, first["fit_r2"], min_r2, left_out)
@@ -345,6 +345,13 @@ def fit_latents(G, samples: int, seed: int = 0) -> torch.Tensor:
     return sample_latents(G, samples + samples // 2, gen, part="fit")
 
 
+def images_of(G, z: torch.Tensor) -> torch.Tensor:
+    """G's float32 images of the latents ``z`` on the CPU, generated 256 at a time on G's device."""
+    device = next(G.parameters(), torch.zeros(0)).device
+    with torch.no_grad():
+        return torch.cat([G(part.to(device)).float().cpu() for part in z.split(256)])
+
+
 def readings_of(G, oracle, window, z: torch.Tensor, paired: bool = False) -> torch.Tensor:
     """The oracle's readings (N, F) of G's images of latents z, in float64. ``paired`` (a diffusion h view): each
     reading minus that of the same x_T with dh = 0, so what the starting noise draws (most of the spread between
@@ -352,12 +359,8 @@ def readings_of(G, oracle, window, z: torch.Tensor, paired: bool = False) -> tor
     differences, not comparable with a raw one)."""
     from latentct.show.images import display
 
-    device = next(G.parameters(), torch.zeros(0)).device
-
     def read(latents):
-        with torch.no_grad():
-            images = torch.cat([G(part.to(device)).float().cpu() for part in latents.split(256)])
-        return oracle.read(display(images, window, oracle.window)).double()
+        return oracle.read(display(images_of(G, latents), window, oracle.window)).double()
 
     if not paired:
         return read(z)
