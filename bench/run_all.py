@@ -47,6 +47,9 @@ def main(cfg: Settings) -> list[tuple]:
     naive = r["cpu"]["naive (original)"]
     rows += [(f"direction step {name} vs original", value / naive, ">= 1.5x (split)")
              for name, value in r["cpu"].items() if name != "naive (original)"]
+    r = run("cores", "--steps", "10" if cfg.quick else "40")
+    rows += [("main lane, every thread vs one (steps/s)", r["main_lane_ratio"], ""),
+             ("pool, one thread per core vs main lane", r["pool_over_main_lane"], "")]
     r = run("eval")
     rows += [("GIFs + report vs naive GIFs", r["ratio"], ""), ("GIFs vs naive GIFs, same work", r["ratio_same_work"], "")]
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"

@@ -615,3 +615,22 @@ def test_subspace_cost_times_each_ground_truth_with_and_without_the_image_measur
     assert len(out["dcgan"]["seconds"]["with"]) == 2 and out["dcgan"]["ratio"] > 0
     with pytest.raises(UserError, match="--run: no ground truth"):
         cost.main(cost.Settings(run="missing", root=str(tmp_path)))
+
+
+def test_cores_bench_launches_one_thread_every_thread_and_one_thread_per_core(monkeypatch):
+    """bench.cores times one thread alone, one process with every thread and one one-thread process per core side
+    by side, and gives each as a ratio to the first; its worker times the real training step."""
+    import bench.cores as cores
+
+    calls = []
+
+    def fake_launch(steps, threads, count):
+        calls.append((steps, threads, count))
+        return {(1, 1): [2.0], (4, 1): [5.0], (1, 4): [1.5, 1.5, 1.0, 2.0]}[(threads, count)]
+
+    monkeypatch.setattr(cores, "launch", fake_launch)
+    out = cores.main(cores.Settings(steps=3, cores=4))
+    assert calls == [(3, 1, 1), (3, 4, 1), (3, 1, 4)]
+    assert out["main_lane_ratio"] == pytest.approx(2.5) and out["pool_ratio"] == pytest.approx(3.0)
+    assert out["pool_over_main_lane"] == pytest.approx(6.0 / 5.0)
+    assert cores.time_steps(1) > 0
