@@ -41,29 +41,28 @@ class Settings:
 def time_steps(steps: int) -> float:
     """Steps per second of the demo DCGAN's training step in this process, with its current thread count."""
     import torch
-    import torch.nn.functional as F
 
     from latentct.models.dcgan import Discriminator, Generator, weights_init
-    from Training.TrainGAN import PRESETS
-    from Training.TrainGAN import Settings as GANSettings
+    from latentct.util.settings import make_settings
+    from Training import TrainGAN
 
-    demo, latent = PRESETS["demo"], GANSettings.__dataclass_fields__["latent_dim"].default
+    cfg = make_settings(TrainGAN.Settings, {}, "demo", TrainGAN.PRESETS)  # the demo's widths, batch and loss
     torch.manual_seed(0)
-    G = Generator(latent_dim=latent, image_size=64, ngf=demo["ngf"]).apply(weights_init)
-    D = Discriminator(image_size=64, ndf=demo["ndf"], spectral=demo["spectral_norm"],
-                      minibatch_std=demo["minibatch_std"]).apply(weights_init)
+    G = Generator(latent_dim=cfg.latent_dim, image_size=64, ngf=cfg.ngf).apply(weights_init)
+    D = Discriminator(image_size=64, ndf=cfg.ndf, spectral=cfg.spectral_norm,
+                      minibatch_std=cfg.minibatch_std).apply(weights_init)
     G, D = (m.to(memory_format=torch.channels_last) for m in (G, D))
-    opt_g, opt_d = (torch.optim.Adam(m.parameters(), 2e-4, betas=demo["betas"]) for m in (G, D))
-    batch = demo["batch_size"]
-    real = torch.rand(batch, 1, 64, 64).mul(2).sub(1).contiguous(memory_format=torch.channels_last)
+    opt_g = torch.optim.Adam(G.parameters(), cfg.lr_g, betas=cfg.betas)
+    opt_d = torch.optim.Adam(D.parameters(), cfg.lr_d, betas=cfg.betas)
+    real = torch.rand(cfg.batch_size, 1, 64, 64).mul(2).sub(1).contiguous(memory_format=torch.channels_last)
 
-    def step():
-        fake = G(torch.randn(batch, latent))
-        loss_d = F.relu(1 - D(real)).mean() + F.relu(1 + D(fake.detach())).mean()
+    def step():  # the trainer's own losses
+        fake = G(torch.randn(cfg.batch_size, cfg.latent_dim))
+        loss_d = TrainGAN.d_loss(D(real), True, cfg) + TrainGAN.d_loss(D(fake.detach()), False, cfg)
         opt_d.zero_grad(set_to_none=True)
         loss_d.backward()
         opt_d.step()
-        loss_g = -D(fake).mean()
+        loss_g = TrainGAN.g_loss(D(fake), cfg)
         opt_g.zero_grad(set_to_none=True)
         loss_g.backward()
         opt_g.step()
