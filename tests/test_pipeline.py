@@ -56,10 +56,10 @@ def test_whole_pipeline_at_the_smallest_sizes_then_cached_then_from_a_stage(tmp_
     # and cut by the conditional steering walks inside its span, the slice direction first as measured
     assert found["steered"]["unmix_by"] == "conditional" and found["steered"]["rows"][0] == "given"
     # each generator's whole latent unmixed (pipeline's --dcgan-unmix-base, --vae-unmix-base), by the conditional
-    # walks with --unmix-content 4
+    # walks with --unmix-content 8
     unmixed = {gen: load_directions(runs / f"{gen}_unmix" / "directions.pt")[0] for gen in ("dcgan", "vae")}
-    assert all(u.extra["unmix_by"] == "conditional" and u.extra["m"] == 32 and u.count <= 10 and
-               u.extra["unmixed"] == "latent" and u.state["settings"]["unmix_content"] == 4 for u in unmixed.values())
+    assert all(u.extra["unmix_by"] == "conditional" and u.extra["m"] == 32 and u.count <= 14 and
+               u.extra["unmixed"] == "latent" and u.state["settings"]["unmix_content"] == 8 for u in unmixed.values())
     for gen in ("dcgan", "vae"):
         G = load_generator(runs / gen / "generator.pt")
         assert G(torch.zeros(2, G.latent_dim)).shape == (2, 1, 32, 32)
@@ -260,7 +260,7 @@ def test_pipeline_on_a_generator_a_researcher_brings(gan_run, dataset, tmp_path)
     # unmix on a researcher's generator: its whole latent, cut by the conditional walks
     cfg.methods = ["unmix"]
     job = next(j for j in pipeline.plan(cfg) if j.name == "model_unmix")
-    assert job.cfg.unmix_from == "latent" and job.cfg.unmix_by == "conditional" and job.cfg.unmix_content == 4
+    assert job.cfg.unmix_from == "latent" and job.cfg.unmix_by == "conditional" and job.cfg.unmix_content == 8
 
 
 def test_wall_times_round_to_whole_seconds_before_the_minutes():
@@ -398,7 +398,7 @@ def test_the_unmixed_span_is_the_whole_latent_or_a_named_base(tmp_path):
         jobs = {j.name: j for j in pipeline.plan(cfg)}
         return jobs["dcgan_unmix"], jobs
     whole, jobs = unmix_job()
-    assert whole.cfg.unmix_from == "latent" and whole.inputs == ("dcgan",) and whole.cfg.unmix_content == 4
+    assert whole.cfg.unmix_from == "latent" and whole.inputs == ("dcgan",) and whole.cfg.unmix_content == 8
     assert "vae_spectral" in jobs and jobs["vae_unmix"].cfg.unmix_from == "latent"  # spectral: a row of its own
     named, jobs = unmix_job("--dcgan-unmix-base", "pca", "--unmix-content", "2")
     assert named.cfg.unmix_from.endswith("dcgan_pca/directions.pt") and named.inputs == ("dcgan_pca",)
