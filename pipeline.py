@@ -206,7 +206,7 @@ class Settings:
             room = LATENT_DIMS[gen] if base == "latent" else UNMIX_SIZE[by]
             check(by not in ("steer", "conditional") or 6 + self.unmix_content <= room, "unmix_content",
                   f"{self.unmix_content} content rows and six walks do not fit the {gen}'s span of {room} "
-                  f"(--{gen}-unmix-base {base})")
+                  f"(--{gen}-unmix-base {base}): pass --unmix-content {max(room - 6, 0)} or fewer")
         unknown = [m for m in self.rca_baselines if m not in BASELINES]
         check(not unknown, "rca_baselines", f"{unknown} are not closed-form methods ({', '.join(BASELINES)})")
         check(self.metadata_patients >= 8, "metadata_patients", f"needs at least 8 (the metadata method's span: the "

@@ -408,7 +408,7 @@ def test_the_unmixed_span_is_the_whole_latent_or_a_named_base(tmp_path):
     _, jobs = unmix_job("--vae-methods", "random", "unmix")  # the whole latent needs no base run
     assert "vae_spectral" not in jobs and jobs["vae_unmix"].inputs == ("vae",)
     with pytest.raises(UserError, match="--unmix-content: 7 content rows and six walks do not fit the dcgan's span "
-                                        "of 12 \\(--dcgan-unmix-base sefa\\)"):
+                                        "of 12 \\(--dcgan-unmix-base sefa\\): pass --unmix-content 6 or fewer"):
         unmix_job("--dcgan-unmix-base", "sefa", "--unmix-content", "7")
     assert unmix_job("--unmix-content", "7")[0].cfg.unmix_content == 7   # the whole latent has room for it
     with pytest.raises(UserError, match="span of 32"):
