@@ -130,7 +130,7 @@ class Settings:
     vae_unmix_base: str = setting("latent", "the same for the VAE", choices=UNMIX_BASES)
     # Eight content rows, not four (docs/pipeline.md): over four DCGANs (the demo on two machines, phantom seeds 1227
     # and 7665) they recovered 13 factors at tau 2/3 against 10 (area 2.54 against 1.85), over three VAEs 15 against
-    # 14 (3.41, 3.13), fewer on none.
+    # 14 (3.41, 3.13); none lost a factor at tau 2/3.
     unmix_content: int = setting(8, "content directions beside the six walks of the DCGAN's and VAE's unmix "
                                  "(TrainDirections --unmix-content; the span needs 6 + this)")
     # How each span is unmixed, chosen by bench.unmixing (docs/results.md) and docs/pipeline.md's runs: the steering
@@ -639,7 +639,11 @@ def plan_own_generator(cfg: Settings) -> list[Job]:
         else:
             values = dict(shared, output=str(out), method=m, rca=m in cfg.rca_baselines)
             if m == "unmix":  # the whole latent, cut by the conditional walks: is it small enough, before any work?
-                whole_latent(G, "--methods unmix", "leave unmix out")
+                axes = len(whole_latent(G, "--methods unmix", "leave unmix out"))
+                if 6 + cfg.unmix_content > axes:
+                    raise UserError(f"--unmix-content: {cfg.unmix_content} content rows and six walks do not fit the "
+                                    f"generator's latent of {axes}: pass --unmix-content {max(axes - 6, 0)} or fewer, "
+                                    "or leave unmix out of --methods")
                 values.update(unmix_from="latent", unmix_by="conditional", unmix_content=cfg.unmix_content)
             jobs.append(Job(kind="baselines", name=out.name, module=TrainDirections, cfg=_with(TrainDirections,
                 values, preset), output=out, done_file="directions.pt"))

@@ -263,6 +263,38 @@ def test_pipeline_on_a_generator_a_researcher_brings(gan_run, dataset, tmp_path)
     assert job.cfg.unmix_from == "latent" and job.cfg.unmix_by == "conditional" and job.cfg.unmix_content == 8
 
 
+SMALL_LATENT = """
+import torch
+import torch.nn as nn
+
+
+class Small(nn.Module):
+    latent_shape = (10,)
+
+    def __init__(self):
+        super().__init__()
+        self.map = nn.Linear(10, 32 * 32)
+
+    def forward(self, z):
+        return torch.tanh(self.map(z)).reshape(-1, 1, 32, 32)
+"""
+
+
+def test_unmix_on_a_small_latent_says_how_many_content_rows_fit_before_any_work(tmp_path):
+    (tmp_path / "small.py").write_text(SMALL_LATENT)
+
+    def planned(*flags):
+        cfg = parse_settings(pipeline.Settings, ["--root", str(tmp_path), "--generator", f"{tmp_path}/small.py:Small",
+                                                 "--methods", "unmix", *flags], presets=pipeline.PRESETS)
+        return {j.name: j for j in pipeline.plan(cfg)}
+
+    with pytest.raises(UserError, match="--unmix-content: 8 content rows and six walks do not fit the generator's "
+                                        "latent of 10: pass --unmix-content 4 or fewer"):
+        planned()  # the default of eight rows needs 14 axes
+    assert not (tmp_path / "runs").exists()
+    assert planned("--unmix-content", "4")["model_unmix"].cfg.unmix_content == 4
+
+
 def test_wall_times_round_to_whole_seconds_before_the_minutes():
     from latentct.show import results
 
