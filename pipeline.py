@@ -156,7 +156,7 @@ class Settings:
     probe_steps: int | None = setting(None, "that probe's steps (None: latentct/score/validate.py's)")
     validate_patients: int | None = setting(None, "patients per known-answer sweep (None: "
                                             "latentct/score/validate.py's)")
-    seed_draws: int = setting(1, "seeds (trained methods) or draws of report latents (the rest) each method is "
+    seed_draws: int = setting(1, "seeds (trained methods, unmix's latents) or draws of report latents (the rest) each method is "
                               "scored on; with more than 1 the tables hold the medians and a method is above the null "
                               "on more than half of them")
     dcgan_attainable: bool = setting(False, "the known-answer sweeps' attainable level through the DCGAN too (every "
@@ -443,7 +443,8 @@ def plan(cfg: Settings) -> list[Job]:
             if phantom_run:
                 truth = dict(oracle=str(oracle_file), fit_oracle=str(fit_file), null_pool=cfg.null_pool,
                              validation=str(anim / "validation" / "validation.json"), null_sets=cfg.null_sets)
-                draws = other_draws(cfg, gen, preset, methods, shared, truth, runs, anim / gallery.name) \
+                unmixed = next((j for j in jobs if j.name == f"{gen}_unmix"), None)
+                draws = other_draws(cfg, gen, preset, methods, shared, truth, runs, anim / gallery.name, unmixed) \
                     if preset == first_preset else []
                 jobs += draws
                 seed_files = [str(j.output / "ground_truth" / "ground_truth.json") for j in draws
@@ -523,17 +524,26 @@ def diffusion_jobs(cfg: Settings, common: dict, runs: Path, anim: Path, truth: d
 
 
 def other_draws(cfg: Settings, gen: str, preset: str, methods: list[str], shared: dict, truth: dict, runs: Path,
-                gallery: Path) -> list[Job]:
+                gallery: Path, unmixed: Job | None = None) -> list[Job]:
     """For --seed-draws > 1 (the benchmark): the trained methods (learned, DisCo, LatentCLR) trained again on other
-    seeds, every method scored again on other draws of report latents (the pool rescored on each), as extra
-    ground-truth tables the main one takes the medians of."""
+    seeds, the unmixed directions (the ``unmixed`` job) taken again from another draw of the walks' latents, every
+    method scored again on other draws of report latents (the pool rescored on each), as extra ground-truth tables
+    the main one takes the medians of."""
     jobs = []
     for seed in range(cfg.seed + 1, cfg.seed + cfg.seed_draws):
         learned = runs / f"{gen}_{preset}_seed{seed}"
         jobs.append(Job(kind="baselines", name=learned.name, module=TrainDirections, cfg=_with(TrainDirections, dict(
             shared, output=str(learned), method="learned", seed=seed), preset), output=learned,
             done_file="directions.pt", inputs=(gen,)))
-        compared = [runs / f"{gen}_{m}" for m in methods if m in BASELINES or m == "unmix"]
+        compared = []
+        for m in methods:
+            if m in BASELINES:
+                compared.append(runs / f"{gen}_{m}")
+            elif m == "unmix" and unmixed is not None:  # its 64 latents are a draw: the count moves with them
+                out = runs / f"{gen}_unmix_seed{seed}"
+                jobs.append(dataclasses.replace(unmixed, name=out.name, output=out,
+                                                cfg=dataclasses.replace(unmixed.cfg, seed=seed, output=str(out))))
+                compared.append(out)
         if "learned_unmix" in methods:  # trained: again on this seed, from the same unmixed basis
             out = runs / f"{gen}_learned_unmix_seed{seed}"
             jobs.append(Job(kind="baselines", name=out.name, module=TrainDirections, cfg=_with(TrainDirections, dict(

@@ -401,8 +401,9 @@ def test_the_demo_measures_the_random_baselines_rca_and_the_benchmark_every_meth
 
 
 def test_the_benchmark_scores_every_method_on_three_seeds_or_draws(tmp_path):
-    """--seed-draws 3: learned, DisCo and LatentCLR trained again on seeds 1 and 2, every method scored again on
-    those report-latent draws, and the main table takes their ground truths."""
+    """--seed-draws 3: learned, DisCo and LatentCLR trained again on seeds 1 and 2, the unmixed directions taken
+    again from those seeds' latents, every method scored again on those report-latent draws, and the main table
+    takes their ground truths."""
     cfg = parse_settings(pipeline.Settings, ["--preset", "benchmark", "--root", str(tmp_path)],
                          presets=pipeline.PRESETS)
     jobs = {job.name: job for job in pipeline.plan(cfg)}
@@ -411,13 +412,20 @@ def test_the_benchmark_scores_every_method_on_three_seeds_or_draws(tmp_path):
     assert draw.seed == 1 and draw.directions.endswith("dcgan_demo_seed1/directions.pt")
     assert any(c.endswith("dcgan_sefa/directions.pt") for c in draw.compare)          # seed-free: the same file
     assert any(c.endswith("dcgan_latentclr_rca_seed1/directions.pt") for c in draw.compare)
+    # the unmixed directions' walks take 64 latents of the prior: drawn again on each seed, like a trained method's
+    unmix, first = jobs["dcgan_unmix_seed1"], jobs["dcgan_unmix"]
+    assert unmix.cfg.seed == 1 and first.cfg.seed == 0 and unmix.output != first.output
+    assert (unmix.cfg.unmix_from, unmix.cfg.unmix_by, unmix.cfg.unmix_content) == (
+        first.cfg.unmix_from, first.cfg.unmix_by, first.cfg.unmix_content)
+    assert str(unmix.output / "directions.pt") in draw.compare and "dcgan_unmix_seed1" in jobs["truth_dcgan_seed1"].inputs
+    assert str(first.output / "directions.pt") not in draw.compare
     assert jobs["validate"].cfg.dcgan.endswith("dcgan/generator.pt") and "dcgan" in jobs["validate"].inputs
     main = jobs["truth_dcgan"]
     assert [Path(f).parent.parent.name for f in main.cfg.seed_runs] == ["dcgan_seed1", "dcgan_seed2"]
     assert {"truth_dcgan_seed1", "truth_dcgan_seed2"} <= set(main.inputs) and main.cfg.seed == 0
     demo = {j.name: j for j in pipeline.plan(parse_settings(pipeline.Settings, ["--root", str(tmp_path)],
                                                             presets=pipeline.PRESETS))}
-    assert "truth_dcgan_seed1" not in demo
+    assert "truth_dcgan_seed1" not in demo and "dcgan_unmix_seed1" not in demo
     # the DCGAN's metadata method (every slice embedded: half an hour) runs in the benchmark only
     meta = jobs["dcgan_metadata"]
     assert meta.cfg.metadata_data.endswith("metadata_slices_64") and "metadata_preprocess" in meta.inputs
