@@ -128,9 +128,9 @@ class Settings:
                                     "axis) or the orthogonal method whose top directions span it",
                                     choices=UNMIX_BASES)
     vae_unmix_base: str = setting("latent", "the same for the VAE", choices=UNMIX_BASES)
-    # Eight content rows, not four (docs/pipeline.md): over four DCGANs (the demo on two machines, phantom seeds 1227
-    # and 7665) they recovered 13 factors at tau 2/3 against 10 (area 2.54 against 1.85), over three VAEs 15 against
-    # 14 (3.41, 3.13); none lost a factor at tau 2/3.
+    # Eight content rows, not four (docs/pipeline.md): on the demo's and phantom seed 7665's generators, over 14
+    # draws of the walks' latents, one factor more at tau 2/3 in 5, one fewer in 1, the larger area in 9, and the
+    # DCGANs' counts steadier from draw to draw (3-4, where four rows gave 2-5).
     unmix_content: int = setting(8, "content directions beside the six walks of the DCGAN's and VAE's unmix "
                                  "(TrainDirections --unmix-content; the span needs 6 + this)")
     # How each span is unmixed, chosen by bench.unmixing (docs/results.md) and docs/pipeline.md's runs: the steering
