@@ -443,8 +443,8 @@ def plan(cfg: Settings) -> list[Job]:
             if phantom_run:
                 truth = dict(oracle=str(oracle_file), fit_oracle=str(fit_file), null_pool=cfg.null_pool,
                              validation=str(anim / "validation" / "validation.json"), null_sets=cfg.null_sets)
-                unmixed = next((j for j in jobs if j.name == f"{gen}_unmix"), None)
-                draws = other_draws(cfg, gen, preset, methods, shared, truth, runs, anim / gallery.name, unmixed) \
+                unmix_job = next((j for j in jobs if j.name == f"{gen}_unmix"), None)
+                draws = other_draws(cfg, gen, preset, methods, shared, truth, runs, anim / gallery.name, unmix_job) \
                     if preset == first_preset else []
                 jobs += draws
                 seed_files = [str(j.output / "ground_truth" / "ground_truth.json") for j in draws
@@ -524,9 +524,9 @@ def diffusion_jobs(cfg: Settings, common: dict, runs: Path, anim: Path, truth: d
 
 
 def other_draws(cfg: Settings, gen: str, preset: str, methods: list[str], shared: dict, truth: dict, runs: Path,
-                gallery: Path, unmixed: Job | None = None) -> list[Job]:
+                gallery: Path, unmix_job: Job | None = None) -> list[Job]:
     """For --seed-draws > 1 (the benchmark): the trained methods (learned, DisCo, LatentCLR) trained again on other
-    seeds, the unmixed directions (the ``unmixed`` job) taken again from another draw of the walks' latents, every
+    seeds, the unmixed directions (``unmix_job``) taken again from another draw of the walks' latents, every
     method scored again on other draws of report latents (the pool rescored on each), as extra ground-truth tables
     the main one takes the medians of."""
     jobs = []
@@ -539,10 +539,10 @@ def other_draws(cfg: Settings, gen: str, preset: str, methods: list[str], shared
         for m in methods:
             if m in BASELINES:
                 compared.append(runs / f"{gen}_{m}")
-            elif m == "unmix" and unmixed is not None:  # its 64 latents are a draw: the count moves with them
-                out = runs / f"{gen}_unmix_seed{seed}"
-                jobs.append(dataclasses.replace(unmixed, name=out.name, output=out,
-                                                cfg=dataclasses.replace(unmixed.cfg, seed=seed, output=str(out))))
+            elif m == "unmix":  # its walks' 64 latents are a draw, and its count moves with them (up to 3 of 6)
+                out = runs / f"{gen}_unmix_seed{seed}"  # no RCA: the tables keep the first draw's
+                jobs.append(dataclasses.replace(unmix_job, name=out.name, output=out, cfg=dataclasses.replace(
+                    unmix_job.cfg, seed=seed, output=str(out), rca=False)))
                 compared.append(out)
         if "learned_unmix" in methods:  # trained: again on this seed, from the same unmixed basis
             out = runs / f"{gen}_learned_unmix_seed{seed}"

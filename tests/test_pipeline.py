@@ -415,6 +415,7 @@ def test_the_benchmark_scores_every_method_on_three_seeds_or_draws(tmp_path):
     # the unmixed directions' walks take 64 latents of the prior: drawn again on each seed, like a trained method's
     unmix, first = jobs["dcgan_unmix_seed1"], jobs["dcgan_unmix"]
     assert unmix.cfg.seed == 1 and first.cfg.seed == 0 and unmix.output != first.output
+    assert first.cfg.rca and not unmix.cfg.rca  # the tables keep the first draw's RCA
     assert (unmix.cfg.unmix_from, unmix.cfg.unmix_by, unmix.cfg.unmix_content) == (
         first.cfg.unmix_from, first.cfg.unmix_by, first.cfg.unmix_content)
     assert str(unmix.output / "directions.pt") in draw.compare and "dcgan_unmix_seed1" in jobs["truth_dcgan_seed1"].inputs
