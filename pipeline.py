@@ -156,9 +156,9 @@ class Settings:
     probe_steps: int | None = setting(None, "that probe's steps (None: latentct/score/validate.py's)")
     validate_patients: int | None = setting(None, "patients per known-answer sweep (None: "
                                             "latentct/score/validate.py's)")
-    seed_draws: int = setting(1, "seeds (trained methods, unmix's latents) or draws of report latents (the rest) each method is "
-                              "scored on; with more than 1 the tables hold the medians and a method is above the null "
-                              "on more than half of them")
+    seed_draws: int = setting(1, "seeds (trained methods, unmix's latents) or draws of report latents (the rest) "
+                              "each method is scored on; with more than 1 the tables hold the medians and a method is "
+                              "above the null on more than half of them")
     dcgan_attainable: bool = setting(False, "the known-answer sweeps' attainable level through the DCGAN too (every "
                                      "frame embedded: minutes; the benchmark's)")
     null_pool: int = setting(256, "random directions in each generator's pooled null (scored once per table)")
@@ -204,9 +204,8 @@ class Settings:
         for gen in GENERATORS:  # the steering walks fit six edits and the content rows inside the span
             by, base = getattr(self, f"{gen}_unmix_by"), getattr(self, f"{gen}_unmix_base")
             room = LATENT_DIMS[gen] if base == "latent" else UNMIX_SIZE[by]
-            check(by not in ("steer", "conditional") or 6 + self.unmix_content <= room, "unmix_content",
-                  f"{self.unmix_content} content rows and six walks do not fit the {gen}'s span of {room} "
-                  f"(--{gen}-unmix-base {base}): pass --unmix-content {max(room - 6, 0)} or fewer")
+            if by in ("steer", "conditional"):
+                content_fits(self.unmix_content, room, f"the {gen}'s span of {room} (--{gen}-unmix-base {base})")
         unknown = [m for m in self.rca_baselines if m not in BASELINES]
         check(not unknown, "rca_baselines", f"{unknown} are not closed-form methods ({', '.join(BASELINES)})")
         check(self.metadata_patients >= 8, "metadata_patients", f"needs at least 8 (the metadata method's span: the "
@@ -231,6 +230,13 @@ class Settings:
         check("hpca" not in self.diffusion_noise_methods, "diffusion_noise_methods", "hpca needs the h view")
         check("ica" not in self.diffusion_h_methods, "diffusion_h_methods", "ica regresses on prior draws, whose dh "
               "is 0: it belongs to the noise view")
+
+
+def content_fits(content: int, room: int, span: str, otherwise: str = "") -> None:
+    """The steering walks fit six edits and ``content`` content rows inside a ``span`` of ``room`` axes; if not, a
+    one-line error naming --unmix-content and how many would fit (then ``otherwise``)."""
+    check(6 + content <= room, "unmix_content", f"{content} content rows and six walks do not fit {span}: pass "
+          f"--unmix-content {max(room - 6, 0)} or fewer{otherwise}")
 
 
 PRESETS = {
@@ -650,10 +656,8 @@ def plan_own_generator(cfg: Settings) -> list[Job]:
             values = dict(shared, output=str(out), method=m, rca=m in cfg.rca_baselines)
             if m == "unmix":  # the whole latent, cut by the conditional walks: is it small enough, before any work?
                 axes = len(whole_latent(G, "--methods unmix", "leave unmix out"))
-                if 6 + cfg.unmix_content > axes:
-                    raise UserError(f"--unmix-content: {cfg.unmix_content} content rows and six walks do not fit the "
-                                    f"generator's latent of {axes}: pass --unmix-content {max(axes - 6, 0)} or fewer, "
-                                    "or leave unmix out of --methods")
+                content_fits(cfg.unmix_content, axes, f"the generator's latent of {axes}", ", or leave unmix out of "
+                             "--methods")
                 values.update(unmix_from="latent", unmix_by="conditional", unmix_content=cfg.unmix_content)
             jobs.append(Job(kind="baselines", name=out.name, module=TrainDirections, cfg=_with(TrainDirections,
                 values, preset), output=out, done_file="directions.pt"))

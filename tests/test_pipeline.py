@@ -418,7 +418,8 @@ def test_the_benchmark_scores_every_method_on_three_seeds_or_draws(tmp_path):
     assert first.cfg.rca and not unmix.cfg.rca  # the tables keep the first draw's RCA
     assert (unmix.cfg.unmix_from, unmix.cfg.unmix_by, unmix.cfg.unmix_content) == (
         first.cfg.unmix_from, first.cfg.unmix_by, first.cfg.unmix_content)
-    assert str(unmix.output / "directions.pt") in draw.compare and "dcgan_unmix_seed1" in jobs["truth_dcgan_seed1"].inputs
+    assert str(unmix.output / "directions.pt") in draw.compare
+    assert "dcgan_unmix_seed1" in jobs["truth_dcgan_seed1"].inputs
     assert str(first.output / "directions.pt") not in draw.compare
     assert jobs["validate"].cfg.dcgan.endswith("dcgan/generator.pt") and "dcgan" in jobs["validate"].inputs
     main = jobs["truth_dcgan"]
