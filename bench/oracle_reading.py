@@ -24,6 +24,11 @@ same held-out reconstructions validate.py uses (stream 3 of the oracle's seed). 
 - ``plain``: half of the slices (drawn per batch) rendered again without the lung vessels, ribs and sternum, the
   fine anatomy the VAE's reconstructions lose (phantom.render_slice ``fine=False``: the same patients, z and
   noise), then ``augment``: an oracle that cannot lean on that detail must read each factor from what is left.
+- ``autoencoder``: half of the slices (drawn per batch) replaced by their reconstruction through a stand-in VAE
+  trained here on the oracle's own training slices (models/vae.py with TrainVAE's demo preset: width 16, latent
+  32, batch 64, Adam 1e-3, MSE + 0.01 KL, ``--standin-steps``), then ``augment``: how an autoencoder renders,
+  without the run's generator or its output. Its reconstructions are not the run's VAE's, so an oracle that
+  learns this one's habits reads the other's only as far as autoencoders render alike.
 - ``both_oracles``: nothing trained; the mean of the run's score and fit oracles' readings (validation's
   config.json names them: other seeds, slices and widths), which reduces what the two misread independently;
   each oracle's own R2 and the correlation of their errors are printed beside it.
@@ -46,16 +51,18 @@ from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from latentct.data.phantom import FACTORS
-from latentct.data.slices import hu_to_unit, parse_window
+from latentct.data.slices import hu_to_unit, parse_window, unit_to_hu
 from latentct.generators.interface import generator_info, load_generator, output_size
 from latentct.score import oracle as oracle_stage
 from latentct.score.validate import kept_share, reconstruction
 from latentct.util.io import atomic_write_json
 from latentct.util.settings import UserError, check, run_cli, setting
 
-AUGMENTED = ("shipped", "blur3", "down", "median", "pca", "pca_all", "average", "average_control", "plain")
+AUGMENTED = ("shipped", "blur3", "down", "median", "pca", "pca_all", "average", "average_control", "plain",
+             "autoencoder")
 VARIANTS = (*AUGMENTED, "both_oracles")  # both_oracles trains nothing: it reads with the run's two oracles
 COPIES = 2  # renders per training slice for the nuisance average: the slice and one other patient
 
@@ -75,11 +82,13 @@ class Settings:
     seed: int = setting(0, "the oracle's seed (the score oracle's 0)")
     render_size: int = setting(128, "phantom matrix size (the demo's)")
     workers: int = setting(1, "processes that render slices")
+    standin_steps: int = setting(1500, "training steps of the autoencoder variant's stand-in VAE (TrainVAE's demo "
+                                 "preset)")
 
     def __post_init__(self):
         unknown = sorted(set(self.variants) - set(VARIANTS))
         check(not unknown, "variants", f"unknown {unknown}; choose from {', '.join(VARIANTS)}")
-        for name in ("steps", "train_slices", "test_slices", "count", "width"):
+        for name in ("steps", "train_slices", "test_slices", "count", "width", "standin_steps"):
             check(getattr(self, name) >= 1, name, f"must be at least 1, got {getattr(self, name)}")
 
 
@@ -139,6 +148,32 @@ def either(x: torch.Tensor, gen: torch.Generator, share: float = 0.5) -> torch.T
     return torch.where(second[:, None, None, None], x[:, 1:], x[:, :1])
 
 
+def standin_reconstructions(x: torch.Tensor, steps: int, seed: int) -> torch.Tensor:
+    """(N, 1, S, S) unit-range slices -> their reconstructions (the encoder's mean, decoded) through a VAE trained
+    on them for ``steps`` steps with TrainVAE's demo preset (the study's ResNet VAE at width 16, latent 32; batch
+    64, Adam 1e-3, MSE + 0.01 KL), its weights and batches seeded by ``seed`` + 11: a stand-in for how an
+    autoencoder renders that is never the run's generator."""
+    from latentct.models.vae import VAE, kl_divergence
+    from Training.TrainVAE import PRESETS
+    from Training.TrainVAE import Settings as VAESettings
+
+    preset = PRESETS["demo"]
+    torch.manual_seed(seed + 11)
+    model = VAE(latent_dim=VAESettings.latent_dim, image_size=x.shape[-1], ch=preset["width"])
+    opt = torch.optim.Adam(model.parameters(), lr=preset["lr"])
+    gen = torch.Generator().manual_seed(seed + 11)
+    for _ in tqdm(range(steps), desc="stand-in VAE", unit="step", leave=False):
+        real = x[torch.randint(0, len(x), (preset["batch_size"],), generator=gen)]
+        recon, mu, logvar = model(real)
+        loss = F.mse_loss(recon, real) + preset["kl_weight"] * kl_divergence(mu, logvar)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    model.eval()
+    with torch.no_grad():
+        return torch.cat([model.decoder(model.encoder(part)[0]) for part in x.split(256)])
+
+
 class MeanReader:
     """Oracles read as one: the mean of their readings, in the factors' units (all of one HU window)."""
 
@@ -184,7 +219,7 @@ def recalibrated_r2(read: torch.Tensor, truth: torch.Tensor) -> tuple[list[float
 def augmentation(name: str, basis=None):
     """(x, gen) -> augmented slices, for one variant."""
     shipped = oracle_stage.augment
-    if name == "plain":
+    if name in ("plain", "autoencoder"):  # each slice beside its second version: bare, or the stand-in's
         return lambda x, gen: shipped(either(x, gen), gen)
     if name == "average":
         return lambda x, gen: shipped(nuisance_average(x, gen), gen)
@@ -235,6 +270,9 @@ def main(cfg: Settings) -> dict:
         plain = oracle_stage.render_slices(cfg.train_slices, size, cfg.seed, 1, cfg.render_size, cfg.workers,
                                            "training slices without fine anatomy", fine=False)
         paired = (torch.cat([train[0], plain[0]], 1), train[1])
+    if "autoencoder" in cfg.variants:  # the same slices, each beside its stand-in VAE's reconstruction
+        standin = standin_reconstructions(hu_to_unit(train[0], window), cfg.standin_steps, cfg.seed)
+        auto = (torch.cat([train[0], unit_to_hu(standin, window).round().to(train[0].dtype)], 1), train[1])
     basis = pca_basis(hu_to_unit(train[0], window)) if {"pca", "pca_all"} & set(cfg.variants) else None
     rows = {}
     for name in cfg.variants:
@@ -245,7 +283,8 @@ def main(cfg: Settings) -> dict:
             own = [o.read(recon) for o in both]        # each oracle's reading, kept for its own R2 below
             read = torch.stack(own).mean(0)            # = oracle.read(recon), without reading twice
         else:
-            slices = grouped if name.startswith("average") else paired if name == "plain" else train
+            slices = (grouped if name.startswith("average") else paired if name == "plain"
+                      else auto if name == "autoencoder" else train)
             oracle = oracle_stage.Oracle(oracle_stage.fit_oracle(ocfg, slices, test, augmentation(name, basis)))
             r2_crisp = list(oracle.r2.values())
             read = oracle.read(recon)

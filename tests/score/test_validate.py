@@ -6,10 +6,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from latentct.data import phantom
 from latentct.data.phantom import FACTORS
+from latentct.data.slices import hu_to_unit, parse_window
 from latentct.discover.baselines import supervised
+from latentct.generators.interface import generator_info
 from latentct.score import anatomy, validate
 from latentct.score import oracle as oracle_stage
 from latentct.score.scoring import line_effects
@@ -222,7 +225,7 @@ def test_the_oracle_reading_bench_augmentations_remove_detail_and_keep_the_body(
     plain = x.clone()
     plain[:, :, 15, 15] = 0.2                      # the second render: the same slice without its fine detail
     for name in AUGMENTED:
-        given = torch.cat([x, plain], 1) if name == "plain" else x
+        given = torch.cat([x, plain], 1) if name in ("plain", "autoencoder") else x
         y = augmentation(name, pca_basis(noisy))(given, torch.Generator().manual_seed(0))
         assert y.shape == x.shape and y.min() >= -1 and y.max() <= 1 and not torch.equal(x, y)
         assert (y[body] > y[~body].mean()).float().mean() > 0.9, name
@@ -391,9 +394,14 @@ def test_the_oracle_reading_bench_trains_plain_on_each_slice_beside_its_bare_ren
 
     monkeypatch.setattr(oracle_stage, "fit_oracle", recording)
     out = bench_reading.main(bench_reading.Settings(run="r", root=str(tmp_path), steps=2, train_slices=6,
-                                                    test_slices=4, count=4, width=4, render_size=64,
-                                                    variants=["shipped", "plain", "both_oracles"]))
-    shipped, plain = seen[0], seen[1]
+                                                    test_slices=4, count=4, width=4, render_size=64, standin_steps=2,
+                                                    variants=["shipped", "plain", "autoencoder", "both_oracles"]))
+    shipped, plain, auto = seen[0], seen[1], seen[2]
+    assert auto[0].shape == (6, 2, 32, 32) and torch.equal(auto[0][:, :1], shipped[0])
+    assert torch.equal(auto[1], shipped[1])
+    low, high = parse_window(tuple(generator_info(str(run / "generator.pt"))["window"]))  # back in the VAE's window
+    assert auto[0].dtype == shipped[0].dtype and auto[0][:, 1:].min() >= low and auto[0][:, 1:].max() <= high
+    assert not torch.equal(auto[0][:, 1:], shipped[0]) and not torch.equal(auto[0][:, 1:], plain[0][:, 1:])
     bare = oracle_stage.render_slices(6, 32, 0, 1, 64, fine=False)
     assert shipped[0].shape == (6, 1, 32, 32) and plain[0].shape == (6, 2, 32, 32)
     assert torch.equal(plain[0][:, :1], shipped[0]) and torch.equal(plain[0][:, 1:], bare[0])
@@ -402,6 +410,20 @@ def test_the_oracle_reading_bench_trains_plain_on_each_slice_beside_its_bare_ren
     assert len(both["r2_generated_each"]) == 2 and both["r2_generated_each"][0] == both["r2_generated_each"][1]
     assert both["r2_generated"] == pytest.approx(both["r2_generated_each"][0])   # one oracle twice: its own reading
     assert len(both["r2_recalibrated"]) == len(both["r2_half"]) == 6
+
+
+def test_the_stand_in_vae_learns_to_reconstruct_its_slices_the_same_way_for_a_seed():
+    """bench.oracle_reading's ``autoencoder`` variant: the stand-in VAE trains on the slices it then reconstructs
+    (closer after 40 steps than untrained), in their range and shape, and a seed gives the same reconstructions."""
+    from bench.oracle_reading import standin_reconstructions
+
+    hu, _ = oracle_stage.render_slices(24, 32, seed=3, stream=1, render_size=64)
+    x = hu_to_unit(hu, (-1350.0, 150.0))
+    untrained, trained = standin_reconstructions(x, 0, 0), standin_reconstructions(x, 40, 0)
+    assert trained.shape == x.shape and trained.min() >= -1 and trained.max() <= 1
+    assert F.mse_loss(trained, x) < 0.7 * F.mse_loss(untrained, x)
+    assert torch.equal(trained, standin_reconstructions(x, 40, 0))
+    assert not torch.equal(trained, standin_reconstructions(x, 40, 1))
 
 
 def test_recalibrated_r2_undoes_scale_and_offset_but_not_noise():
