@@ -732,3 +732,40 @@ def test_measurements_name_too_few_samples():
 
     with pytest.raises(UserError, match="raise --supervised-samples"):
         measurements(Ellipses(), Ellipses.window, 1.0, samples=3)
+
+
+class SlidingBlob(nn.Module):
+    """32 x 32 images of a smooth bright blob whose centre moves down with z[0] and right with z[1]; z[2] changes
+    nothing. A move of the whole image: the shift edits' flows are its first-order change, exactly."""
+
+    latent_dim = 3
+
+    def forward(self, z):
+        yy, xx = torch.meshgrid(torch.linspace(-1, 1, 32), torch.linspace(-1, 1, 32), indexing="ij")
+        cy, cx = 0.1 * z[:, 0, None, None], 0.1 * z[:, 1, None, None]
+        return (2 * torch.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / 0.18) - 1).unsqueeze(1)
+
+
+def test_the_edit_flows_bench_gives_a_whole_image_move_to_its_edit_and_content_to_none():
+    from bench.edit_flows import edit_shares
+    from latentct.discover.unmix import EDITS
+
+    alone, together = edit_shares(SlidingBlob(), torch.eye(3)[:2], latents=16)
+    assert alone.shape == (2, 6) and together.shape == (2,)
+    for row, edit in enumerate(("shift y", "shift x")):                     # a move is its edit, and no other
+        assert alone[row, EDITS.index(edit)] > 0.97 and together[row] > 0.97, (edit, alone[row], together[row])
+        assert alone[row].sum() - alone[row, EDITS.index(edit)] < 0.05
+    toy = MovingEllipse().eval().requires_grad_(False)
+    alone, together = edit_shares(toy, toy.M.t(), latents=32)
+    assert alone[0].argmax() == EDITS.index("shift y") and alone[1].argmax() == EDITS.index("scale x")
+    assert together[3] < 0.01 < 0.4 < together[:3].min()                  # the inner disc's brightness moves nothing
+
+
+def test_the_edit_flows_bench_names_a_missing_supervised_file_before_any_work(tmp_path):
+    from bench.edit_flows import Settings, main
+    from latentct.util.settings import UserError
+
+    (tmp_path / "runs" / "r" / "vae").mkdir(parents=True)
+    (tmp_path / "runs" / "r" / "vae" / "generator.pt").write_bytes(b"never read: the check comes first")
+    with pytest.raises(UserError, match="vae_supervised/directions.pt not found"):
+        main(Settings(run="r", root=str(tmp_path), generators=["vae"]))
