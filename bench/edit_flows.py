@@ -12,7 +12,6 @@ Animations/<run>/edit_flows.json. Seconds per generator at demo size.
 """
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from latentct.data.phantom import FACTORS
 from latentct.discover.unmix import EDITS, image_flows, span_jacobians
 from latentct.generators.interface import load_generator, sample_latents
 from latentct.util.io import atomic_write_json
-from latentct.util.settings import UserError, check, parse_settings, setting
+from latentct.util.settings import UserError, check, run_cli, setting
 
 
 @dataclass
@@ -84,4 +83,4 @@ def main(cfg: Settings) -> dict:
 
 
 if __name__ == "__main__":
-    main(parse_settings(Settings, sys.argv[1:]))
+    run_cli(main, Settings, prog="python -m bench.edit_flows")

@@ -25,10 +25,11 @@ same held-out reconstructions validate.py uses (stream 3 of the oracle's seed). 
   fine anatomy the VAE's reconstructions lose (phantom.render_slice ``fine=False``: the same patients, z and
   noise), then ``augment``: an oracle that cannot lean on that detail must read each factor from what is left.
 - ``autoencoder``: half of the slices (drawn per batch) replaced by their reconstruction through a stand-in VAE
-  trained here on the oracle's own training slices (models/vae.py with TrainVAE's demo preset: width 16, latent
-  32, batch 64, Adam 1e-3, MSE + 0.01 KL, ``--standin-steps``), then ``augment``: how an autoencoder renders,
-  without the run's generator or its output. Its reconstructions are not the run's VAE's, so an oracle that
-  learns this one's habits reads the other's only as far as autoencoders render alike.
+  trained here on the oracle's own training slices (models/vae.py with TrainVAE's demo preset: width 16, latent 32,
+  batch 64, Adam 1e-3, MSE + 0.01 KL, ``--standin-steps``; without TrainVAE's rotation and zoom augmentation), then
+  ``augment``: how an autoencoder renders, without the run's generator or its output. Its reconstructions are not
+  the run's VAE's, so an oracle that learns this one's habits reads the other's only as far as autoencoders render
+  alike.
 - ``both_oracles``: nothing trained; the mean of the run's score and fit oracles' readings (validation's
   config.json names them: other seeds, slices and widths), which reduces what the two misread independently;
   each oracle's own R2 and the correlation of their errors are printed beside it.
@@ -314,7 +315,7 @@ def main(cfg: Settings) -> dict:
         print("both_oracles: correlation of the two oracles' errors on the reconstructions: "
               + ", ".join(f"{f} {v:.2f}" for f, v in zip(FACTORS, row["error_correlation"])))
     result = {"run": cfg.run, "factors": list(FACTORS), "steps": cfg.steps, "width": cfg.width, "seed": cfg.seed,
-              "variants": rows}
+              "standin_steps": cfg.standin_steps if "autoencoder" in cfg.variants else None, "variants": rows}
     atomic_write_json(root / "Animations" / cfg.run / "oracle_reading.json", result)
     return result
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from latentct.data import phantom
 from latentct.data.phantom import FACTORS
-from latentct.data.slices import hu_to_unit, parse_window
+from latentct.data.slices import hu_to_unit, parse_window, unit_to_hu
 from latentct.discover.baselines import supervised
 from latentct.generators.interface import generator_info
 from latentct.score import anatomy, validate
@@ -393,15 +393,22 @@ def test_the_oracle_reading_bench_trains_plain_on_each_slice_beside_its_bare_ren
         return fit(cfg, slices, test, augmentation)
 
     monkeypatch.setattr(oracle_stage, "fit_oracle", recording)
+    asked = []
+
+    def standin(x, steps, seed):         # a known stand-in that depends on each slice: its mirror image, darker
+        asked.append((steps, seed))
+        return 0.5 * x.flip(-1) - 0.5
+
+    monkeypatch.setattr(bench_reading, "standin_reconstructions", standin)
     out = bench_reading.main(bench_reading.Settings(run="r", root=str(tmp_path), steps=2, train_slices=6,
                                                     test_slices=4, count=4, width=4, render_size=64, standin_steps=2,
                                                     variants=["shipped", "plain", "autoencoder", "both_oracles"]))
     shipped, plain, auto = seen[0], seen[1], seen[2]
+    assert asked == [(2, 0)] and out["standin_steps"] == 2
+    window = parse_window(tuple(generator_info(str(run / "generator.pt"))["window"]))
+    expected = unit_to_hu(standin(hu_to_unit(shipped[0], window), 2, 0), window).round().to(shipped[0].dtype)
     assert auto[0].shape == (6, 2, 32, 32) and torch.equal(auto[0][:, :1], shipped[0])
-    assert torch.equal(auto[1], shipped[1])
-    low, high = parse_window(tuple(generator_info(str(run / "generator.pt"))["window"]))  # back in the VAE's window
-    assert auto[0].dtype == shipped[0].dtype and auto[0][:, 1:].min() >= low and auto[0][:, 1:].max() <= high
-    assert not torch.equal(auto[0][:, 1:], shipped[0]) and not torch.equal(auto[0][:, 1:], plain[0][:, 1:])
+    assert torch.equal(auto[0][:, 1:], expected) and torch.equal(auto[1], shipped[1])  # each beside its own, in HU
     bare = oracle_stage.render_slices(6, 32, 0, 1, 64, fine=False)
     assert shipped[0].shape == (6, 1, 32, 32) and plain[0].shape == (6, 2, 32, 32)
     assert torch.equal(plain[0][:, :1], shipped[0]) and torch.equal(plain[0][:, 1:], bare[0])
@@ -414,7 +421,8 @@ def test_the_oracle_reading_bench_trains_plain_on_each_slice_beside_its_bare_ren
 
 def test_the_stand_in_vae_learns_to_reconstruct_its_slices_the_same_way_for_a_seed():
     """bench.oracle_reading's ``autoencoder`` variant: the stand-in VAE trains on the slices it then reconstructs
-    (closer after 40 steps than untrained), in their range and shape, and a seed gives the same reconstructions."""
+    (closer after 40 steps than untrained, and each closer to its own slice than to another), in their range and
+    shape, and a seed gives the same reconstructions."""
     from bench.oracle_reading import standin_reconstructions
 
     hu, _ = oracle_stage.render_slices(24, 32, seed=3, stream=1, render_size=64)
@@ -422,6 +430,7 @@ def test_the_stand_in_vae_learns_to_reconstruct_its_slices_the_same_way_for_a_se
     untrained, trained = standin_reconstructions(x, 0, 0), standin_reconstructions(x, 40, 0)
     assert trained.shape == x.shape and trained.min() >= -1 and trained.max() <= 1
     assert F.mse_loss(trained, x) < 0.7 * F.mse_loss(untrained, x)
+    assert F.mse_loss(trained, x) < 0.5 * F.mse_loss(trained.roll(1, 0), x)  # each slice's own reconstruction
     assert torch.equal(trained, standin_reconstructions(x, 40, 0))
     assert not torch.equal(trained, standin_reconstructions(x, 40, 1))
 
