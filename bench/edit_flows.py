@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from latentct.data.phantom import FACTORS
-from latentct.discover.unmix import EDITS, image_flows, span_jacobians
+from latentct.discover.unmix import EDITS, edit_residual, flows_and_changes, unexplained_share
 from latentct.generators.interface import load_generator, sample_latents
 from latentct.util.io import atomic_write_json
 from latentct.util.settings import UserError, check, run_cli, setting
@@ -44,15 +44,10 @@ def edit_shares(G, directions: torch.Tensor, latents: int = 64, seed: int = 3) -
     pooled change with the pooled flow), and (k,) the share the six explain together, fitted at each latent."""
     unit = torch.nn.functional.normalize(directions.double(), dim=1)
     z = sample_latents(G, latents, torch.Generator().manual_seed(seed))
-    with torch.no_grad():
-        flows = torch.cat([image_flows(G(part)) for part in z.split(64)])                # (N, 6, P)
-    change = torch.cat([j.flatten(2) for j in span_jacobians(G, unit, z)])             # (N, k, P)
-    power = change.square().sum((0, 2)).clamp_min(1e-30)                                  # (k,)
+    flows, change = flows_and_changes(G, unit, z)                                        # (N, 6, P), (N, k, P)
     alone = (torch.einsum("nkp,nep->ke", change, flows).square()
-             / (flows.square().sum((0, 2))[None, :].clamp_min(1e-30) * power[:, None]))
-    gram = torch.linalg.pinv(flows @ flows.transpose(1, 2), hermitian=True)              # a flat image: no flows
-    fitted = torch.einsum("nep,nef,nfk->nkp", flows, gram, torch.einsum("nfp,nkp->nfk", flows, change))
-    together = 1 - (change - fitted).square().sum((0, 2)) / power
+             / (flows.square().sum((0, 2))[None, :] * change.square().sum((0, 2))[:, None]).clamp_min(1e-30))
+    together = 1 - unexplained_share(change, edit_residual(flows, change), torch.eye(len(unit), dtype=change.dtype))
     return alone, together
 
 

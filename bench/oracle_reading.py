@@ -155,7 +155,7 @@ def standin_reconstructions(x: torch.Tensor, steps: int, seed: int) -> torch.Ten
     64, Adam 1e-3, MSE + 0.01 KL), its weights and batches seeded by ``seed`` + 11: a stand-in for how an
     autoencoder renders that is never the run's generator."""
     from latentct.models.vae import VAE, kl_divergence
-    from Training.TrainVAE import PRESETS
+    from Training.TrainVAE import PRESETS, reconstruction_loss
     from Training.TrainVAE import Settings as VAESettings
 
     preset = PRESETS["demo"]
@@ -166,7 +166,7 @@ def standin_reconstructions(x: torch.Tensor, steps: int, seed: int) -> torch.Ten
     for _ in tqdm(range(steps), desc="stand-in VAE", unit="step", leave=False):
         real = x[torch.randint(0, len(x), (preset["batch_size"],), generator=gen)]
         recon, mu, logvar = model(real)
-        loss = F.mse_loss(recon, real) + preset["kl_weight"] * kl_divergence(mu, logvar)
+        loss = reconstruction_loss(recon, real, preset["loss"]) + preset["kl_weight"] * kl_divergence(mu, logvar)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

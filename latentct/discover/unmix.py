@@ -252,9 +252,7 @@ def by_steer(G, rows: torch.Tensor, latents: int = 64, content: int = 2, seed: i
                         f"{6 + content} directions (six edits and {content} content), got {m} (the whole latent's "
                         "size, or the smaller of --unmix-size and the --unmix-from file's direction count)")
     z, _ = span_coordinates(G, basis, latents, seed)
-    with torch.no_grad():
-        flows = torch.cat([image_flows(G(part)) for part in z.split(64)])         # (N, 6, P)
-    J = torch.cat([j.flatten(2) for j in span_jacobians(G, basis, z)])           # (N, m, P)
+    flows, J = flows_and_changes(G, basis, z)                                    # (N, 6, P), (N, m, P)
     metric = torch.einsum("nip,njp->ij", J, J)
     value, vector = torch.linalg.eigh(metric)                  # whiten inside the part of the span that moves the image
     moves = value > 1e-9 * value.max()
@@ -264,9 +262,7 @@ def by_steer(G, rows: torch.Tensor, latents: int = 64, content: int = 2, seed: i
     target = torch.einsum("nip,nkp->ki", J, flows)                               # (6, m)
     walks = target @ white @ white.t()                                           # (6, m) least-squares walks
     reproduced = (walks * target).sum(1) / (flows ** 2).sum((0, 2))
-    gram_inverse = torch.linalg.pinv(flows @ flows.transpose(1, 2), hermitian=True)  # a flat image has no flows
-    coef = torch.einsum("nkp,nip->nki", gram_inverse @ flows, J)
-    rest = J - torch.einsum("nkp,nki->nip", flows, coef)                         # change no edit explains
+    rest = edit_residual(flows, J)                                               # change no edit explains
     share, inner = torch.linalg.eigh(white.t() @ torch.einsum("nip,njp->ij", rest, rest) @ white)
     sub = white @ inner[:, torch.argsort(share, descending=True)[:min(content + 1, white.shape[1])]]  # (m, q)
     leftover = torch.einsum("nip,iq->nqp", rest, sub)
@@ -309,6 +305,22 @@ def by_steer(G, rows: torch.Tensor, latents: int = 64, content: int = 2, seed: i
         "unmix_by": "conditional" if conditional else "steer", "latents": latents, "rows": labels,
         "reproduced": [round(float(r), 4) for r in reproduced],
         "content_share": kept_share}
+
+
+def flows_and_changes(G, basis: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """At the latents ``z``: (N, 6, P) the flows of EDITS on G(z) and (N, m, P) the image's first-order change
+    along each of the (m, d) ``basis`` rows."""
+    with torch.no_grad():
+        flows = torch.cat([image_flows(G(part)) for part in z.split(64)])
+    return flows, torch.cat([j.flatten(2) for j in span_jacobians(G, basis, z)])
+
+
+def edit_residual(flows: torch.Tensor, J: torch.Tensor) -> torch.Tensor:
+    """(N, m, P) image changes ``J`` less their least-squares fit, at each latent, on the (N, 6, P) edit ``flows``:
+    the change no edit explains (a flat image has no flows, and then nothing is explained)."""
+    gram_inverse = torch.linalg.pinv(flows @ flows.transpose(1, 2), hermitian=True)
+    coef = torch.einsum("nkp,nip->nki", gram_inverse @ flows, J)
+    return J - torch.einsum("nkp,nki->nip", flows, coef)
 
 
 def unexplained_share(J, rest, directions):
